@@ -1,0 +1,88 @@
+"""BERT-style encoders from Hugging Face transformers.
+
+Supports any `PreTrainedModel` whose base model has ``encoder.layer`` as an
+``nn.ModuleList`` of layers and whose config has ``num_hidden_layers``:
+`BertModel` and every `BertFor*` head, and encoders built the same way
+(RoBERTa, XLM-RoBERTa, ELECTRA, CamemBERT, ...). Export gives the same class
+with ``config.num_hidden_layers`` set to the successor depth, so
+``save_pretrained`` output loads with plain transformers.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Any, List, Optional
+
+import torch
+from torch import nn
+
+from theseus_general.adapter import Adapter
+from theseus_general.errors import AdapterError
+from theseus_general.registry import register_adapter
+
+
+def _encoder_layers(model: nn.Module) -> Optional[nn.ModuleList]:
+    base = getattr(model, "base_model", None)
+    encoder = getattr(base, "encoder", None)
+    layers = getattr(encoder, "layer", None)
+    return layers if isinstance(layers, nn.ModuleList) else None
+
+
+@register_adapter("bert")
+class BertAdapter(Adapter):
+    supports = (
+        "Hugging Face BertModel, BertFor* and encoders built the same way (RoBERTa, ELECTRA, ...): "
+        "a PreTrainedModel whose base model has encoder.layer (nn.ModuleList) and config.num_hidden_layers"
+    )
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        transformers = sys.modules.get("transformers")  # a transformers model means it is imported
+        if transformers is None or not isinstance(model, transformers.PreTrainedModel):
+            return False
+        config = getattr(model, "config", None)
+        return _encoder_layers(model) is not None and hasattr(config, "num_hidden_layers")
+
+    def check(self, model: nn.Module) -> None:
+        super().check(model)
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise AdapterError("The bert adapter does not support encoder-decoder models; use adapter='generic'.")
+
+    def containers(self, model: nn.Module) -> List[str]:
+        layers = _encoder_layers(model)
+        for path, module in model.named_modules():
+            if module is layers:
+                return [path]
+        raise AdapterError("Could not locate base_model.encoder.layer inside the model.")  # pragma: no cover
+
+    def sample_input(self, model: nn.Module) -> Optional[Any]:
+        config = model.config
+        device = next(model.parameters()).device
+        vocab = int(getattr(config, "vocab_size", 100) or 100)
+        generator = torch.Generator().manual_seed(0)
+        input_ids = torch.randint(1, min(vocab, 1000), (2, 8), generator=generator).to(device)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+
+    def check_successor(self, group_blocks: List[nn.Module], successor: nn.Module) -> Optional[str]:
+        reference = group_blocks[0]
+        if type(successor) is not type(reference):
+            return (f"the successor is a {type(successor).__name__}, not a {type(reference).__name__}, "
+                    "so config.num_hidden_layers cannot describe the exported model")
+        ours, theirs = successor.state_dict(), reference.state_dict()
+        if {k: tuple(v.shape) for k, v in ours.items()} != {k: tuple(v.shape) for k, v in theirs.items()}:
+            return "the successor's weights differ in shape from a layer of this config"
+        return None
+
+    def finalize_export(self, model: nn.Module, depths: dict) -> nn.Module:
+        (depth,) = depths.values()
+        model.config.num_hidden_layers = depth
+        layer_types = getattr(model.config, "layer_types", None)
+        if isinstance(layer_types, list) and len(layer_types) > depth:
+            model.config.layer_types = layer_types[:depth]
+        # Layers keep the index they had in the predecessor; renumber them so that
+        # caches and anything keyed by layer index see 0..depth-1.
+        for new_index, layer in enumerate(_encoder_layers(model)):
+            for module in layer.modules():
+                if hasattr(module, "layer_idx") and isinstance(module.layer_idx, int):
+                    module.layer_idx = new_index
+        return model

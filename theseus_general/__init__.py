@@ -1,0 +1,38 @@
+"""theseus-general: compress trained networks by progressive module replacement.
+
+Public surface:
+  * `Theseus`: wrap a model, train its successors, export a native shallower model;
+  * schedules: `ConstantScheduler`, `LinearScheduler`, or any callable step -> p;
+  * adapters: `Adapter`, `register_adapter`, `list_adapters`, `get_adapter`, `detect_adapter`;
+  * `ModuleGraph`: a model's containers and blocks, with traced shapes;
+  * `Plan` / `Group`: what a Theseus run replaces, printable as a table.
+
+The engine knows no model family; ``theseus_general.adapters`` describes them.
+"""
+
+from .adapter import Adapter
+from .engine import Theseus
+from .errors import (
+    AdapterError,
+    EngineStateError,
+    ExportError,
+    PlanError,
+    ScheduleError,
+    SuccessorMismatchError,
+    TheseusError,
+)
+from .graph import ModuleGraph
+from .plan import Group, Plan, split_evenly
+from .registry import detect_adapter, get_adapter, list_adapters, register_adapter
+from .schedulers import CallableScheduler, ConstantScheduler, LinearScheduler, Scheduler
+
+from . import adapters  # noqa: E402,F401  (registers the built-in adapters)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapter", "AdapterError", "CallableScheduler", "ConstantScheduler", "EngineStateError", "ExportError",
+    "Group", "LinearScheduler", "ModuleGraph", "Plan", "PlanError", "ScheduleError", "Scheduler",
+    "SuccessorMismatchError", "Theseus", "TheseusError", "detect_adapter", "get_adapter", "list_adapters",
+    "register_adapter", "split_evenly",
+]

@@ -1,0 +1,62 @@
+"""The adapter contract: what a model family must tell the engine.
+
+An adapter only *describes* a model: where its replaceable containers are, how
+to make a sample input, and how to turn an exported successor into a proper
+native model (for example, fixing ``config.num_hidden_layers``). The engine does
+everything else. Subclass `Adapter`, fill in what differs, and register it with
+``@register_adapter("name")``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Optional
+
+from torch import nn
+
+from .errors import AdapterError
+
+
+class Adapter:
+    name: str = ""  # set by @register_adapter
+    supports: str = ""  # one line for people: which models this adapter handles
+    auto_detect: bool = True  # False: used only when asked for by name
+    # Keyword under which a block receives the carried state, when a container's
+    # owner calls its blocks with keywords only (e.g. layer(hidden_states=x)).
+    state_kwarg: str = "hidden_states"
+
+    def __init__(self, **options: Any):
+        if options:
+            raise AdapterError(
+                f"The {self.name or type(self).__name__} adapter takes no options, got {sorted(options)}."
+            )
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        """True when this adapter recognises `model` (used for auto-detection)."""
+        return False
+
+    def check(self, model: nn.Module) -> None:
+        """Raise AdapterError when `model` is not one this adapter supports."""
+        if not self.matches(model):
+            raise AdapterError(
+                f"The {self.name!r} adapter does not support a {type(model).__qualname__}; it supports: "
+                f"{self.supports}. Leave adapter= unset to auto-detect, or use adapter='generic' with container=..."
+            )
+
+    def containers(self, model: nn.Module) -> List[str]:
+        """Dotted paths of the containers whose blocks are grouped, in forward order."""
+        raise NotImplementedError
+
+    def sample_input(self, model: nn.Module) -> Optional[Any]:
+        """A small input the model accepts (dict, tuple or tensor), used to check
+        successors against their groups before training; None when unknown."""
+        return None
+
+    def finalize_export(self, model: nn.Module, depths: dict) -> nn.Module:
+        """Make an exported model consistent with its new depth (config fields, indices).
+        `depths` maps container path -> successor depth."""
+        return model
+
+    def check_successor(self, group_blocks: List[nn.Module], successor: nn.Module) -> Optional[str]:
+        """A reason why native export will not be possible with this successor, or None."""
+        return None

@@ -1,0 +1,415 @@
+"""The Theseus engine: wrap a model in place, replace modules progressively, export.
+
+    th = Theseus(model, successor_depth=3)          # adapter auto-detected
+    opt = torch.optim.AdamW(th.trainable_parameters(), lr=1e-4)
+    for batch in data:
+        loss = th.model(**batch).loss               # the model's own forward and outputs
+        loss.backward(); opt.step(); opt.zero_grad(); th.step()
+    successor = th.export()                          # a native model of the same type, shallower
+
+What wrapping does, and `unwrap()` undoes exactly:
+  * every replaced container (e.g. ``bert.encoder.layer``) is swapped for a
+    container of `TheseusGroup` modules, one per group, of the same type;
+  * every parameter of the model is frozen (``requires_grad=False``); only the
+    successors (new modules, copies or caller-supplied) train;
+  * frozen modules with running statistics (batch norm) are kept in eval mode
+    while they are frozen, so that training never writes the caller's buffers;
+  * with ``unfreeze_rest=True`` the non-replaced parts (embeddings, head) are
+    swapped for copies that start training when the rate reaches 1; the
+    caller's own tensors are never written.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+from .adapter import Adapter
+from .errors import AdapterError, EngineStateError, ExportError, PlanError, ScheduleError
+from .graph import CONTAINER_TYPES, count_params, get_submodule, set_submodule
+from .plan import Group, GroupsSpec, Plan, check_groups, resolve_depths, split_evenly
+from .registry import detect_adapter, get_adapter
+from .replacement import ReplacementState, TheseusGroup
+from .schedulers import SchedulerLike, as_scheduler
+from .validation import check_successors
+
+InitLike = Union[str, Callable[[Group, List[nn.Module]], nn.Module]]
+INIT_CHOICES = ("first", "group_first", "group_last")
+
+
+class Theseus:
+    """Progressive module replacement on a model, in place and reversible.
+
+    Args:
+        model: the trained predecessor (any ``nn.Module`` an adapter accepts).
+        successor_depth: number of successor blocks; an int, or one int per container.
+        ratio: successor depth as a fraction of the predecessor's, instead of successor_depth.
+        groups: explicit groups of block indices, instead of a depth or ratio.
+        adapter: adapter name, an `Adapter` instance, or None to auto-detect.
+        scheduler: a `Scheduler`, a constant rate, a callable ``step -> p``, or None
+            for the paper's reference curriculum ``LinearScheduler(base=0.3, k=6e-4)``.
+        init: how successors start: ``"first"`` (successor i is a copy of predecessor
+            block i, as in the paper), ``"group_first"`` / ``"group_last"`` (a copy of
+            the first / last block of its group), or a callable ``(group, blocks) -> module``.
+        successors: modules to use as successors, one per group (overrides ``init``).
+        unfreeze_rest: also train the non-replaced parts (embeddings, head) once the
+            rate reaches 1, on copies of them.
+        seed: seed of the replacement draws (identical on every process).
+        sample: an input to check every successor against its group before any change;
+            by default the adapter makes one when it can.
+        validate: set False to skip that check.
+        **adapter_options: passed to the adapter (e.g. ``container=`` for the generic one).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        successor_depth: Union[int, Sequence[int], None] = None,
+        *,
+        ratio: Optional[float] = None,
+        groups: Optional[GroupsSpec] = None,
+        adapter: Union[str, Adapter, None] = None,
+        scheduler: SchedulerLike = None,
+        init: InitLike = "first",
+        successors: Optional[Sequence[nn.Module]] = None,
+        unfreeze_rest: bool = False,
+        seed: int = 0,
+        sample: Any = None,
+        validate: bool = True,
+        **adapter_options: Any,
+    ):
+        # Everything below up to _wrap() only reads the model: bad input fails here,
+        # before any parameter, flag or module of the caller's changes.
+        if not isinstance(model, nn.Module):
+            raise AdapterError(f"Theseus needs a torch.nn.Module, got {type(model).__qualname__}.")
+        if any(isinstance(m, TheseusGroup) for m in model.modules()):
+            raise EngineStateError(
+                "This model is already wrapped by a Theseus engine. Use that engine, or call its unwrap() "
+                "(or export()) first; wrapping twice would replace groups of groups."
+            )
+        self.scheduler = as_scheduler(scheduler)
+        first_rate = self.scheduler(0)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise ScheduleError(f"seed must be an int, got {seed!r}.")
+        self.adapter = _resolve_adapter(model, adapter, adapter_options)
+        self._model = model
+        self.unfreeze_rest = bool(unfreeze_rest)
+
+        paths = self.adapter.containers(model)
+        containers = {p: _container(model, p) for p in paths}
+        sizes = {p: len(c) for p, c in containers.items()}
+        group_blocks = _resolve_groups(sizes, successor_depth, ratio, groups)
+        built = _build_successors(containers, group_blocks, init, successors)
+        self.plan = _make_plan(self.adapter, model, containers, group_blocks, built)
+        if sample is None and validate:
+            sample = self.adapter.sample_input(model)
+        if validate and sample is not None:
+            check_successors(model, containers, self.plan, [s for s, _ in built], sample)
+
+        self._state = ReplacementState(seed)
+        self._state.advance(0, first_rate)
+        self._step = 0
+        self._closed = False
+        self._wrap(containers, built)
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def model(self) -> nn.Module:
+        """The caller's model, wrapped: same object, same forward signature and outputs."""
+        return self._model
+
+    @property
+    def step_count(self) -> int:
+        return self._step
+
+    @property
+    def replacement_rate(self) -> float:
+        """p at the current step."""
+        return self._state.rate
+
+    @property
+    def phase(self) -> str:
+        """"replacing" while p < 1, "successor" once only successors run."""
+        return "successor" if self._state.rate >= 1.0 else "replacing"
+
+    @property
+    def groups(self) -> List[TheseusGroup]:
+        return list(self._groups)
+
+    def successors(self) -> List[nn.Module]:
+        return [g.successor for g in self._groups]
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        """Parameters to give the optimiser: the successors', plus the copies of the
+        non-replaced parts when unfreeze_rest=True (they get gradients from the step
+        at which the rate reaches 1; until then they have none and optimisers skip them)."""
+        self._check_open("trainable_parameters()")
+        params = [p for g in self._groups for p in g.successor.parameters()]
+        seen = {id(p) for p in params}
+        for p in self._rest_copies:
+            if id(p) not in seen:
+                seen.add(id(p))
+                params.append(p)
+        return params
+
+    def step(self) -> float:
+        """Advance the schedule by one optimiser step; returns the new replacement rate."""
+        self._check_open("step()")
+        self._step += 1
+        rate = self.scheduler(self._step)
+        self._state.advance(self._step, rate)
+        if self.unfreeze_rest and rate >= 1.0 and not self._rest_trains:
+            for p in self._rest_copies:
+                p.requires_grad_(True)
+            self._rest_trains = True
+        return rate
+
+    def export(self, native: bool = True) -> nn.Module:
+        """A standalone successor model of the model's own type (in eval mode).
+
+        The successors replace the groups; the rest is copied (with its trained
+        copies when unfreeze_rest=True). The wrapped model is left as it was.
+        With native=True the adapter checks that the result is a proper model of
+        its family (e.g. a BERT whose save_pretrained output loads with transformers).
+        """
+        self._check_open("export()")
+        if native:
+            for group, succ in zip(self.plan.groups, self.successors()):
+                blocks = [self._originals[group.container][i] for i in group.blocks]
+                reason = self.adapter.check_successor(blocks, succ)
+                if reason:
+                    raise ExportError(
+                        f"Group {group.index} ({group.container} blocks {list(group.blocks)}): {reason}. "
+                        "Use export(native=False) to get the model with the successor modules as they are."
+                    )
+        swapped = {}
+        try:
+            for path, wrapped in self._wrapped.items():
+                succ = [g.successor for g in wrapped]
+                swapped[path] = wrapped
+                set_submodule(self._model, path, _same_container(self._originals[path], succ))
+            exported = copy.deepcopy(self._model)
+        finally:
+            for path, wrapped in swapped.items():
+                set_submodule(self._model, path, wrapped)
+        hooks = [h.id for h in self._hooks]
+        for module in exported.modules():
+            for hid in hooks:
+                module._forward_pre_hooks.pop(hid, None)
+        for p in exported.parameters():
+            p.requires_grad_(True)
+        exported.eval()
+        return self.adapter.finalize_export(exported, self.plan.successor_depth)
+
+    def unwrap(self) -> nn.Module:
+        """Restore the model exactly as it was before wrapping and close the engine."""
+        if self._closed:
+            return self._model
+        for path, original in self._originals.items():
+            set_submodule(self._model, path, original)
+        for module, name, original in reversed(self._swapped_tensors):
+            (module._parameters if isinstance(original, nn.Parameter) else module._buffers)[name] = original
+        for handle in self._hooks:
+            handle.remove()
+        for p, flag in self._requires_grad.items():
+            p.requires_grad_(flag)
+        for m, flag in self._training.items():
+            m.training = flag
+        self._closed = True
+        return self._model
+
+    close = unwrap
+
+    def __enter__(self) -> "Theseus":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.unwrap()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else f"step {self._step}, p={self.replacement_rate:.3f}, phase {self.phase}"
+        return f"Theseus({type(self._model).__name__}, adapter={self.adapter.name!r}, {state})"
+
+    # ------------------------------------------------------------------ internals
+    def _check_open(self, what: str) -> None:
+        if self._closed:
+            raise EngineStateError(
+                f"Cannot call {what} on a closed Theseus engine (unwrap() was called). "
+                "Create a new Theseus(model, ...) to compress again."
+            )
+
+    def _wrap(self, containers: Dict[str, nn.Module], built: list) -> None:
+        model = self._model
+        self._originals = dict(containers)
+        self._requires_grad = {p: p.requires_grad for p in model.parameters()}
+        self._training = {m: m.training for m in model.modules()}
+        self._swapped_tensors: list = []
+        self._hooks: list = []
+        self._rest_copies: List[nn.Parameter] = []
+        self._rest_trains = False
+        self._wrapped: Dict[str, nn.Module] = {}
+        self._groups: List[TheseusGroup] = []
+        try:
+            predecessor_modules = {id(m) for c in containers.values() for m in c.modules()}
+            rest_modules = [m for m in model.modules() if id(m) not in predecessor_modules]
+            for p in model.parameters():
+                p.requires_grad_(False)
+            if self.unfreeze_rest:
+                self._copy_rest(rest_modules)
+            for path, container in containers.items():
+                groups = []
+                for group in self.plan.groups_in(path):
+                    successor = built[group.index][0]
+                    blocks = [container[i] for i in group.blocks]
+                    groups.append(TheseusGroup(group.index, blocks, successor, self._state, self.adapter.state_kwarg))
+                wrapped = _same_container(container, groups)
+                wrapped.train(container.training)
+                set_submodule(model, path, wrapped)
+                self._wrapped[path] = wrapped
+                self._groups.extend(groups)
+            for g in self._groups:
+                for p in g.successor.parameters():
+                    p.requires_grad_(True)
+            for m in (m for c in containers.values() for m in c.modules()):
+                self._keep_eval_while(m, lambda: True)
+            for m in rest_modules:
+                self._keep_eval_while(m, lambda: not self._rest_trains)
+        except BaseException:
+            self.unwrap()
+            raise
+
+    def _copy_rest(self, rest_modules: List[nn.Module]) -> None:
+        """Swap the non-replaced parameters and buffers for copies the engine may train.
+        Tied tensors stay tied (one copy per original)."""
+        copies: Dict[int, torch.Tensor] = {}
+        for module in rest_modules:
+            for store in (module._parameters, module._buffers):
+                for name, tensor in list(store.items()):
+                    if tensor is None:
+                        continue
+                    if id(tensor) not in copies:
+                        if isinstance(tensor, nn.Parameter):
+                            copies[id(tensor)] = nn.Parameter(tensor.detach().clone(), requires_grad=False)
+                            self._rest_copies.append(copies[id(tensor)])
+                        else:
+                            copies[id(tensor)] = tensor.clone()
+                    self._swapped_tensors.append((module, name, tensor))
+                    store[name] = copies[id(tensor)]
+
+    def _keep_eval_while(self, module: nn.Module, frozen: Callable[[], bool]) -> None:
+        # Frozen batch norm must not update its running statistics (they are the
+        # caller's buffers): force eval mode just before each of its forwards.
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            def hook(m: nn.Module, args: Any) -> None:
+                if frozen():
+                    m.training = False
+
+            self._hooks.append(module.register_forward_pre_hook(hook))
+
+
+def _resolve_adapter(model: nn.Module, adapter: Union[str, Adapter, None], options: dict) -> Adapter:
+    if isinstance(adapter, Adapter):
+        if options:
+            raise AdapterError(f"Adapter options {sorted(options)} were given with an adapter instance; pass them to its constructor.")
+        adapter.check(model)
+        return adapter
+    if adapter is None:
+        if options:
+            if "container" in options:
+                adapter = "generic"
+            else:
+                raise AdapterError(
+                    f"Unknown keyword arguments {sorted(options)}. Theseus takes successor_depth, ratio, groups, "
+                    "adapter, scheduler, init, successors, unfreeze_rest, seed, sample, validate and adapter options "
+                    "(such as container= for the generic adapter)."
+                )
+        else:
+            return detect_adapter(model)
+    if not isinstance(adapter, str):
+        raise AdapterError(f"adapter must be a registered name, an Adapter instance or None, got {adapter!r}.")
+    instance = get_adapter(adapter, **options)
+    instance.check(model)
+    return instance
+
+
+def _container(model: nn.Module, path: str) -> nn.Module:
+    module = get_submodule(model, path)
+    if not isinstance(module, CONTAINER_TYPES):
+        raise AdapterError(
+            f"{path!r} is a {type(module).__qualname__}, not a container of blocks (nn.ModuleList or nn.Sequential)."
+        )
+    if len(module) < 2:
+        raise AdapterError(f"{path!r} holds {len(module)} block(s); Theseus needs at least 2 blocks to group.")
+    return module
+
+
+def _same_container(like: nn.Module, modules: List[nn.Module]) -> nn.Module:
+    return nn.Sequential(*modules) if isinstance(like, nn.Sequential) else nn.ModuleList(modules)
+
+
+def _resolve_groups(sizes: Dict[str, int], depth, ratio, groups) -> Dict[str, list]:
+    if groups is not None:
+        if depth is not None or ratio is not None:
+            raise PlanError("Give either groups= or a depth/ratio target, not both.")
+        if isinstance(groups, dict):
+            unknown = set(groups) - set(sizes)
+            if unknown or set(groups) != set(sizes):
+                raise PlanError(f"groups= must name every container exactly: expected {sorted(sizes)}, got {sorted(groups)}.")
+            result = {p: check_groups(p, sizes[p], groups[p]) for p in sizes}
+        else:
+            if len(sizes) != 1:
+                raise PlanError(f"The model has {len(sizes)} containers {list(sizes)}; give groups as a dict path -> groups.")
+            (path,) = sizes
+            result = {path: check_groups(path, sizes[path], groups)}
+        if sum(len(g) for g in result.values()) >= sum(sizes.values()):
+            raise PlanError("groups= has one group per block, so nothing would be compressed; merge some blocks.")
+        return result
+    depths = resolve_depths(sizes, depth, ratio)
+    return {p: split_evenly(sizes[p], depths[p]) for p in sizes}
+
+
+def _build_successors(containers: Dict[str, nn.Module], group_blocks: Dict[str, list], init, successors) -> list:
+    """One (module, description) per group, in plan order. Copies share nothing with the predecessor."""
+    total = sum(len(g) for g in group_blocks.values())
+    if successors is not None:
+        successors = list(successors)
+        if len(successors) != total:
+            raise PlanError(f"successors= has {len(successors)} modules but the plan has {total} groups; give one per group.")
+        for i, s in enumerate(successors):
+            if not isinstance(s, nn.Module):
+                raise PlanError(f"successors[{i}] is a {type(s).__qualname__}, not a torch.nn.Module.")
+        return [(s, f"custom {type(s).__name__}") for s in successors]
+    if not callable(init) and init not in INIT_CHOICES:
+        raise PlanError(f"init must be one of {INIT_CHOICES} or a callable (group, blocks) -> module, got {init!r}.")
+    built, index = [], 0
+    for path, container in containers.items():
+        for position, blocks in enumerate(group_blocks[path]):
+            if callable(init):
+                group = Group(index, path, tuple(blocks))
+                module = init(group, [container[i] for i in blocks])
+                if not isinstance(module, nn.Module):
+                    raise PlanError(f"init returned a {type(module).__qualname__} for group {index}, not a torch.nn.Module.")
+                built.append((module, f"init() {type(module).__name__}"))
+            else:
+                source = {"first": position, "group_first": blocks[0], "group_last": blocks[-1]}[init]
+                built.append((copy.deepcopy(container[source]), f"copy of block {source}"))
+            index += 1
+    return built
+
+
+def _make_plan(adapter: Adapter, model: nn.Module, containers: dict, group_blocks: dict, built: list) -> Plan:
+    groups, index = [], 0
+    for path, container in containers.items():
+        for blocks in group_blocks[path]:
+            module, description = built[index]
+            groups.append(Group(
+                index, path, tuple(blocks), description,
+                sum(count_params(container[i]) for i in blocks), count_params(module),
+            ))
+            index += 1
+    replaced = {id(p) for c in containers.values() for p in c.parameters()}
+    frozen = sum(p.numel() for p in model.parameters() if id(p) not in replaced)
+    return Plan(adapter.name, {p: len(c) for p, c in containers.items()}, groups, frozen)

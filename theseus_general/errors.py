@@ -1,0 +1,34 @@
+"""Errors raised by theseus-general.
+
+Every error says what was wrong and how to fix it. All derive from
+`TheseusError`, which is also a `ValueError` so that callers that already
+catch bad-argument errors keep working.
+"""
+
+
+class TheseusError(ValueError):
+    """Base class of every error this package raises on bad input."""
+
+
+class ScheduleError(TheseusError):
+    """A replacement-rate schedule was given values it cannot use."""
+
+
+class PlanError(TheseusError):
+    """The compression target cannot be turned into a valid plan."""
+
+
+class AdapterError(TheseusError):
+    """No adapter accepts the model, or the chosen adapter does not fit it."""
+
+
+class SuccessorMismatchError(TheseusError):
+    """A successor module does not map its group's input to the same kind of output."""
+
+
+class ExportError(TheseusError):
+    """The successor model cannot be exported in the requested form."""
+
+
+class EngineStateError(TheseusError, RuntimeError):
+    """The engine was used in a state that does not allow it (closed, already wrapped)."""
