@@ -4,6 +4,6 @@ Each module imports its model library lazily, so ``import theseus_general`` work
 without transformers, timm or torchvision installed.
 """
 
-from . import bert  # noqa: F401
+from . import bert, generic  # noqa: F401
 
-__all__ = ["bert"]
+__all__ = ["bert", "generic"]

@@ -48,7 +48,7 @@ class BertAdapter(Adapter):
         if getattr(model.config, "is_encoder_decoder", False):
             raise AdapterError("The bert adapter does not support encoder-decoder models; use adapter='generic'.")
 
-    def containers(self, model: nn.Module) -> List[str]:
+    def containers(self, model: nn.Module, sample: Optional[Any] = None) -> List[str]:
         layers = _encoder_layers(model)
         for path, module in model.named_modules():
             if module is layers:

@@ -22,6 +22,7 @@ from .errors import (
     TheseusError,
 )
 from .graph import ModuleGraph
+from .measure import count_flops, count_parameters, measure_latency
 from .plan import Group, Plan, split_evenly
 from .registry import detect_adapter, get_adapter, list_adapters, register_adapter
 from .schedulers import CallableScheduler, ConstantScheduler, LinearScheduler, Scheduler
@@ -34,5 +35,5 @@ __all__ = [
     "Adapter", "AdapterError", "CallableScheduler", "ConstantScheduler", "EngineStateError", "ExportError",
     "Group", "LinearScheduler", "ModuleGraph", "Plan", "PlanError", "ScheduleError", "Scheduler",
     "SuccessorMismatchError", "Theseus", "TheseusError", "detect_adapter", "get_adapter", "list_adapters",
-    "register_adapter", "split_evenly",
+    "register_adapter", "split_evenly", "count_flops", "count_parameters", "measure_latency",
 ]

@@ -43,8 +43,9 @@ class Adapter:
                 f"{self.supports}. Leave adapter= unset to auto-detect, or use adapter='generic' with container=..."
             )
 
-    def containers(self, model: nn.Module) -> List[str]:
-        """Dotted paths of the containers whose blocks are grouped, in forward order."""
+    def containers(self, model: nn.Module, sample: Optional[Any] = None) -> List[str]:
+        """Dotted paths of the containers whose blocks are grouped, in forward order.
+        `sample` is the caller's sample input, when one was given."""
         raise NotImplementedError
 
     def sample_input(self, model: nn.Module) -> Optional[Any]:

@@ -98,7 +98,7 @@ class Theseus:
         self._model = model
         self.unfreeze_rest = bool(unfreeze_rest)
 
-        paths = self.adapter.containers(model)
+        paths = self.adapter.containers(model, sample)
         containers = {p: _container(model, p) for p in paths}
         sizes = {p: len(c) for p, c in containers.items()}
         group_blocks = _resolve_groups(sizes, successor_depth, ratio, groups)

@@ -1,0 +1,66 @@
+"""Measuring a compression: parameters, FLOPs and wall-clock speed.
+
+FLOPs come from ``torch.utils.flop_counter.FlopCounterMode`` (what PyTorch
+dispatches, not a hand count). Latency is measured for several models in the
+same process, alternating between them on every repeat after a warm-up, and
+reported as the median, so that a slow moment of the machine hits all of them.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Any, Dict
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from .graph import run_model
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_flops(model: nn.Module, sample: Any) -> int:
+    """FLOPs of one forward pass on `sample` (eval mode, no gradients)."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            run_model(model, sample)
+    finally:
+        model.train(was_training)
+    return int(counter.get_total_flops())
+
+
+def _sync(sample: Any) -> None:
+    if torch.cuda.is_available() and any(
+        isinstance(v, torch.Tensor) and v.is_cuda for v in (sample.values() if isinstance(sample, dict) else [sample])
+    ):
+        torch.cuda.synchronize()
+
+
+def measure_latency(models: Dict[str, nn.Module], sample: Any, warmup: int = 3, repeats: int = 20) -> Dict[str, float]:
+    """Median seconds per forward pass for each model, measured alternately."""
+    times: Dict[str, list] = {name: [] for name in models}
+    flags = {name: m.training for name, m in models.items()}
+    for m in models.values():
+        m.eval()
+    try:
+        with torch.inference_mode():
+            for _ in range(warmup):
+                for m in models.values():
+                    run_model(m, sample)
+            for _ in range(repeats):
+                for name, m in models.items():
+                    _sync(sample)
+                    start = time.perf_counter()
+                    run_model(m, sample)
+                    _sync(sample)
+                    times[name].append(time.perf_counter() - start)
+    finally:
+        for name, m in models.items():
+            m.train(flags[name])
+    return {name: statistics.median(t) for name, t in times.items()}
