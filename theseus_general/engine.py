@@ -22,6 +22,8 @@ What wrapping does, and `unwrap()` undoes exactly:
 from __future__ import annotations
 
 import copy
+import re
+from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
@@ -347,7 +349,17 @@ def _container(model: nn.Module, path: str) -> nn.Module:
 
 
 def _same_container(like: nn.Module, modules: List[nn.Module]) -> nn.Module:
-    return nn.Sequential(*modules) if isinstance(like, nn.Sequential) else nn.ModuleList(modules)
+    """A container of the same type as `like` holding `modules`. A Sequential whose
+    children are named ``<prefix><i>`` (torchvision's ``encoder_layer_0``, ...) keeps
+    that naming, so state-dict keys match a natively built model of the new depth."""
+    if not isinstance(like, nn.Sequential):
+        return nn.ModuleList(modules)
+    names = [name for name, _ in like.named_children()]
+    match = re.fullmatch(r"(.*?)(\d+)", names[0]) if names else None
+    prefix = match.group(1) if match else None
+    if prefix and names == [f"{prefix}{i}" for i in range(len(names))]:
+        return nn.Sequential(OrderedDict((f"{prefix}{i}", m) for i, m in enumerate(modules)))
+    return nn.Sequential(*modules)
 
 
 def _resolve_groups(sizes: Dict[str, int], depth, ratio, groups) -> Dict[str, list]:
