@@ -1,9 +1,10 @@
 """Built-in adapters, one module per model family (imported as ``theseus_general.adapters``).
 
 Each module imports its model library lazily, so ``import theseus_general`` works
-without transformers, timm or torchvision installed.
+without transformers, timm or torchvision installed. Registration order is
+detection order; each family adapter claims only its own classes.
 """
 
-from . import bert, generic  # noqa: F401
+from . import bert, vit, resnet, generic  # noqa: F401
 
-__all__ = ["bert", "generic"]
+__all__ = ["bert", "vit", "resnet", "generic"]

@@ -106,6 +106,8 @@ class Theseus:
         group_blocks = _resolve_groups(sizes, successor_depth, ratio, groups)
         built = _build_successors(containers, group_blocks, init, successors)
         self.plan = _make_plan(self.adapter, model, containers, group_blocks, built)
+        if successors is None and isinstance(init, str):
+            _check_copies_export(self.adapter, containers, self.plan, built, init)
         if sample is None and validate:
             sample = self.adapter.sample_input(model)
         if validate and sample is not None:
@@ -329,7 +331,9 @@ def _resolve_adapter(model: nn.Module, adapter: Union[str, Adapter, None], optio
                     "(such as container= for the generic adapter)."
                 )
         else:
-            return detect_adapter(model)
+            detected = detect_adapter(model)
+            detected.check(model)  # matching is cheap; check() is where an adapter refuses a variant
+            return detected
     if not isinstance(adapter, str):
         raise AdapterError(f"adapter must be a registered name, an Adapter instance or None, got {adapter!r}.")
     instance = get_adapter(adapter, **options)
@@ -410,6 +414,23 @@ def _build_successors(containers: Dict[str, nn.Module], group_blocks: Dict[str, 
                 built.append((copy.deepcopy(container[source]), f"copy of block {source}"))
             index += 1
     return built
+
+
+def _check_copies_export(adapter: Adapter, containers: dict, plan: Plan, built: list, init: str) -> None:
+    """A built-in init copies predecessor blocks. When the adapter would refuse such a
+    copy at native export (a family that needs a particular block at a particular
+    place, like a ResNet stage's downsampling head), the init is wrong for this
+    model: say so now rather than after training."""
+    for group, (successor, description) in zip(plan.groups, built):
+        blocks = [containers[group.container][i] for i in group.blocks]
+        reason = adapter.check_successor(blocks, successor)
+        if reason:
+            others = ", ".join(repr(c) for c in INIT_CHOICES if c != init)
+            raise PlanError(
+                f"init={init!r} makes the successor of group {group.index} ({group.container} blocks "
+                f"{list(group.blocks)}) a {description}, which the {adapter.name} adapter cannot export natively: "
+                f"{reason}. Use another init ({others}) or pass successors=."
+            )
 
 
 def _make_plan(adapter: Adapter, model: nn.Module, containers: dict, group_blocks: dict, built: list) -> Plan:

@@ -1,0 +1,225 @@
+"""One contract, every registered adapter (like timm's test_models.py over its registry).
+
+Each adapter lists tiny random models in CASES: a factory, a batch maker, the
+Theseus target, and a native rebuild (the model's own class built at the new
+depth). Every case runs through the same checks: plan, a few training steps,
+frozen predecessor unchanged, eval runs successors only, export matches the
+engine, the native rebuild loads the export strictly and matches it, and the
+exported parameter count and depth are as planned. A newly registered adapter
+fails `test_every_adapter_has_cases` until it adds its cases here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from theseus_general import ConstantScheduler, Theseus, list_adapters
+from theseus_general.graph import get_submodule, run_model
+from theseus_general.measure import count_parameters
+
+from conftest import assert_same_state, state_snapshot, tiny_bert
+
+
+@dataclass
+class Case:
+    id: str
+    make: Callable[[], nn.Module]  # the predecessor, seeded
+    batch: Callable[[int], tuple]  # seed -> (model input, target)
+    loss: Callable[[nn.Module, object, torch.Tensor], torch.Tensor]
+    logits: Callable[[nn.Module, object], torch.Tensor]
+    rebuild: Callable[[List[int]], nn.Module]  # successor depths (plan order) -> native model
+    target: Dict = field(default_factory=dict)  # Theseus(...) keyword arguments
+
+
+def _images(channels: int, size: int, classes: int):
+    def batch(seed: int):
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn(4, channels, size, size, generator=g), torch.randint(0, classes, (4,), generator=g)
+    return batch
+
+
+def _tokens(vocab: int, classes: int):
+    def batch(seed: int):
+        g = torch.Generator().manual_seed(seed)
+        return {"input_ids": torch.randint(1, vocab, (4, 8), generator=g)}, torch.randint(0, classes, (4,), generator=g)
+    return batch
+
+
+def _ce(model, x, y):
+    return F.cross_entropy(run_model(model, x), y)
+
+
+def _out(model, x):
+    return run_model(model, x)
+
+
+def _seeded(build):
+    def make(*args):
+        torch.manual_seed(0)
+        return build(*args)
+    return make
+
+
+# ---------------------------------------------------------------- bert
+def _bert_rebuild(depths):
+    import transformers
+
+    model = tiny_bert(num_layers=4)
+    return transformers.BertForSequenceClassification(transformers.BertConfig(**{**model.config.to_dict(), "num_hidden_layers": depths[0]}))
+
+
+BERT = [Case(
+    "bert-seqcls", make=lambda: tiny_bert(num_layers=4), batch=_tokens(100, 2),
+    loss=lambda m, x, y: m(**x, labels=y).loss, logits=lambda m, x: m(**x).logits,
+    rebuild=_bert_rebuild, target={"successor_depth": 2},
+)]
+
+
+# ---------------------------------------------------------------- vit
+def _timm_vit(depth):
+    import timm
+
+    return timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=depth, img_size=16, patch_size=4,
+                             embed_dim=32, num_heads=2, num_classes=3)
+
+
+def _tv_vit(depth):
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    return VisionTransformer(image_size=16, patch_size=4, num_layers=depth, num_heads=2, hidden_dim=32, mlp_dim=64,
+                             num_classes=3)
+
+
+VIT = [
+    Case("timm-deit", make=_seeded(lambda: _timm_vit(6)), batch=_images(3, 16, 3), loss=_ce, logits=_out,
+         rebuild=lambda d: _timm_vit(d[0]), target={"successor_depth": 3}),
+    Case("torchvision-vit", make=_seeded(lambda: _tv_vit(4)), batch=_images(3, 16, 3), loss=_ce, logits=_out,
+         rebuild=lambda d: _tv_vit(d[0]), target={"ratio": 0.5}),
+]
+
+
+# ---------------------------------------------------------------- resnet
+def _timm_resnet(layers):
+    from timm.models.resnet import Bottleneck, ResNet
+
+    return ResNet(Bottleneck, layers, channels=(8, 16, 32, 64), stem_width=8, base_width=16, num_classes=3)
+
+
+def _tv_resnet(layers):
+    from torchvision.models.resnet import BasicBlock, ResNet
+
+    return ResNet(BasicBlock, layers, num_classes=3)
+
+
+RESNET = [
+    Case("timm-resnet50-shape", make=_seeded(lambda: _timm_resnet([3, 4, 6, 3])), batch=_images(3, 32, 3), loss=_ce,
+         logits=_out, rebuild=_timm_resnet, target={"successor_depth": [2, 2, 3, 2]}),
+    # layer3 and layer4 hold one block: the adapter leaves them out of the plan.
+    Case("torchvision-resnet-basic", make=_seeded(lambda: _tv_resnet([2, 2, 1, 1])), batch=_images(3, 16, 3),
+         loss=_ce, logits=_out, rebuild=lambda d: _tv_resnet(d + [1, 1]), target={"ratio": 0.5}),
+]
+
+
+# ---------------------------------------------------------------- generic: families without an adapter
+def _convnext(depths):
+    from timm.models.convnext import ConvNeXt
+
+    return ConvNeXt(depths=depths, dims=(8, 16, 16, 32), num_classes=3)
+
+
+def _gpt2(layers):
+    import transformers
+
+    return transformers.GPT2ForSequenceClassification(transformers.GPT2Config(
+        vocab_size=50, n_positions=16, n_embd=16, n_layer=layers, n_head=2, num_labels=2, pad_token_id=0))
+
+
+GENERIC = [
+    Case("timm-convnext-stages", make=_seeded(lambda: _convnext((1, 2, 4, 1))), batch=_images(3, 32, 3), loss=_ce,
+         logits=_out, rebuild=lambda d: _convnext((1, d[0], d[1], 1)),
+         target={"adapter": "generic", "container": ["stages.1.blocks", "stages.2.blocks"], "successor_depth": [1, 2]}),
+    Case("transformers-gpt2", make=_seeded(lambda: _gpt2(4)), batch=_tokens(50, 2),
+         loss=lambda m, x, y: m(**x, labels=y).loss, logits=lambda m, x: m(**x).logits,
+         rebuild=lambda d: _gpt2(d[0]), target={"adapter": "generic", "container": "transformer.h", "successor_depth": 2}),
+]
+
+CASES: Dict[str, List[Case]] = {"bert": BERT, "vit": VIT, "resnet": RESNET, "generic": GENERIC}
+ADAPTERS = list_adapters()  # at collection: the built-in adapters
+
+
+def test_every_adapter_has_cases():
+    missing = [name for name in ADAPTERS if not CASES.get(name)]
+    assert not missing, f"registered adapters without conformance cases: {missing}; add tiny models to CASES"
+
+
+@pytest.mark.parametrize("case", [pytest.param(c, id=f"{name}:{c.id}") for name in ADAPTERS for c in CASES.get(name, [])])
+def test_adapter_contract(case: Case):
+    adapter = next(name for name, cases in CASES.items() if case in cases)
+    model = case.make()
+    before = state_snapshot(model)
+    predecessor_params = count_parameters(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    x, y = case.batch(0)
+    sample = x if adapter == "generic" else None
+    th = Theseus(model, scheduler=ConstantScheduler(0.5, replace_all_at=2), sample=sample, **case.target)
+    plan = th.plan
+    assert th.adapter.name == adapter and plan.adapter == adapter
+    depths = list(plan.successor_depth.values())
+    assert sum(depths) < sum(plan.containers.values())
+
+    # a few training steps: the successors learn, nothing else of the caller's moves
+    initial = [p.detach().clone() for p in th.trainable_parameters()]
+    optimizer = torch.optim.AdamW(th.trainable_parameters(), lr=1e-2)
+    th.model.train()
+    for step in range(4):
+        xb, yb = case.batch(step)
+        loss = case.loss(th.model, xb, yb)
+        assert torch.isfinite(loss)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        th.step()
+    assert th.phase == "successor"
+    assert any(not torch.equal(a, b) for a, b in zip(initial, th.trainable_parameters())), "successors did not train"
+
+    # eval runs each successor once and no predecessor block
+    calls = {"pred": 0, "succ": 0}
+    hooks = [b.register_forward_hook(lambda *a: calls.__setitem__("pred", calls["pred"] + 1))
+             for g in th.groups for b in g.predecessor]
+    hooks += [g.successor.register_forward_hook(lambda *a: calls.__setitem__("succ", calls["succ"] + 1)) for g in th.groups]
+    th.model.eval()
+    with torch.no_grad():
+        engine_out = case.logits(th.model, x)
+    for h in hooks:
+        h.remove()
+    assert calls == {"pred": 0, "succ": len(plan.groups)}
+
+    # export: same outputs, planned depth and parameter count
+    exported = th.export()
+    assert type(exported) is type(model)
+    with torch.no_grad():
+        assert torch.equal(case.logits(exported, x), engine_out)
+    for path, depth in plan.successor_depth.items():
+        assert len(get_submodule(exported, path)) == depth
+    replaced = sum(g.predecessor_params for g in plan.groups) - sum(g.successor_params for g in plan.groups)
+    assert count_parameters(exported) == predecessor_params - replaced
+
+    # the model's own class at the new depth loads the export strictly and computes the same
+    native = case.rebuild(depths)
+    assert type(native) is type(model)
+    native.load_state_dict(exported.state_dict(), strict=True)
+    native.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(case.logits(native, x), engine_out, rtol=1e-5, atol=1e-6)
+    assert count_parameters(native) == count_parameters(exported)
+
+    # the frozen predecessor comes back bit-identical
+    th.unwrap()
+    assert_same_state(before, model)
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
