@@ -187,7 +187,7 @@ def main(argv=None) -> dict:
     hf_logging.disable_progress_bar()
     torch.manual_seed(args.seed)
     started = time.time()
-    model_path = args.model or default_model_path()
+    model_path = str(args.model or default_model_path())
     try:
         splits = load_splits(args.data, args.text_column, args.label_column, args.test_size, args.dev_size, args.seed)
     except DataError as error:
@@ -278,7 +278,7 @@ def main(argv=None) -> dict:
     report = {
         "model": model_path, "data": splits.source, "seed": args.seed, "depth": depth,
         "predecessor_depth": predecessor.config.num_hidden_layers,
-        "settings": {k: v for k, v in vars(args).items()}, "results": results, "speed": speed,
+        "settings": dict(vars(args)), "results": results, "speed": speed,
         "retention_test": results["theseus"]["test_accuracy"] / results["predecessor"]["test_accuracy"],
         "retention_dev": results["theseus"]["dev_accuracy"] / results["predecessor"]["dev_accuracy"],
         "replacement_curve": [(h["step"], h["rate"], h["loss"]) for h in history],

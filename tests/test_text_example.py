@@ -1,0 +1,99 @@
+"""The text example end to end on a tiny model and a tiny CSV, and its data errors."""
+
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
+
+import text_classification  # noqa: E402
+from text_data import DataError, load_table, split  # noqa: E402
+
+from conftest import tiny_bert  # noqa: E402
+
+WORDS = "good bad great awful fine dull fun boring film movie plot the a is was".split()
+
+
+@pytest.fixture
+def tiny_model_dir(tmp_path):
+    import transformers
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
+    tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
+    model = tiny_bert(num_layers=4)
+    model.config.vocab_size = 100
+    path = tmp_path / "model"
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture
+def tiny_csv(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    rows = ["text,label"]
+    for i in range(120):
+        label = i % 2
+        word = ["bad", "good"][label] if torch.rand(1, generator=g).item() < 0.9 else ["good", "bad"][label]
+        rows.append(f"the film was {word},{['neg', 'pos'][label]}")
+    path = tmp_path / "data.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def test_example_runs_end_to_end(tiny_model_dir, tiny_csv, tmp_path):
+    out = tmp_path / "out"
+    report = text_classification.main([
+        "--model", tiny_model_dir, "--data", tiny_csv, "--test-size", "20", "--dev-size", "20", "--depth", "2",
+        "--finetune-steps", "4", "--steps", "6", "--batch-size", "8", "--max-length", "16", "--output", str(out),
+    ])
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["results"].keys() == {"predecessor", "theseus", "baseline_paper", "baseline_stronger"}
+    assert saved["results"]["theseus"]["layers"] == 2 and saved["results"]["predecessor"]["layers"] == 4
+    assert saved["results"]["theseus"]["predecessor_unchanged"] is True
+    assert report["speed"]["depth_ratio"] == 2.0 and report["speed"]["flops_ratio"] > 1.0
+    import transformers
+
+    reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(out / "theseus_successor")
+    assert reloaded.config.num_hidden_layers == 2
+
+
+def test_table_errors(tmp_path):
+    missing = tmp_path / "nope.csv"
+    with pytest.raises(DataError, match="does not exist"):
+        load_table(str(missing))
+    empty = tmp_path / "empty.csv"
+    empty.write_text("")
+    with pytest.raises(DataError, match="is empty"):
+        load_table(str(empty))
+    no_label = tmp_path / "nolabel.csv"
+    no_label.write_text("text,score\nhello,1\n")
+    with pytest.raises(DataError, match="no column 'label'.*--label-column"):
+        load_table(str(no_label))
+    latin = tmp_path / "latin.csv"
+    latin.write_bytes("text,label\ncaf\xe9,1\nbad,0\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_table(str(latin))
+    negative = tmp_path / "neg.csv"
+    negative.write_text("text,label\na,-1\nb,0\n")
+    with pytest.raises(DataError, match="negative labels"):
+        load_table(str(negative))
+
+
+def test_jsonl_and_string_labels(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "a", "label": "pos"}\n{"text": "b", "label": "neg"}\n')
+    texts, labels, names = load_table(str(path))
+    assert texts == ["a", "b"] and labels == [1, 0] and names == ["neg", "pos"]
+
+
+def test_split_is_fixed_and_disjoint():
+    texts = [str(i) for i in range(100)]
+    a, b = split(texts, [0] * 100, 10, 20, seed=0), split(texts, [0] * 100, 10, 20, seed=0)
+    assert a == b
+    parts = [set(a[k][0]) for k in ("train", "dev", "test")]
+    assert sum(map(len, parts)) == 100 and len(set.union(*parts)) == 100
