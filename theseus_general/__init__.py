@@ -16,6 +16,7 @@ from .errors import (
     AdapterError,
     EngineStateError,
     ExportError,
+    NonFiniteLossError,
     PlanError,
     ScheduleError,
     SuccessorMismatchError,
@@ -32,7 +33,7 @@ from . import adapters  # noqa: E402,F401  (registers the built-in adapters)
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AdapterError", "CallableScheduler", "ConstantScheduler", "EngineStateError", "ExportError",
+    "Adapter", "AdapterError", "CallableScheduler", "ConstantScheduler", "EngineStateError", "ExportError", "NonFiniteLossError",
     "Group", "LinearScheduler", "ModuleGraph", "Plan", "PlanError", "ScheduleError", "Scheduler",
     "SuccessorMismatchError", "Theseus", "TheseusError", "detect_adapter", "get_adapter", "list_adapters",
     "register_adapter", "split_evenly", "count_flops", "count_parameters", "measure_latency",

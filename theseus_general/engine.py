@@ -22,6 +22,7 @@ What wrapping does, and `unwrap()` undoes exactly:
 from __future__ import annotations
 
 import copy
+import math
 import re
 from collections import OrderedDict
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -30,12 +31,12 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
-from .errors import AdapterError, EngineStateError, ExportError, PlanError, ScheduleError
+from .errors import AdapterError, EngineStateError, ExportError, NonFiniteLossError, PlanError, ScheduleError
 from .graph import CONTAINER_TYPES, count_params, get_submodule, set_submodule
 from .plan import Group, GroupsSpec, Plan, check_groups, resolve_depths, split_evenly
 from .registry import detect_adapter, get_adapter
 from .replacement import ReplacementState, TheseusGroup
-from .schedulers import SchedulerLike, as_scheduler
+from .schedulers import SchedulerLike, as_scheduler, callable_schedule
 from .validation import check_successors
 
 InitLike = Union[str, Callable[[Group, List[nn.Module]], nn.Module]]
@@ -99,6 +100,11 @@ class Theseus:
         self.adapter = _resolve_adapter(model, adapter, adapter_options)
         self._model = model
         self.unfreeze_rest = bool(unfreeze_rest)
+        if self.unfreeze_rest and self.scheduler.full_replacement_step is None and not callable_schedule(self.scheduler):
+            raise ScheduleError(
+                f"unfreeze_rest=True trains the rest of the model once the rate reaches 1, but {self.scheduler!r} "
+                "never reaches 1. Use ConstantScheduler(p, replace_all_at=STEP) or a LinearScheduler with k > 0."
+            )
 
         paths = self.adapter.containers(model, sample)
         containers = {p: _container(model, p) for p in paths}
@@ -117,6 +123,7 @@ class Theseus:
         self._state.advance(0, first_rate)
         self._step = 0
         self._closed = False
+        self._failed: Optional[str] = None
         self._wrap(containers, built)
 
     # ------------------------------------------------------------------ public API
@@ -159,9 +166,22 @@ class Theseus:
                 params.append(p)
         return params
 
-    def step(self) -> float:
-        """Advance the schedule by one optimiser step; returns the new replacement rate."""
+    def step(self, loss: Optional[torch.Tensor] = None) -> float:
+        """Advance the schedule by one optimiser step; returns the new replacement rate.
+
+        With `loss`, a NaN or infinite value stops the run: the engine is marked
+        failed (step() and export() then refuse) and NonFiniteLossError names the step.
+        Passing it costs one device-to-host copy of the loss per step."""
         self._check_open("step()")
+        if loss is not None:
+            value = float(loss.detach().float().item()) if isinstance(loss, torch.Tensor) else float(loss)
+            if math.isnan(value) or math.isinf(value):
+                self._failed = f"the loss was {value} at step {self._step}"
+                raise NonFiniteLossError(
+                    f"The loss became {value} at step {self._step} (replacement rate {self.replacement_rate:.3f}); "
+                    "the run is stopped and its successors were not stepped further. Lower the learning rate or "
+                    "resume from the last good checkpoint."
+                )
         self._step += 1
         rate = self.scheduler(self._step)
         self._state.advance(self._step, rate)
@@ -208,6 +228,17 @@ class Theseus:
         exported.eval()
         return self.adapter.finalize_export(exported, self.plan.successor_depth)
 
+    def validate(self, sample: Any) -> None:
+        """Check every successor against its group on `sample` (shape, dtype, device and
+        output structure); raises SuccessorMismatchError naming the group. Changes nothing."""
+        self._check_open("validate()")
+        previous = self._state.force
+        self._state.force = "predecessor"  # run the predecessor blocks so that hooks see each group's input
+        try:
+            check_successors(self._model, self._originals, self.plan, self.successors(), sample)
+        finally:
+            self._state.force = previous
+
     def unwrap(self) -> nn.Module:
         """Restore the model exactly as it was before wrapping and close the engine."""
         if self._closed:
@@ -239,6 +270,11 @@ class Theseus:
 
     # ------------------------------------------------------------------ internals
     def _check_open(self, what: str) -> None:
+        if self._failed and not self._closed:
+            raise EngineStateError(
+                f"Cannot call {what}: this Theseus run failed ({self._failed}). unwrap() restores the model; "
+                "start a new run, e.g. from the last good checkpoint."
+            )
         if self._closed:
             raise EngineStateError(
                 f"Cannot call {what} on a closed Theseus engine (unwrap() was called). "

@@ -32,3 +32,7 @@ class ExportError(TheseusError):
 
 class EngineStateError(TheseusError, RuntimeError):
     """The engine was used in a state that does not allow it (closed, already wrapped)."""
+
+
+class NonFiniteLossError(TheseusError, RuntimeError):
+    """The training loss became NaN or infinite; the run was stopped."""

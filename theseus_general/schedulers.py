@@ -134,3 +134,8 @@ def as_scheduler(schedule: SchedulerLike) -> Scheduler:
     if isinstance(schedule, (int, float)) and not isinstance(schedule, bool):
         return ConstantScheduler(schedule)
     return CallableScheduler(schedule)
+
+
+def callable_schedule(scheduler: Scheduler) -> bool:
+    """True for a caller's own function, whose end point cannot be known in advance."""
+    return isinstance(scheduler, CallableScheduler)
