@@ -157,7 +157,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--finetune-steps", type=int, default=300, help="predecessor fine-tuning steps")
-    p.add_argument("--finetune-lr", type=float, default=5e-5)
+    p.add_argument("--finetune-lr", type=float, default=1e-4)
     p.add_argument("--steps", type=int, default=600, help="step budget of Theseus and of each baseline")
     p.add_argument("--lr", type=float, default=1e-4, help="Theseus learning rate")
     p.add_argument("--baseline-lr", type=float, default=1e-4, help="learning rate of both baselines")
@@ -209,6 +209,9 @@ def main(argv=None) -> dict:
     t = time.time()
     if args.predecessor:
         predecessor = AutoModelForSequenceClassification.from_pretrained(args.predecessor)
+        if predecessor.config.num_labels != num_labels:
+            raise SystemExit(f"error: --predecessor {args.predecessor} has {predecessor.config.num_labels} labels "
+                             f"but the data has {num_labels} ({splits.label_names}); use a matching model or data.")
         print(f"predecessor: loaded fine-tuned model from {args.predecessor}")
     else:
         predecessor = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)

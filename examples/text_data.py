@@ -83,7 +83,13 @@ def load_table(path: str, text_column: str = "text", label_column: str = "label"
         labels = [int(v) for v in raw]
         if min(labels) < 0:
             raise DataError(f"Data file {path!r} has negative labels; labels must be 0..K-1 or strings.")
-        names = [str(i) for i in range(max(labels) + 1)]
+        distinct = sorted(set(labels))
+        if distinct != list(range(len(distinct))):
+            raise DataError(
+                f"Data file {path!r} has labels {distinct[:10]} out of range: integer labels must be 0..K-1 with "
+                "every class present (relabel them, or use string labels, which are numbered in sorted order)."
+            )
+        names = [str(i) for i in distinct]
     else:
         names = sorted({str(v) for v in raw})
         index = {n: i for i, n in enumerate(names)}

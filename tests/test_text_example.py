@@ -82,6 +82,10 @@ def test_table_errors(tmp_path):
     negative.write_text("text,label\na,-1\nb,0\n")
     with pytest.raises(DataError, match="negative labels"):
         load_table(str(negative))
+    gap = tmp_path / "gap.csv"
+    gap.write_text("text,label\na,0\nb,1\nc,7\n")
+    with pytest.raises(DataError, match=r"labels \[0, 1, 7\] out of range"):
+        load_table(str(gap))
 
 
 def test_jsonl_and_string_labels(tmp_path):
