@@ -5,7 +5,8 @@ Public surface:
   * schedules: `ConstantScheduler`, `LinearScheduler`, or any callable step -> p;
   * adapters: `Adapter`, `register_adapter`, `list_adapters`, `get_adapter`, `detect_adapter`;
   * `ModuleGraph`: a model's containers and blocks, with traced shapes;
-  * `Plan` / `Group`: what a Theseus run replaces, printable as a table.
+  * `Plan` / `Group`: what a Theseus run replaces, printable as a table;
+  * `theseus_general.checkpoint`: save and resume a run (`CheckpointManager`, `save_checkpoint`, `load_checkpoint`).
 
 The engine knows no model family; ``theseus_general.adapters`` describes them.
 """
@@ -14,6 +15,7 @@ from .adapter import Adapter
 from .engine import Theseus
 from .errors import (
     AdapterError,
+    CheckpointError,
     EngineStateError,
     ExportError,
     NonFiniteLossError,
@@ -33,7 +35,7 @@ from . import adapters  # noqa: E402,F401  (registers the built-in adapters)
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AdapterError", "CallableScheduler", "ConstantScheduler", "EngineStateError", "ExportError", "NonFiniteLossError",
+    "Adapter", "AdapterError", "CheckpointError", "CallableScheduler", "ConstantScheduler", "EngineStateError", "ExportError", "NonFiniteLossError",
     "Group", "LinearScheduler", "ModuleGraph", "Plan", "PlanError", "ScheduleError", "Scheduler",
     "SuccessorMismatchError", "Theseus", "TheseusError", "detect_adapter", "get_adapter", "list_adapters",
     "register_adapter", "split_evenly", "count_flops", "count_parameters", "measure_latency",

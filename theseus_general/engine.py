@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
-from .errors import AdapterError, EngineStateError, ExportError, NonFiniteLossError, PlanError, ScheduleError
+from .errors import AdapterError, CheckpointError, EngineStateError, ExportError, NonFiniteLossError, PlanError, ScheduleError
 from .graph import CONTAINER_TYPES, count_params, get_submodule, set_submodule
 from .plan import Group, GroupsSpec, Plan, check_groups, resolve_depths, split_evenly
 from .registry import detect_adapter, get_adapter
@@ -191,6 +191,78 @@ class Theseus:
             self._rest_trains = True
         return rate
 
+    def state_dict(self) -> Dict[str, Any]:
+        """What a resumed run needs from the engine: ``{"tensors": {name: tensor}, "meta": {...}}``.
+
+        tensors: every successor's state (``successors.<group>.<key>``) and, with
+        unfreeze_rest, the copies of the rest (``rest.<n>``, in wrapping order). The
+        tensors are the live ones (no copy); `theseus_general.checkpoint` writes them.
+        meta (JSON-safe): step, seed, rate at that step and the plan. The replacement
+        draws are a pure function of (seed, step, group, call), so step and seed restore them."""
+        self._check_open("state_dict()")
+        tensors: Dict[str, torch.Tensor] = {}
+        for g in self._groups:
+            for key, value in g.successor.state_dict().items():
+                tensors[f"successors.{g.index}.{key}"] = value
+        for i, tensor in enumerate(self._rest_tensors()):
+            tensors[f"rest.{i}"] = tensor
+        meta = {"step": self._step, "seed": self._state.seed, "rate": self._state.rate,
+                "unfreeze_rest": self.unfreeze_rest, "plan": self.plan.to_dict()}
+        return {"tensors": tensors, "meta": meta}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Restore `state_dict()` output. Everything is checked before anything changes:
+        a different plan, schedule, or tensor names/shapes raise
+        CheckpointError naming the difference, and the engine and model stay as they were."""
+        self._check_open("load_state_dict()")
+        rate = self.check_state_dict(state)
+        live, tensors, step = self.state_dict()["tensors"], state["tensors"], int(state["meta"]["step"])
+        with torch.no_grad():
+            for name, value in live.items():
+                value.copy_(tensors[name])
+        self._state.seed = int(state["meta"]["seed"])
+        self._step = step
+        self._state.advance(step, rate)
+        if self.unfreeze_rest:
+            trains = rate >= 1.0
+            for p in self._rest_copies:
+                p.requires_grad_(trains)
+            self._rest_trains = trains
+
+    def check_state_dict(self, state: Dict[str, Any]) -> float:
+        """The checks of load_state_dict() alone: raises CheckpointError, changes nothing.
+        Returns the rate at the saved step."""
+        self._check_open("check_state_dict()")
+        tensors, meta = state["tensors"], state["meta"]
+        _check_plan_matches(self.plan.to_dict(), meta["plan"])
+        if bool(meta.get("unfreeze_rest")) != self.unfreeze_rest:
+            raise CheckpointError(
+                f"The checkpoint was saved with unfreeze_rest={meta.get('unfreeze_rest')}, this engine has "
+                f"unfreeze_rest={self.unfreeze_rest}; create the engine with the same setting."
+            )
+        step = int(meta["step"])
+        rate = self.scheduler(step)
+        if not math.isclose(rate, float(meta["rate"]), rel_tol=0, abs_tol=1e-12):
+            raise CheckpointError(
+                f"At the checkpoint's step {step} this engine's schedule {self.scheduler!r} gives p={rate}, "
+                f"but the checkpoint was at p={meta['rate']}; create the engine with the schedule of the saved run."
+            )
+        live = self.state_dict()["tensors"]
+        missing, unexpected = sorted(set(live) - set(tensors)), sorted(set(tensors) - set(live))
+        if missing or unexpected:
+            raise CheckpointError(
+                f"The checkpoint's tensors do not match this engine's: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}. Was it saved from the same model and successors?"
+            )
+        for name, value in live.items():
+            saved = tensors[name]
+            if saved.shape != value.shape or saved.dtype != value.dtype:
+                raise CheckpointError(
+                    f"Tensor {name!r}: the checkpoint has {tuple(saved.shape)} {saved.dtype}, this engine "
+                    f"{tuple(value.shape)} {value.dtype}. Was it saved from the same model and successors?"
+                )
+        return rate
+
     def export(self, native: bool = True) -> nn.Module:
         """A standalone successor model of the model's own type (in eval mode).
 
@@ -339,6 +411,16 @@ class Theseus:
                     self._swapped_tensors.append((module, name, tensor))
                     store[name] = copies[id(tensor)]
 
+    def _rest_tensors(self) -> List[torch.Tensor]:
+        """The copies made by _copy_rest (parameters and buffers), each once, in wrapping order."""
+        seen, out = set(), []
+        for module, name, _ in self._swapped_tensors:
+            tensor = module._parameters.get(name) if name in module._parameters else module._buffers.get(name)
+            if tensor is not None and id(tensor) not in seen:
+                seen.add(id(tensor))
+                out.append(tensor)
+        return out
+
     def _keep_eval_while(self, module: nn.Module, frozen: Callable[[], bool]) -> None:
         # Frozen batch norm must not update its running statistics (they are the
         # caller's buffers): force eval mode just before each of its forwards.
@@ -348,6 +430,27 @@ class Theseus:
                     m.training = False
 
             self._hooks.append(module.register_forward_pre_hook(hook))
+
+
+def _check_plan_matches(ours: dict, saved: dict) -> None:
+    """Raise CheckpointError naming the first differences between two plan dicts."""
+    if ours == saved:
+        return
+    diffs = []
+    for key in ("adapter", "containers", "frozen_params"):
+        if ours.get(key) != saved.get(key):
+            diffs.append(f"{key}: checkpoint {saved.get(key)!r}, this model {ours.get(key)!r}")
+    a, b = saved.get("groups", []), ours.get("groups", [])
+    if len(a) != len(b):
+        diffs.append(f"number of groups: checkpoint {len(a)}, this model {len(b)}")
+    for i, (x, y) in enumerate(zip(a, b)):
+        for field in ("container", "blocks", "successor", "predecessor_params", "successor_params"):
+            if x.get(field) != y.get(field):
+                diffs.append(f"group {i} {field}: checkpoint {x.get(field)!r}, this model {y.get(field)!r}")
+    raise CheckpointError(
+        "The checkpoint was saved from a different plan or model:\n  " + "\n  ".join(diffs[:10])
+        + "\nCreate the engine with the same model, depth/groups and init as the saved run."
+    )
 
 
 def _resolve_adapter(model: nn.Module, adapter: Union[str, Adapter, None], options: dict) -> Adapter:

@@ -36,3 +36,7 @@ class EngineStateError(TheseusError, RuntimeError):
 
 class NonFiniteLossError(TheseusError, RuntimeError):
     """The training loss became NaN or infinite; the run was stopped."""
+
+
+class CheckpointError(TheseusError):
+    """A checkpoint is missing, corrupted, or was saved from a different run."""
