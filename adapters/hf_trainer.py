@@ -1,0 +1,86 @@
+"""Hugging Face `transformers.Trainer` integration (imported on its own, never by
+``import theseus_general``, since it imports transformers).
+
+    from theseus_general.adapters.hf_trainer import TheseusTrainer
+
+    th = Theseus(model, successor_depth=3)
+    trainer = TheseusTrainer(theseus=th, model=th.model, args=args, train_dataset=train)
+    trainer.train()
+    successor = th.export()
+
+`TheseusTrainer` is a `Trainer` whose optimiser covers exactly ``th.trainable_parameters()``
+(the Trainer's default would skip the rest-copies of unfreeze_rest=True, which do not
+require gradients yet when it is built), which adds `TheseusCallback` (one ``th.step()``
+per optimiser step) and logs the replacement rate as ``theseus_rate``.
+With a plain Trainer instead: ``Trainer(..., optimizers=(AdamW(th.trainable_parameters()), None),
+callbacks=[TheseusCallback(th)])``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, List
+
+from transformers import Trainer, TrainerCallback
+
+from theseus_general.engine import Theseus
+from theseus_general.errors import EngineStateError
+
+
+class TheseusCallback(TrainerCallback):
+    """Advances the replacement schedule once per optimiser step (not per micro-batch
+    under gradient accumulation), and records the rate of every step in `rates`."""
+
+    def __init__(self, theseus: Theseus):
+        if not isinstance(theseus, Theseus):
+            raise EngineStateError(f"TheseusCallback needs a Theseus engine, got {type(theseus).__qualname__}.")
+        self.theseus = theseus
+        self.rates: List[float] = []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # resume_from_checkpoint restores the wrapped model's weights (successors included) and
+        # the global step; the draws are a pure function of (seed, step), so stepping the
+        # schedule forward restores them.
+        if self.theseus.step_count > state.global_step:
+            raise EngineStateError(
+                f"The Theseus engine is at step {self.theseus.step_count} but the Trainer starts at step "
+                f"{state.global_step}; create a new engine for a new run."
+            )
+        while self.theseus.step_count < state.global_step:
+            self.theseus.step()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.rates.append(self.theseus.replacement_rate)
+        self.theseus.step()
+
+
+class TheseusTrainer(Trainer):
+    """A Trainer for a Theseus run: pass ``theseus=th`` and ``model=th.model``."""
+
+    def __init__(self, *args: Any, theseus: Theseus, **kwargs: Any):
+        model = kwargs.get("model", args[0] if args else None)
+        if model is not theseus.model:
+            raise EngineStateError("TheseusTrainer needs model=th.model (the wrapped model) with theseus=th.")
+        self.theseus = theseus
+        callbacks = list(kwargs.pop("callbacks", None) or [])
+        if not any(isinstance(c, TheseusCallback) for c in callbacks):
+            callbacks.append(TheseusCallback(theseus))
+        super().__init__(*args, callbacks=callbacks, **kwargs)
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            target = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(target))
+            names = {id(p): n for n, p in target.named_parameters(remove_duplicate=False)}
+            params = self.theseus.trainable_parameters()
+            groups = [
+                {"params": [p for p in params if names.get(id(p)) in decay], "weight_decay": self.args.weight_decay},
+                {"params": [p for p in params if names.get(id(p)) not in decay], "weight_decay": 0.0},
+            ]
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, target)
+            self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
+        return self.optimizer
+
+    def log(self, logs: dict, *args: Any, **kwargs: Any) -> None:
+        if "loss" in logs:  # training logs only, not eval metrics
+            logs["theseus_rate"] = self.theseus.replacement_rate
+        super().log(logs, *args, **kwargs)
