@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import ChainModel, assert_same_state, state_snapshot
 
-from theseus_general import CheckpointError, ConstantScheduler, Theseus
+from theseus_general import CheckpointError, ConstantScheduler, EngineStateError, NonFiniteLossError, Theseus
 from theseus_general.checkpoint import CheckpointManager, load_checkpoint, save_checkpoint
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_resume_worker.py")
@@ -141,3 +141,31 @@ def test_kill_and_resume_is_bit_identical(tmp_path):
     assert set(ours) == set(theirs) and any(k.startswith("rest.") for k in ours)
     for k in ours:
         assert torch.equal(ours[k], theirs[k]), k
+
+
+def test_nan_loss_stops_the_run_and_the_last_good_checkpoint_stays(tmp_path):
+    before = state_snapshot(ChainModel(depth=6, seed=0))  # the same weights make_run() wraps
+    model, th, opt, sched = make_run()
+    manager = CheckpointManager(str(tmp_path / "ckpts"), keep=2)
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(NonFiniteLossError, match="at step 3"):
+        for step in range(6):
+            loss = model(torch.randn(8, 4, generator=g)).pow(2).mean()
+            if step == 3:
+                loss = loss * float("nan")  # what a diverging run produces
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad()
+            th.step(loss)
+            manager.save(th, opt, sched, data_position=step + 1)
+    last = manager.latest()
+    assert os.path.basename(last) == "step-00000003"
+    with pytest.raises(EngineStateError, match="failed"):
+        manager.save(th, opt, sched)  # a failed run writes nothing more
+    assert manager.latest() == last
+    _, th2, opt2, sched2 = make_run()
+    assert load_checkpoint(last, th2, opt2, sched2).step == 3
+    assert all(torch.isfinite(t).all() for t in th2.state_dict()["tensors"].values())
+    th.unwrap()
+    assert_same_state(before, model)

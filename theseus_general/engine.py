@@ -170,8 +170,9 @@ class Theseus:
         """Advance the schedule by one optimiser step; returns the new replacement rate.
 
         With `loss`, a NaN or infinite value stops the run: the engine is marked
-        failed (step() and export() then refuse) and NonFiniteLossError names the step.
-        Passing it costs one device-to-host copy of the loss per step."""
+        failed (step(), export() and checkpointing then refuse, so no bad state is
+        saved) and NonFiniteLossError names the step. Passing it costs one
+        device-to-host copy of the loss per step."""
         self._check_open("step()")
         if loss is not None:
             value = float(loss.detach().float().item()) if isinstance(loss, torch.Tensor) else float(loss)
@@ -179,8 +180,8 @@ class Theseus:
                 self._failed = f"the loss was {value} at step {self._step}"
                 raise NonFiniteLossError(
                     f"The loss became {value} at step {self._step} (replacement rate {self.replacement_rate:.3f}); "
-                    "the run is stopped and its successors were not stepped further. Lower the learning rate or "
-                    "resume from the last good checkpoint."
+                    "the run is stopped and nothing more can be saved from it. Resume from the last good "
+                    "checkpoint, e.g. with a lower learning rate."
                 )
         self._step += 1
         rate = self.scheduler(self._step)
