@@ -120,7 +120,7 @@ def train(model, params, data: Encoded, steps: int, lr: float, batch_size: int, 
         optimizer.zero_grad(set_to_none=True)
         rate = engine.replacement_rate if engine else None
         if engine:
-            engine.step()
+            engine.step(out.loss)  # stops with the step number if the loss is NaN or infinite
         history.append({"step": step, "loss": out.loss.item(), "rate": rate})
         if step % 10 == 0:
             bar.set_postfix(loss=f"{out.loss.item():.3f}", **({"p": f"{rate:.2f}"} if engine else {}))
