@@ -1,0 +1,306 @@
+"""Quality side by side over seeds: Theseus against the built-in baselines, same step budget.
+
+Methods (each trains a successor of the same shape for --steps steps in the same loop,
+`theseus_general.baselines.train_steps`: AdamW, linear decay, same lr and batches per seed):
+
+  theseus_linear        Theseus, linear curriculum from --base-rate reaching p = 1 at --replace-by
+  theseus_constant      Theseus, constant p = --constant-rate until --replace-by, then 1
+  finetune_trained      fine-tune-only, initialised from the trained predecessor's blocks (a)
+  finetune_initial      fine-tune-only, initialised from the model before task training (b):
+                        the pretrained model (text) or a fresh random model (vision)
+  kd                    vanilla distillation from the frozen predecessor (--temperature, --alpha)
+
+Both Theseus runs use unfreeze_rest=True (embeddings and head train once p = 1), as the examples do.
+Tasks reuse the examples' data and models: text = all-MiniLM-L6-v2 on Rotten Tomatoes, 6 -> 3
+layers (examples/text_classification.py); vision = a timm ViT on Fashion-MNIST, half the blocks
+(examples/vision_classification.py). The predecessor is trained once (or loaded with
+--predecessor); seeds change the batch order, the replacement draws and new heads.
+
+    python benchmarks/quality.py --task text --predecessor DIR     # writes benchmarks/results/quality_text.json
+    python benchmarks/quality.py --task vision
+    python benchmarks/quality.py --quick                            # tiny ViT on a Fashion-MNIST subset, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import statistics
+import sys
+import time
+from typing import Any, Callable, Dict, Iterator, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import REPO_ROOT, RESULTS_DIR, conditions, write_json  # noqa: E402
+
+sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
+
+from theseus_general import ConstantScheduler, LinearScheduler, Theseus  # noqa: E402
+from theseus_general.baselines import (  # noqa: E402
+    DistillationStep, default_logits, successor_shaped_copy, train_steps,
+)
+from theseus_general.graph import run_model  # noqa: E402
+
+METHODS = ("theseus_linear", "theseus_constant", "finetune_trained", "finetune_initial", "kd")
+
+
+# ---------------------------------------------------------------- tasks
+class Task:
+    """What a method needs: the trained predecessor, the pre-task model, batches, evaluation."""
+
+    name: str
+    target: Dict[str, Any]  # Theseus(...) depth arguments
+
+    def predecessor(self) -> nn.Module:
+        raise NotImplementedError
+
+    def initial(self, seed: int) -> nn.Module:
+        raise NotImplementedError
+
+    def batches(self, seed: int) -> Iterator[Tuple[Any, torch.Tensor]]:
+        raise NotImplementedError
+
+    def evaluate(self, model: nn.Module) -> Dict[str, float]:
+        raise NotImplementedError
+
+
+class TextTask(Task):
+    name = "text"
+
+    def __init__(self, args: argparse.Namespace):
+        import text_classification as tc
+        from text_data import load_splits
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        self.tc, self.auto, self.args = tc, AutoModelForSequenceClassification, args
+        self.model_path = str(args.model or tc.default_model_path())
+        splits = load_splits(None, "text", "label", args.test_size, args.dev_size, args.split_seed)
+        tokenizer = AutoTokenizer.from_pretrained(self.model_path)
+        self.train, self.dev, self.test = (tc.Encoded(tokenizer, *s, args.max_length)
+                                           for s in (splits.train, splits.dev, splits.test))
+        self.num_labels = len(splits.label_names)
+        self.source = splits.source
+        self.target = {"successor_depth": args.depth}
+
+    def predecessor(self) -> nn.Module:
+        if self.args.predecessor:
+            return self.auto.from_pretrained(self.args.predecessor)
+        torch.manual_seed(self.args.split_seed)
+        model = self.auto.from_pretrained(self.model_path, num_labels=self.num_labels)
+        self.tc.train(model, model.parameters(), self.train, self.args.pretrain_steps, self.args.pretrain_lr,
+                      self.args.batch_size, self.args.split_seed, "fine-tune predecessor", warmup=0.1)
+        return model
+
+    def initial(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)  # the new classification head
+        return self.auto.from_pretrained(self.model_path, num_labels=self.num_labels)
+
+    def batches(self, seed: int):
+        for batch in self.train.training_batches(self.args.batch_size, seed):
+            labels = batch.pop("labels")
+            yield batch, labels
+
+    def evaluate(self, model: nn.Module) -> Dict[str, float]:
+        return {"dev": self.tc.accuracy(model, self.dev), "test": self.tc.accuracy(model, self.test)}
+
+
+class VisionTask(Task):
+    name = "vision"
+
+    def __init__(self, args: argparse.Namespace):
+        import vision_classification as vc
+        from image_data import load_fashion_mnist
+
+        self.vc, self.args = vc, args
+        self.data = load_fashion_mnist(None, args.dev_size, args.split_seed, args.train_limit)
+        self.source = f"Fashion-MNIST from {self.data.source}"
+        self.target = {"ratio": 0.5}
+
+    def _build(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        return self.vc.build_vit(self.args.width, self.args.depth_pred)
+
+    def predecessor(self) -> nn.Module:
+        model = self._build(self.args.split_seed)
+        if self.args.predecessor:
+            model.load_state_dict(torch.load(self.args.predecessor))
+            return model
+        self.vc.train(model, model.parameters(), self.data.train, self.args.pretrain_steps, self.args.pretrain_lr,
+                      self.args.batch_size, self.args.split_seed, "train predecessor", warmup=0.05)
+        return model
+
+    def initial(self, seed: int) -> nn.Module:
+        return self._build(1000 + seed)  # a fresh random model: what the predecessor was before training
+
+    def batches(self, seed: int):
+        return self.vc.batches(*self.data.train, self.args.batch_size, seed)
+
+    def evaluate(self, model: nn.Module) -> Dict[str, float]:
+        n = self.args.eval_limit  # None: the whole split
+        return {"dev": self.vc.accuracy(model, *(t[:n] for t in self.data.dev)),
+                "test": self.vc.accuracy(model, *(t[:n] for t in self.data.test))}
+
+
+# ---------------------------------------------------------------- methods
+def ce_loss(model: nn.Module) -> Callable[[Any, torch.Tensor], torch.Tensor]:
+    return lambda inputs, labels: F.cross_entropy(default_logits(run_model(model, inputs)), labels)
+
+
+def run_method(method: str, task: Task, predecessor: nn.Module, seed: int, args: argparse.Namespace) -> nn.Module:
+    common = dict(lr=args.lr, weight_decay=args.weight_decay, lr_schedule="linear")
+    full_at = max(1, int(args.steps * args.replace_by))
+    if method.startswith("theseus"):
+        scheduler = (LinearScheduler.reaching_one_at(full_at, base=args.base_rate) if method == "theseus_linear"
+                     else ConstantScheduler(args.constant_rate, replace_all_at=full_at))
+        th = Theseus(predecessor, **task.target, scheduler=scheduler, unfreeze_rest=True, seed=seed)
+        try:
+            train_steps(th.model, th.trainable_parameters(), task.batches(seed), args.steps, ce_loss(th.model),
+                        after_step=th.step, desc=method, **common)
+            return th.export()
+        finally:
+            th.unwrap()
+    if method == "finetune_trained":
+        student = successor_shaped_copy(predecessor, **task.target)
+        loss = ce_loss(student)
+    elif method == "finetune_initial":
+        student = successor_shaped_copy(task.initial(seed), **task.target)
+        loss = ce_loss(student)
+    elif method == "kd":
+        student = successor_shaped_copy(predecessor, **task.target)
+        loss = DistillationStep(student, predecessor, args.temperature, args.alpha)
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    train_steps(student, student.parameters(), task.batches(seed), args.steps, loss, desc=method, **common)
+    return student
+
+
+def summarise(runs: Dict[str, Dict[str, Dict[str, float]]]) -> Dict[str, Dict[str, float]]:
+    out = {}
+    for method, by_seed in runs.items():
+        row = {"seeds": len(by_seed)}
+        for split in ("dev", "test"):
+            values = [r[split] for r in by_seed.values()]
+            row[f"{split}_mean"] = statistics.mean(values)
+            row[f"{split}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0
+        out[method] = row
+    return out
+
+
+def run(args: argparse.Namespace, path: str) -> Dict[str, Any]:
+    started = time.time()
+    task = TextTask(args) if args.task == "text" else VisionTask(args)
+    predecessor = task.predecessor().eval()
+    reference = copy.deepcopy(predecessor.state_dict())
+    report: Dict[str, Any] = {
+        "benchmark": "quality", "task": task.name, "data": task.source, "quick": args.quick,
+        "settings": {k: v for k, v in vars(args).items()}, "conditions": conditions(torch.device("cpu")),
+        "predecessor": task.evaluate(predecessor), "runs": {}, "complete": False,
+    }
+    methods = [m for m in METHODS if m in args.methods]
+    for seed in args.seeds:  # seed-major: an interrupted run still has whole seeds
+        for method in methods:
+            t = time.time()
+            model = run_method(method, task, predecessor, seed, args)
+            result = task.evaluate(model)
+            result["train_s"] = time.time() - t
+            report["runs"].setdefault(method, {})[str(seed)] = result
+            print(f"  seed {seed} {method}: dev {result['dev']:.4f}, test {result['test']:.4f} ({result['train_s']:.0f} s)",
+                  flush=True)
+            report["summary"] = summarise(report["runs"])
+            report["total_s"] = time.time() - started
+            write_json(report, path)
+    changed = [k for k, v in predecessor.state_dict().items() if not torch.equal(v, reference[k])]
+    if changed:
+        raise RuntimeError(f"the predecessor changed during the benchmark: {changed[:3]}")
+    report["predecessor_unchanged"] = True
+    report["complete"] = True
+    report["loadavg_1_5_15_at_end"] = list(os.getloadavg())
+    report["total_s"] = time.time() - started
+    write_json(report, path)
+    return report
+
+
+def print_table(report: Dict[str, Any]) -> None:
+    s = report["settings"]
+    print(f"\nQuality, {report['task']} ({report['data']}): {s['steps']} steps of batch {s['batch_size']} per method, "
+          f"seeds {s['seeds']}; mean +- std over seeds")
+    p = report["predecessor"]
+    print(f"{'method':<18} {'dev acc':>16} {'test acc':>16}")
+    print(f"{'predecessor':<18} {p['dev']:>16.4f} {p['test']:>16.4f}")
+    for method, r in report["summary"].items():
+        print(f"{method:<18} {r['dev_mean']:>8.4f} +- {r['dev_std']:.4f} {r['test_mean']:>8.4f} +- {r['test_std']:.4f}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--task", choices=["text", "vision"], default="text")
+    p.add_argument("--quick", action="store_true", help="tiny ViT, 2,000 images, 2 seeds, a few steps (smoke test)")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--steps", type=int, default=None, help="step budget of every method (text 600, vision 400)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate of every method (text 1e-4, vision 2e-3)")
+    p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--batch-size", type=int, default=None, help="text 32, vision 128")
+    p.add_argument("--base-rate", type=float, default=0.3, help="linear curriculum start")
+    p.add_argument("--constant-rate", type=float, default=0.5, help="constant replacement rate")
+    p.add_argument("--replace-by", type=float, default=0.5, help="fraction of --steps after which p = 1")
+    p.add_argument("--temperature", type=float, default=2.0, help="KD temperature")
+    p.add_argument("--alpha", type=float, default=0.5, help="KD weight of the soft-target term")
+    p.add_argument("--predecessor", default=None, help="a trained predecessor (text: HF directory; vision: state dict)")
+    p.add_argument("--pretrain-steps", type=int, default=None, help="predecessor training steps when not given")
+    p.add_argument("--pretrain-lr", type=float, default=None)
+    p.add_argument("--split-seed", type=int, default=0, help="data split and predecessor seed (text example's --seed)")
+    # text
+    p.add_argument("--model", default=None, help="text: HF model (default all-MiniLM-L6-v2)")
+    p.add_argument("--depth", type=int, default=3, help="text: successor layers")
+    p.add_argument("--max-length", type=int, default=64)
+    p.add_argument("--test-size", type=int, default=None, help="text 2000 / vision: ignored")
+    p.add_argument("--dev-size", type=int, default=None, help="text 1000, vision 5000")
+    # vision
+    p.add_argument("--width", type=int, default=48)
+    p.add_argument("--depth-pred", type=int, default=8)
+    p.add_argument("--train-limit", type=int, default=None)
+    p.add_argument("--eval-limit", type=int, default=None, help="vision: evaluate on the first N dev/test images only")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--output", default=None, help="JSON path (default benchmarks/results/quality_<task>[_quick].json)")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.task = "vision"
+        quick = dict(seeds=[0, 1], steps=6, lr=2e-3, batch_size=32, pretrain_steps=20, pretrain_lr=2e-3, dev_size=200,
+                     width=16, depth_pred=2, train_limit=1000, eval_limit=500)
+        for key, value in quick.items():
+            if getattr(args, key) is None or key in ("seeds", "width", "depth_pred"):
+                setattr(args, key, value)
+    defaults = {"text": dict(steps=600, lr=1e-4, batch_size=32, pretrain_steps=300, pretrain_lr=1e-4, test_size=2000,
+                             dev_size=1000),
+                "vision": dict(steps=400, lr=2e-3, batch_size=128, pretrain_steps=1000, pretrain_lr=2e-3, dev_size=5000)}
+    for key, value in defaults[args.task].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    return args
+
+
+def main(argv=None) -> Dict[str, Any]:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    path = args.output or os.path.join(RESULTS_DIR, f"quality_{args.task}{'_quick' if args.quick else ''}.json")
+    report = run(args, path)
+    report["command"] = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_json(report, path)
+    print_table(report)
+    print(f"wrote {path} ({report['total_s']:.0f} s)")
+    return report
+
+
+if __name__ == "__main__":
+    main()

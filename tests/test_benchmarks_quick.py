@@ -1,0 +1,87 @@
+"""Every benchmark script's --quick mode runs and writes the JSON fields its README promises."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+
+import pytest
+import torch
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def load(name: str):
+    spec = importlib.util.spec_from_file_location(f"benchmark_{name}", os.path.join(BENCHMARKS, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(autouse=True)
+def keep_threads():
+    threads = torch.get_num_threads()  # the scripts set torch's thread count
+    yield
+    torch.set_num_threads(threads)
+
+
+def read(path) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+def check_conditions(report: dict) -> None:
+    c = report["conditions"]
+    assert c["torch_threads"] == 1 and len(c["loadavg_1_5_15"]) == 3 and c["device"] == "cpu"
+
+
+def test_speed_quick(tmp_path):
+    path = tmp_path / "speed.json"
+    load("speed").main(["--quick", "--threads", "1", "--output", str(path)])
+    report = read(path)
+    check_conditions(report)
+    assert {r["model"] for r in report["rows"]} == {"BERT-tiny", "ViT-tiny", "ResNet-tiny"}
+    for row in report["rows"]:
+        assert row["speedup"] == pytest.approx(row["predecessor_latency_s"] / row["successor_latency_s"])
+        assert row["flops_ratio"] > 1 and row["successor_params"] < row["predecessor_params"]
+    resnet = next(r for r in report["rows"] if r["model"] == "ResNet-tiny")
+    assert resnet["successor_depth"] == [1, 1, 1, 1]  # ceil(2 / 2) per stage
+    bert = next(r for r in report["rows"] if r["model"] == "BERT-tiny")
+    assert (bert["predecessor_depth"], bert["successor_depth"]) == (4, 2)
+
+
+def test_overhead_quick(tmp_path):
+    path = tmp_path / "overhead.json"
+    load("overhead").main(["--quick", "--threads", "1", "--repeats", "3", "--output", str(path)])
+    report = read(path)
+    check_conditions(report)
+    variants = {"plain_full", "plain_frozen", "theseus_p0", "theseus_p0.5", "theseus_p1",
+                "successor_frozen_rest", "successor_full"}
+    assert set(report["timing"]) == variants and set(report["memory"]) == variants
+    for t in report["timing"].values():
+        assert t["n"] == 3 and t["q1_s"] <= t["median_s"] <= t["q3_s"]
+    assert math.isfinite(report["engine_overhead_p0"])
+    assert report["config"]["depth"] < report["config"]["layers"]
+
+
+def test_plain_frozen_reference_trains_the_same_parameter_count_as_the_engine():
+    overhead = load("overhead")
+    cfg = overhead.config(quick=True)
+    ref = overhead.build_variant("plain_frozen", cfg, torch.device("cpu"))
+    engine = overhead.build_variant("theseus_p0", cfg, torch.device("cpu"))
+    count = lambda v: sum(p.numel() for g in v.optimizer.param_groups for p in g["params"])  # noqa: E731
+    assert count(ref) == count(engine) > 0
+
+
+def test_quality_quick(tmp_path):
+    path = tmp_path / "quality.json"
+    load("quality").main(["--quick", "--output", str(path)])
+    report = read(path)
+    assert report["complete"] and report["predecessor_unchanged"]
+    assert set(report["summary"]) == {"theseus_linear", "theseus_constant", "finetune_trained", "finetune_initial", "kd"}
+    for method, row in report["summary"].items():
+        assert row["seeds"] == 2 and set(report["runs"][method]) == {"0", "1"}
+        assert 0 <= row["test_mean"] <= 1 and row["test_std"] >= 0
+    assert report["settings"]["steps"] == 6
