@@ -2,6 +2,11 @@ import pytest
 import torch
 from torch import nn
 
+# Tiny models run fastest on one thread, and threads fighting over a shared
+# 2-core machine slow them by an order of magnitude; one thread also keeps
+# float reductions in a fixed order.
+torch.set_num_threads(1)
+
 
 def tiny_bert(num_layers: int = 6, num_labels: int = 2, seed: int = 0, cls_name: str = "BertForSequenceClassification"):
     import transformers
