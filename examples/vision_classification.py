@@ -29,6 +29,7 @@ from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_model, save_model
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -177,7 +178,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--unfreeze-rest", action=argparse.BooleanOptionalAction, default=True,
                    help="train the stem/embeddings and head in the successor phase (p = 1)")
     p.add_argument("--only", choices=["all", "theseus"], default="all", help="'theseus' skips the baseline (for sweeps)")
-    p.add_argument("--predecessor", default=None, help="state dict of an already trained predecessor (same flags)")
+    p.add_argument("--predecessor", default=None, help="predecessor.safetensors of an already trained predecessor (same flags)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: tiny models gain little "
                    "from more, and threads slow down badly when other jobs share the cores)")
@@ -223,13 +224,13 @@ def main(argv=None) -> dict:
     else:
         predecessor = build_resnet(args.width, [args.depth_pred] * 4)
     if args.predecessor:
-        predecessor.load_state_dict(torch.load(args.predecessor))
+        load_model(predecessor, args.predecessor)  # safetensors: no unpickling
         print(f"predecessor: loaded from {args.predecessor}")
     else:
         train(predecessor, predecessor.parameters(), data.train, args.pretrain_steps, args.pretrain_lr,
               args.batch_size, args.seed, "train predecessor", warmup=0.05)
         if not args.no_save_models:
-            torch.save(predecessor.state_dict(), os.path.join(args.output, "predecessor.pt"))
+            save_model(predecessor, os.path.join(args.output, "predecessor.safetensors"))
     timings["predecessor"] = time.time() - t
     record("predecessor", predecessor)
 
@@ -252,7 +253,7 @@ def main(argv=None) -> dict:
     timings["theseus"] = time.time() - t
     record("theseus", successor, predecessor_unchanged=unchanged)
     if not args.no_save_models:
-        torch.save(successor.state_dict(), os.path.join(args.output, "theseus_successor.pt"))
+        save_model(successor, os.path.join(args.output, "theseus_successor.safetensors"))
 
     # (c) baseline: same shape, same initialisation, same step budget, trained directly
     if args.only == "all":
