@@ -139,7 +139,9 @@ def train_steps(model: nn.Module, params: Iterable[nn.Parameter], batches: Itera
         raise ValueError(f"steps must be >= 1, got {steps}.")
     if lr_schedule not in ("linear", "constant"):
         raise ValueError(f"lr_schedule must be 'linear' or 'constant', got {lr_schedule!r}.")
-    params = [p for p in params if p.requires_grad]
+    # Frozen parameters stay in: an engine's unfreeze_rest copies are frozen until p = 1,
+    # then get gradients (optimisers skip parameters whose grad is None).
+    params = list(params)
     if not params:
         raise ValueError("No trainable parameters were given to train_steps().")
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
