@@ -85,3 +85,13 @@ def test_quality_quick(tmp_path):
         assert row["seeds"] == 2 and set(report["runs"][method]) == {"0", "1"}
         assert 0 <= row["test_mean"] <= 1 and row["test_std"] >= 0
     assert report["settings"]["steps"] == 6
+
+
+def test_scaling_quick(tmp_path):
+    path = tmp_path / "scaling.json"
+    load("scaling").main(["--quick", "--output", str(path)])
+    report = read(path)
+    check_conditions(report)
+    assert [(r["layers"], r["hidden"], r["successor_layers"]) for r in report["rows"]] == [(2, 32, 1), (4, 32, 2)]
+    for r in report["rows"]:
+        assert r["wrap_s"] > 0 and r["step_ratio"] > 0 and 0 < r["extra_mb"]
