@@ -33,6 +33,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import load_model
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -129,7 +130,7 @@ class VisionTask(Task):
     def predecessor(self) -> nn.Module:
         model = self._build(self.args.split_seed)
         if self.args.predecessor:
-            model.load_state_dict(torch.load(self.args.predecessor))
+            load_model(model, self.args.predecessor)  # safetensors (the vision example saves one): no unpickling
             return model
         self.vc.train(model, model.parameters(), self.data.train, self.args.pretrain_steps, self.args.pretrain_lr,
                       self.args.batch_size, self.args.split_seed, "train predecessor", warmup=0.05)
@@ -252,7 +253,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--replace-by", type=float, default=0.5, help="fraction of --steps after which p = 1")
     p.add_argument("--temperature", type=float, default=2.0, help="KD temperature")
     p.add_argument("--alpha", type=float, default=0.5, help="KD weight of the soft-target term")
-    p.add_argument("--predecessor", default=None, help="a trained predecessor (text: HF directory; vision: state dict)")
+    p.add_argument("--predecessor", default=None, help="a trained predecessor (text: HF directory; vision: predecessor.safetensors from the vision example)")
     p.add_argument("--pretrain-steps", type=int, default=None, help="predecessor training steps when not given")
     p.add_argument("--pretrain-lr", type=float, default=None)
     p.add_argument("--split-seed", type=int, default=0, help="data split and predecessor seed (text example's --seed)")
