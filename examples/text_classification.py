@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import os
 import sys
@@ -34,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from text_data import DataError, load_splits  # noqa: E402
 
 from theseus_general import ConstantScheduler, LinearScheduler, Theseus  # noqa: E402
-from theseus_general.measure import count_flops, count_parameters, measure_latency  # noqa: E402
+from theseus_general.measure import count_flops, count_parameters, measure_latency, state_checksum  # noqa: E402
 
 
 def default_model_path() -> str:
@@ -128,14 +127,6 @@ def train(model, params, data: Encoded, steps: int, lr: float, batch_size: int, 
     return history
 
 
-def checksum(model) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 def truncated_copy(model, depth: int):
     """The first `depth` encoder layers of `model` (its embeddings and head kept)."""
     short = copy.deepcopy(model)
@@ -227,7 +218,7 @@ def main(argv=None) -> dict:
 
     # (b) Theseus, on the predecessor object itself (it is restored afterwards)
     t = time.time()
-    before = checksum(predecessor)
+    before = state_checksum(predecessor)
     full_at = max(1, int(args.steps * args.replace_by))
     if args.schedule == "linear":
         scheduler = LinearScheduler.reaching_one_at(full_at, base=args.base_rate)
@@ -240,7 +231,7 @@ def main(argv=None) -> dict:
                     args.seed + 1, "theseus", engine=th, lr_schedule=args.lr_schedule)
     successor = th.export()
     th.unwrap()
-    unchanged = checksum(predecessor) == before
+    unchanged = state_checksum(predecessor) == before
     timings["theseus"] = time.time() - t
     record("theseus", successor, predecessor_unchanged=unchanged)
     if not args.no_save_models:

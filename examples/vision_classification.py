@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import os
 import sys
@@ -39,7 +38,7 @@ from image_data import DataError, load_fashion_mnist  # noqa: E402
 
 from theseus_general import ConstantScheduler, LinearScheduler, Theseus  # noqa: E402
 from theseus_general.graph import get_submodule  # noqa: E402
-from theseus_general.measure import count_flops, count_parameters, measure_latency  # noqa: E402
+from theseus_general.measure import count_flops, count_parameters, measure_latency, state_checksum  # noqa: E402
 
 # Per-family defaults, sized to finish in under 15 minutes on 2 CPU cores (1 thread); every one
 # has a flag. Theseus settings were compared on the dev split only, from the saved predecessor
@@ -146,14 +145,6 @@ def share(value: float, reference: float) -> float:
     return value / reference if reference else float("nan")
 
 
-def checksum(model: nn.Module) -> str:
-    digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
 # ---------------------------------------------------------------- main
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -236,7 +227,7 @@ def main(argv=None) -> dict:
 
     # (b) Theseus on the predecessor object itself (restored afterwards): half the blocks
     t = time.time()
-    before = checksum(predecessor)
+    before = state_checksum(predecessor)
     full_at = max(1, int(args.steps * args.replace_by))
     if args.schedule == "linear":
         scheduler = LinearScheduler.reaching_one_at(full_at, base=args.base_rate)
@@ -249,7 +240,7 @@ def main(argv=None) -> dict:
     depths = dict(th.plan.successor_depth)
     successor = th.export()
     th.unwrap()
-    unchanged = checksum(predecessor) == before
+    unchanged = state_checksum(predecessor) == before
     timings["theseus"] = time.time() - t
     record("theseus", successor, predecessor_unchanged=unchanged)
     if not args.no_save_models:

@@ -36,3 +36,14 @@ def test_unwrap_restores_modules_flags_and_outputs():
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, reference)
     assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_state_checksum_tells_bit_changes_including_scalar_buffers():
+    from theseus_general.measure import state_checksum
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))  # BN has a 0-d int buffer
+    reference = state_checksum(model)
+    assert state_checksum(model) == reference
+    with torch.no_grad():
+        model[0].weight[0, 0] = torch.nextafter(model[0].weight[0, 0], torch.tensor(1.0))
+    assert state_checksum(model) != reference

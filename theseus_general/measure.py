@@ -8,6 +8,7 @@ reported as the median, so that a slow moment of the machine hits all of them.
 
 from __future__ import annotations
 
+import hashlib
 import statistics
 import time
 from typing import Any, Dict
@@ -64,3 +65,13 @@ def measure_latency(models: Dict[str, nn.Module], sample: Any, warmup: int = 3, 
         for name, m in models.items():
             m.train(flags[name])
     return {name: statistics.median(t) for name, t in times.items()}
+
+
+def state_checksum(model: nn.Module) -> str:
+    """SHA-256 of a model's state dict (names and bytes): equal exactly when every
+    parameter and buffer is bit-identical, e.g. before and after a compression."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
