@@ -11,14 +11,16 @@ Methods (each trains a successor of the same shape for --steps steps in the same
   kd                    vanilla distillation from the frozen predecessor (--temperature, --alpha)
 
 Both Theseus runs use unfreeze_rest=True (embeddings and head train once p = 1), as the examples do.
-Tasks reuse the examples' data and models: text = all-MiniLM-L6-v2 on Rotten Tomatoes, 6 -> 3
-layers (examples/text_classification.py); vision = a timm ViT on Fashion-MNIST, half the blocks
+Tasks reuse the examples' data, models and per-family settings: text = all-MiniLM-L6-v2 on
+Rotten Tomatoes, 6 -> --depth layers (examples/text_classification.py); vision = a timm ViT
+(8 blocks) or ResNet ([2, 2, 2, 2]) on Fashion-MNIST, --ratio of the blocks
 (examples/vision_classification.py). The predecessor is trained once (or loaded with
 --predecessor); seeds change the batch order, the replacement draws and new heads.
 
-    python benchmarks/quality.py --task text --predecessor DIR     # writes benchmarks/results/quality_text.json
-    python benchmarks/quality.py --task vision
-    python benchmarks/quality.py --quick                            # tiny ViT on a Fashion-MNIST subset, seconds
+    python benchmarks/quality.py --task text --predecessor DIR --depth 3   # results/quality_text_d3.json
+    python benchmarks/quality.py --task vision --arch vit --ratio 0.25     # results/quality_vit_r0.25.json
+    python benchmarks/quality.py --task vision --arch resnet               # results/quality_resnet_r0.5.json
+    python benchmarks/quality.py --quick                                   # tiny ViT on a Fashion-MNIST subset, seconds
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from typing import Any, Callable, Dict, Iterator, List, Tuple
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_model
+from safetensors.torch import load_model, save_model
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -112,19 +114,19 @@ class TextTask(Task):
 
 
 class VisionTask(Task):
-    name = "vision"
-
     def __init__(self, args: argparse.Namespace):
         import vision_classification as vc
         from image_data import load_fashion_mnist
 
-        self.vc, self.args = vc, args
+        self.vc, self.args, self.name = vc, args, args.arch
         self.data = load_fashion_mnist(None, args.dev_size, args.split_seed, args.train_limit)
         self.source = f"Fashion-MNIST from {self.data.source}"
-        self.target = {"ratio": 0.5}
+        self.target = {"ratio": args.ratio}
 
     def _build(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
+        if self.args.arch == "resnet":
+            return self.vc.build_resnet(self.args.width, [self.args.depth_pred] * 4)
         return self.vc.build_vit(self.args.width, self.args.depth_pred)
 
     def predecessor(self) -> nn.Module:
@@ -134,6 +136,8 @@ class VisionTask(Task):
             return model
         self.vc.train(model, model.parameters(), self.data.train, self.args.pretrain_steps, self.args.pretrain_lr,
                       self.args.batch_size, self.args.split_seed, "train predecessor", warmup=0.05)
+        if self.args.save_predecessor:  # so a second depth can reuse it with --predecessor
+            save_model(model, self.args.save_predecessor)
         return model
 
     def initial(self, seed: int) -> nn.Module:
@@ -181,6 +185,12 @@ def run_method(method: str, task: Task, predecessor: nn.Module, seed: int, args:
     return student
 
 
+def plan_depths(predecessor: nn.Module, target: Dict[str, Any]) -> Dict[str, Dict[str, int]]:
+    """Blocks per container before and after, from the engine's own plan (the model is unwrapped again)."""
+    with Theseus(predecessor, **target) as th:
+        return {"predecessor": dict(th.plan.containers), "successor": th.plan.successor_depth}
+
+
 def summarise(runs: Dict[str, Dict[str, Dict[str, float]]]) -> Dict[str, Dict[str, float]]:
     out = {}
     for method, by_seed in runs.items():
@@ -201,6 +211,7 @@ def run(args: argparse.Namespace, path: str) -> Dict[str, Any]:
     report: Dict[str, Any] = {
         "benchmark": "quality", "task": task.name, "data": task.source, "quick": args.quick,
         "settings": {k: v for k, v in vars(args).items()}, "conditions": conditions(torch.device("cpu")),
+        "target": task.target, "depth": plan_depths(predecessor, task.target),
         "predecessor": task.evaluate(predecessor), "runs": {}, "complete": False,
     }
     methods = [m for m in METHODS if m in args.methods]
@@ -229,7 +240,8 @@ def run(args: argparse.Namespace, path: str) -> Dict[str, Any]:
 
 def print_table(report: Dict[str, Any]) -> None:
     s = report["settings"]
-    print(f"\nQuality, {report['task']} ({report['data']}): {s['steps']} steps of batch {s['batch_size']} per method, "
+    depth = {k: sum(v.values()) for k, v in report["depth"].items()}
+    print(f"\nQuality, {report['task']} {depth['predecessor']} -> {depth['successor']} blocks ({report['data']}): {s['steps']} steps of batch {s['batch_size']} per method, "
           f"seeds {s['seeds']}; mean +- std over seeds")
     p = report["predecessor"]
     print(f"{'method':<18} {'dev acc':>16} {'test acc':>16}")
@@ -241,6 +253,9 @@ def print_table(report: Dict[str, Any]) -> None:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--task", choices=["text", "vision"], default="text")
+    p.add_argument("--arch", choices=["vit", "resnet"], default="vit", help="vision: the model family")
+    p.add_argument("--ratio", type=float, default=0.5, help="vision: successor depth / predecessor depth")
+    p.add_argument("--save-predecessor", default=None, help="vision: write the trained predecessor here (safetensors)")
     p.add_argument("--quick", action="store_true", help="tiny ViT, 2,000 images, 2 seeds, a few steps (smoke test)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
@@ -248,9 +263,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="learning rate of every method (text 1e-4, vision 2e-3)")
     p.add_argument("--weight-decay", type=float, default=0.01)
     p.add_argument("--batch-size", type=int, default=None, help="text 32, vision 128")
-    p.add_argument("--base-rate", type=float, default=0.3, help="linear curriculum start")
+    p.add_argument("--base-rate", type=float, default=None, help="linear curriculum start (resnet 0.6, else 0.3)")
     p.add_argument("--constant-rate", type=float, default=0.5, help="constant replacement rate")
-    p.add_argument("--replace-by", type=float, default=0.5, help="fraction of --steps after which p = 1")
+    p.add_argument("--replace-by", type=float, default=None, help="fraction of --steps after which p = 1 (resnet 0.3, else 0.5)")
     p.add_argument("--temperature", type=float, default=2.0, help="KD temperature")
     p.add_argument("--alpha", type=float, default=0.5, help="KD weight of the soft-target term")
     p.add_argument("--predecessor", default=None, help="a trained predecessor (text: HF directory; vision: predecessor.safetensors from the vision example)")
@@ -264,12 +279,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--test-size", type=int, default=None, help="text 2000 / vision: ignored")
     p.add_argument("--dev-size", type=int, default=None, help="text 1000, vision 5000")
     # vision
-    p.add_argument("--width", type=int, default=48)
-    p.add_argument("--depth-pred", type=int, default=8)
+    p.add_argument("--width", type=int, default=None, help="vision: ViT width (48) / ResNet first-stage channels (16)")
+    p.add_argument("--depth-pred", type=int, default=None, help="vision: ViT blocks (8) / ResNet blocks per stage (2)")
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--eval-limit", type=int, default=None, help="vision: evaluate on the first N dev/test images only")
     p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--output", default=None, help="JSON path (default benchmarks/results/quality_<task>[_quick].json)")
+    p.add_argument("--output", default=None, help="JSON path (default benchmarks/results/quality_<text_d3|vit_r0.5|...>[_quick].json)")
     args = p.parse_args(argv)
     if args.quick:
         args.task = "vision"
@@ -279,9 +294,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             if getattr(args, key) is None or key in ("seeds", "width", "depth_pred"):
                 setattr(args, key, value)
     defaults = {"text": dict(steps=600, lr=1e-4, batch_size=32, pretrain_steps=300, pretrain_lr=1e-4, test_size=2000,
-                             dev_size=1000),
-                "vision": dict(steps=400, lr=2e-3, batch_size=128, pretrain_steps=1000, pretrain_lr=2e-3, dev_size=5000)}
-    for key, value in defaults[args.task].items():
+                             dev_size=1000, base_rate=0.3, replace_by=0.5),
+                "vit": dict(steps=400, lr=2e-3, batch_size=128, pretrain_steps=1000, pretrain_lr=2e-3, dev_size=5000,
+                            width=48, depth_pred=8, base_rate=0.3, replace_by=0.5),
+                "resnet": dict(steps=300, lr=1e-3, batch_size=128, pretrain_steps=800, pretrain_lr=2e-3, dev_size=5000,
+                               width=16, depth_pred=2, base_rate=0.6, replace_by=0.3)}
+    # The vision example's per-family settings (examples/vision_classification.py DEFAULTS), chosen on dev.
+    for key, value in defaults["text" if args.task == "text" else args.arch].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args
@@ -294,7 +313,8 @@ def main(argv=None) -> Dict[str, Any]:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    path = args.output or os.path.join(RESULTS_DIR, f"quality_{args.task}{'_quick' if args.quick else ''}.json")
+    name = f"text_d{args.depth}" if args.task == "text" else f"{args.arch}_r{args.ratio:g}"
+    path = args.output or os.path.join(RESULTS_DIR, f"quality_{name}{'_quick' if args.quick else ''}.json")
     report = run(args, path)
     report["command"] = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     write_json(report, path)
