@@ -1,8 +1,9 @@
 """The text-classification task of `theseus-compress` (imports transformers).
 
 Loads a fine-tuned sequence classifier and its tokenizer, trains its successor on
-a CSV/JSONL file with a plain loop (checkpointing and resuming when asked), and
-writes ``OUTPUT/successor`` with save_pretrained.
+a CSV/JSONL file with the shared loop (theseus_general.cli_runner: checkpoints,
+metrics, progress), writes ``OUTPUT/successor`` with save_pretrained, and reports
+accuracy (with eval_data), FLOPs and speed of both models.
 """
 
 from __future__ import annotations
@@ -13,12 +14,9 @@ import os
 from typing import Any, Dict, List, Tuple
 
 import torch
-from tqdm.auto import tqdm
 
-from theseus_general.checkpoint import CheckpointManager
-from theseus_general.engine import Theseus
+from theseus_general.cli_runner import build_engine, report, train
 from theseus_general.errors import TheseusError
-from theseus_general.schedulers import LinearScheduler
 
 
 def read_rows(path: str, text_column: str, label_column: str) -> Tuple[List[str], List[int]]:
@@ -36,58 +34,54 @@ def read_rows(path: str, text_column: str, label_column: str) -> Tuple[List[str]
     return [str(r[text_column]) for r in rows], labels
 
 
+def _batch(ids: List[List[int]], labels: List[int], chosen: List[int], pad: int) -> Tuple[Dict[str, torch.Tensor], torch.Tensor]:
+    length = max(len(ids[i]) for i in chosen)
+    input_ids = torch.full((len(chosen), length), pad, dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for row, i in enumerate(chosen):
+        input_ids[row, :len(ids[i])], mask[row, :len(ids[i])] = torch.tensor(ids[i]), 1
+    return {"input_ids": input_ids, "attention_mask": mask}, torch.tensor([labels[i] for i in chosen])
+
+
 def run(config: Dict[str, Any]) -> Dict[str, Any]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     texts, labels = read_rows(config["data"], config["text_column"], config["label_column"])
+    evaluation = read_rows(config["eval_data"], config["text_column"], config["label_column"]) if config["eval_data"] else None
     tokenizer = AutoTokenizer.from_pretrained(config["model"])
     model = AutoModelForSequenceClassification.from_pretrained(config["model"])
-    if max(labels) >= model.config.num_labels or min(labels) < 0:
-        raise TheseusError(f"data: labels span {min(labels)}..{max(labels)} but the model has {model.config.num_labels} labels.")
-    steps = config["steps"]
-    th = Theseus(model, successor_depth=config["depth"], unfreeze_rest=config["unfreeze_rest"], seed=config["seed"],
-                 scheduler=LinearScheduler.reaching_one_at(max(1, int(steps * config["replace_by"])), base=config["base_rate"]))
+    for name, y in (("data", labels), ("eval_data", evaluation[1] if evaluation else [])):
+        if y and (max(y) >= model.config.num_labels or min(y) < 0):
+            raise TheseusError(f"{name}: labels span {min(y)}..{max(y)} but the model has {model.config.num_labels} labels.")
+    th = build_engine(model, config)
     print(th.plan)
-    opt = torch.optim.AdamW(th.trainable_parameters(), lr=config["lr"], weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / steps))
-    manager = CheckpointManager(os.path.join(config["output"], "checkpoints")) if config["checkpoint_every"] else None
-    resumed = manager.resume(th, opt, sched) if manager else None
-    position = resumed.data_position if resumed else 0
-    if resumed:
-        print(f"resumed from {resumed.path} (step {resumed.step})")
 
     ids = tokenizer(texts, truncation=True, max_length=config["max_length"])["input_ids"]
     pad = tokenizer.pad_token_id or 0
     batch_size = min(config["batch_size"], len(ids))
     per_epoch = len(ids) // batch_size
-    th.model.train()
-    bar = tqdm(total=steps, initial=th.step_count, desc="theseus", dynamic_ncols=True)
-    while th.step_count < steps:
+
+    def batch_at(position: int):
         # The order of each epoch is a function of (seed, epoch), so a resume needs only the position.
         epoch, offset = divmod(position, per_epoch)
         order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(config["seed"] * 100003 + epoch))
-        chosen = order[offset * batch_size:(offset + 1) * batch_size].tolist()
-        length = max(len(ids[i]) for i in chosen)
-        input_ids = torch.full((len(chosen), length), pad, dtype=torch.long)
-        mask = torch.zeros_like(input_ids)
-        for row, i in enumerate(chosen):
-            input_ids[row, :len(ids[i])], mask[row, :len(ids[i])] = torch.tensor(ids[i]), 1
-        loss = th.model(input_ids=input_ids, attention_mask=mask, labels=torch.tensor([labels[i] for i in chosen])).loss
-        loss.backward()
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        th.step(loss)
-        position += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}", p=f"{th.replacement_rate:.2f}")
-        if manager and (th.step_count % config["checkpoint_every"] == 0 or th.step_count == steps):
-            manager.save(th, opt, sched, data_position=position)
-    bar.close()
+        return _batch(ids, labels, order[offset * batch_size:(offset + 1) * batch_size].tolist(), pad)
+
+    train(th, config, batch_at, lambda inputs, y: th.model(**inputs, labels=y).loss)
+    depths = {"predecessor": dict(th.plan.containers), "successor": th.plan.successor_depth}
     successor = th.export()
     th.unwrap()
     out = os.path.join(config["output"], "successor")
     successor.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    print(f"successor: {successor.config.num_hidden_layers} layers -> {out}")
-    return {"successor": out, "steps": th.step_count}
+    print(f"successor: {successor.config.num_hidden_layers} layers -> {out} (save_pretrained)")
+
+    eval_batches = None
+    if evaluation:
+        eval_ids = tokenizer(evaluation[0], truncation=True, max_length=config["max_length"])["input_ids"]
+        order = sorted(range(len(eval_ids)), key=lambda i: len(eval_ids[i]))  # less padding
+        chunks = [order[i:i + 128] for i in range(0, len(order), 128)]
+        eval_batches = lambda: (_batch(eval_ids, evaluation[1], c, pad) for c in chunks)  # noqa: E731
+    sample = batch_at(0)[0]
+    result = report(model, successor, config, depths, eval_batches, lambda out: out.logits, sample)
+    return {"successor": out, "steps": config["steps"], **result}

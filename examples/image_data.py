@@ -8,7 +8,6 @@ float tensors in [0, 1] of shape (N, 1, 28, 28), labels as int64.
 
 from __future__ import annotations
 
-import gzip
 import os
 from dataclasses import dataclass
 from typing import Optional, Tuple
@@ -16,18 +15,19 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
+from theseus_general.adapters.cli_image import ImageDataError
+from theseus_general.adapters.cli_image import read_idx as _read_idx
+
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
-_IDX_DTYPE = {0x08: np.uint8}  # the only element type Fashion-MNIST uses
 _FIX = "Install the data with `apt-get install -y dataset-fashion-mnist`, or pass --data-dir with a copy of the idx files."
 
 
-class DataError(ValueError):
-    """A data file is missing or unreadable; the message names it and the fix."""
+DataError = ImageDataError  # a data file is missing or unreadable; the message names it and the fix
 
 
 @dataclass
@@ -48,23 +48,8 @@ def _find(directory: str, stem: str) -> str:
 
 
 def read_idx(path: str) -> np.ndarray:
-    """An idx file (the MNIST format: magic, dimensions, then raw big-endian data)."""
-    try:
-        opener = gzip.open if path.endswith(".gz") else open
-        with opener(path, "rb") as f:
-            raw = f.read()
-    except (OSError, EOFError) as error:  # gzip raises these on truncated or non-gzip data
-        raise DataError(f"Cannot read {path} ({error}); the file looks corrupt. {_FIX}") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPE:
-        raise DataError(f"{path} is {'empty' if not raw else 'not an idx file of bytes'}. {_FIX}")
-    ndim = raw[3]
-    header = 4 + 4 * ndim
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = header + int(np.prod(shape))
-    if len(raw) != expected:
-        raise DataError(f"{path} holds {len(raw)} bytes but its header announces shape {shape} ({expected} bytes); "
-                        f"the file is truncated or corrupt. {_FIX}")
-    return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
+    """An idx file (the MNIST format); the reader is the CLI's, with this dataset's install hint."""
+    return _read_idx(path, fix=_FIX)
 
 
 def load_split(directory: str, split: str) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -122,3 +122,30 @@ def load_splits(data: Optional[str], text_column: str, label_column: str, test_s
         source = data
     parts = split(texts, labels, test_size, dev_size, seed)
     return TextSplits(parts["train"], parts["dev"], parts["test"], names, source)
+
+
+def write_csvs(directory: str, test_size: int = 2000, dev_size: int = 1000, seed: int = 0) -> Dict[str, str]:
+    """The default data's train/dev/test split (the text example's, same seed) as text,label CSVs,
+    the input `theseus-compress` takes (examples/configs/text.yaml)."""
+    import csv
+
+    splits = load_splits(None, "text", "label", test_size, dev_size, seed)
+    os.makedirs(directory, exist_ok=True)
+    paths = {}
+    for name in ("train", "dev", "test"):
+        paths[name] = os.path.join(directory, f"{name}.csv")
+        with open(paths[name], "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "label"])
+            writer.writerows(zip(*getattr(splits, name)))
+    return paths
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the Rotten Tomatoes split as CSVs for theseus-compress.")
+    parser.add_argument("--write-csv", required=True, metavar="DIR", help="directory for train.csv, dev.csv, test.csv")
+    parser.add_argument("--seed", type=int, default=0, help="split seed (the text example's --seed)")
+    for split_name, path in write_csvs(parser.parse_args().write_csv, seed=parser.parse_args().seed).items():
+        print(f"{split_name}: {path}")

@@ -6,23 +6,48 @@ import subprocess
 import sys
 
 import pytest
+import torch
 import yaml
 from conftest import tiny_bert
 
 from theseus_general.cli import FIELDS, ConfigError, check_config, main
 
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples", "configs")
+
 
 def test_config_errors_name_the_field():
     good = {"task": "text-classification", "model": "m", "data": "d.csv", "output": "o", "depth": 2}
     assert check_config(good)["steps"] == FIELDS["steps"][1]
-    with pytest.raises(ConfigError, match="field 'depth' is required"):
+    with pytest.raises(ConfigError, match="exactly one of the fields 'depth'.*and 'ratio'"):
         check_config({k: v for k, v in good.items() if k != "depth"})
-    with pytest.raises(ConfigError, match="field 'lr' must be a float"):
+    with pytest.raises(ConfigError, match="exactly one of the fields 'depth'"):
+        check_config({**good, "ratio": 0.5})
+    with pytest.raises(ConfigError, match="field 'model' is required for text-classification"):
+        check_config({k: v for k, v in good.items() if k != "model"})
+    with pytest.raises(ConfigError, match="field 'lr' must be a number"):
         check_config({**good, "lr": "fast"})
     with pytest.raises(ConfigError, match=r"unknown field\(s\) \['stpes'\]"):
         check_config({**good, "stpes": 3})
     with pytest.raises(ConfigError, match="field 'base_rate' must be within"):
         check_config({**good, "base_rate": 1.5})
+    with pytest.raises(ConfigError, match="field 'task' must be one of"):
+        check_config({**good, "task": "segmentation"})
+    with pytest.raises(ConfigError, match="field 'architecture' applies to image-classification only"):
+        check_config({**good, "architecture": "timm:resnet18"})
+    image = {**good, "task": "image-classification", "model": "w.safetensors", "depth": None, "ratio": 0.5}
+    with pytest.raises(ConfigError, match="field 'architecture' is required for image-classification"):
+        check_config({k: v for k, v in image.items() if k != "depth"})
+    with pytest.raises(ConfigError, match="field 'max_length' applies to text-classification only"):
+        check_config({**image, "architecture": "timm:resnet18", "max_length": 32})
+    with pytest.raises(ConfigError, match="field 'ratio' must be below 1"):
+        check_config({**{k: v for k, v in image.items() if k != "depth"}, "architecture": "timm:x", "ratio": 1.0})
+
+
+@pytest.mark.parametrize("name", ["text", "vit", "resnet"])
+def test_example_configs_are_valid_as_written(name):
+    with open(os.path.join(CONFIGS, f"{name}.yaml")) as f:
+        config = check_config(yaml.safe_load(f), name)
+    assert config["task"] == ("text-classification" if name == "text" else "image-classification")
 
 
 def test_help_documents_every_field_and_imports_no_model_library():
@@ -37,21 +62,139 @@ def test_help_documents_every_field_and_imports_no_model_library():
 
 
 def test_cli_compresses_a_tiny_bert_with_checkpoints(tmp_path):
-    from transformers import AutoConfig, BertTokenizerFast
+    from transformers import AutoConfig
 
-    words = ["good", "bad", "film", "great", "awful", "plot", "fun", "dull"]
-    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
-    model_dir = tmp_path / "model"
-    tiny_bert(num_layers=4).save_pretrained(model_dir)
-    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(model_dir)
-    rows = [(f"{a} {b} film", int(a in ("good", "great", "fun"))) for a in words for b in words]
-    (tmp_path / "train.csv").write_text("text,label\n" + "\n".join(f"{t},{y}" for t, y in rows))
-    config = {"task": "text-classification", "model": str(model_dir), "data": str(tmp_path / "train.csv"),
-              "output": str(tmp_path / "out"), "depth": 2, "steps": 6, "batch_size": 8, "checkpoint_every": 3}
+    files = tiny_text_model(tmp_path, num_layers=4)
+    config = {"task": "text-classification", "model": files["model"], "data": files["data"],
+              "output": str(tmp_path / "out"), "depth": 2, "steps": 6, "batch_size": 8, "checkpoint_every": 3,
+              "plots": False}
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     assert main([str(tmp_path / "c.yaml")]) == 0
     assert AutoConfig.from_pretrained(tmp_path / "out" / "successor").num_hidden_layers == 2
     state = json.loads((tmp_path / "out" / "checkpoints" / "step-00000006" / "state.json").read_text())
     assert state["data_position"] == 6 and state["engine"]["step"] == 6
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["models"]["successor"]["accuracy"] is None
+    assert not (tmp_path / "out" / "curriculum.png").exists()  # plots: false
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**config, "depth": "two"}))
     assert main([str(tmp_path / "bad.yaml")]) == 2
+
+
+def write_idx(path, array):
+    import gzip
+
+    import numpy as np
+
+    array = np.asarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + array.tobytes())
+
+
+def tiny_image_data(directory, n=64, size=28):
+    """MNIST-style idx files (train and t10k) whose label is the brightest quadrant: learnable in a few steps."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    directory.mkdir()
+    for split, count in (("train", n), ("t10k", n // 2)):
+        labels = rng.integers(0, 4, count)
+        images = rng.integers(0, 60, (count, size, size))
+        half = size // 2
+        for image, label in zip(images, labels):
+            r, c = divmod(int(label), 2)
+            image[r * half:(r + 1) * half, c * half:(c + 1) * half] += 180
+        write_idx(directory / f"{split}-images-idx3-ubyte.gz", images)
+        write_idx(directory / f"{split}-labels-idx1-ubyte.gz", labels)
+    return directory
+
+
+def tiny_text_model(tmp_path, num_layers=6):
+    from transformers import BertTokenizerFast
+
+    words = ["good", "bad", "film", "great", "awful", "plot", "fun", "dull"]
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
+    model_dir = tmp_path / "model"
+    tiny_bert(num_layers=num_layers).save_pretrained(model_dir)
+    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(model_dir)
+    rows = [(f"{a} {b} film", int(a in ("good", "great", "fun"))) for a in words for b in words]
+    (tmp_path / "train.csv").write_text("text,label\n" + "\n".join(f"{t},{y}" for t, y in rows))
+    return {"model": str(model_dir), "data": str(tmp_path / "train.csv"), "eval_data": str(tmp_path / "train.csv")}
+
+
+def tiny_predecessor(tmp_path, name, config):
+    """Weights for the config's own architecture, at a tiny size, saved like the vision example does."""
+    from safetensors.torch import save_model
+
+    from theseus_general.adapters.cli_image import build_model
+
+    args = ({"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10, "embed_dim": 16, "depth": 4,
+             "num_heads": 2, "mlp_ratio": 2.0} if name == "vit" else {"width": 4, "blocks_per_stage": [2, 2, 2, 2]})
+    torch.manual_seed(0)
+    model = build_model(config["architecture"], args)
+    path = tmp_path / "predecessor.safetensors"
+    save_model(model, str(path))
+    return {"model": str(path), "model_args": args}
+
+
+@pytest.mark.parametrize("name", ["text", "vit", "resnet"])
+def test_each_example_config_runs_end_to_end(name, tmp_path, monkeypatch):
+    """The example config as written, with only the files, sizes and steps made tiny: a native successor,
+    metrics (CSV), results with accuracy and speed for both models, and both plots."""
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(CONFIGS)))  # the repository root, as the README runs it
+    with open(os.path.join(CONFIGS, f"{name}.yaml")) as f:
+        config = yaml.safe_load(f)
+    config.update(output=str(tmp_path / "out"), steps=6, batch_size=8, checkpoint_every=3)
+    if name == "text":
+        config.update(tiny_text_model(tmp_path))
+    else:
+        data = str(tiny_image_data(tmp_path / "idx"))
+        config.update(data=data, eval_data=data, **tiny_predecessor(tmp_path, name, config))
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main([str(tmp_path / "c.yaml")]) == 0
+    out = tmp_path / "out"
+    results = json.loads((out / "results.json").read_text())
+    pred, succ = results["models"]["predecessor"], results["models"]["successor"]
+    assert sum(succ["blocks"].values()) * 2 == sum(pred["blocks"].values())
+    assert 0 <= succ["accuracy"] <= 1 and 0 <= pred["accuracy"] <= 1
+    assert succ["parameters"] < pred["parameters"] and results["flops_ratio"] > 1
+    assert (out / "metrics.csv").read_text().count("replacement_rate") == 6
+    for plot in ("curriculum.png", "comparison.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG"
+    if name == "text":
+        from transformers import AutoConfig
+
+        assert AutoConfig.from_pretrained(out / "successor").num_hidden_layers == 3
+    else:
+        assert (out / "successor.safetensors").exists()
+        assert json.loads((out / "successor.json").read_text())["successor_depth"] == succ["blocks"]
+
+
+
+def test_image_task_errors_name_the_problem(tmp_path):
+    import numpy as np
+    from safetensors.torch import save_model
+
+    from theseus_general.adapters.cli_image import ImageDataError, build_model, load_images
+    from theseus_general.errors import TheseusError
+
+    np.savez(tmp_path / "ok.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.arange(4))
+    x, y = load_images(str(tmp_path / "ok.npz"), "train")
+    assert x.shape == (4, 1, 8, 8) and y.tolist() == [0, 1, 2, 3]
+    np.savez(tmp_path / "bad.npz", pictures=np.zeros((4, 8, 8)))
+    with pytest.raises(ImageDataError, match="needs arrays 'images' and 'labels'.*pictures"):
+        load_images(str(tmp_path / "bad.npz"), "train")
+    with pytest.raises(ImageDataError, match="has no train-images-idx3-ubyte"):
+        load_images(str(tmp_path), "train")
+    with pytest.raises(TheseusError, match="expected 'timm:NAME'"):
+        build_model("resnet18", {})
+    with pytest.raises(TheseusError, match="cannot import nowhere"):
+        build_model("examples.vision_classification:nowhere", {})
+    # Weights of another size: a clear error, raised before training or any output
+    vit = {"img_size": 8, "patch_size": 4, "in_chans": 1, "num_classes": 4, "embed_dim": 8, "depth": 2, "num_heads": 2}
+    save_model(build_model("timm:vit_tiny_patch16_224", vit), str(tmp_path / "w.safetensors"))
+    config = {"task": "image-classification", "model": str(tmp_path / "w.safetensors"), "data": str(tmp_path / "ok.npz"),
+              "architecture": "timm:vit_tiny_patch16_224", "model_args": {**vit, "embed_dim": 16},
+              "output": str(tmp_path / "out"), "ratio": 0.5}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main([str(tmp_path / "c.yaml")]) == 1
+    assert not (tmp_path / "out").exists()

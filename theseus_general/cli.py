@@ -17,27 +17,48 @@ class ConfigError(TheseusError):
     """A config field is missing, unknown, or of the wrong type or range."""
 
 
-# name: (type, default (... = required), help)
+TEXT, IMAGE = "text-classification", "image-classification"
+ANY = (TEXT, IMAGE)
+REQUIRED = ...
+
+# name: (type, default (REQUIRED = required; None = optional), tasks it applies to, help)
 FIELDS: Dict[str, tuple] = {
-    "task": (str, ..., "what to compress; one of: text-classification"),
-    "model": (str, ..., "Hugging Face model directory or name of the fine-tuned predecessor (with its tokenizer)"),
-    "data": (str, ..., "CSV or JSONL file with a text and an integer label column (labels 0..K-1)"),
-    "output": (str, ..., "directory for checkpoints/ and successor/ (save_pretrained output)"),
-    "depth": (int, ..., "successor depth (number of layers), at least 1 and below the model's"),
-    "text_column": (str, "text", "name of the text column"),
-    "label_column": (str, "label", "name of the label column"),
-    "steps": (int, 600, "optimiser steps"),
-    "lr": (float, 1e-4, "AdamW learning rate (linear decay to 0)"),
-    "batch_size": (int, 32, "batch size"),
-    "max_length": (int, 64, "tokens per text"),
-    "base_rate": (float, 0.3, "replacement rate at step 0 (linear curriculum)"),
-    "replace_by": (float, 0.5, "fraction of the steps after which the rate is 1 (only successors run)"),
-    "unfreeze_rest": (bool, True, "train embeddings and head once the rate is 1"),
-    "seed": (int, 0, "seed of the data order and of the replacement draws"),
-    "checkpoint_every": (int, 0, "save a checkpoint every N steps into OUTPUT/checkpoints and resume from it (0: off)"),
+    "task": (str, REQUIRED, ANY, f"what to compress; one of: {TEXT}, {IMAGE}"),
+    "model": (str, REQUIRED, ANY, f"{TEXT}: Hugging Face model directory or name of the fine-tuned predecessor "
+              f"(with its tokenizer); {IMAGE}: a .safetensors state dict of the predecessor"),
+    "architecture": (str, REQUIRED, (IMAGE,), "how to build the model the weights belong to: 'timm:NAME' "
+                     "(timm.create_model), 'torchvision:NAME' (torchvision.models.get_model) or 'module:function' "
+                     "(a function of yours, importable from the working directory)"),
+    "model_args": (dict, {}, (IMAGE,), "keyword arguments for the architecture (e.g. num_classes, in_chans, depth)"),
+    "data": (str, REQUIRED, ANY, f"training data. {TEXT}: CSV or JSONL with a text and an integer label column "
+             f"(labels 0..K-1); {IMAGE}: a directory of MNIST-style idx files (train-images-idx3-ubyte[.gz], "
+             "train-labels-idx1-ubyte[.gz]) or an .npz with arrays 'images' (N,H,W or N,C,H,W) and 'labels'"),
+    "eval_data": (str, None, ANY, f"optional held-out data, same format ({IMAGE} idx directory: the t10k files); "
+                  "when given, the accuracy of predecessor and successor is reported"),
+    "output": (str, REQUIRED, ANY, "directory for the successor, checkpoints/, metrics.csv, tensorboard/, "
+               "results.json and plots"),
+    "depth": (int, None, ANY, "successor depth in blocks (e.g. 3 of 6 BERT layers); give depth or ratio"),
+    "ratio": (float, None, ANY, "successor depth as a fraction of the predecessor's, per container (0.5: half); "
+              "give depth or ratio"),
+    "text_column": (str, "text", (TEXT,), "name of the text column"),
+    "label_column": (str, "label", (TEXT,), "name of the label column"),
+    "max_length": (int, 64, (TEXT,), "tokens per text"),
+    "steps": (int, 600, ANY, "optimiser steps"),
+    "lr": (float, 1e-4, ANY, "AdamW learning rate (linear decay to 0)"),
+    "batch_size": (int, 32, ANY, "batch size"),
+    "base_rate": (float, 0.3, ANY, "replacement rate at step 0 (linear curriculum)"),
+    "replace_by": (float, 0.5, ANY, "fraction of the steps after which the rate is 1 (only successors run)"),
+    "unfreeze_rest": (bool, True, ANY, "train embeddings/stem and head once the rate is 1"),
+    "seed": (int, 0, ANY, "seed of the data order and of the replacement draws"),
+    "checkpoint_every": (int, 0, ANY, "save a checkpoint every N steps into OUTPUT/checkpoints and resume from it "
+                         "(0: off)"),
+    "metrics": (bool, True, ANY, "write OUTPUT/metrics.csv (loss, replacement rate, lr per step) and TensorBoard "
+                "events in OUTPUT/tensorboard when tensorboard is installed"),
+    "plots": (bool, True, ANY, "write OUTPUT/curriculum.png and, with eval_data, OUTPUT/comparison.png "
+              "(needs matplotlib)"),
 }
-TASKS = {"text-classification": "theseus_general.adapters.cli_text"}
-_POSITIVE = {"depth", "steps", "lr", "batch_size", "max_length"}
+TASKS = {TEXT: "theseus_general.adapters.cli_text", IMAGE: "theseus_general.adapters.cli_image"}
+_POSITIVE = {"depth", "ratio", "steps", "lr", "batch_size", "max_length"}
 
 
 def load_config(path: str) -> Dict[str, Any]:
@@ -59,38 +80,55 @@ def check_config(raw: Any, where: str = "config") -> Dict[str, Any]:
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
         raise ConfigError(f"{where}: unknown field(s) {unknown}; the fields are {sorted(FIELDS)} (theseus-compress --help).")
+    task = raw.get("task")
+    if task not in TASKS:
+        raise ConfigError(f"{where}: field 'task' must be one of {sorted(TASKS)}, got {task!r}.")
     config = {}
-    for name, (kind, default, _) in FIELDS.items():
+    for name, (kind, default, tasks, text) in FIELDS.items():
+        if task not in tasks:
+            if name in raw:
+                raise ConfigError(f"{where}: field {name!r} applies to {', '.join(tasks)} only, not to {task}.")
+            continue
         if name not in raw:
-            if default is ...:
-                raise ConfigError(f"{where}: field {name!r} is required ({FIELDS[name][2]}).")
+            if default is REQUIRED:
+                raise ConfigError(f"{where}: field {name!r} is required for {task} ({text}).")
             config[name] = default
             continue
         value = raw[name]
+        if value is None and default is None:  # an optional field written as `null`
+            config[name] = None
+            continue
         if kind is float and isinstance(value, int) and not isinstance(value, bool):
             value = float(value)
         if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-            raise ConfigError(f"{where}: field {name!r} must be a {kind.__name__}, got {value!r}.")
+            kind_name = {"int": "an integer", "float": "a number", "str": "a string", "bool": "true or false",
+                         "dict": "a mapping"}[kind.__name__]
+            raise ConfigError(f"{where}: field {name!r} must be {kind_name}, got {value!r}.")
         config[name] = value
+    if (config["depth"] is None) == (config["ratio"] is None):
+        raise ConfigError(f"{where}: give exactly one of the fields 'depth' (blocks) and 'ratio' (fraction of the "
+                          f"predecessor's depth); got depth={config['depth']!r}, ratio={config['ratio']!r}.")
     for name in _POSITIVE:
-        if config[name] <= 0:
+        if config.get(name) is not None and config[name] <= 0:
             raise ConfigError(f"{where}: field {name!r} must be > 0, got {config[name]!r}.")
     for name in ("base_rate", "replace_by"):
         if not 0.0 <= config[name] <= 1.0:
             raise ConfigError(f"{where}: field {name!r} must be within [0, 1], got {config[name]!r}.")
     if config["checkpoint_every"] < 0:
         raise ConfigError(f"{where}: field 'checkpoint_every' must be >= 0, got {config['checkpoint_every']!r}.")
-    if config["task"] not in TASKS:
-        raise ConfigError(f"{where}: field 'task' must be one of {sorted(TASKS)}, got {config['task']!r}.")
+    if config["ratio"] is not None and config["ratio"] >= 1:
+        raise ConfigError(f"{where}: field 'ratio' must be below 1 (a smaller successor), got {config['ratio']!r}.")
     return config
 
 
 def _help() -> str:
-    lines = ["config fields (YAML mapping; * = required):"]
-    for name, (kind, default, text) in FIELDS.items():
-        mark = "*" if default is ... else " "
-        shown = "" if default is ... else f" (default: {default})"
-        lines.append(f"  {mark} {name}: {kind.__name__}{shown}\n      {text}")
+    lines = ["config fields (YAML mapping; * = required for the tasks it applies to):"]
+    for name, (kind, default, tasks, text) in FIELDS.items():
+        mark = "*" if default is REQUIRED else " "
+        shown = "" if default is REQUIRED or default is None else f" (default: {default})"
+        scope = "" if tasks == ANY else f" [{', '.join(tasks)} only]"
+        lines.append(f"  {mark} {name}: {kind.__name__}{shown}{scope}\n      {text}")
+    lines.append("\nexamples: examples/configs/text.yaml, vit.yaml, resnet.yaml")
     return "\n".join(lines)
 
 

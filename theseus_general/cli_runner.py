@@ -1,0 +1,115 @@
+"""What every `theseus-compress` task shares: the training loop (checkpoints, progress, metrics)
+and the closing report (accuracy, speed, FLOPs, plots). Tasks supply batches and a loss."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Callable, Dict, Iterable, Optional, Tuple
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointManager
+from .engine import Theseus
+from .graph import run_model
+from .measure import count_flops, count_parameters, measure_latency
+from .metrics import MetricsLogger
+from .schedulers import LinearScheduler
+
+
+def build_engine(model: nn.Module, config: Dict[str, Any]) -> Theseus:
+    target = {"successor_depth": config["depth"]} if config["depth"] is not None else {"ratio": config["ratio"]}
+    full_at = max(1, int(config["steps"] * config["replace_by"]))
+    return Theseus(model, **target, unfreeze_rest=config["unfreeze_rest"], seed=config["seed"],
+                   scheduler=LinearScheduler.reaching_one_at(full_at, base=config["base_rate"]))
+
+
+def train(th: Theseus, config: Dict[str, Any], batch_at: Callable[[int], Tuple[Any, torch.Tensor]],
+          loss_of: Callable[[Any, torch.Tensor], torch.Tensor]) -> None:
+    """AdamW with linear decay for config['steps'] steps; `batch_at(position)` gives the batch at a
+    data position (a function of the position alone, so a resumed run reads the same batches)."""
+    steps = config["steps"]
+    opt = torch.optim.AdamW(th.trainable_parameters(), lr=config["lr"], weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / steps))
+    manager = CheckpointManager(os.path.join(config["output"], "checkpoints")) if config["checkpoint_every"] else None
+    resumed = manager.resume(th, opt, sched) if manager else None
+    position = resumed.data_position if resumed else 0
+    if resumed:
+        print(f"resumed from {resumed.path} (step {resumed.step})")
+    log = MetricsLogger(config["output"], tensorboard=None, enabled=config["metrics"])
+    th.model.train()
+    bar = tqdm(total=steps, initial=th.step_count, desc="theseus", dynamic_ncols=True)
+    try:
+        while th.step_count < steps:
+            inputs, labels = batch_at(position)
+            rate = th.replacement_rate  # the rate this step's draws used
+            loss = loss_of(inputs, labels)
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            th.step(loss)  # stops with the step number if the loss is NaN or infinite
+            position += 1
+            log.log(th.step_count - 1, loss=loss.item(), replacement_rate=rate, lr=sched.get_last_lr()[0])
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", p=f"{rate:.2f}")
+            if manager and (th.step_count % config["checkpoint_every"] == 0 or th.step_count == steps):
+                manager.save(th, opt, sched, data_position=position)
+    finally:
+        bar.close()
+        log.close()
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, batches: Iterable[Tuple[Any, torch.Tensor]], logits_of: Callable[[Any], torch.Tensor]) -> float:
+    model.eval()
+    correct = total = 0
+    for inputs, labels in batches:
+        correct += (logits_of(run_model(model, inputs)).argmax(-1) == labels).sum().item()
+        total += len(labels)
+    return correct / total
+
+
+def report(predecessor: nn.Module, successor: nn.Module, config: Dict[str, Any], depths: Dict[str, Any],
+           eval_batches: Optional[Callable[[], Iterable[Tuple[Any, torch.Tensor]]]],
+           logits_of: Callable[[Any], torch.Tensor], sample: Any) -> Dict[str, Any]:
+    """Parameters, FLOPs and measured speed of both models on `sample`; accuracy on the eval data when
+    given. Printed as a table and written to OUTPUT/results.json, with plots when asked."""
+    models = {"predecessor": predecessor, "successor": successor}
+    latency = measure_latency(models, sample, warmup=2, repeats=10)
+    flops = {name: count_flops(m, sample) for name, m in models.items()}
+    rows = {}
+    for name, model in models.items():
+        rows[name] = {"blocks": depths[name], "parameters": count_parameters(model), "flops": flops[name],
+                      "latency_ms": 1000 * latency[name], "speedup": latency["predecessor"] / latency[name],
+                      "accuracy": accuracy(model, eval_batches(), logits_of) if eval_batches else None}
+    result = {"config": config, "models": rows, "flops_ratio": flops["predecessor"] / flops["successor"]}
+    print(f"\n{'model':<12} {'blocks':>12} {'params':>11} {'GFLOPs':>8} {'ms/batch':>9} {'speed-up':>9} {'accuracy':>9}")
+    for name, r in rows.items():
+        acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "n/a"
+        blocks = "/".join(str(n) for n in r["blocks"].values())
+        print(f"{name:<12} {blocks:>12} {r['parameters']:>11,} {r['flops'] / 1e9:>8.2f} "
+              f"{r['latency_ms']:>9.1f} {r['speedup']:>8.2f}x {acc:>9}")
+    print(f"FLOPs ratio {result['flops_ratio']:.2f}x (speed-up measured on one batch of {config['batch_size']}, "
+          f"{torch.get_num_threads()} threads)")
+    with open(os.path.join(config["output"], "results.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    if config["plots"]:
+        result["plots"] = _plots(rows, config)
+    return result
+
+
+def _plots(rows: Dict[str, Dict[str, Any]], config: Dict[str, Any]) -> Dict[str, str]:
+    from .plots import plot_comparison, plot_curriculum
+
+    out = {}
+    if config["metrics"]:
+        out["curriculum"] = plot_curriculum(config["output"], os.path.join(config["output"], "curriculum.png"))
+    if all(r["accuracy"] is not None for r in rows.values()):
+        out["comparison"] = plot_comparison([{"name": n, **r} for n, r in rows.items()],
+                                            os.path.join(config["output"], "comparison.png"))
+    for path in out.values():
+        print(f"plot: {path}")
+    return out
