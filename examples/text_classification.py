@@ -34,6 +34,7 @@ from text_data import DataError, load_splits  # noqa: E402
 
 from theseus_general import ConstantScheduler, LinearScheduler, Theseus  # noqa: E402
 from theseus_general.measure import count_flops, count_parameters, measure_latency, state_checksum  # noqa: E402
+from theseus_general.metrics import MetricsLogger  # noqa: E402
 
 
 def default_model_path() -> str:
@@ -95,8 +96,10 @@ def accuracy(model, data: Encoded, batch_size: int = 128) -> float:
 
 
 def train(model, params, data: Encoded, steps: int, lr: float, batch_size: int, seed: int, desc: str,
-          engine: Optional[Theseus] = None, lr_schedule: str = "linear", warmup: float = 0.0) -> List[dict]:
-    """A plain PyTorch loop; with `engine`, one th.step() per optimiser step."""
+          engine: Optional[Theseus] = None, lr_schedule: str = "linear", warmup: float = 0.0,
+          metrics: Optional[MetricsLogger] = None) -> List[dict]:
+    """A plain PyTorch loop; with `engine`, one th.step() per optimiser step; `metrics` gets loss,
+    replacement rate and lr every step (CSV, and TensorBoard when installed)."""
     params = [p for p in params]
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
 
@@ -121,6 +124,8 @@ def train(model, params, data: Encoded, steps: int, lr: float, batch_size: int, 
         if engine:
             engine.step(out.loss)  # stops with the step number if the loss is NaN or infinite
         history.append({"step": step, "loss": out.loss.item(), "rate": rate})
+        if metrics is not None:
+            metrics.log(step, loss=out.loss.item(), replacement_rate=rate, lr=scheduler.get_last_lr()[0])
         if step % 10 == 0:
             bar.set_postfix(loss=f"{out.loss.item():.3f}", **({"p": f"{rate:.2f}"} if engine else {}))
     model.eval()
@@ -166,6 +171,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--output", default="examples/output/text", help="directory for results.json and models")
     p.add_argument("--no-save-models", action="store_true", help="do not write the predecessor and successor")
+    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                   help="write curriculum.png and comparison.png to --output (needs matplotlib)")
     return p.parse_args(argv)
 
 
@@ -227,8 +234,9 @@ def main(argv=None) -> dict:
     th = Theseus(predecessor, successor_depth=depth, scheduler=scheduler, init=args.init,
                  unfreeze_rest=args.unfreeze_rest, seed=args.seed)
     print(th.plan)
-    history = train(th.model, th.trainable_parameters(), train_data, args.steps, args.lr, args.batch_size,
-                    args.seed + 1, "theseus", engine=th, lr_schedule=args.lr_schedule)
+    with MetricsLogger(os.path.join(args.output, "theseus")) as metrics:  # metrics.csv (+ tensorboard/)
+        history = train(th.model, th.trainable_parameters(), train_data, args.steps, args.lr, args.batch_size,
+                        args.seed + 1, "theseus", engine=th, lr_schedule=args.lr_schedule, metrics=metrics)
     successor = th.export()
     th.unwrap()
     unchanged = state_checksum(predecessor) == before
@@ -281,6 +289,11 @@ def main(argv=None) -> dict:
     with open(os.path.join(args.output, "results.json"), "w") as f:
         json.dump(report, f, indent=2)
     print_table(report)
+    if args.plots:
+        from plot_results import plot_example_results
+
+        for path in plot_example_results(report, args.output).values():
+            print(f"plot: {path}")
     return report
 
 

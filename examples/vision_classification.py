@@ -39,6 +39,7 @@ from image_data import DataError, load_fashion_mnist  # noqa: E402
 from theseus_general import ConstantScheduler, LinearScheduler, Theseus  # noqa: E402
 from theseus_general.graph import get_submodule  # noqa: E402
 from theseus_general.measure import count_flops, count_parameters, measure_latency, state_checksum  # noqa: E402
+from theseus_general.metrics import MetricsLogger  # noqa: E402
 
 # Per-family defaults, sized to finish in under 15 minutes on 2 CPU cores (1 thread); every one
 # has a flag. Theseus settings were compared on the dev split only, from the saved predecessor
@@ -108,8 +109,9 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
 
 
 def train(model: nn.Module, params, data, steps: int, lr: float, batch_size: int, seed: int, desc: str,
-          engine: Optional[Theseus] = None, warmup: float = 0.0) -> List[dict]:
-    """AdamW with linear warm-up and cosine decay; with `engine`, one th.step() per optimiser step."""
+          engine: Optional[Theseus] = None, warmup: float = 0.0, metrics: Optional[MetricsLogger] = None) -> List[dict]:
+    """AdamW with linear warm-up and cosine decay; with `engine`, one th.step() per optimiser step;
+    `metrics` gets loss, replacement rate and lr every step (CSV, and TensorBoard when installed)."""
     optimizer = torch.optim.AdamW(list(params), lr=lr, weight_decay=0.05)
     warm = int(warmup * steps)
 
@@ -134,6 +136,8 @@ def train(model: nn.Module, params, data, steps: int, lr: float, batch_size: int
         if engine:
             engine.step()
         history.append({"step": step, "loss": loss.item(), "rate": rate})
+        if metrics is not None:
+            metrics.log(step, loss=loss.item(), replacement_rate=rate, lr=scheduler.get_last_lr()[0])
         if step % 10 == 0:
             bar.set_postfix(loss=f"{loss.item():.3f}", **({"p": f"{rate:.2f}"} if engine else {}))
     model.eval()
@@ -175,6 +179,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "from more, and threads slow down badly when other jobs share the cores)")
     p.add_argument("--output", default=None, help="directory for results.json and models (default examples/output/<family>)")
     p.add_argument("--no-save-models", action="store_true")
+    p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
+                   help="write curriculum.png and comparison.png to --output (needs matplotlib)")
     args = p.parse_args(argv)
     for key, value in DEFAULTS[args.family].items():
         if getattr(args, key) is None:
@@ -235,8 +241,9 @@ def main(argv=None) -> dict:
         scheduler = ConstantScheduler(args.base_rate, replace_all_at=full_at)
     th = Theseus(predecessor, ratio=0.5, scheduler=scheduler, unfreeze_rest=args.unfreeze_rest, seed=args.seed)
     print(th.plan)
-    history = train(th.model, th.trainable_parameters(), data.train, args.steps, args.lr, args.batch_size,
-                    args.seed + 1, "theseus", engine=th)
+    with MetricsLogger(os.path.join(args.output, "theseus")) as metrics:  # metrics.csv (+ tensorboard/)
+        history = train(th.model, th.trainable_parameters(), data.train, args.steps, args.lr, args.batch_size,
+                        args.seed + 1, "theseus", engine=th, metrics=metrics)
     depths = dict(th.plan.successor_depth)
     successor = th.export()
     th.unwrap()
@@ -278,6 +285,11 @@ def main(argv=None) -> dict:
     with open(os.path.join(args.output, "results.json"), "w") as f:
         json.dump(report, f, indent=2)
     print_table(report)
+    if args.plots:
+        from plot_results import plot_example_results
+
+        for path in plot_example_results(report, args.output).values():
+            print(f"plot: {path}")
     return report
 
 

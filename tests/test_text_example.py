@@ -60,6 +60,13 @@ def test_example_runs_end_to_end(tiny_model_dir, tiny_csv, tmp_path):
 
     reloaded = transformers.AutoModelForSequenceClassification.from_pretrained(out / "theseus_successor")
     assert reloaded.config.num_hidden_layers == 2
+    from theseus_general.metrics import read_metrics
+
+    logged = read_metrics(str(out / "theseus"))
+    assert [s for s, _ in logged["replacement_rate"]] == list(range(6))
+    assert [v for _, v in logged["loss"]] == [loss for _, _, loss in saved["replacement_curve"]]
+    for plot in ("curriculum.png", "comparison.png"):
+        assert (out / plot).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_table_errors(tmp_path):

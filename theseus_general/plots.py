@@ -67,7 +67,7 @@ def plot_curriculum(metrics: Union[str, Series], path: str, title: Optional[str]
     full = next((s for s, r in series[rate] if r >= 1.0), None)
     if full is not None:
         ax.axvline(full, color="gray", linestyle=":", linewidth=1)
-        ax.annotate("p = 1: successors only", (full, 1), xycoords=("data", "axes fraction"), xytext=(4, -12),
+        ax.annotate("p = 1: successors only", (full, 1), xycoords=("data", "axes fraction"), xytext=(4, -24),
                     textcoords="offset points", fontsize=8, color="gray")
     ax.set_title(title or "Replacement curriculum and training loss")
     return _save(fig, path)
@@ -80,8 +80,8 @@ def plot_comparison(rows: Sequence[Mapping], path: str, title: Optional[str] = N
         raise TheseusError("plot_comparison needs at least one row.")
     fig, (acc_ax, speed_ax) = _figure(8, 3.4, ncols=2)
     names = [r["name"] for r in rows]
-    colors = ["tab:gray" if i == 0 else "tab:green" if "theseus" in n.lower() else "tab:orange"
-              for i, n in enumerate(names)]
+    colors = ["tab:gray" if i == 0 else "tab:green" if ("theseus" in n.lower() or n == "successor") else "tab:orange"
+              for i, n in enumerate(names)]  # predecessor, Theseus successor, baselines
     for ax, key, label, fmt in ((acc_ax, "accuracy", "accuracy", "{:.3f}"), (speed_ax, "speedup", "speed-up (x)", "{:.2f}x")):
         values = [float(r[key]) if r.get(key) is not None else 0.0 for r in rows]
         bars = ax.bar(range(len(rows)), values, color=colors)
