@@ -125,7 +125,11 @@ def run(config: Dict[str, Any]) -> Dict[str, Any]:
         index = order[offset * batch_size:(offset + 1) * batch_size]
         return x[index], y[index]
 
-    train(th, config, batch_at, lambda images, labels: F.cross_entropy(th.model(images), labels))
+    def forward(images, labels):
+        logits = th.model(images)
+        return F.cross_entropy(logits, labels), logits
+
+    train(th, config, batch_at, forward)
     depths = {"predecessor": dict(th.plan.containers), "successor": th.plan.successor_depth}
     successor = th.export()
     th.unwrap()

@@ -67,7 +67,11 @@ def run(config: Dict[str, Any]) -> Dict[str, Any]:
         order = torch.randperm(len(ids), generator=torch.Generator().manual_seed(config["seed"] * 100003 + epoch))
         return _batch(ids, labels, order[offset * batch_size:(offset + 1) * batch_size].tolist(), pad)
 
-    train(th, config, batch_at, lambda inputs, y: th.model(**inputs, labels=y).loss)
+    def forward(inputs, y):
+        out = th.model(**inputs, labels=y)
+        return out.loss, out.logits
+
+    train(th, config, batch_at, forward)
     depths = {"predecessor": dict(th.plan.containers), "successor": th.plan.successor_depth}
     successor = th.export()
     th.unwrap()

@@ -111,11 +111,12 @@ def train(model, params, data: Encoded, steps: int, lr: float, batch_size: int, 
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     batches = data.training_batches(batch_size, seed)
-    history = []
+    history, recent = [], []
     model.train()
     bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)
     for step in bar:
-        out = model(**next(batches))
+        batch = next(batches)
+        out = model(**batch)
         out.loss.backward()
         optimizer.step()
         scheduler.step()
@@ -123,11 +124,15 @@ def train(model, params, data: Encoded, steps: int, lr: float, batch_size: int, 
         rate = engine.replacement_rate if engine else None
         if engine:
             engine.step(out.loss)  # stops with the step number if the loss is NaN or infinite
+        batch_accuracy = (out.logits.detach().argmax(-1) == batch["labels"]).float().mean().item()
+        recent = (recent + [batch_accuracy])[-20:]  # the bar shows a running mean
         history.append({"step": step, "loss": out.loss.item(), "rate": rate})
         if metrics is not None:
-            metrics.log(step, loss=out.loss.item(), replacement_rate=rate, lr=scheduler.get_last_lr()[0])
+            metrics.log(step, loss=out.loss.item(), train_accuracy=batch_accuracy, replacement_rate=rate,
+                        lr=scheduler.get_last_lr()[0])
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{out.loss.item():.3f}", **({"p": f"{rate:.2f}"} if engine else {}))
+            bar.set_postfix(loss=f"{out.loss.item():.3f}", acc=f"{sum(recent) / len(recent):.3f}",
+                            **({"p": f"{rate:.2f}"} if engine else {}))
     model.eval()
     return history
 

@@ -122,12 +122,13 @@ def train(model: nn.Module, params, data, steps: int, lr: float, batch_size: int
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     stream = batches(*data, batch_size, seed)
-    history = []
+    history, recent = [], []
     model.train()
     bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)
     for step in bar:
         images, labels = next(stream)
-        loss = F.cross_entropy(model(images), labels)
+        logits = model(images)
+        loss = F.cross_entropy(logits, labels)
         loss.backward()
         optimizer.step()
         scheduler.step()
@@ -135,11 +136,15 @@ def train(model: nn.Module, params, data, steps: int, lr: float, batch_size: int
         rate = engine.replacement_rate if engine else None
         if engine:
             engine.step()
+        batch_accuracy = (logits.detach().argmax(-1) == labels).float().mean().item()
+        recent = (recent + [batch_accuracy])[-20:]  # the bar shows a running mean
         history.append({"step": step, "loss": loss.item(), "rate": rate})
         if metrics is not None:
-            metrics.log(step, loss=loss.item(), replacement_rate=rate, lr=scheduler.get_last_lr()[0])
+            metrics.log(step, loss=loss.item(), train_accuracy=batch_accuracy, replacement_rate=rate,
+                        lr=scheduler.get_last_lr()[0])
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}", **({"p": f"{rate:.2f}"} if engine else {}))
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{sum(recent) / len(recent):.3f}",
+                            **({"p": f"{rate:.2f}"} if engine else {}))
     model.eval()
     return history
 

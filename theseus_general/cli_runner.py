@@ -27,9 +27,11 @@ def build_engine(model: nn.Module, config: Dict[str, Any]) -> Theseus:
 
 
 def train(th: Theseus, config: Dict[str, Any], batch_at: Callable[[int], Tuple[Any, torch.Tensor]],
-          loss_of: Callable[[Any, torch.Tensor], torch.Tensor]) -> None:
+          forward: Callable[[Any, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]) -> None:
     """AdamW with linear decay for config['steps'] steps; `batch_at(position)` gives the batch at a
-    data position (a function of the position alone, so a resumed run reads the same batches)."""
+    data position (a function of the position alone, so a resumed run reads the same batches);
+    `forward(inputs, labels)` gives (loss, logits). The bar and the metrics show loss, the accuracy
+    on the batch (a running mean over 20 steps in the bar) and the replacement rate."""
     steps = config["steps"]
     opt = torch.optim.AdamW(th.trainable_parameters(), lr=config["lr"], weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / steps))
@@ -41,20 +43,24 @@ def train(th: Theseus, config: Dict[str, Any], batch_at: Callable[[int], Tuple[A
     log = MetricsLogger(config["output"], tensorboard=None, enabled=config["metrics"])
     th.model.train()
     bar = tqdm(total=steps, initial=th.step_count, desc="theseus", dynamic_ncols=True)
+    recent: list = []
     try:
         while th.step_count < steps:
             inputs, labels = batch_at(position)
             rate = th.replacement_rate  # the rate this step's draws used
-            loss = loss_of(inputs, labels)
+            loss, logits = forward(inputs, labels)
+            batch_accuracy = (logits.detach().argmax(-1) == labels).float().mean().item()
+            recent = (recent + [batch_accuracy])[-20:]
             loss.backward()
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
             th.step(loss)  # stops with the step number if the loss is NaN or infinite
             position += 1
-            log.log(th.step_count - 1, loss=loss.item(), replacement_rate=rate, lr=sched.get_last_lr()[0])
+            log.log(th.step_count - 1, loss=loss.item(), train_accuracy=batch_accuracy, replacement_rate=rate,
+                    lr=sched.get_last_lr()[0])
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", p=f"{rate:.2f}")
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{sum(recent) / len(recent):.3f}", p=f"{rate:.2f}")
             if manager and (th.step_count % config["checkpoint_every"] == 0 or th.step_count == steps):
                 manager.save(th, opt, sched, data_position=position)
     finally:
