@@ -59,8 +59,9 @@ def train(th: Theseus, config: Dict[str, Any], batch_at: Callable[[int], Tuple[A
             position += 1
             log.log(th.step_count - 1, loss=loss.item(), train_accuracy=batch_accuracy, replacement_rate=rate,
                     lr=sched.get_last_lr()[0])
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{sum(recent) / len(recent):.3f}", p=f"{rate:.2f}",
+                            refresh=False)  # drawn once, by update()
             bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{sum(recent) / len(recent):.3f}", p=f"{rate:.2f}")
             if manager and (th.step_count % config["checkpoint_every"] == 0 or th.step_count == steps):
                 manager.save(th, opt, sched, data_position=position)
     finally:
