@@ -37,6 +37,15 @@ class TheseusCallback(TrainerCallback):
         self.rates: List[float] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if getattr(args, "world_size", 1) > 1 and self.theseus.unfreeze_rest and self.theseus.phase != "successor":
+            # The Trainer wraps the model for DDP once, before the rest-copies start to require
+            # gradients (at rate 1), so DDP would never average them: each process would end with
+            # different embeddings and head. Refuse before any step rather than diverge silently.
+            raise EngineStateError(
+                f"unfreeze_rest=True with {args.world_size} processes under the Trainer: the embedding/head copies "
+                "start training at rate 1, after the Trainer has wrapped the model for DDP, so they would not be "
+                "synchronised. Use Theseus(..., unfreeze_rest=False) with the Trainer, or the Accelerate loop of "
+                "examples/accelerate_example.py, which re-wraps the model when the rate reaches 1.")
         # resume_from_checkpoint restores the wrapped model's weights (successors included) and
         # the global step; the draws are a pure function of (seed, step), so stepping the
         # schedule forward restores them.

@@ -99,25 +99,28 @@ def plot_comparison(rows: Sequence[Mapping], path: str, title: Optional[str] = N
     return _save(fig, path)
 
 
-def plot_accuracy_vs_speedup(points: Sequence[Mapping], path: str, title: Optional[str] = None) -> str:
+def plot_accuracy_vs_speedup(points: Sequence[Mapping], path: str, title: Optional[str] = None,
+                             dodge: float = 0.02) -> str:
     """points: ``{"task", "method", "speedup", "accuracy", "accuracy_std" (optional)}``; one panel per task,
-    one marker per method, error bars = std over seeds."""
+    one marker per method, error bars = std over seeds. Methods that share a speed-up (the same
+    successor shape) are spread sideways by `dodge` (a fraction of the speed-up) so none hides another."""
     if not points:
         raise TheseusError("plot_accuracy_vs_speedup needs at least one point.")
     tasks = list(dict.fromkeys(p["task"] for p in points))
     methods = list(dict.fromkeys(p["method"] for p in points))
     markers = "o s D ^ v P X * h".split()
-    fig, axes = _figure(3.6 * len(tasks), 3.6, ncols=len(tasks))
+    fig, axes = _figure(3.8 * len(tasks), 3.8, ncols=len(tasks))
     for ax, task in zip(axes, tasks):
         for i, method in enumerate(methods):
             mine = [p for p in points if p["task"] == task and p["method"] == method]
             if not mine:
                 continue
-            ax.errorbar([p["speedup"] for p in mine], [p["accuracy"] for p in mine],
+            shift = 1 + dodge * (i - (len(methods) - 1) / 2)
+            ax.errorbar([p["speedup"] * shift for p in mine], [p["accuracy"] for p in mine],
                         yerr=[p.get("accuracy_std") or 0.0 for p in mine], fmt=markers[i % len(markers)],
                         color=f"C{i}", label=method, capsize=3, markersize=6, alpha=0.85)
         ax.set_title(task, fontsize=10)
-        ax.set_xlabel("speed-up over predecessor (x)")
+        ax.set_xlabel("measured speed-up over predecessor (x)")
         ax.set_ylabel("test accuracy")
         ax.grid(alpha=0.3)
     handles, labels = axes[0].get_legend_handles_labels()
@@ -126,6 +129,6 @@ def plot_accuracy_vs_speedup(points: Sequence[Mapping], path: str, title: Option
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 6), fontsize=8)
+    fig.legend(handles, labels, loc="outside lower center", ncols=min(len(labels), 3), fontsize=8)
     fig.suptitle(title or "Accuracy against speed-up")
     return _save(fig, path)

@@ -1,0 +1,123 @@
+"""Collect the quality runs into one table and one plot: accuracy against speed-up, per method and task.
+
+Reads benchmarks/results/quality_*.json (written by quality.py; `_quick` files are skipped),
+measures the speed-up of each task's successor shape over its predecessor shape (random
+weights: speed does not depend on trained values; every compressed method has the same shape,
+so one measurement per task and depth), and writes
+
+  benchmarks/results/quality_summary.json    the numbers below, with the measurement conditions
+  docs/images/accuracy_vs_speedup.png        test accuracy (mean +- std over seeds) against speed-up
+
+and prints a Markdown table for the README.
+
+    OMP_NUM_THREADS=1 python benchmarks/report_quality.py
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+from typing import Any, Dict, List
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import REPO_ROOT, RESULTS_DIR, conditions, write_json  # noqa: E402
+
+sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
+
+from theseus_general import Theseus  # noqa: E402
+from theseus_general.measure import count_flops, measure_latency  # noqa: E402
+from theseus_general.plots import plot_accuracy_vs_speedup  # noqa: E402
+
+LABELS = {"theseus_linear": "Theseus (linear curriculum)", "theseus_constant": "Theseus (constant p)",
+          "finetune_trained": "fine-tune-only (trained blocks)", "finetune_initial": "fine-tune-only (pre-task model)",
+          "kd": "knowledge distillation"}
+
+
+def predecessor_shape(report: Dict[str, Any]) -> tuple:
+    """A randomly initialised model of the run's predecessor shape, and an input batch like the run's."""
+    s = report["settings"]
+    torch.manual_seed(0)
+    if report["task"] == "text":
+        import text_classification as tc
+        from transformers import AutoConfig, AutoModelForSequenceClassification
+
+        config = AutoConfig.from_pretrained(s["model"] or str(tc.default_model_path()), num_labels=2)
+        model = AutoModelForSequenceClassification.from_config(config)
+        ids = torch.randint(1000, 5000, (s["batch_size"], s["max_length"]))
+        return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    import vision_classification as vc
+
+    model = (vc.build_resnet(s["width"], [s["depth_pred"]] * 4) if report["task"] == "resnet"
+             else vc.build_vit(s["width"], s["depth_pred"]))
+    return model, torch.rand(s["batch_size"], 1, 28, 28)
+
+
+def speed(report: Dict[str, Any], repeats: int) -> Dict[str, float]:
+    model, sample = predecessor_shape(report)
+    with Theseus(model, **report["target"]) as th:  # unwrapped again on leaving
+        successor = th.export()  # the shape every compressed method has
+    latency = measure_latency({"predecessor": model, "successor": successor}, sample, warmup=3, repeats=repeats)
+    return {"speedup": latency["predecessor"] / latency["successor"],
+            "flops_ratio": count_flops(model, sample) / count_flops(successor, sample),
+            "batch": len(sample["input_ids"]) if isinstance(sample, dict) else len(sample)}
+
+
+FAMILY = {"text": "MiniLM / Rotten Tomatoes", "vit": "ViT / Fashion-MNIST", "resnet": "ResNet / Fashion-MNIST"}
+
+
+def task_label(report: Dict[str, Any]) -> str:
+    depth = {k: sum(v.values()) for k, v in report["depth"].items()}
+    return f"{FAMILY[report['task']]}, {depth['predecessor']} -> {depth['successor']}"
+
+
+def main(argv=None) -> Dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--repeats", type=int, default=15, help="latency repeats per model (median)")
+    p.add_argument("--plot", default=os.path.join(REPO_ROOT, "docs", "images", "accuracy_vs_speedup.png"))
+    p.add_argument("--output", default=os.path.join(RESULTS_DIR, "quality_summary.json"))
+    args = p.parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    rows: List[Dict[str, Any]] = []
+    for path in sorted(glob.glob(os.path.join(RESULTS_DIR, "quality_*.json"))):
+        if path.endswith(("_quick.json", "quality_summary.json")):
+            continue
+        with open(path) as f:
+            report = json.load(f)
+        if "depth" not in report or not report.get("summary"):
+            continue  # an older format, or a run that has not finished a seed
+        measured = speed(report, args.repeats)
+        pred = report["predecessor"]["test"]
+        for method, r in report["summary"].items():
+            rows.append({"task": task_label(report), "family": FAMILY[report["task"]], "file": os.path.basename(path), "method": method,
+                         "label": LABELS.get(method, method), "seeds": r["seeds"], "steps": report["settings"]["steps"],
+                         "complete": report.get("complete", False), "predecessor_test": pred,
+                         "accuracy": r["test_mean"], "accuracy_std": r["test_std"], "retention": r["test_mean"] / pred,
+                         "dev": r["dev_mean"], **measured})
+    if not rows:
+        raise SystemExit(f"no quality results in {RESULTS_DIR}; run benchmarks/quality.py first")
+    write_json({"rows": rows, "conditions": conditions(torch.device("cpu"))}, args.output)
+    predecessors = {(r["family"], r["predecessor_test"]) for r in rows}  # at 1.0x
+    points = ([{"task": family, "method": "predecessor", "speedup": 1.0, "accuracy": acc} for family, acc in predecessors]
+              + [{**r, "task": r["family"], "method": r["label"]} for r in rows])
+    plot_accuracy_vs_speedup(sorted(points, key=lambda q: q["method"] != "predecessor"), args.plot,
+                             title="Test accuracy (mean +- std over seeds) against measured speed-up")
+    print("| task | steps | method | seeds | test accuracy | % of predecessor | speed-up (FLOPs ratio) |")
+    print("|---|---:|---|---:|---|---:|---|")
+    for r in rows:
+        print(f"| {r['task']} (predecessor {r['predecessor_test']:.4f}) | {r['steps']} | {r['label']} | {r['seeds']} | "
+              f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f} | {100 * r['retention']:.1f}% | "
+              f"{r['speedup']:.2f}x ({r['flops_ratio']:.2f}x) |")
+    print(f"wrote {args.output} and {args.plot}")
+    return {"rows": rows}
+
+
+if __name__ == "__main__":
+    main()
