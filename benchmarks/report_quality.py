@@ -81,13 +81,14 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--repeats", type=int, default=15, help="latency repeats per model (median)")
     p.add_argument("--plot", default=os.path.join(REPO_ROOT, "docs", "images", "accuracy_vs_speedup.png"))
     p.add_argument("--output", default=os.path.join(RESULTS_DIR, "quality_summary.json"))
+    p.add_argument("--results", default=RESULTS_DIR, help="directory of the quality_*.json files")
     args = p.parse_args(argv)
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     rows: List[Dict[str, Any]] = []
-    for path in sorted(glob.glob(os.path.join(RESULTS_DIR, "quality_*.json"))):
-        if path.endswith(("_quick.json", "quality_summary.json")):
+    for path in sorted(glob.glob(os.path.join(args.results, "quality_*.json"))):
+        if path.endswith(("_quick.json", "quality_summary.json")) or os.path.abspath(path) == os.path.abspath(args.output):
             continue
         with open(path) as f:
             report = json.load(f)
@@ -102,7 +103,7 @@ def main(argv=None) -> Dict[str, Any]:
                          "accuracy": r["test_mean"], "accuracy_std": r["test_std"], "retention": r["test_mean"] / pred,
                          "dev": r["dev_mean"], **measured})
     if not rows:
-        raise SystemExit(f"no quality results in {RESULTS_DIR}; run benchmarks/quality.py first")
+        raise SystemExit(f"no quality results in {args.results}; run benchmarks/quality.py first")
     write_json({"rows": rows, "conditions": conditions(torch.device("cpu"))}, args.output)
     predecessors = {(r["family"], r["predecessor_test"]) for r in rows}  # at 1.0x
     points = ([{"task": family, "method": "predecessor", "speedup": 1.0, "accuracy": acc} for family, acc in predecessors]

@@ -75,8 +75,8 @@ def test_plain_frozen_reference_trains_the_same_parameter_count_as_the_engine():
     assert count(ref) == count(engine) > 0
 
 
-def test_quality_quick(tmp_path):
-    path = tmp_path / "quality.json"
+def test_quality_quick_and_its_report(tmp_path):
+    path = tmp_path / "quality_vit_r0.5.json"
     load("quality").main(["--quick", "--output", str(path)])
     report = read(path)
     assert report["complete"] and report["predecessor_unchanged"]
@@ -85,6 +85,16 @@ def test_quality_quick(tmp_path):
         assert row["seeds"] == 2 and set(report["runs"][method]) == {"0", "1"}
         assert 0 <= row["test_mean"] <= 1 and row["test_std"] >= 0
     assert report["settings"]["steps"] == 6
+    assert report["depth"] == {"predecessor": {"blocks": 2}, "successor": {"blocks": 1}}
+
+    summary = load("report_quality").main(["--results", str(tmp_path), "--repeats", "2", "--plot",
+                                           str(tmp_path / "avs.png"), "--output", str(tmp_path / "summary.json")])
+    rows = summary["rows"]
+    assert [r["method"] for r in rows] == list(report["summary"])
+    for r in rows:
+        assert r["accuracy"] == report["summary"][r["method"]]["test_mean"]
+        assert r["flops_ratio"] > 1 and r["speedup"] > 0 and r["task"] == "ViT / Fashion-MNIST, 2 -> 1"
+    assert (tmp_path / "avs.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_scaling_quick(tmp_path):
