@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import textwrap
 from typing import Any, Dict, List, Optional
 
 from .errors import TheseusError
@@ -127,7 +128,8 @@ def _help() -> str:
         mark = "*" if default is REQUIRED else " "
         shown = "" if default is REQUIRED or default is None else f" (default: {default})"
         scope = "" if tasks == ANY else f" [{', '.join(tasks)} only]"
-        lines.append(f"  {mark} {name}: {kind.__name__}{shown}{scope}\n      {text}")
+        lines.append(f"  {mark} {name}: {kind.__name__}{shown}{scope}")
+        lines.append(textwrap.fill(text, width=96, initial_indent=" " * 6, subsequent_indent=" " * 6))
     lines.append("\nexamples: examples/configs/text.yaml, vit.yaml, resnet.yaml")
     return "\n".join(lines)
 
