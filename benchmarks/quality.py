@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import statistics
 import sys
@@ -284,6 +285,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--eval-limit", type=int, default=None, help="vision: evaluate on the first N dev/test images only")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
+                   help="merge parts of one run split by seed into --output, instead of running")
     p.add_argument("--output", default=None, help="JSON path (default benchmarks/results/quality_<text_d3|vit_r0.5|...>[_quick].json)")
     args = p.parse_args(argv)
     if args.quick:
@@ -306,8 +309,44 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+# Settings that may differ between the parts of one run split by seed over several processes.
+_PER_PART = {"seeds", "output", "threads", "merge"}
+
+
+def merge(paths: List[str], output: str) -> Dict[str, Any]:
+    """One report from runs of the same benchmark split by seed (e.g. --seeds 0 1 and --seeds 2 in two
+    processes). Refuses parts whose task, settings or predecessor differ, or that share a seed."""
+    parts = []
+    for path in paths:
+        with open(path) as f:
+            parts.append(json.load(f))
+    first = parts[0]
+    same = {k: v for k, v in first["settings"].items() if k not in _PER_PART}
+    merged = dict(first, runs={}, complete=all(p.get("complete") for p in parts), parts=paths,
+                  command="python benchmarks/quality.py --merge " + " ".join(paths))
+    for path, part in zip(paths, parts):
+        differs = sorted(k for k, v in part["settings"].items() if k not in _PER_PART and same.get(k) != v)
+        if differs or part["predecessor"] != first["predecessor"] or part["task"] != first["task"]:
+            raise SystemExit(f"error: {path} is not a part of the same run as {paths[0]} "
+                             f"(settings {differs or 'equal'}; predecessor {part['predecessor']} vs {first['predecessor']})")
+        for method, by_seed in part["runs"].items():
+            clash = set(by_seed) & set(merged["runs"].get(method, {}))
+            if clash:
+                raise SystemExit(f"error: seed(s) {sorted(clash)} of {method} appear in more than one part ({path})")
+            merged["runs"].setdefault(method, {}).update(by_seed)
+    merged["settings"] = dict(first["settings"], seeds=sorted({int(s) for r in merged["runs"].values() for s in r}))
+    merged["summary"] = summarise(merged["runs"])
+    merged["total_s"] = sum(p.get("total_s", 0) for p in parts)
+    write_json(merged, output)
+    print_table(merged)
+    print(f"wrote {output} (merged {len(paths)} parts)")
+    return merged
+
+
 def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
+    if args.merge:
+        return merge(args.merge, args.output or os.path.join(RESULTS_DIR, "quality_merged.json"))
     torch.set_num_threads(args.threads)
     from transformers.utils import logging as hf_logging
 

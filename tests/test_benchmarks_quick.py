@@ -87,6 +87,20 @@ def test_quality_quick_and_its_report(tmp_path):
     assert report["settings"]["steps"] == 6
     assert report["depth"] == {"predecessor": {"blocks": 2}, "successor": {"blocks": 1}}
 
+    # The same run split by seed into two parts merges back into the same summary
+    for seed in ("0", "1"):
+        part = dict(report, runs={m: {seed: r[seed]} for m, r in report["runs"].items()},
+                    settings=dict(report["settings"], seeds=[int(seed)]))
+        (tmp_path / "parts").mkdir(exist_ok=True)
+        (tmp_path / "parts" / f"{seed}.json").write_text(json.dumps(part))
+    quality = load("quality")
+    merged = quality.main(["--merge", str(tmp_path / "parts" / "0.json"), str(tmp_path / "parts" / "1.json"),
+                           "--output", str(tmp_path / "merged.json")])
+    assert merged["summary"] == report["summary"] and merged["settings"]["seeds"] == [0, 1]
+    with pytest.raises(SystemExit, match="more than one part"):
+        quality.main(["--merge", str(tmp_path / "parts" / "0.json"), str(tmp_path / "parts" / "0.json"),
+                      "--output", str(tmp_path / "bad.json")])
+
     summary = load("report_quality").main(["--results", str(tmp_path), "--repeats", "2", "--plot",
                                            str(tmp_path / "avs.png"), "--output", str(tmp_path / "summary.json")])
     rows = summary["rows"]
