@@ -116,7 +116,8 @@ def plot_accuracy_vs_speedup(points: Sequence[Mapping], path: str, title: Option
             if not mine:
                 continue
             shift = 1 + dodge * (i - (len(methods) - 1) / 2)
-            ax.errorbar([p["speedup"] * shift for p in mine], [p["accuracy"] for p in mine],
+            xs = [p["speedup"] * (shift if p["speedup"] != 1.0 else 1.0) for p in mine]  # 1.0x: the reference
+            ax.errorbar(xs, [p["accuracy"] for p in mine],
                         yerr=[p.get("accuracy_std") or 0.0 for p in mine], fmt=markers[i % len(markers)],
                         color=f"C{i}", label=method, capsize=3, markersize=6, alpha=0.85)
         ax.set_title(task, fontsize=10)
