@@ -43,3 +43,20 @@ def write_json(report: Dict[str, Any], path: str) -> str:
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
     return path
+
+
+def quiet_transformers() -> None:
+    """No transformers warnings or download bars among a benchmark's table."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+def finish(report: Dict[str, Any], path: str, script: str, argv, started: float) -> Dict[str, Any]:
+    """Record the load at the end, the wall time and the command line, and write the JSON."""
+    report["loadavg_1_5_15_at_end"] = list(os.getloadavg())
+    report["total_s"] = time.time() - started
+    report["command"] = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
+    write_json(report, path)
+    return report

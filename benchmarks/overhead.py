@@ -32,7 +32,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import RESULTS_DIR, conditions, pick_device, write_json  # noqa: E402
+from _common import RESULTS_DIR, conditions, finish, pick_device, quiet_transformers  # noqa: E402
 
 from theseus_general import ConstantScheduler, Theseus  # noqa: E402
 
@@ -255,20 +255,15 @@ def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
     device = pick_device(args.device)
     torch.set_num_threads(args.threads)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
+    quiet_transformers()
     started = time.time()
     before = conditions(device)
     repeats = args.repeats or (5 if args.quick else 40)
     warmup = args.warmup if args.warmup is not None else (1 if args.quick else 3)
     report = run(args.quick, device, repeats, warmup, args.threads)
     report["conditions"] = before
-    report["loadavg_1_5_15_at_end"] = list(os.getloadavg())
-    report["total_s"] = time.time() - started
-    report["command"] = "python benchmarks/overhead.py " + " ".join(argv if argv is not None else sys.argv[1:])
     path = args.output or os.path.join(RESULTS_DIR, "overhead_quick.json" if args.quick else "overhead.json")
-    write_json(report, path)
+    finish(report, path, "overhead.py", argv, started)
     print_report(report)
     print(f"wrote {path} ({report['total_s']:.0f} s)")
     return report

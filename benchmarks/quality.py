@@ -41,7 +41,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import REPO_ROOT, RESULTS_DIR, conditions, write_json  # noqa: E402
+from _common import REPO_ROOT, RESULTS_DIR, conditions, finish, quiet_transformers, write_json  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
 
@@ -233,10 +233,7 @@ def run(args: argparse.Namespace, path: str) -> Dict[str, Any]:
         raise RuntimeError(f"the predecessor changed during the benchmark: {changed[:3]}")
     report["predecessor_unchanged"] = True
     report["complete"] = True
-    report["loadavg_1_5_15_at_end"] = list(os.getloadavg())
-    report["total_s"] = time.time() - started
-    write_json(report, path)
-    return report
+    return report  # main() records the end and writes it
 
 
 def print_table(report: Dict[str, Any]) -> None:
@@ -348,15 +345,11 @@ def main(argv=None) -> Dict[str, Any]:
     if args.merge:
         return merge(args.merge, args.output or os.path.join(RESULTS_DIR, "quality_merged.json"))
     torch.set_num_threads(args.threads)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
-    hf_logging.disable_progress_bar()
+    quiet_transformers()
     name = f"text_d{args.depth}" if args.task == "text" else f"{args.arch}_r{args.ratio:g}"
     path = args.output or os.path.join(RESULTS_DIR, f"quality_{name}{'_quick' if args.quick else ''}.json")
-    report = run(args, path)
-    report["command"] = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    write_json(report, path)
+    started = time.time()
+    report = finish(run(args, path), path, "quality.py", argv, started)
     print_table(report)
     print(f"wrote {path} ({report['total_s']:.0f} s)")
     return report

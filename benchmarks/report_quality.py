@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import REPO_ROOT, RESULTS_DIR, conditions, write_json  # noqa: E402
+from _common import REPO_ROOT, RESULTS_DIR, conditions, quiet_transformers, write_json  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
 
@@ -83,9 +83,7 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--output", default=os.path.join(RESULTS_DIR, "quality_summary.json"))
     p.add_argument("--results", default=RESULTS_DIR, help="directory of the quality_*.json files")
     args = p.parse_args(argv)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
+    quiet_transformers()
     rows: List[Dict[str, Any]] = []
     for path in sorted(glob.glob(os.path.join(args.results, "quality_*.json"))):
         if path.endswith(("_quick.json", "quality_summary.json")) or os.path.abspath(path) == os.path.abspath(args.output):

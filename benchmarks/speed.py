@@ -31,7 +31,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import RESULTS_DIR, conditions, pick_device, write_json  # noqa: E402
+from _common import RESULTS_DIR, conditions, finish, pick_device, quiet_transformers  # noqa: E402
 
 from theseus_general import Theseus  # noqa: E402
 from theseus_general.measure import count_flops, count_parameters, measure_latency  # noqa: E402
@@ -182,18 +182,13 @@ def main(argv=None) -> Dict[str, Any]:
     args = parse_args(argv)
     device = pick_device(args.device)
     torch.set_num_threads(args.threads)
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.set_verbosity_error()
+    quiet_transformers()
     started = time.time()
     before = conditions(device)
     report = run(args.quick, device, args.repeats, args.warmup)
     report["conditions"] = before
-    report["loadavg_1_5_15_at_end"] = list(os.getloadavg())
-    report["total_s"] = time.time() - started
-    report["command"] = "python benchmarks/speed.py " + " ".join(argv if argv is not None else sys.argv[1:])
     path = args.output or os.path.join(RESULTS_DIR, "speed_quick.json" if args.quick else "speed.json")
-    write_json(report, path)
+    finish(report, path, "speed.py", argv, started)
     print_table(report)
     print(f"wrote {path} ({report['total_s']:.0f} s)")
     return report
