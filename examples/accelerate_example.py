@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from text_data import DataError, load_splits  # noqa: E402
+from text_data import DataError, load_splits, tokenized_rows  # noqa: E402
 
 from theseus_general import LinearScheduler, Theseus  # noqa: E402
 from theseus_general.measure import state_checksum  # noqa: E402
@@ -173,13 +173,8 @@ def main(argv=None, on_step: Optional[Callable] = None) -> dict:
     except DataError as error:
         raise SystemExit(f"error: {error}") from None
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-
-    def encode(texts, labels, limit):
-        texts, labels = texts[:limit], labels[:limit]
-        ids = tokenizer(list(texts), truncation=True, max_length=args.max_length)["input_ids"]
-        return [{"input_ids": i, "labels": y} for i, y in zip(ids, labels)]
-
-    train, dev = encode(*splits.train, args.train_limit), encode(*splits.dev, args.eval_limit)
+    train = tokenized_rows(tokenizer, *splits.train, args.max_length, args.train_limit)
+    dev = tokenized_rows(tokenizer, *splits.dev, args.max_length, args.eval_limit)
     collate = DataCollatorWithPadding(tokenizer)
     micro_batch = args.batch_size // args.gradient_accumulation_steps  # global rows per forward
 

@@ -124,6 +124,14 @@ def load_splits(data: Optional[str], text_column: str, label_column: str, test_s
     return TextSplits(parts["train"], parts["dev"], parts["test"], names, source)
 
 
+
+def tokenized_rows(tokenizer, texts: Sequence[str], labels: Sequence[int], max_length: int,
+                   limit: Optional[int] = None) -> List[dict]:
+    """``{"input_ids", "labels"}`` rows of the first `limit` texts, for a padding collator (Trainer, Accelerate)."""
+    texts, labels = list(texts[:limit]), list(labels[:limit])
+    ids = tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+    return [{"input_ids": i, "labels": y} for i, y in zip(ids, labels)]
+
 def write_csvs(directory: str, test_size: int = 2000, dev_size: int = 1000, seed: int = 0) -> Dict[str, str]:
     """The default data's train/dev/test split (the text example's, same seed) as text,label CSVs,
     the input `theseus-compress` takes (examples/configs/text.yaml)."""

@@ -20,7 +20,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from text_data import DataError, load_splits  # noqa: E402
+from text_data import DataError, load_splits, tokenized_rows  # noqa: E402
 
 from theseus_general import LinearScheduler, Theseus  # noqa: E402
 
@@ -61,13 +61,8 @@ def main(argv=None) -> dict:
     except DataError as error:
         raise SystemExit(f"error: {error}") from None
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-
-    def encode(texts, labels, limit):
-        texts, labels = texts[:limit], labels[:limit]
-        ids = tokenizer(list(texts), truncation=True, max_length=args.max_length)["input_ids"]
-        return [{"input_ids": i, "labels": y} for i, y in zip(ids, labels)]
-
-    train, dev = encode(*splits.train, args.train_limit), encode(*splits.dev, args.eval_limit)
+    train = tokenized_rows(tokenizer, *splits.train, args.max_length, args.train_limit)
+    dev = tokenized_rows(tokenizer, *splits.dev, args.max_length, args.eval_limit)
 
     def accuracy(pred):
         return {"accuracy": float((pred.predictions.argmax(-1) == pred.label_ids).mean())}
