@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -17,6 +19,37 @@ def tiny_bert(num_layers: int = 6, num_labels: int = 2, seed: int = 0, cls_name:
         intermediate_size=64, max_position_embeddings=64, num_labels=num_labels,
     )
     return getattr(transformers, cls_name)(config)
+
+
+REVIEW_WORDS = "good bad great awful fine dull fun boring film movie plot the a is was".split()
+
+
+def save_tiny_classifier(directory, num_layers: int = 4, words=REVIEW_WORDS, dropout: bool = True) -> str:
+    """tiny_bert and a word-level tokenizer over `words`, written with save_pretrained to `directory`."""
+    import transformers
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]) + "\n")
+    model = tiny_bert(num_layers=num_layers)
+    if not dropout:
+        model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
+    model.save_pretrained(directory)
+    transformers.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(directory)
+    return str(directory)
+
+
+def write_review_csv(path, rows: int = 120) -> str:
+    """`rows` texts "the film was good|bad" labelled pos|neg, the word matching the label 90% of the time."""
+    g = torch.Generator().manual_seed(0)
+    lines = ["text,label"]
+    for i in range(rows):
+        label = i % 2
+        word = ["bad", "good"][label] if torch.rand(1, generator=g).item() < 0.9 else ["good", "bad"][label]
+        lines.append(f"the film was {word},{['neg', 'pos'][label]}")
+    Path(path).write_text("\n".join(lines) + "\n")
+    return str(path)
 
 
 def bert_batch(batch: int = 4, length: int = 10, seed: int = 1):

@@ -14,7 +14,7 @@ import torch
 pytest.importorskip("accelerate")
 pytest.importorskip("transformers")
 
-from conftest import tiny_bert  # noqa: E402
+from conftest import save_tiny_classifier, tiny_bert, write_review_csv  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -38,32 +38,13 @@ def fresh_accelerate_state():
     GradientState._reset_state()
 
 
-WORDS = "good bad great awful fine dull fun boring film movie plot the a is was".split()
-
-
 @pytest.fixture
 def tiny_dirs(tmp_path):
     """A 4-layer BERT classifier and tokenizer (as a --model and a --predecessor), and a CSV
     of 120 four-word texts. Without dropout and padding (every text has the same length), one
     process on a batch of 8 computes what two processes on 4 rows each compute, up to float
     rounding (dropout masks come from each process's own random stream)."""
-    import transformers
-
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    path = tmp_path / "model"
-    model = tiny_bert(num_layers=4)
-    model.config.hidden_dropout_prob = model.config.attention_probs_dropout_prob = 0.0
-    model.save_pretrained(path)
-    transformers.BertTokenizerFast(vocab_file=str(vocab)).save_pretrained(path)
-    g = torch.Generator().manual_seed(0)
-    rows = ["text,label"]
-    for i in range(120):
-        label = i % 2
-        word = ["bad", "good"][label] if torch.rand(1, generator=g).item() < 0.9 else ["good", "bad"][label]
-        rows.append(f"the film was {word},{['neg', 'pos'][label]}")
-    (tmp_path / "data.csv").write_text("\n".join(rows) + "\n")
-    return str(path), str(tmp_path / "data.csv")
+    return save_tiny_classifier(tmp_path / "model", dropout=False), write_review_csv(tmp_path / "data.csv")
 
 
 def flags(model_dir, csv, out, *extra, fine_tune=False):

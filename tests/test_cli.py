@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import tiny_bert
+from conftest import save_tiny_classifier
 
 from theseus_general.cli import FIELDS, ConfigError, check_config, main
 
@@ -109,16 +109,11 @@ def tiny_image_data(directory, n=64, size=28):
 
 
 def tiny_text_model(tmp_path, num_layers=6):
-    from transformers import BertTokenizerFast
-
     words = ["good", "bad", "film", "great", "awful", "plot", "fun", "dull"]
-    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words]))
-    model_dir = tmp_path / "model"
-    tiny_bert(num_layers=num_layers).save_pretrained(model_dir)
-    BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt")).save_pretrained(model_dir)
+    model_dir = save_tiny_classifier(tmp_path / "model", num_layers=num_layers, words=words)
     rows = [(f"{a} {b} film", int(a in ("good", "great", "fun"))) for a in words for b in words]
     (tmp_path / "train.csv").write_text("text,label\n" + "\n".join(f"{t},{y}" for t, y in rows))
-    return {"model": str(model_dir), "data": str(tmp_path / "train.csv"), "eval_data": str(tmp_path / "train.csv")}
+    return {"model": model_dir, "data": str(tmp_path / "train.csv"), "eval_data": str(tmp_path / "train.csv")}
 
 
 def tiny_predecessor(tmp_path, name, config):

@@ -5,44 +5,22 @@ import os
 import sys
 
 import pytest
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "examples"))
 
 import text_classification  # noqa: E402
 from text_data import DataError, load_table, split  # noqa: E402
 
-from conftest import tiny_bert  # noqa: E402
-
-WORDS = "good bad great awful fine dull fun boring film movie plot the a is was".split()
-
+from conftest import save_tiny_classifier, write_review_csv  # noqa: E402
 
 @pytest.fixture
 def tiny_model_dir(tmp_path):
-    import transformers
-
-    vocab = tmp_path / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + WORDS) + "\n")
-    tokenizer = transformers.BertTokenizerFast(vocab_file=str(vocab))
-    model = tiny_bert(num_layers=4)
-    model.config.vocab_size = 100
-    path = tmp_path / "model"
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
+    return save_tiny_classifier(tmp_path / "model")
 
 
 @pytest.fixture
 def tiny_csv(tmp_path):
-    g = torch.Generator().manual_seed(0)
-    rows = ["text,label"]
-    for i in range(120):
-        label = i % 2
-        word = ["bad", "good"][label] if torch.rand(1, generator=g).item() < 0.9 else ["good", "bad"][label]
-        rows.append(f"the film was {word},{['neg', 'pos'][label]}")
-    path = tmp_path / "data.csv"
-    path.write_text("\n".join(rows) + "\n")
-    return str(path)
+    return write_review_csv(tmp_path / "data.csv")
 
 
 def test_example_runs_end_to_end(tiny_model_dir, tiny_csv, tmp_path):
