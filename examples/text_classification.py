@@ -126,12 +126,13 @@ def train(model, params, data: Encoded, steps: int, lr: float, batch_size: int, 
             engine.step(out.loss)  # stops with the step number if the loss is NaN or infinite
         batch_accuracy = (out.logits.detach().argmax(-1) == batch["labels"]).float().mean().item()
         recent = (recent + [batch_accuracy])[-20:]  # the bar shows a running mean
-        history.append({"step": step, "loss": out.loss.item(), "rate": rate})
+        loss_value = out.loss.item()
+        history.append({"step": step, "loss": loss_value, "rate": rate})
         if metrics is not None:
-            metrics.log(step, loss=out.loss.item(), train_accuracy=batch_accuracy, replacement_rate=rate,
+            metrics.log(step, loss=loss_value, train_accuracy=batch_accuracy, replacement_rate=rate,
                         lr=scheduler.get_last_lr()[0])
         if step % 10 == 0:
-            bar.set_postfix(loss=f"{out.loss.item():.3f}", acc=f"{sum(recent) / len(recent):.3f}",
+            bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{sum(recent) / len(recent):.3f}",
                             **({"p": f"{rate:.2f}"} if engine else {}))
     model.eval()
     return history

@@ -57,9 +57,10 @@ def train(th: Theseus, config: Dict[str, Any], batch_at: Callable[[int], Tuple[A
             opt.zero_grad(set_to_none=True)
             th.step(loss)  # stops with the step number if the loss is NaN or infinite
             position += 1
-            log.log(th.step_count - 1, loss=loss.item(), train_accuracy=batch_accuracy, replacement_rate=rate,
+            loss_value = loss.item()  # one device sync for the log and the bar
+            log.log(th.step_count - 1, loss=loss_value, train_accuracy=batch_accuracy, replacement_rate=rate,
                     lr=sched.get_last_lr()[0])
-            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{sum(recent) / len(recent):.3f}", p=f"{rate:.2f}",
+            bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{sum(recent) / len(recent):.3f}", p=f"{rate:.2f}",
                             refresh=False)  # drawn once, by update()
             bar.update(1)
             if manager and (th.step_count % config["checkpoint_every"] == 0 or th.step_count == steps):
