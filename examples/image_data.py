@@ -15,8 +15,8 @@ from typing import Optional, Tuple
 import numpy as np
 import torch
 
-from theseus_general.adapters.cli_image import ImageDataError
-from theseus_general.adapters.cli_image import read_idx as _read_idx
+from theseus_general.integrations.cli_image import ImageDataError
+from theseus_general.integrations.cli_image import read_idx as _read_idx
 
 DEFAULT_DIR = "/usr/share/datasets/fashion-mnist"
 FILES = {

@@ -48,7 +48,7 @@ def main(argv=None) -> dict:
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainingArguments)
 
-    from theseus_general.adapters.hf_trainer import TheseusTrainer
+    from theseus_general.integrations.hf_trainer import TheseusTrainer
 
     hf_logging.set_verbosity_error()  # the new head's "newly initialized" report is expected
 

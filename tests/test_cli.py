@@ -120,7 +120,7 @@ def tiny_predecessor(tmp_path, name, config):
     """Weights for the config's own architecture, at a tiny size, saved like the vision example does."""
     from safetensors.torch import save_model
 
-    from theseus_general.adapters.cli_image import build_model
+    from theseus_general.integrations.cli_image import build_model
 
     args = ({"img_size": 28, "patch_size": 7, "in_chans": 1, "num_classes": 10, "embed_dim": 16, "depth": 4,
              "num_heads": 2, "mlp_ratio": 2.0} if name == "vit" else {"width": 4, "blocks_per_stage": [2, 2, 2, 2]})
@@ -169,7 +169,7 @@ def test_image_task_errors_name_the_problem(tmp_path):
     import numpy as np
     from safetensors.torch import save_model
 
-    from theseus_general.adapters.cli_image import ImageDataError, build_model, load_images
+    from theseus_general.integrations.cli_image import ImageDataError, build_model, load_images
     from theseus_general.errors import TheseusError
 
     np.savez(tmp_path / "ok.npz", images=np.zeros((4, 8, 8), np.uint8), labels=np.arange(4))

@@ -8,7 +8,7 @@ pytest.importorskip("transformers")
 from transformers import TrainingArguments  # noqa: E402
 
 from theseus_general import LinearScheduler, Theseus  # noqa: E402
-from theseus_general.adapters.hf_trainer import TheseusCallback, TheseusTrainer  # noqa: E402
+from theseus_general.integrations.hf_trainer import TheseusCallback, TheseusTrainer  # noqa: E402
 
 
 class Rows(torch.utils.data.Dataset):

@@ -1,7 +1,7 @@
 """`theseus-compress CONFIG.yaml`: run a compression from a YAML config.
 
 This module imports no model library: it reads and checks the config, then hands
-it to the task's runner on the adapter side (``theseus_general.adapters.cli_text``).
+it to the task's runner on the adapter side (``theseus_general.integrations.cli_text``).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ FIELDS: Dict[str, tuple] = {
     "plots": (bool, True, ANY, "write OUTPUT/curriculum.png and, with eval_data, OUTPUT/comparison.png "
               "(needs matplotlib)"),
 }
-TASKS = {TEXT: "theseus_general.adapters.cli_text", IMAGE: "theseus_general.adapters.cli_image"}
+TASKS = {TEXT: "theseus_general.integrations.cli_text", IMAGE: "theseus_general.integrations.cli_image"}
 _POSITIVE = {"depth", "ratio", "steps", "lr", "batch_size", "max_length"}
 
 

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointManager
-from .engine import Theseus
-from .graph import run_model
-from .measure import count_flops, count_parameters, measure_latency
-from .metrics import MetricsLogger
-from .schedulers import LinearScheduler
+from ..checkpoint import CheckpointManager
+from ..engine import Theseus
+from ..graph import run_model
+from ..measure import count_flops, count_parameters, measure_latency
+from ..metrics import MetricsLogger
+from ..schedulers import LinearScheduler
 
 
 def build_engine(model: nn.Module, config: Dict[str, Any]) -> Theseus:
@@ -110,7 +110,7 @@ def report(predecessor: nn.Module, successor: nn.Module, config: Dict[str, Any],
 
 
 def _plots(rows: Dict[str, Dict[str, Any]], config: Dict[str, Any]) -> Dict[str, str]:
-    from .plots import plot_comparison, plot_curriculum
+    from ..plots import plot_comparison, plot_curriculum
 
     out = {}
     if config["metrics"]:

@@ -1,7 +1,7 @@
 """The text-classification task of `theseus-compress` (imports transformers).
 
 Loads a fine-tuned sequence classifier and its tokenizer, trains its successor on
-a CSV/JSONL file with the shared loop (theseus_general.cli_runner: checkpoints,
+a CSV/JSONL file with the shared loop (theseus_general.integrations.cli_runner: checkpoints,
 metrics, progress), writes ``OUTPUT/successor`` with save_pretrained, and reports
 accuracy (with eval_data), FLOPs and speed of both models.
 """
@@ -15,7 +15,7 @@ from typing import Any, Dict, List, Tuple
 
 import torch
 
-from theseus_general.cli_runner import build_engine, report, train
+from theseus_general.integrations.cli_runner import build_engine, report, train
 from theseus_general.errors import TheseusError
 
 

@@ -1,7 +1,7 @@
 """Hugging Face `transformers.Trainer` integration (imported on its own, never by
 ``import theseus_general``, since it imports transformers).
 
-    from theseus_general.adapters.hf_trainer import TheseusTrainer
+    from theseus_general.integrations.hf_trainer import TheseusTrainer
 
     th = Theseus(model, successor_depth=3)
     trainer = TheseusTrainer(theseus=th, model=th.model, args=args, train_dataset=train)

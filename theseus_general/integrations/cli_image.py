@@ -2,7 +2,7 @@
 
 Builds the predecessor from ``architecture`` + ``model_args`` and loads its safetensors
 weights, trains its successor on MNIST-style idx files or an .npz with the shared loop
-(theseus_general.cli_runner), writes ``OUTPUT/successor.safetensors`` with a
+(theseus_general.integrations.cli_runner), writes ``OUTPUT/successor.safetensors`` with a
 ``successor.json`` that says how to rebuild it, and reports accuracy, FLOPs and speed.
 """
 
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 
-from theseus_general.cli_runner import build_engine, report, train
+from theseus_general.integrations.cli_runner import build_engine, report, train
 from theseus_general.errors import TheseusError
 
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
