@@ -154,17 +154,28 @@ def test_every_python_fence_is_deliberate():
     assert len(_runnable_pages()) >= 2 and ROOT / "README.md" in _runnable_pages()
 
 
-def test_relative_links_point_at_files():
+def _anchors(path: Path) -> set:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.DOTALL)
+    headings = re.findall(r"^#{1,6}\s+(.+?)\s*$", text, flags=re.MULTILINE)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in headings}
+
+
+def test_relative_links_point_at_files_and_anchors():
     """Links and images such as (docs/images/x.png) or (api.md#export) resolve from their page."""
     broken = []
     for path in PAGES:
         text = re.sub(r"```.*?```", "", path.read_text(encoding="utf-8"), flags=re.DOTALL)
         for target in re.findall(r"\]\(([^)\s]+)\)", text):
-            if re.match(r"[a-z]+:", target) or target.startswith("#"):
+            if re.match(r"[a-z]+:", target):
                 continue
-            if not (path.parent / target.split("#")[0]).exists():
-                broken.append(f"{path.relative_to(ROOT)}: {target}")
-    assert not broken, f"links to missing files: {broken}"
+            file, _, anchor = target.partition("#")
+            resolved = path.parent / file if file else path
+            if not resolved.exists():
+                broken.append(f"{path.relative_to(ROOT)}: {target} (no such file)")
+            elif anchor and resolved.suffix == ".md" and anchor not in _anchors(resolved):
+                broken.append(f"{path.relative_to(ROOT)}: {target} (no such heading)")
+    assert not broken, f"broken links: {broken}"
 
 
 def test_a_broken_snippet_fails_with_its_place():
