@@ -26,7 +26,7 @@ def test_config_errors_name_the_field():
         check_config({k: v for k, v in good.items() if k != "model"})
     with pytest.raises(ConfigError, match="field 'lr' must be a number"):
         check_config({**good, "lr": "fast"})
-    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['stpes'\]"):
+    with pytest.raises(ConfigError, match=r"unknown field 'stpes' \(did you mean 'steps'\?\)"):
         check_config({**good, "stpes": 3})
     with pytest.raises(ConfigError, match="field 'base_rate' must be within"):
         check_config({**good, "base_rate": 1.5})

@@ -11,11 +11,16 @@ import sys
 import textwrap
 from typing import Any, Dict, List, Optional
 
-from .errors import TheseusError
+from .errors import TheseusError, UnknownOptionError
+from .suggest import unknown_names_message
 
 
 class ConfigError(TheseusError):
     """A config field is missing, unknown, or of the wrong type or range."""
+
+
+class UnknownFieldError(ConfigError, UnknownOptionError):
+    """A config field that does not exist (usually a typo); the message suggests the closest field."""
 
 
 TEXT, IMAGE = "text-classification", "image-classification"
@@ -80,7 +85,8 @@ def check_config(raw: Any, where: str = "config") -> Dict[str, Any]:
         raise ConfigError(f"{where}: expected a mapping of fields, got {type(raw).__name__}. See theseus-compress --help.")
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; the fields are {sorted(FIELDS)} (theseus-compress --help).")
+        raise UnknownFieldError(f"{where}: {unknown_names_message('field', unknown, FIELDS)}; the fields are "
+                                f"{sorted(FIELDS)} (theseus-compress --help).")
     task = raw.get("task")
     if task not in TASKS:
         raise ConfigError(f"{where}: field 'task' must be one of {sorted(TASKS)}, got {task!r}.")
