@@ -128,6 +128,36 @@ def check_config(raw: Any, where: str = "config") -> Dict[str, Any]:
     return config
 
 
+def check_target(config: Dict[str, Any], model: Any, where: str = "config") -> None:
+    """Check the fields 'depth' / 'ratio' against the model's blocks before the engine is built, so
+    that an impossible target names the config's field (not the API's argument successor_depth)."""
+    from .errors import PlanError
+    from .plan import resolve_depths
+    from .registry import detect_adapter
+
+    try:
+        adapter = detect_adapter(model)
+        adapter.check(model)
+        sizes = {path: len(model.get_submodule(path)) for path in adapter.containers(model)}
+    except TheseusError:
+        return  # the engine says what is wrong with the model itself
+    counts = ", ".join(f"{path}: {n}" for path, n in sizes.items())
+    total, depth = sum(sizes.values()), config.get("depth")
+    if depth is not None:
+        if depth >= total or depth < len(sizes):
+            low = len(sizes)
+            keeps = f" (each of its {low} containers keeps at least one)" if low > 1 else ""
+            raise ConfigError(f"{where}: field 'depth' is {depth}, but the model has {total} blocks ({counts}); "
+                              f"the successor must be shallower: choose a depth between {low} and {total - 1}{keeps}.")
+        return
+    try:
+        resolve_depths(sizes, ratio=config["ratio"])
+    except PlanError as e:
+        message = str(e).replace("give successor_depth=1", "set the field 'depth' to 1")
+        message = message.replace("give successor_depth with one depth per container", "set the field 'depth'")
+        raise ConfigError(f"{where}: field 'ratio': {message}") from None
+
+
 def _help() -> str:
     lines = ["config fields (YAML mapping; * = required for the tasks it applies to):"]
     for name, (kind, default, tasks, text) in FIELDS.items():
