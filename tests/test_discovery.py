@@ -75,3 +75,31 @@ def test_describe_leads_with_ranked_candidates_and_hides_the_tree():
     assert full.startswith(short) and "stages.2.blocks (Sequential, 9 blocks)" in full and len(full.splitlines()) > len(lines) + 30
     untraced = ModuleGraph.from_model(model).describe()
     assert "FLOPs are n/a" in untraced and "stages.2.blocks" in untraced and untraced.splitlines()[2].endswith("n/a")
+
+
+class TwoChains(torch.nn.Module):
+    """A conv chain on 16 x 16 maps (few parameters, many FLOPs), then a wide linear chain (many
+    parameters, few FLOPs)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.convs = torch.nn.Sequential(*[torch.nn.Conv2d(4, 4, 3, padding=1) for _ in range(3)])
+        self.linears = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(2))
+
+    def forward(self, x):
+        h = self.convs(x).mean((2, 3)).repeat(1, 16)
+        for layer in self.linears:
+            h = layer(h)
+        return h
+
+
+def test_largest_means_flops_then_parameters():
+    model = TwoChains()
+    traced = ModuleGraph.from_model(model, torch.randn(1, 4, 16, 16))
+    convs, linears = traced.container("convs"), traced.container("linears")
+    assert convs.flops > linears.flops and convs.num_params < linears.num_params
+    assert [c.path for c in traced.chains()] == ["convs", "linears"]
+    assert traced.ranking() == "FLOPs on the sample, then parameters"
+    untraced = ModuleGraph.from_model(model)
+    assert [c.path for c in untraced.candidates()] == ["linears", "convs"]  # no sample: parameters

@@ -44,8 +44,8 @@ FIELDS: Dict[str, tuple] = {
     "output": (str, REQUIRED, ANY, "directory for the successor, checkpoints/, metrics.csv, tensorboard/, "
                "results.json and plots"),
     "depth": (int, None, ANY, "successor depth in blocks (e.g. 3 of 6 BERT layers); give depth or ratio"),
-    "ratio": (float, None, ANY, "successor depth as a fraction of the predecessor's, per container (0.5: half); "
-              "give depth or ratio"),
+    "ratio": (float, None, ANY, "successor depth as a fraction of the predecessor's, per container (0.5: half), "
+              "rounded to the nearest block, halves down (9 blocks x 0.5 -> 4); give depth or ratio"),
     "text_column": (str, "text", (TEXT,), "name of the text column"),
     "label_column": (str, "label", (TEXT,), "name of the label column"),
     "max_length": (int, 64, (TEXT,), "tokens per text"),

@@ -462,24 +462,21 @@ def _resolve_adapter(model: nn.Module, adapter: Union[str, Adapter, None], optio
 
     theseus_keywords = keyword_names(Theseus.__init__, exclude=("model",))
 
-    def check(adapter_options: List[str], adapter_name: Optional[str]) -> None:
-        takes = f"the {adapter_name} adapter takes {', '.join(adapter_options)}" if adapter_options else \
-            f"the {adapter_name} adapter takes no options"
-        if adapter_name is None:
-            takes = f"adapter options: {', '.join(adapter_options)}"
+    def check(adapter_options: List[str], whose: str) -> None:
+        takes = f"{whose} {', '.join(adapter_options) or 'no options'}"
         check_names(options, theseus_keywords + adapter_options, "keyword argument",
                     f"Theseus() takes {', '.join(theseus_keywords)}; {takes}.")
 
     if isinstance(adapter, Adapter):
         if options:
-            check(type(adapter).option_names(), adapter.name or type(adapter).__name__)
+            check(type(adapter).option_names(), f"the {adapter.name or type(adapter).__name__} adapter takes")
             raise AdapterError(f"Adapter options {sorted(options)} were given with an adapter instance; pass them to its constructor.")
         adapter.check(model)
         return adapter
     if adapter is None:
         if options:
             by_adapter = {name: adapter_class(name).option_names() for name in list_adapters()}
-            check(sorted({o for names in by_adapter.values() for o in names}), None)
+            check(sorted({o for names in by_adapter.values() for o in names}), "adapter options:")
             if "container" in options:
                 adapter = "generic"
             else:
@@ -493,7 +490,7 @@ def _resolve_adapter(model: nn.Module, adapter: Union[str, Adapter, None], optio
             return detected
     if not isinstance(adapter, str):
         raise AdapterError(f"adapter must be a registered name, an Adapter instance or None, got {adapter!r}.")
-    check(adapter_class(adapter).option_names(), adapter)
+    check(adapter_class(adapter).option_names(), f"the {adapter} adapter takes")
     instance = get_adapter(adapter, **options)
     instance.check(model)
     return instance

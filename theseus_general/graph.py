@@ -191,6 +191,10 @@ class ModuleGraph:
             self.total_flops = counts.get("Global", 0)
             for c in self.containers:
                 c.flops = counts.get(f"{root}.{c.path}" if c.path else root, 0)
+            if not any(c.flops for c in self.containers):  # names not matched (e.g. a wrapped model): unknown
+                self.total_flops = None
+                for c in self.containers:
+                    c.flops = None
 
     def size(self, container: Container) -> Tuple[int, int]:
         """The ranking key of a container: (FLOPs on the sample, parameters); FLOPs count as 0
