@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -26,7 +27,7 @@ def test_config_errors_name_the_field():
         check_config({k: v for k, v in good.items() if k != "model"})
     with pytest.raises(ConfigError, match="field 'lr' must be a number"):
         check_config({**good, "lr": "fast"})
-    with pytest.raises(ConfigError, match=r"unknown field\(s\) \['stpes'\]"):
+    with pytest.raises(ConfigError, match=r"unknown field 'stpes' \(did you mean 'steps'\?\)"):
         check_config({**good, "stpes": 3})
     with pytest.raises(ConfigError, match="field 'base_rate' must be within"):
         check_config({**good, "base_rate": 1.5})
@@ -139,11 +140,21 @@ def test_each_example_config_runs_end_to_end(name, tmp_path, monkeypatch):
     with open(os.path.join(CONFIGS, f"{name}.yaml")) as f:
         config = yaml.safe_load(f)
     config.update(output=str(tmp_path / "out"), steps=6, batch_size=8, checkpoint_every=3)
+    saved = {}
     if name == "text":
         config.update(tiny_text_model(tmp_path))
     else:
+        from theseus_general.integrations import cli_image
+
         data = str(tiny_image_data(tmp_path / "idx"))
         config.update(data=data, eval_data=data, **tiny_predecessor(tmp_path, name, config))
+
+        def keep(model, path):  # the successor the task writes, to compare with its rebuild
+            saved["successor"] = model
+            return save_model(model, path)
+
+        save_model = cli_image.save_model
+        monkeypatch.setattr(cli_image, "save_model", keep)
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     assert main([str(tmp_path / "c.yaml")]) == 0
     out = tmp_path / "out"
@@ -160,8 +171,25 @@ def test_each_example_config_runs_end_to_end(name, tmp_path, monkeypatch):
 
         assert AutoConfig.from_pretrained(out / "successor").num_hidden_layers == 3
     else:
-        assert (out / "successor.safetensors").exists()
-        assert json.loads((out / "successor.json").read_text())["successor_depth"] == succ["blocks"]
+        assert_successor_json_rebuilds_it(out, config, succ["blocks"], saved["successor"])
+
+
+def assert_successor_json_rebuilds_it(out, config, blocks, successor):
+    """successor.json's architecture + model_args build the successor; its weights load strictly and
+    the outputs are the exported successor's."""
+    from safetensors.torch import load_model
+
+    from theseus_general.integrations.cli_image import build_model
+
+    info = json.loads((out / "successor.json").read_text())
+    assert info["successor_depth"] == blocks and info["predecessor_model_args"] == config["model_args"]
+    assert info["model_args"] != config["model_args"]  # the depth argument changed
+    rebuilt = build_model(info["architecture"], info["model_args"])
+    load_model(rebuilt, str(out / info["weights"]), strict=True)
+    x = torch.rand(3, 1, 28, 28, generator=torch.Generator().manual_seed(0))
+    successor.eval()
+    with torch.no_grad():
+        assert torch.equal(rebuilt.eval()(x), successor(x))
 
 
 
@@ -193,3 +221,40 @@ def test_image_task_errors_name_the_problem(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     assert main([str(tmp_path / "c.yaml")]) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_image_task_messages_name_the_file_and_the_field(tmp_path, capsys):
+    """A missing weights file says it does not exist; an impossible depth names the field 'depth'."""
+    with open(os.path.join(CONFIGS, "vit.yaml")) as f:
+        config = yaml.safe_load(f)
+    data = str(tiny_image_data(tmp_path / "idx"))
+    config.update(output=str(tmp_path / "out"), data=data, eval_data=data, steps=2, batch_size=8,
+                  **tiny_predecessor(tmp_path, "vit", config))
+    cases = [({"model": str(tmp_path / "nope.safetensors")}, r"model: '.*nope\.safetensors' does not exist"),
+             ({"ratio": None, "depth": 4}, r"field 'depth' is 4, but the model has 4 blocks \(blocks: 4\); .*"
+                                           r"between 1 and 3"),
+             ({"ratio": 0.1}, r"field 'ratio': ratio=0.1 leaves no block .* set the field 'depth' to 1")]
+    for change, words in cases:
+        (tmp_path / "c.yaml").write_text(yaml.safe_dump({**config, **change}))
+        assert main([str(tmp_path / "c.yaml")]) == 1
+        err = capsys.readouterr().err
+        assert re.search(words, err), err
+        assert "successor_depth" not in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_resnet_stage_depths_in_successor_json(tmp_path):
+    """timm's resnet18 takes its stage depths as `layers`; successor_model_args finds it although
+    model_args does not name it, and refuses to guess when no argument rebuilds the model."""
+    from theseus_general import Theseus
+    from theseus_general.integrations.cli_image import build_model, successor_model_args
+
+    for architecture, expected in (("timm:resnet18", {"num_classes": 4, "layers": [1, 1, 1, 1]}),
+                                   ("torchvision:resnet18", None)):  # get_model cannot take layers=
+        torch.manual_seed(0)
+        model = build_model(architecture, {"num_classes": 4})
+        th = Theseus(model, ratio=0.5)
+        depths = {"predecessor": dict(th.plan.containers), "successor": th.plan.successor_depth}
+        successor = th.export()
+        th.unwrap()
+        assert successor_model_args(architecture, {"num_classes": 4}, model, depths, successor) == expected

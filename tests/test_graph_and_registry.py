@@ -15,7 +15,7 @@ def test_graph_lists_containers_and_traces_shapes_with_dict_input():
     assert [b.index for b in layers.blocks] == [0, 1, 2]
     assert all(b.input_shape == (2, 5, 32) == b.output_shape for b in layers.blocks)
     assert layers.shape_preserving and layers.uniform
-    assert "bert.encoder.layer (ModuleList, 3 blocks)" in graph.describe()
+    assert "bert.encoder.layer (ModuleList, 3 blocks)" in graph.describe(full=True)
 
 
 def test_generic_adapter_finds_the_chain_from_a_sample():

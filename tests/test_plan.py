@@ -28,6 +28,23 @@ def test_bad_depths(depth, words):
         resolve_depths({"a": 12}, successor_depth=depth)
 
 
+@pytest.mark.parametrize("blocks, ratio, depth", [
+    (9, 0.5, 4), (7, 0.5, 3), (3, 0.5, 1), (5, 0.5, 2),  # exact halves round down (not to even)
+    (10, 0.35, 3),  # 3.4999999999999996 is a half too
+    (6, 0.3, 2), (6, 0.25, 1), (10, 0.26, 3), (6, 0.09, 1),  # otherwise the nearest whole block
+])
+def test_ratio_rounds_to_the_nearest_block_halves_down(blocks, ratio, depth):
+    assert resolve_depths({"a": blocks}, ratio=ratio) == {"a": depth}
+
+
+def test_ratio_that_rounds_to_zero_blocks_is_refused_with_the_rule():
+    with pytest.raises(PlanError, match=r"ratio=0.05 leaves no block in \['a'\] \(a: 6 x 0.05 = 0.3 blocks, which rounds "
+                                        r"to 0; .*nearest whole block, halves down\).*ratio above 0.0833 or give successor_depth=1"):
+        resolve_depths({"a": 6}, ratio=0.05)
+    with pytest.raises(PlanError, match=r"no block in \['layer1'\].*one depth per container"):
+        resolve_depths({"layer1": 2, "layer2": 6}, ratio=0.2)
+
+
 def test_bad_ratio_and_two_targets():
     with pytest.raises(PlanError, match="strictly between 0 and 1"):
         resolve_depths({"a": 12}, ratio=1.2)

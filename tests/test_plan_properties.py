@@ -44,9 +44,12 @@ def test_depth_and_ratio_targets_give_valid_depths(sizes_list, data):
     try:
         by_ratio = resolve_depths(sizes, ratio=ratio)
     except ValueError as error:
-        assert "keeps every block" in str(error)
+        rounds_to_zero = any(n * ratio <= 0.5 + 1e-9 for n in sizes_list)
+        assert ("leaves no block" in str(error)) if rounds_to_zero else ("keeps every block" in str(error))
     else:
         assert all(1 <= by_ratio[p] <= sizes[p] for p in sizes) and sum(by_ratio.values()) < total
+        # nearest whole block, halves down
+        assert all(abs(by_ratio[p] - sizes[p] * ratio) <= 0.5 + 1e-9 for p in sizes)
 
 
 @FAST

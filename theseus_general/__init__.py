@@ -23,6 +23,7 @@ from .errors import (
     ScheduleError,
     SuccessorMismatchError,
     TheseusError,
+    UnknownOptionError,
 )
 from .graph import ModuleGraph
 from .measure import count_flops, count_parameters, measure_latency
@@ -37,6 +38,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter", "AdapterError", "CheckpointError", "CallableScheduler", "ConstantScheduler", "EngineStateError", "ExportError", "NonFiniteLossError",
     "Group", "LinearScheduler", "ModuleGraph", "Plan", "PlanError", "ScheduleError", "Scheduler",
-    "SuccessorMismatchError", "Theseus", "TheseusError", "detect_adapter", "get_adapter", "list_adapters",
+    "SuccessorMismatchError", "Theseus", "TheseusError", "UnknownOptionError", "detect_adapter", "get_adapter", "list_adapters",
     "register_adapter", "split_evenly", "count_flops", "count_parameters", "measure_latency",
 ]

@@ -14,6 +14,7 @@ from typing import Any, List, Optional
 from torch import nn
 
 from .errors import AdapterError
+from .suggest import check_names, keyword_names
 
 
 class Adapter:
@@ -25,10 +26,12 @@ class Adapter:
     state_kwarg: str = "hidden_states"
 
     def __init__(self, **options: Any):
-        if options:
-            raise AdapterError(
-                f"The {self.name or type(self).__name__} adapter takes no options, got {sorted(options)}."
-            )
+        check_names(options, [], "adapter option", f"The {self.name or type(self).__name__} adapter takes no options.")
+
+    @classmethod
+    def option_names(cls) -> List[str]:
+        """The options this adapter's constructor takes (e.g. ["container"] for the generic one)."""
+        return keyword_names(cls.__init__)
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

@@ -11,11 +11,16 @@ import sys
 import textwrap
 from typing import Any, Dict, List, Optional
 
-from .errors import TheseusError
+from .errors import TheseusError, UnknownOptionError
+from .suggest import unknown_names_message
 
 
 class ConfigError(TheseusError):
     """A config field is missing, unknown, or of the wrong type or range."""
+
+
+class UnknownFieldError(ConfigError, UnknownOptionError):
+    """A config field that does not exist (usually a typo); the message suggests the closest field."""
 
 
 TEXT, IMAGE = "text-classification", "image-classification"
@@ -39,8 +44,8 @@ FIELDS: Dict[str, tuple] = {
     "output": (str, REQUIRED, ANY, "directory for the successor, checkpoints/, metrics.csv, tensorboard/, "
                "results.json and plots"),
     "depth": (int, None, ANY, "successor depth in blocks (e.g. 3 of 6 BERT layers); give depth or ratio"),
-    "ratio": (float, None, ANY, "successor depth as a fraction of the predecessor's, per container (0.5: half); "
-              "give depth or ratio"),
+    "ratio": (float, None, ANY, "successor depth as a fraction of the predecessor's, per container (0.5: half), "
+              "rounded to the nearest block, halves down (9 blocks x 0.5 -> 4); give depth or ratio"),
     "text_column": (str, "text", (TEXT,), "name of the text column"),
     "label_column": (str, "label", (TEXT,), "name of the label column"),
     "max_length": (int, 64, (TEXT,), "tokens per text"),
@@ -80,7 +85,8 @@ def check_config(raw: Any, where: str = "config") -> Dict[str, Any]:
         raise ConfigError(f"{where}: expected a mapping of fields, got {type(raw).__name__}. See theseus-compress --help.")
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; the fields are {sorted(FIELDS)} (theseus-compress --help).")
+        raise UnknownFieldError(f"{where}: {unknown_names_message('field', unknown, FIELDS)}; the fields are "
+                                f"{sorted(FIELDS)} (theseus-compress --help).")
     task = raw.get("task")
     if task not in TASKS:
         raise ConfigError(f"{where}: field 'task' must be one of {sorted(TASKS)}, got {task!r}.")
@@ -120,6 +126,36 @@ def check_config(raw: Any, where: str = "config") -> Dict[str, Any]:
     if config["ratio"] is not None and config["ratio"] >= 1:
         raise ConfigError(f"{where}: field 'ratio' must be below 1 (a smaller successor), got {config['ratio']!r}.")
     return config
+
+
+def check_target(config: Dict[str, Any], model: Any, where: str = "config") -> None:
+    """Check the fields 'depth' / 'ratio' against the model's blocks before the engine is built, so
+    that an impossible target names the config's field (not the API's argument successor_depth)."""
+    from .errors import PlanError
+    from .plan import resolve_depths
+    from .registry import detect_adapter
+
+    try:
+        adapter = detect_adapter(model)
+        adapter.check(model)
+        sizes = {path: len(model.get_submodule(path)) for path in adapter.containers(model)}
+    except TheseusError:
+        return  # the engine says what is wrong with the model itself
+    counts = ", ".join(f"{path}: {n}" for path, n in sizes.items())
+    total, depth = sum(sizes.values()), config.get("depth")
+    if depth is not None:
+        if depth >= total or depth < len(sizes):
+            low = len(sizes)
+            keeps = f" (each of its {low} containers keeps at least one)" if low > 1 else ""
+            raise ConfigError(f"{where}: field 'depth' is {depth}, but the model has {total} blocks ({counts}); "
+                              f"the successor must be shallower: choose a depth between {low} and {total - 1}{keeps}.")
+        return
+    try:
+        resolve_depths(sizes, ratio=config["ratio"])
+    except PlanError as e:
+        message = str(e).replace("give successor_depth=1", "set the field 'depth' to 1")
+        message = message.replace("give successor_depth with one depth per container", "set the field 'depth'")
+        raise ConfigError(f"{where}: field 'ratio': {message}") from None
 
 
 def _help() -> str:

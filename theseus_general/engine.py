@@ -455,20 +455,34 @@ def _check_plan_matches(ours: dict, saved: dict) -> None:
 
 
 def _resolve_adapter(model: nn.Module, adapter: Union[str, Adapter, None], options: dict) -> Adapter:
+    """The adapter for `model`. Keywords Theseus() did not recognise arrive here as `options`: a name
+    neither Theseus() nor the adapter takes raises UnknownOptionError with the closest valid name."""
+    from .registry import adapter_class, list_adapters
+    from .suggest import check_names, keyword_names
+
+    theseus_keywords = keyword_names(Theseus.__init__, exclude=("model",))
+
+    def check(adapter_options: List[str], whose: str) -> None:
+        takes = f"{whose} {', '.join(adapter_options) or 'no options'}"
+        check_names(options, theseus_keywords + adapter_options, "keyword argument",
+                    f"Theseus() takes {', '.join(theseus_keywords)}; {takes}.")
+
     if isinstance(adapter, Adapter):
         if options:
+            check(type(adapter).option_names(), f"the {adapter.name or type(adapter).__name__} adapter takes")
             raise AdapterError(f"Adapter options {sorted(options)} were given with an adapter instance; pass them to its constructor.")
         adapter.check(model)
         return adapter
     if adapter is None:
         if options:
+            by_adapter = {name: adapter_class(name).option_names() for name in list_adapters()}
+            check(sorted({o for names in by_adapter.values() for o in names}), "adapter options:")
             if "container" in options:
                 adapter = "generic"
             else:
+                owners = sorted(n for n, names in by_adapter.items() if set(options) & set(names))
                 raise AdapterError(
-                    f"Unknown keyword arguments {sorted(options)}. Theseus takes successor_depth, ratio, groups, "
-                    "adapter, scheduler, init, successors, unfreeze_rest, seed, sample, validate and adapter options "
-                    "(such as container= for the generic adapter)."
+                    f"The options {sorted(options)} belong to the adapter(s) {owners}; pass adapter= with one of them."
                 )
         else:
             detected = detect_adapter(model)
@@ -476,6 +490,7 @@ def _resolve_adapter(model: nn.Module, adapter: Union[str, Adapter, None], optio
             return detected
     if not isinstance(adapter, str):
         raise AdapterError(f"adapter must be a registered name, an Adapter instance or None, got {adapter!r}.")
+    check(adapter_class(adapter).option_names(), f"the {adapter} adapter takes")
     instance = get_adapter(adapter, **options)
     instance.check(model)
     return instance

@@ -40,3 +40,9 @@ class NonFiniteLossError(TheseusError, RuntimeError):
 
 class CheckpointError(TheseusError):
     """A checkpoint is missing, corrupted, or was saved from a different run."""
+
+
+class UnknownOptionError(TheseusError, TypeError):
+    """A keyword argument, adapter option or config field that does not exist (usually a typo).
+    The message suggests the closest valid name. Also a `TypeError`, which is what Python raises
+    for an unexpected keyword argument."""

@@ -5,6 +5,13 @@ children; its children are the *blocks* that Theseus can group and replace.
 With a sample input, each block's input and output shapes are recorded by
 running the model once with forward hooks. Hooks see what actually runs, so
 models with control flow or dict inputs work (torch.fx tracing would not).
+The same pass counts each container's FLOPs with `torch.utils.flop_counter`.
+
+A *chain* (a candidate for compression) is a container of at least two blocks of
+one type, each mapping its input to an output of the same shape, holding
+parameters, and not nested inside another chain. Chains are ranked by *size*:
+FLOPs on the sample (the compute a shallower successor saves), then parameters;
+parameters alone when no FLOPs were counted. ``describe()`` leads with them.
 
 Adapters and the generic block finder read this graph; nothing here knows a
 model family.
@@ -12,6 +19,7 @@ model family.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
@@ -38,6 +46,16 @@ class Container:
     path: str
     kind: str
     blocks: List[Block] = field(default_factory=list)
+    flops: Optional[int] = None  # FLOPs of one forward pass on the sample; None without one
+
+    @property
+    def num_params(self) -> int:
+        return sum(b.num_params for b in self.blocks)
+
+    @property
+    def block_type(self) -> str:
+        """The blocks' class name, or "mixed"."""
+        return self.blocks[0].type_name if self.uniform and self.blocks else "mixed"
 
     @property
     def shape_preserving(self) -> bool:
@@ -106,8 +124,11 @@ def run_model(model: nn.Module, sample: Any) -> Any:
 class ModuleGraph:
     """All containers of a model, in the order `named_modules` visits them."""
 
-    def __init__(self, containers: List[Container]):
+    def __init__(self, containers: List[Container], total_params: int = 0, total_flops: Optional[int] = None):
         self.containers = containers
+        self.total_params = total_params
+        self.total_flops = total_flops  # FLOPs of the whole model on the sample; None without one
+        self.traced = False
 
     @classmethod
     def from_model(cls, model: nn.Module, sample: Any = None) -> "ModuleGraph":
@@ -119,13 +140,14 @@ class ModuleGraph:
                     for i, (name, child) in enumerate(module.named_children())
                 ]
                 containers.append(Container(path, type(module).__name__, blocks))
-        graph = cls(containers)
+        graph = cls(containers, total_params=_count(model))
         if sample is not None:
             graph._trace(model, sample)
         return graph
 
     def _trace(self, model: nn.Module, sample: Any) -> None:
-        """Record each block's carried input/output shape from one forward pass (first call only)."""
+        """Record each block's carried input/output shape (first call only) and each container's
+        FLOPs, from one forward pass."""
         handles, by_path = [], {}
         for container in self.containers:
             for block in container.blocks:
@@ -145,14 +167,43 @@ class ModuleGraph:
         for path, block in by_path.items():
             handles.append(modules[path].register_forward_hook(hook(block), with_kwargs=True))
         was_training = model.training
+        counter = _flop_counter()
         try:
             model.eval()
-            with torch.no_grad():
-                run_model(model, sample)
+            try:
+                with torch.no_grad(), (counter or contextlib.nullcontext()):
+                    run_model(model, sample)
+            except Exception:
+                if counter is None:
+                    raise
+                counter = None  # shapes matter more than FLOPs: run again without the counter
+                with torch.no_grad():
+                    run_model(model, sample)
         finally:
             model.train(was_training)
             for h in handles:
                 h.remove()
+        self.traced = True
+        if counter is not None:
+            # The counter names modules "<RootClass>.<path>"; "Global" is the whole pass.
+            counts = {name: sum(ops.values()) for name, ops in counter.get_flop_counts().items()}
+            root = type(model).__name__
+            self.total_flops = counts.get("Global", 0)
+            for c in self.containers:
+                c.flops = counts.get(f"{root}.{c.path}" if c.path else root, 0)
+            if not any(c.flops for c in self.containers):  # names not matched (e.g. a wrapped model): unknown
+                self.total_flops = None
+                for c in self.containers:
+                    c.flops = None
+
+    def size(self, container: Container) -> Tuple[int, int]:
+        """The ranking key of a container: (FLOPs on the sample, parameters); FLOPs count as 0
+        when none were counted, so parameters decide."""
+        return (container.flops or 0) if self.total_flops else 0, container.num_params
+
+    def ranking(self) -> str:
+        """How `chains()` ranks, in words."""
+        return "FLOPs on the sample, then parameters" if self.total_flops else "parameters (no FLOPs counted)"
 
     def container(self, path: str) -> Container:
         for c in self.containers:
@@ -162,22 +213,84 @@ class ModuleGraph:
         raise AdapterError(f"{path!r} is not a container of blocks (ModuleList/Sequential); containers: {known}")
 
     def chains(self, min_blocks: int = 2) -> List[Container]:
-        """Containers of same-type, shape-preserving blocks: the ones that can be grouped safely.
-        Needs a traced graph; largest first."""
-        found = [c for c in self.containers if len(c.blocks) >= min_blocks and c.uniform and c.shape_preserving]
-        return sorted(found, key=lambda c: sum(b.num_params for b in c.blocks), reverse=True)
+        """Candidate containers for compression, largest first (see `size`): same-type,
+        shape-preserving blocks with parameters, not inside another candidate (wrapping
+        both would nest groups). Needs a traced graph (from_model with a sample)."""
+        found = [
+            c for c in self.containers
+            if len(c.blocks) >= min_blocks and c.uniform and c.shape_preserving and c.num_params > 0
+        ]
+        outer = [c for c in found if not any(_inside(c.path, o.path) for o in found if o is not c)]
+        return sorted(outer, key=self.size, reverse=True)
 
-    def describe(self) -> str:
-        lines = []
-        for c in self.containers:
-            lines.append(f"{c.path or '<root>'} ({c.kind}, {len(c.blocks)} blocks)")
-            for b in c.blocks:
-                shapes = f" {b.input_shape} -> {b.output_shape}" if b.input_shape is not None else ""
-                lines.append(f"  [{b.index}] {b.type_name} {b.num_params:,} params{shapes}")
+    def candidates(self) -> List[Container]:
+        """`chains()` when traced; without a sample, shapes are unknown, so every container of
+        same-type blocks with parameters, ranked by parameters."""
+        if self.traced:
+            return self.chains()
+        found = [c for c in self.containers if c.uniform and c.num_params > 0]
+        return sorted(found, key=lambda c: c.num_params, reverse=True)
+
+    def describe(self, full: bool = False) -> str:
+        """The candidate containers, ranked, with block count, parameters and FLOPs share
+        ("n/a" without a sample); with full=True also every container and block."""
+        candidates = self.candidates()
+        flops_known = self.total_flops is not None and self.total_flops > 0
+        if self.traced:
+            title = (f"Candidate containers (same-type blocks with equal input/output shapes), largest first by "
+                     f"{self.ranking()}:")
+        else:
+            title = ("Candidate containers (same-type blocks; no sample, so shapes are not checked and FLOPs are "
+                     "n/a: pass one to ModuleGraph.from_model(model, sample)), largest first by parameters:")
+        lines = [title]
+        if candidates:
+            rows = [("#", "container", "blocks", "block type", "params (share)", "FLOPs (share)")]
+            for rank, c in enumerate(candidates, 1):
+                flops = f"{_short(c.flops)} ({c.flops / self.total_flops:.1%})" if flops_known else "n/a"
+                rows.append((str(rank), c.path or "<root>", str(len(c.blocks)), c.block_type,
+                             f"{_short(c.num_params)} ({c.num_params / max(self.total_params, 1):.1%})", flops))
+            widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+            lines += ["  " + "  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+        else:
+            lines.append("  none")
+        total_flops = f", {_short(self.total_flops)} FLOPs on the sample" if flops_known else ""
+        others = len(self.containers) - len(candidates)
+        lines.append(f"Model: {_short(self.total_params)} params{total_flops}; {len(self.containers)} containers "
+                     f"({others} not candidates). describe(full=True) lists every container and block.")
+        if full:
+            lines.append("")
+            for c in self.containers:
+                lines.append(f"{c.path or '<root>'} ({c.kind}, {len(c.blocks)} blocks)")
+                for b in c.blocks:
+                    shapes = f" {b.input_shape} -> {b.output_shape}" if b.input_shape is not None else ""
+                    lines.append(f"  [{b.index}] {b.type_name} {b.num_params:,} params{shapes}")
         return "\n".join(lines)
 
     def __repr__(self) -> str:
         return self.describe()
+
+
+def _inside(path: str, outer: str) -> bool:
+    return outer == "" or path.startswith(outer + ".")
+
+
+def _short(n: Optional[int]) -> str:
+    """1234567 -> "1.23M"."""
+    if n is None:
+        return "n/a"
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return str(n)
+
+
+def _flop_counter():
+    """A FlopCounterMode when torch has one (torch >= 2.1), else None."""
+    try:
+        from torch.utils.flop_counter import FlopCounterMode
+    except ImportError:  # pragma: no cover
+        return None
+    return FlopCounterMode(display=False)
 
 
 def _count(module: nn.Module) -> int:

@@ -3,7 +3,11 @@
 A target is one of
   * ``successor_depth``: an int (spread over all containers), or a list with one
     depth per container;
-  * ``ratio``: a float in (0, 1), applied to every container;
+  * ``ratio``: a float in (0, 1), applied to every container: a container of n
+    blocks gets ``n * ratio`` blocks rounded to the nearest whole block, exact halves
+    rounded down (9 x 0.5 = 4.5 -> 4, 6 x 0.5 -> 3, 7 x 0.3 = 2.1 -> 2). A ratio that
+    rounds some container to 0 blocks is refused (6 x 0.05 = 0.3): every container
+    keeps at least one block, and a silent clamp to 1 would not be the ratio asked for;
   * ``groups``: explicit groups of block indices (a list of lists for one container,
     or a dict container path -> list of lists).
 
@@ -14,6 +18,7 @@ as ``numpy.array_split``.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
@@ -140,7 +145,16 @@ def resolve_depths(
     if ratio is not None:
         if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 < float(ratio) < 1.0:
             raise PlanError(f"ratio must be a number strictly between 0 and 1 (successor depth / predecessor depth), got {ratio!r}.")
-        depths = {p: max(1, int(round(sizes[p] * ratio))) for p in paths}
+        depths = {p: round_half_down(sizes[p] * ratio) for p in paths}
+        empty = {p: sizes[p] for p in paths if depths[p] == 0}
+        if empty:
+            n = min(empty.values())
+            products = ", ".join(f"{p}: {k} x {ratio} = {k * ratio:.3g}" for p, k in empty.items())
+            raise PlanError(
+                f"ratio={ratio} leaves no block in {sorted(empty)} ({products} blocks, which rounds to 0; ratio x "
+                "blocks is rounded to the nearest whole block, halves down). Every container keeps at least one "
+                f"block: use a ratio above {0.5 / n:.3g} or give {'successor_depth=1' if len(paths) == 1 else 'successor_depth with one depth per container'}."
+            )
         if sum(depths.values()) >= total:
             raise PlanError(
                 f"ratio={ratio} keeps every block of {sizes} (rounding gives depths {depths}); "
@@ -178,6 +192,12 @@ def resolve_depths(
             "every container keeps at least one block. Give a per-container list instead."
         )
     return _spread(sizes, depth)
+
+
+def round_half_down(x: float) -> int:
+    """`x` rounded to the nearest int, exact halves down (4.5 -> 4, 4.6 -> 5). The tolerance keeps
+    float noise from moving a half: 0.35 * 10 is 3.4999999999999996 and counts as 3.5."""
+    return max(0, math.ceil(x - 0.5 - 1e-9))
 
 
 def _spread(sizes: Dict[str, int], depth: int) -> Dict[str, int]:

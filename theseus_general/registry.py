@@ -13,6 +13,7 @@ from torch import nn
 
 from .adapter import Adapter
 from .errors import AdapterError
+from .suggest import check_names, did_you_mean
 
 _REGISTRY: Dict[str, Type[Adapter]] = {}
 
@@ -44,13 +45,21 @@ def list_adapters() -> List[str]:
 
 def adapter_class(name: str) -> Type[Adapter]:
     if name not in _REGISTRY:
-        raise AdapterError(f"No adapter named {name!r}. Registered adapters: {', '.join(_REGISTRY) or 'none'}.")
+        hint = did_you_mean(name, _REGISTRY) if isinstance(name, str) else ""
+        raise AdapterError(
+            f"No adapter named {name!r}{f' ({hint})' if hint else ''}. Registered adapters: {', '.join(_REGISTRY) or 'none'}."
+        )
     return _REGISTRY[name]
 
 
 def get_adapter(name: str, **options) -> Adapter:
-    """An instance of the adapter registered as `name`, with its options."""
-    return adapter_class(name)(**options)
+    """An instance of the adapter registered as `name`, with its options. An option the
+    adapter does not take raises UnknownOptionError with the closest valid name."""
+    cls = adapter_class(name)
+    valid = cls.option_names()
+    takes = f"takes: {', '.join(valid)}" if valid else "takes no options"
+    check_names(options, valid, "adapter option", f"The {name} adapter {takes}.")
+    return cls(**options)
 
 
 def detect_adapter(model: nn.Module) -> Adapter:

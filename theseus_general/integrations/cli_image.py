@@ -13,7 +13,7 @@ import importlib
 import json
 import os
 import sys
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import numpy as np
 import torch
@@ -22,6 +22,7 @@ from safetensors.torch import load_model, save_model
 from torch import nn
 
 from theseus_general.integrations.cli_runner import build_engine, report, train
+from theseus_general.cli import check_target
 from theseus_general.errors import TheseusError
 
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
@@ -102,18 +103,97 @@ def build_model(architecture: str, model_args: Dict[str, Any]) -> nn.Module:
     return builder(**model_args)
 
 
+# Argument names under which builders take a depth: one int (a single chain of blocks) or one
+# int per stage. Tried only when model_args does not already hold the depth.
+_DEPTH_ARGUMENTS = ("depth", "num_layers")
+_STAGE_DEPTH_ARGUMENTS = ("layers", "depths")
+
+
+def successor_model_args(architecture: str, model_args: Dict[str, Any], predecessor: nn.Module,
+                         depths: Dict[str, Dict[str, int]], successor: nn.Module) -> Optional[Dict[str, Any]]:
+    """The model_args with which `build_model(architecture, ...)` builds the successor exactly, or None.
+
+    Candidates change the depth argument: one in model_args whose value is the predecessor's depth
+    (an int, or a list with one entry per stage: ViT ``depth``, ResNet ``layers`` or a builder's
+    ``blocks_per_stage``), else a common depth argument the builder may take (``depth``,
+    ``num_layers``, ``layers``, ``depths``). A candidate counts only when its model is of the
+    successor's class and loads the successor's state dict strictly: nothing is guessed."""
+    before, after = depths["predecessor"], depths["successor"]
+    paths = list(before)
+    candidates = []
+    for key, value in model_args.items():
+        if len(paths) == 1 and isinstance(value, int) and not isinstance(value, bool) and value == before[paths[0]]:
+            candidates.append({**model_args, key: after[paths[0]]})
+        elif isinstance(value, (list, tuple)) and all(isinstance(v, int) for v in value):
+            changed = _replace_stage_depths(list(value), [before[p] for p in paths], [after[p] for p in paths])
+            if changed is not None:
+                candidates.append({**model_args, key: type(value)(changed) if isinstance(value, tuple) else changed})
+    if len(paths) == 1:
+        candidates += [{**model_args, key: after[paths[0]]} for key in _DEPTH_ARGUMENTS if key not in model_args]
+    stages = _sibling_stage_depths(predecessor, paths, after)
+    if stages is not None:
+        candidates += [{**model_args, key: stages} for key in _STAGE_DEPTH_ARGUMENTS if key not in model_args]
+    reference = successor.state_dict()
+    for args in candidates:
+        try:
+            rebuilt = build_model(architecture, args)
+            if type(rebuilt) is type(successor):
+                rebuilt.load_state_dict(reference, strict=True)
+                return args
+        except Exception:  # a builder that does not take the argument, or weights that do not fit
+            continue
+    return None
+
+
+def _replace_stage_depths(values: list, before: list, after: list) -> Optional[list]:
+    """`values` with the entries that are the compressed stages' depths replaced. Stages of a single
+    block are not compressed, so the compressed stages are the entries above 1, in order."""
+    if values == before:
+        return list(after)
+    positions = [i for i, v in enumerate(values) if v > 1]
+    if [values[i] for i in positions] != before:
+        return None
+    changed = list(values)
+    for i, depth in zip(positions, after):
+        changed[i] = depth
+    return changed
+
+
+def _sibling_stage_depths(model: nn.Module, paths: list, after: Dict[str, int]) -> Optional[list]:
+    """One depth per stage when the compressed containers are stages under one parent (ResNet's
+    layer1..layer4): every container child of that parent, at its successor depth."""
+    parents = {path.rpartition(".")[0] for path in paths}
+    if len(parents) != 1:
+        return None
+    (parent,) = parents
+    owner = model.get_submodule(parent) if parent else model
+    prefix = f"{parent}." if parent else ""
+    return [after.get(prefix + name, len(child)) for name, child in owner.named_children()
+            if isinstance(child, (nn.Sequential, nn.ModuleList))]
+
+
+def check_weights_file(path: str) -> None:
+    """The predecessor's weights: an existing .safetensors file."""
+    if not os.path.exists(path):
+        raise TheseusError(f"model: {path!r} does not exist (resolved to {os.path.abspath(path)}); give the path of "
+                           "the predecessor's weights, saved with safetensors.torch.save_model(model, "
+                           "'predecessor.safetensors').")
+    if not (path.endswith(".safetensors") and os.path.isfile(path)):
+        raise TheseusError(f"model: {path!r} is not a .safetensors file; save the predecessor with "
+                           "safetensors.torch.save_model(model, 'predecessor.safetensors').")
+
+
 def run(config: Dict[str, Any]) -> Dict[str, Any]:
+    check_weights_file(config["model"])
     x, y = load_images(config["data"], "train")
     evaluation = load_images(config["eval_data"], "test") if config["eval_data"] else None
     model = build_model(config["architecture"], config["model_args"])
-    if not (config["model"].endswith(".safetensors") and os.path.isfile(config["model"])):
-        raise TheseusError(f"model: {config['model']!r} is not a .safetensors file; save the predecessor with "
-                           "safetensors.torch.save_model(model, 'predecessor.safetensors').")
     try:
         load_model(model, config["model"])  # safetensors: no unpickling
     except RuntimeError as e:
         raise TheseusError(f"model: the weights in {config['model']} do not fit {config['architecture']} with "
                            f"model_args {config['model_args']} ({str(e).splitlines()[0]}).") from None
+    check_target(config, model)
     th = build_engine(model, config)
     print(th.plan)
     batch_size = min(config["batch_size"], len(x))
@@ -136,11 +216,20 @@ def run(config: Dict[str, Any]) -> Dict[str, Any]:
     os.makedirs(config["output"], exist_ok=True)
     out = os.path.join(config["output"], "successor.safetensors")
     save_model(successor, out)
+    rebuild = successor_model_args(config["architecture"], config["model_args"], model, depths, successor)
+    if rebuild is None:
+        how = ("no depth argument of the architecture was found that rebuilds it: build the architecture with "
+               "predecessor_model_args, cut its block containers to successor_depth, then "
+               "safetensors.torch.load_model")
+        print(f"warning: successor.json cannot give model_args that rebuild the successor ({how}).", file=sys.stderr)
+    else:
+        how = ("theseus_general.integrations.cli_image.build_model(architecture, model_args) (timm.create_model, "
+               "torchvision.models.get_model or your function), then safetensors.torch.load_model(model, weights); "
+               "checked when written")
     with open(os.path.join(config["output"], "successor.json"), "w") as f:
-        json.dump({"architecture": config["architecture"], "model_args": config["model_args"],
-                   "successor_depth": depths["successor"], "weights": "successor.safetensors",
-                   "how_to_load": "build the architecture with model_args, its block containers cut to "
-                                  "successor_depth, then safetensors.torch.load_model"}, f, indent=2)
+        json.dump({"architecture": config["architecture"], "model_args": rebuild,
+                   "predecessor_model_args": config["model_args"], "successor_depth": depths["successor"],
+                   "weights": "successor.safetensors", "how_to_load": how}, f, indent=2)
     print(f"successor: {depths['successor']} blocks -> {out} (safetensors)")
     eval_batches = None
     if evaluation:

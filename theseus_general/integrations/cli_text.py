@@ -16,6 +16,7 @@ from typing import Any, Dict, List, Tuple
 import torch
 
 from theseus_general.integrations.cli_runner import build_engine, report, train
+from theseus_general.cli import check_target
 from theseus_general.errors import TheseusError
 
 
@@ -48,11 +49,18 @@ def run(config: Dict[str, Any]) -> Dict[str, Any]:
 
     texts, labels = read_rows(config["data"], config["text_column"], config["label_column"])
     evaluation = read_rows(config["eval_data"], config["text_column"], config["label_column"]) if config["eval_data"] else None
-    tokenizer = AutoTokenizer.from_pretrained(config["model"])
-    model = AutoModelForSequenceClassification.from_pretrained(config["model"])
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(config["model"])
+        model = AutoModelForSequenceClassification.from_pretrained(config["model"])
+    except OSError as e:  # what transformers raises for a missing directory or an unknown Hub name
+        what = ("is neither an existing directory nor a model name on the Hub" if not os.path.exists(config["model"])
+                else "cannot be loaded")
+        raise TheseusError(f"model: {config['model']!r} {what} ({str(e).splitlines()[0]}); give a "
+                           "directory written by save_pretrained (model and tokenizer) or a model name on the Hub.") from None
     for name, y in (("data", labels), ("eval_data", evaluation[1] if evaluation else [])):
         if y and (max(y) >= model.config.num_labels or min(y) < 0):
             raise TheseusError(f"{name}: labels span {min(y)}..{max(y)} but the model has {model.config.num_labels} labels.")
+    check_target(config, model)
     th = build_engine(model, config)
     print(th.plan)
 
