@@ -16,7 +16,7 @@ def loss_fn(out, y):
 
 
 def compress(model, batches):
-    th = Theseus(model, ratio=0.5, scheduler=LinearScheduler.reaching_one_at(3, base=0.3), unfreeze_rest=True)
+    th = Theseus(model, ratio=0.5, scheduler=LinearScheduler.reaching_one_at(3, base=0.3), train_rest=True)
     opt = torch.optim.AdamW(th.trainable_parameters(), lr=1e-3)
     for x, y in batches:
         loss_fn(th.model(x), y).backward(); opt.step(); opt.zero_grad(); th.step()  # noqa: E702

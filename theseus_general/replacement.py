@@ -88,8 +88,7 @@ class ReplacementState:
 
     def advance(self, step: int, rate: float) -> None:
         self.step, self.rate = step, rate
-        self.calls.clear()
-        self.last_draws.clear()
+        self.calls.clear()  # last_draws stays readable (what the step that just ended ran)
         self.ran_successor.clear()
         self.took_part.clear()
 
