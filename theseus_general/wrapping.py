@@ -60,7 +60,12 @@ _FROZEN_CLASSES: Dict[type, type] = {}
 
 def _frozen_class(cls: type) -> type:
     if cls not in _FROZEN_CLASSES:
-        _FROZEN_CLASSES[cls] = type(f"Frozen{cls.__name__}", (_FrozenNorm, cls), {"_theseus_unfrozen": cls})
+        name = f"Frozen{cls.__name__}"
+        if cls.__module__ != "torch.nn.modules.batchnorm" and cls.__module__ != "torch.nn.modules.instancenorm":
+            name = f"Frozen_{cls.__module__.replace('.', '_')}_{cls.__name__}"
+        frozen = type(name, (_FrozenNorm, cls), {"_theseus_unfrozen": cls, "__module__": __name__})
+        globals()[name] = frozen  # importable by name, so a wrapped model still pickles (torch.save)
+        _FROZEN_CLASSES[cls] = frozen
     return _FROZEN_CLASSES[cls]
 
 
