@@ -7,9 +7,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from theseus_general import ConstantScheduler, LinearScheduler, Theseus
+from theseus_general import LinearScheduler, Theseus
 
-from conftest import Block, ChainModel, assert_same_state, bert_batch, state_snapshot, tiny_bert
+from conftest import ChainModel, assert_same_state, bert_batch, state_snapshot, tiny_bert
 
 
 def _train(model, th, batches, steps, lr=1e-2, loss_fn=None, autocast=None):
@@ -94,6 +94,7 @@ def _same_successors(make, enable, batches, loss_fn, steps=4, **theseus_kwargs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
 def test_hf_gradient_checkpointing_trains_the_same_successors():
     _same_successors(lambda: _no_dropout(tiny_bert(num_layers=4)), lambda m: m.gradient_checkpointing_enable(),
                      lambda i: bert_batch(seed=i), _bert_loss, successor_depth=2)
@@ -119,22 +120,24 @@ class CheckpointedChain(ChainModel):
     """torch.utils.checkpoint around each entry of `blocks`, i.e. around each Theseus group."""
 
     use_checkpoint = False
+    reentrant = False
 
     def forward(self, x):
         h = self.stem(x)
         for block in self.blocks:
-            h = checkpoint(block, h, use_reentrant=False) if self.use_checkpoint else block(h)
+            h = checkpoint(block, h, use_reentrant=self.reentrant) if self.use_checkpoint else block(h)
         return self.head(h)
 
 
-def test_torch_checkpoint_around_a_group_trains_the_same_successors_and_does_not_redraw():
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_torch_checkpoint_around_a_group_trains_the_same_successors_and_does_not_redraw(reentrant):
     def enable(m):
-        m.use_checkpoint = True
+        m.use_checkpoint, m.reentrant = True, reentrant
 
     _same_successors(lambda: CheckpointedChain(depth=6), enable, _chain_batches, _chain_loss,
                      steps=6, adapter="generic", container="blocks", successor_depth=3)
     model = CheckpointedChain(depth=6)
-    model.use_checkpoint = True
+    enable(model)
     th = Theseus(model, adapter="generic", container="blocks", successor_depth=3, scheduler=0.5)
     _chain_loss(model, _chain_batches(0)).backward()  # forward + recomputation in backward
     assert th._state.calls == {0: 1, 1: 1, 2: 1}  # one micro-batch, not two

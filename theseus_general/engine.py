@@ -20,7 +20,6 @@ autocast, ``.to()`` and DDP/FSDP work on ``th.model`` as on any model.
 
 from __future__ import annotations
 
-import copy
 import math
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -30,14 +29,13 @@ from torch import nn
 
 from .adapter import Adapter
 from .errors import AdapterError, CheckpointError, EngineStateError, ExportError, NonFiniteLossError, ScheduleError
-from .graph import set_submodule
 from .plan import Group, GroupsSpec
 from .planning import INIT_CHOICES, build_successors, check_copies_export, check_plan_matches, container_at, make_plan, resolve_groups
 from .registry import detect_adapter, get_adapter
 from .replacement import ReplacementState, TheseusGroup
 from .schedulers import SchedulerLike, as_scheduler
 from .validation import check_successors
-from .wrapping import Wrapping, unfreeze_norm
+from .wrapping import Wrapping
 
 InitLike = Union[str, Callable[[Group, List[nn.Module]], nn.Module]]
 __all__ = ["Theseus", "INIT_CHOICES"]
@@ -282,11 +280,7 @@ class Theseus:
                         f"Group {group.index} ({group.container} blocks {list(group.blocks)}): {reason}. "
                         "Use export(native=False) to get the model with the successor modules as they are."
                     )
-        exported = self._copy_with_successors()
-        for m in exported.modules():
-            unfreeze_norm(m)  # the rest's frozen batch norm (train_rest=False) is a plain one again
-        for p in exported.parameters():
-            p.requires_grad_(True)
+        exported = wrapping.copy_with_successors()
         exported.eval()
         return self.adapter.finalize_export(exported, self.plan.successor_depth)
 
@@ -339,21 +333,6 @@ class Theseus:
                 f"Cannot call {what} on a closed Theseus engine (unwrap() was called). "
                 "Create a new Theseus(model, ...) to compress again."
             )
-
-    def _copy_with_successors(self) -> nn.Module:
-        """A deep copy of the model with the successors in the caller's containers and
-        without the engine's parts; the wrapped model is put back as it was."""
-        model, wrapping = self._model, self._wrapping
-        ignore = model.__dict__.pop("_ddp_params_and_buffers_to_ignore", None)
-        try:
-            for path, container in wrapping.successor_model_parts().items():
-                set_submodule(model, path, container)
-            return copy.deepcopy(model)
-        finally:
-            for path, wrapped in wrapping.wrapped.items():
-                set_submodule(model, path, wrapped)
-            if ignore is not None:
-                model._ddp_params_and_buffers_to_ignore = ignore
 
 
 def _train_rest_argument(train_rest: Any, unfreeze_rest: Any) -> bool:

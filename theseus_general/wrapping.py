@@ -24,6 +24,7 @@ Everything the engine holds lives in the module tree, so ``.to()``, ``.double()`
 
 from __future__ import annotations
 
+import copy
 import re
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
@@ -241,10 +242,26 @@ class Wrapping:
                     p.grad = None
         return hook
 
-    def successor_model_parts(self) -> Dict[str, nn.Module]:
-        """path -> a container like the caller's holding the successors."""
-        return {path: same_container(self.originals[path], [g.successor for g in wrapped])
-                for path, wrapped in self.wrapped.items()}
+    def copy_with_successors(self) -> nn.Module:
+        """A deep copy of the model with the successors in containers like the caller's, and
+        none of the wrapping's parts (groups, kept originals, frozen batch norm); every
+        parameter requires gradients. The wrapped model is left as it was."""
+        model = self.model
+        ignore = model.__dict__.pop("_ddp_params_and_buffers_to_ignore", None)
+        try:
+            for path, wrapped in self.wrapped.items():
+                set_submodule(model, path, same_container(self.originals[path], [g.successor for g in wrapped]))
+            copied = copy.deepcopy(model)
+        finally:
+            for path, wrapped in self.wrapped.items():
+                set_submodule(model, path, wrapped)
+            if ignore is not None:
+                model._ddp_params_and_buffers_to_ignore = ignore
+        for m in copied.modules():
+            unfreeze_norm(m)  # the rest's frozen batch norm (train_rest=False) is a plain one again
+        for p in copied.parameters():
+            p.requires_grad_(True)
+        return copied
 
     def restore(self) -> nn.Module:
         """Give the model back as it was before injection (in its current dtype/device)."""
