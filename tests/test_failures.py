@@ -46,7 +46,7 @@ def test_unfreeze_rest_is_a_deprecated_alias_of_train_rest():
     assert th.train_rest is False and not th.model.stem.weight.requires_grad
     with pytest.raises(ScheduleError, match="Give train_rest= only"):
         Theseus(ChainModel(), adapter="generic", container="blocks", successor_depth=2,
-                train_rest=True, unfreeze_rest=False)
+                train_rest=False, unfreeze_rest=True)
     # no schedule needs to reach 1 any more: the rest trains from step 0
     th = Theseus(ChainModel(), adapter="generic", container="blocks", successor_depth=2,
                  scheduler=LinearScheduler(base=0.3, k=0.0), train_rest=True)

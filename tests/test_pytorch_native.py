@@ -178,6 +178,8 @@ def test_double_moves_everything_the_engine_holds():
     keys = set(model.state_dict())
     th = Theseus(model, successor_depth=2, scheduler=LinearScheduler.reaching_one_at(2, base=0.5), train_rest=True)
     assert not any("theseus_originals" in k for k in model.state_dict())  # the kept originals are not state
+    kept = set(model._ddp_params_and_buffers_to_ignore)  # and DDP does not broadcast them every step
+    assert kept and kept <= {n for n, _ in model.named_buffers()}
     model.double()
     _train(model, th, lambda i: bert_batch(seed=i), 3, loss_fn=_bert_loss)
     exported = th.export()
@@ -187,6 +189,7 @@ def test_double_moves_everything_the_engine_holds():
     floating = [t for t in model.state_dict().values() if t.is_floating_point()]
     assert {t.dtype for t in floating} == {torch.float64}  # not float32 embeddings around float64 blocks
     assert not any("theseus" in name for name, _ in model.named_modules())
+    assert not hasattr(model, "_ddp_params_and_buffers_to_ignore")
 
 
 def test_unwrap_without_a_move_gives_back_the_callers_objects():
@@ -276,7 +279,7 @@ def test_adamw_leaves_idle_successors_unchanged():
     idle_steps = active_steps = 0
     for i in range(12):
         _chain_loss(model, _chain_batches(i)).backward()
-        idle = th._state.idle_groups()
+        idle = {g for g, ran_successor in th._state.last_draws.items() if not ran_successor}
         before = [[p.detach().clone() for p in s.parameters()] for s in th.successors()]
         opt.step()
         opt.zero_grad()

@@ -39,7 +39,6 @@ from .wrapping import Wrapping
 
 InitLike = Union[str, Callable[[Group, List[nn.Module]], nn.Module]]
 __all__ = ["Theseus", "INIT_CHOICES"]
-_UNSET = object()
 
 
 class Theseus:
@@ -80,8 +79,8 @@ class Theseus:
         scheduler: SchedulerLike = None,
         init: InitLike = "first",
         successors: Optional[Sequence[nn.Module]] = None,
-        train_rest: Any = _UNSET,
-        unfreeze_rest: Any = _UNSET,
+        train_rest: bool = True,
+        unfreeze_rest: Optional[bool] = None,
         seed: int = 0,
         sample: Any = None,
         validate: bool = True,
@@ -335,9 +334,9 @@ class Theseus:
             )
 
 
-def _train_rest_argument(train_rest: Any, unfreeze_rest: Any) -> bool:
-    if unfreeze_rest is not _UNSET:
-        if train_rest is not _UNSET and bool(train_rest) != bool(unfreeze_rest):
+def _train_rest_argument(train_rest: bool, unfreeze_rest: Optional[bool]) -> bool:
+    if unfreeze_rest is not None:
+        if not train_rest and unfreeze_rest:
             raise ScheduleError("Give train_rest= only; unfreeze_rest= is its deprecated name and they disagree.")
         warnings.warn(
             f"unfreeze_rest= is deprecated: use train_rest={bool(unfreeze_rest)}. The non-replaced parts "
@@ -347,7 +346,7 @@ def _train_rest_argument(train_rest: Any, unfreeze_rest: Any) -> bool:
             FutureWarning, stacklevel=3,
         )
         return bool(unfreeze_rest)
-    return True if train_rest is _UNSET else bool(train_rest)
+    return bool(train_rest)
 
 
 def _resolve_adapter(model: nn.Module, adapter: Union[str, Adapter, None], options: dict) -> Adapter:
