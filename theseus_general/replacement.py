@@ -44,6 +44,16 @@ def uniform(*keys: int) -> float:
     return (h >> 11) / float(1 << 53)
 
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch build without distributed support
+    _DTensor = None
+
+
+def _is_sharded(p: torch.Tensor) -> bool:
+    return _DTensor is not None and isinstance(p, _DTensor)
+
+
 def in_backward() -> bool:
     """True while the autograd engine runs a backward pass on this thread: a forward
     run now is a recomputation (activation checkpointing), not a new micro-batch."""
@@ -152,6 +162,11 @@ class TheseusGroup(nn.Module):
         params = [p for p in self.successor.parameters() if p.requires_grad]
         carried = out[0] if isinstance(out, (tuple, list)) else out
         if not params or not isinstance(carried, torch.Tensor) or not carried.is_floating_point():
+            return out
+        if any(_is_sharded(p) for p in params):
+            # FSDP2 with the successor as its own unit: an idle successor stays sharded (its
+            # unit's forward did not run). FSDP2 needs no anchor (it has no reducer waiting for
+            # every parameter), and without one the idle successor gets no gradient at all.
             return out
         anchor = torch.stack([p.sum() for p in params]).sum().to(carried.dtype) * 0.0
         carried = carried + anchor
