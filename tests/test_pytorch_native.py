@@ -290,3 +290,51 @@ def test_adamw_leaves_idle_successors_unchanged():
             active_steps += g not in idle
         th.step()
     assert idle_steps > 5 and active_steps > 5
+
+
+# ---------------------------------------------------------------- FSDP2 (one gloo process)
+FSDP2_SCRIPT = r"""
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from conftest import ChainModel
+from theseus_general import Theseus
+dist.init_process_group("gloo", rank=0, world_size=1)
+from torch.distributed.fsdp import fully_shard
+model = ChainModel(depth=6)
+th = Theseus(model, adapter="generic", container="blocks", successor_depth=3, scheduler=0.5, seed=1)
+for successor in th.successors():
+    fully_shard(successor)  # its own unit: stays sharded while its group runs the predecessor
+fully_shard(model)
+opt = torch.optim.AdamW(th.trainable_parameters(), lr=1e-2, weight_decay=0.1)
+idle_seen = 0
+for i in range(6):
+    model(torch.randn(4, 4)).pow(2).mean().backward()
+    idle = th._state.idle_groups()
+    before = [[p.full_tensor().clone() for p in s.parameters()] for s in th.successors()]
+    opt.step(); opt.zero_grad()
+    for g, s in enumerate(th.successors()):
+        moved = any(not torch.equal(a, p.full_tensor()) for a, p in zip(before[g], s.parameters()))
+        assert moved == (g not in idle), (i, g)
+    idle_seen += len(idle)
+    th.step()
+assert idle_seen > 0
+dist.destroy_process_group()
+print("FSDP2 OK")
+"""
+
+
+def test_fsdp2_with_successors_as_units_trains_and_leaves_idle_ones_unchanged(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "fsdp2.py"
+    script.write_text(FSDP2_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    done = subprocess.run([sys.executable, str(script), os.path.dirname(os.path.abspath(__file__))], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "FSDP2 OK" in done.stdout, done.stdout + done.stderr
