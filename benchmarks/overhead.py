@@ -99,7 +99,8 @@ def build_variant(name: str, cfg: Dict[str, Any], device: torch.device) -> Varia
     if name == "plain_full":
         return Variant(base, list(base.parameters()))
     if name.startswith("theseus_p"):
-        th = Theseus(base, successor_depth=cfg["depth"], scheduler=ConstantScheduler(float(name[len("theseus_p"):])))
+        th = Theseus(base, successor_depth=cfg["depth"], scheduler=ConstantScheduler(float(name[len("theseus_p"):])),
+                     train_rest=False)  # the references below train the blocks only
         th.model.train()
         return Variant(th.model, th.trainable_parameters(), th.step, keep=th)
     th = Theseus(copy.deepcopy(base), successor_depth=cfg["depth"])

@@ -66,10 +66,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def train_loop(accelerator, model, optimizer, loader, lr_scheduler, steps: int, desc: str,
                th: Optional[Theseus] = None, on_step: Optional[Callable] = None):
-    """`steps` optimiser steps over `loader` (restarted as needed). Returns the model,
-    which is a new DDP wrapper if the rest of the model started training (see below)."""
+    """`steps` optimiser steps over `loader` (restarted as needed). Returns the model.
+    The set of trainable parameters is fixed when Theseus wraps the model, so the model is
+    prepared (wrapped in DDP) once."""
     bar = tqdm(total=steps, desc=desc, disable=not accelerator.is_local_main_process, dynamic_ncols=True)
-    rest_pending = th is not None and th.unfreeze_rest and th.phase != "successor"
     done, epoch = 0, 0
     model.train()
     while done < steps:
@@ -90,14 +90,6 @@ def train_loop(accelerator, model, optimizer, loader, lr_scheduler, steps: int, 
                 th.step(loss)  # once per optimiser step; stops with the step number on a NaN/inf loss
                 if on_step is not None:
                     on_step(th, accelerator)
-                if rest_pending and th.phase == "successor":
-                    # unfreeze_rest: the copies of embeddings and head require gradients from now on,
-                    # but DDP only reduces the parameters that required them when it was built. Build
-                    # the DDP wrapper again so that they are averaged too (otherwise every process would
-                    # train its own copy of them). With one process this only returns the model.
-                    model = accelerator.prepare_model(accelerator.unwrap_model(model))
-                    model.train()
-                    rest_pending = False
                 bar.set_postfix(loss=f"{loss.item():.3f}", p=f"{rate:.2f}")
             else:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
@@ -204,9 +196,10 @@ def main(argv=None, on_step: Optional[Callable] = None) -> dict:
     checksum = state_checksum(predecessor)
 
     # The Theseus part: wrap first, then let Accelerate prepare the wrapped model (DDP reduces
-    # only what requires gradients: the successors), train, unwrap, export.
+    # only what requires gradients: the successors and the copies of embeddings and head, which
+    # train from step 0 with train_rest=True, the default), train, unwrap, export.
     th = Theseus(predecessor, successor_depth=args.depth, scheduler=LinearScheduler.reaching_one_at(max(1, args.steps // 2)),
-                 unfreeze_rest=True, seed=args.seed)
+                 train_rest=True, seed=args.seed)
     accelerator.print(th.plan)
     optimizer = torch.optim.AdamW(th.trainable_parameters(), lr=args.lr, weight_decay=0.01)
     model, optimizer, loader, schedule = accelerator.prepare(th.model, optimizer, train_loader(),

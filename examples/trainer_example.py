@@ -84,7 +84,7 @@ def main(argv=None) -> dict:
 
     # The Theseus part: wrap, train with the Trainer, export.
     th = Theseus(predecessor, successor_depth=args.depth, scheduler=LinearScheduler.reaching_one_at(max(1, args.steps // 2)),
-                 unfreeze_rest=True, seed=args.seed)
+                 train_rest=True, seed=args.seed)
     print(th.plan)
     TheseusTrainer(theseus=th, model=th.model, args=trainer_args("theseus", args.steps), **common).train()
     successor = th.export()

@@ -3,7 +3,9 @@
     RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python tests/_ddp_worker.py OUT_DIR
 
 Each rank trains on its slice of the same global batch and writes its per-step
-replacement draws (draws-<rank>.json) and final successor weights (weights-<rank>.safetensors).
+replacement draws (draws-<rank>.json) and final successor and rest weights (weights-<rank>.safetensors).
+The model is wrapped in DDP once: the rest (stem, head) trains from step 0 on copies, and
+AdamW with weight decay must leave successors idle for a step unchanged on every rank.
 With WORLD_SIZE unset, run(out, world_size=1) trains without DDP on the whole batch.
 """
 
@@ -31,10 +33,10 @@ def run(out: str, rank: int = 0, world_size: int = 1) -> None:
     if world_size > 1:
         from theseus_general.distributed import wrap_ddp
 
-        forward = wrap_ddp(th)  # find_unused_parameters=False: the zero anchor keeps successors in the graph
+        forward = wrap_ddp(th)  # once; find_unused_parameters=False: the zero anchor keeps successors in the graph
     else:
         forward = th.model
-    opt = torch.optim.SGD(th.trainable_parameters(), lr=0.1)
+    opt = torch.optim.AdamW(th.trainable_parameters(), lr=0.05, weight_decay=0.1)
     per_rank = GLOBAL_BATCH // world_size
     draws = []
     forward.train()

@@ -40,7 +40,7 @@ def main(argv=None):
     model = ChainModel(depth=6, seed=0)
     model.dropout = nn.Dropout(0.1)
     th = Theseus(model, successor_depth=3, adapter="generic", container="blocks",
-                 scheduler=LinearScheduler.reaching_one_at(args.steps // 2, base=0.3), unfreeze_rest=True, seed=7)
+                 scheduler=LinearScheduler.reaching_one_at(args.steps // 2, base=0.3), train_rest=True, seed=7)
     opt = torch.optim.AdamW(th.trainable_parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / (2 * args.steps))
     ckpt = CheckpointManager(args.ckpt, keep=2)

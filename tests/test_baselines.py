@@ -147,12 +147,12 @@ def test_one_call_baselines_work_for_a_vision_model():
     assert_same_state(before, teacher)
 
 
-def test_train_steps_trains_engine_rest_copies_once_they_unfreeze():
+def test_train_steps_trains_engine_rest_copies():
     from theseus_general import ConstantScheduler, Theseus
 
     model = tiny_bert(num_layers=4)
-    th = Theseus(model, successor_depth=2, scheduler=ConstantScheduler(0.5, replace_all_at=2), unfreeze_rest=True)
-    head = th.model.classifier.weight  # the engine's copy, frozen until p = 1
+    th = Theseus(model, successor_depth=2, scheduler=ConstantScheduler(0.5, replace_all_at=2), train_rest=True)
+    head = th.model.classifier.weight  # the engine's copy, trained from step 0
     start = head.detach().clone()
     loss = lambda x, y: F.cross_entropy(th.model(**x).logits, y)  # noqa: E731
     train_steps(th.model, th.trainable_parameters(), bert_stream(), 4, loss, lr=1e-3, after_step=th.step)

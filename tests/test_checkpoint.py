@@ -19,7 +19,7 @@ WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_resume_worke
 def make_run(depth=6, successor_depth=3, seed=0):
     model = ChainModel(depth=depth, seed=seed)
     th = Theseus(model, successor_depth=successor_depth, adapter="generic", container="blocks",
-                 scheduler=ConstantScheduler(0.5, replace_all_at=4), unfreeze_rest=True, seed=3)
+                 scheduler=ConstantScheduler(0.5, replace_all_at=4), train_rest=True, seed=3)
     opt = torch.optim.AdamW(th.trainable_parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     return model, th, opt, sched

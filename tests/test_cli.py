@@ -44,6 +44,15 @@ def test_config_errors_name_the_field():
         check_config({**{k: v for k, v in image.items() if k != "depth"}, "architecture": "timm:x", "ratio": 1.0})
 
 
+
+def test_train_rest_is_the_default_and_unfreeze_rest_its_former_name():
+    good = {"task": "text-classification", "model": "m", "data": "d.csv", "output": "o", "depth": 2}
+    assert check_config(good)["train_rest"] is True  # the library's default recipe too
+    with pytest.warns(FutureWarning, match="'unfreeze_rest' is now 'train_rest'"):
+        assert check_config({**good, "unfreeze_rest": False})["train_rest"] is False
+    with pytest.raises(ConfigError, match="give 'train_rest' only"):
+        check_config({**good, "unfreeze_rest": True, "train_rest": True})
+
 @pytest.mark.parametrize("name", ["text", "vit", "resnet"])
 def test_example_configs_are_valid_as_written(name):
     with open(os.path.join(CONFIGS, f"{name}.yaml")) as f:

@@ -43,8 +43,9 @@ def test_two_ranks_match_each_other_and_one_process(tmp_path):
 
     w0, w1 = (load_file(str(tmp_path / f"weights-{r}.safetensors")) for r in range(2))
     reference = load_file(str(single / "weights-0.safetensors"))
-    initial = _ddp_worker.ChainModel(depth=6, seed=0).blocks[0].linear.weight
-    assert not torch.equal(w0["successors.0.linear.weight"], initial)  # it trained
+    initial = _ddp_worker.ChainModel(depth=6, seed=0)
+    assert not torch.equal(w0["successors.0.linear.weight"], initial.blocks[0].linear.weight)  # it trained
+    assert not torch.equal(w0["rest.0"], initial.stem.weight)  # the rest trained too, in the same DDP wrap
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
         torch.testing.assert_close(w0[k], reference[k], rtol=1e-5, atol=1e-6)

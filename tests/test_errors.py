@@ -84,9 +84,11 @@ def test_not_a_module():
 def test_wrapping_twice_and_using_a_closed_engine():
     model = tiny_bert()
     th = Theseus(model, successor_depth=3)
-    with pytest.raises(EngineStateError, match="already wrapped"):
+    th.export()  # exporting leaves the model wrapped, so the advice must not be "export() first"
+    with pytest.raises(EngineStateError, match=r"already wrapped.*call its unwrap\(\) first") as refused:
         Theseus(model, successor_depth=2)
-    th.unwrap()
+    assert "or export()" not in str(refused.value)
+    th.unwrap()  # following the advice
     for call in (th.step, th.export, th.trainable_parameters):
         with pytest.raises(EngineStateError, match="closed"):
             call()

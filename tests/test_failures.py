@@ -39,12 +39,15 @@ def test_validate_after_wrapping_names_the_group():
     assert th._state.force is None
 
 
-def test_unfreeze_rest_needs_a_schedule_that_reaches_one():
-    with pytest.raises(ScheduleError, match="never reaches 1"):
+def test_unfreeze_rest_is_a_deprecated_alias_of_train_rest():
+    with pytest.warns(FutureWarning, match="unfreeze_rest= is deprecated: use train_rest=False.*from step 0"):
+        th = Theseus(ChainModel(), adapter="generic", container="blocks", successor_depth=2,
+                     scheduler=ConstantScheduler(0.5), unfreeze_rest=False)
+    assert th.train_rest is False and not th.model.stem.weight.requires_grad
+    with pytest.raises(ScheduleError, match="Give train_rest= only"):
         Theseus(ChainModel(), adapter="generic", container="blocks", successor_depth=2,
-                scheduler=ConstantScheduler(0.5), unfreeze_rest=True)
-    with pytest.raises(ScheduleError, match="never reaches 1"):
-        Theseus(ChainModel(), adapter="generic", container="blocks", successor_depth=2,
-                scheduler=LinearScheduler(base=0.3, k=0.0), unfreeze_rest=True)
-    Theseus(ChainModel(), adapter="generic", container="blocks", successor_depth=2,
-            scheduler=ConstantScheduler(0.5, replace_all_at=10), unfreeze_rest=True)
+                train_rest=False, unfreeze_rest=True)
+    # no schedule needs to reach 1 any more: the rest trains from step 0
+    th = Theseus(ChainModel(), adapter="generic", container="blocks", successor_depth=2,
+                 scheduler=LinearScheduler(base=0.3, k=0.0), train_rest=True)
+    assert th.model.stem.weight.requires_grad

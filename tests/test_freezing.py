@@ -22,7 +22,7 @@ def _train(th, steps=12, lr=1e-2, batch_fn=bert_batch):
 def test_predecessor_and_rest_bit_identical_while_successors_change():
     model = tiny_bert(num_layers=6)
     before = state_snapshot(model)
-    th = Theseus(model, successor_depth=3, scheduler=LinearScheduler.reaching_one_at(6, base=0.3))
+    th = Theseus(model, successor_depth=3, scheduler=LinearScheduler.reaching_one_at(6, base=0.3), train_rest=False)
     start = [p.detach().clone() for p in th.trainable_parameters()]
     _train(th)
     assert th.phase == "successor"
@@ -36,15 +36,18 @@ def test_predecessor_and_rest_bit_identical_while_successors_change():
     assert_same_state(before, model)
 
 
-def test_unfreeze_rest_trains_copies_not_the_callers_tensors():
+def test_train_rest_trains_copies_not_the_callers_tensors():
     model = tiny_bert(num_layers=4)
     before = state_snapshot(model)
     word_embeddings = model.bert.embeddings.word_embeddings.weight
-    th = Theseus(model, successor_depth=2, scheduler=LinearScheduler.reaching_one_at(4, base=0.5), unfreeze_rest=True)
+    th = Theseus(model, successor_depth=2, scheduler=LinearScheduler.reaching_one_at(4, base=0.5), train_rest=True)
     copy_ = model.bert.embeddings.word_embeddings.weight
-    assert copy_ is not word_embeddings and not copy_.requires_grad
-    _train(th, steps=10)
-    assert copy_.requires_grad  # trains in the successor phase
+    assert copy_ is not word_embeddings and copy_.requires_grad  # trains from step 0
+    assert any(p is copy_ for p in th.trainable_parameters())
+    start = copy_.detach().clone()
+    _train(th, steps=2)
+    assert th.phase == "replacing" and not torch.equal(start, copy_)
+    _train(th, steps=8)
     exported = th.export()
     assert not torch.equal(exported.bert.embeddings.word_embeddings.weight, word_embeddings)
     th.unwrap()

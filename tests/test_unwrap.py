@@ -19,7 +19,7 @@ def test_unwrap_restores_modules_flags_and_outputs():
     with torch.no_grad():
         reference = model(input_ids=ids).logits
 
-    with Theseus(model, successor_depth=2, unfreeze_rest=True, scheduler=1.0) as th:
+    with Theseus(model, successor_depth=2, train_rest=True, scheduler=1.0) as th:
         assert model.bert.encoder.layer is not layers
         opt = torch.optim.AdamW(th.trainable_parameters(), lr=1e-2)
         model.train()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
+import warnings
 from typing import Any, Dict, List, Optional
 
 from .errors import TheseusError, UnknownOptionError
@@ -54,7 +55,8 @@ FIELDS: Dict[str, tuple] = {
     "batch_size": (int, 32, ANY, "batch size"),
     "base_rate": (float, 0.3, ANY, "replacement rate at step 0 (linear curriculum)"),
     "replace_by": (float, 0.5, ANY, "fraction of the steps after which the rate is 1 (only successors run)"),
-    "unfreeze_rest": (bool, True, ANY, "train embeddings/stem and head once the rate is 1"),
+    "train_rest": (bool, True, ANY, "train embeddings/stem and head from step 0, on copies (false: keep them frozen, "
+                   "the paper's replacement phase); formerly unfreeze_rest"),
     "seed": (int, 0, ANY, "seed of the data order and of the replacement draws"),
     "checkpoint_every": (int, 0, ANY, "save a checkpoint every N steps into OUTPUT/checkpoints and resume from it "
                          "(0: off)"),
@@ -83,6 +85,12 @@ def load_config(path: str) -> Dict[str, Any]:
 def check_config(raw: Any, where: str = "config") -> Dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of fields, got {type(raw).__name__}. See theseus-compress --help.")
+    if "unfreeze_rest" in raw:
+        if "train_rest" in raw:
+            raise ConfigError(f"{where}: give 'train_rest' only; 'unfreeze_rest' is its former name.")
+        warnings.warn(f"{where}: field 'unfreeze_rest' is now 'train_rest' (embeddings/stem and head train from "
+                      "step 0 instead of from rate 1); rename it.", FutureWarning, stacklevel=2)
+        raw = {("train_rest" if k == "unfreeze_rest" else k): v for k, v in raw.items()}
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
         raise UnknownFieldError(f"{where}: {unknown_names_message('field', unknown, FIELDS)}; the fields are "

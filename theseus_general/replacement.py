@@ -1,18 +1,27 @@
-"""The module that stands in for one group during compression.
+"""The module that stands in for one group during compression, and the draws.
 
 `TheseusGroup` holds a group's predecessor blocks and its successor. In training,
-each call draws r ~ Bernoulli(p) for this group alone and runs the successor
-(r = 1) or the predecessor blocks in order (r = 0). In eval mode only the
+each forward pass of the model runs, for each group, the successor (with
+probability p) or the predecessor blocks in order. In eval mode only the
 successor runs.
 
-Draws are a pure function of (seed, step, group, call number within the step),
-not of any process's global RNG, so every DDP rank draws the same modules at the
-same step and a resumed run repeats the draws of an uninterrupted one.
+Decisions are fixed outside traced code. A decision is a pure function of
+(seed, step, group, micro-batch): every DDP rank draws the same modules without
+communicating, a resumed run repeats the draws of an uninterrupted one, and
+under gradient accumulation each micro-batch draws anew. The micro-batch index
+of a group is the number of its training forwards since the last ``th.step()``;
+a recomputation during backward (activation checkpointing) is not a new
+forward and reuses the decision of the forward it recomputes.
+
+The dispatch (`TheseusGroup.forward`) is excluded from ``torch.compile``
+(``torch.compiler.disable(recursive=False)``): it runs eagerly and reads the
+decision, while the blocks it calls are compiled as graphs of their own, so the
+compiled graphs do not depend on, and do not grow with, the draw pattern.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Set
 
 import torch
 from torch import nn
@@ -35,27 +44,63 @@ def uniform(*keys: int) -> float:
     return (h >> 11) / float(1 << 53)
 
 
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # a torch build without distributed support
+    _DTensor = None
+
+
+def _is_sharded(p: torch.Tensor) -> bool:
+    return _DTensor is not None and isinstance(p, _DTensor)
+
+
+def in_backward() -> bool:
+    """True while the autograd engine runs a backward pass on this thread: a forward
+    run now is a recomputation (activation checkpointing), not a new micro-batch."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class ReplacementState:
-    """Shared by all groups of one engine: schedule position, rate and draw bookkeeping."""
+    """Shared by all groups of one engine: schedule position, rate and the decisions.
+
+    Plain Python numbers, read and written only by the eager dispatch."""
 
     def __init__(self, seed: int = 0):
         self.seed = int(seed)
         self.step = 0
         self.rate = 0.0
         self.force: Optional[str] = None  # "successor" / "predecessor": bypass the draw (validation)
-        self.calls: Dict[int, int] = {}  # group -> calls since the last step
-        self.last_draws: Dict[int, bool] = {}  # group -> did its latest call run the successor
+        self.calls: Dict[int, int] = {}  # group -> training forwards since the last step (micro-batch index)
+        self.last_draws: Dict[int, bool] = {}  # group -> decision of its latest forward (reused by recomputes)
+        self.ran_successor: Set[int] = set()  # groups whose successor ran in some forward since the last step
+        self.took_part: Set[int] = set()  # groups called in training since the last step
 
+    def decision(self, group: int, micro_batch: int) -> bool:
+        """Whether `group` runs its successor in micro-batch `micro_batch` of the current step."""
+        return uniform(self.seed, self.step, group, micro_batch) < self.rate
+
+    @torch.compiler.disable  # plain Python bookkeeping: never traced, never guarded on
     def draw(self, group: int) -> bool:
+        if in_backward() and group in self.last_draws:
+            return self.last_draws[group]
         count = self.calls.get(group, 0)
         self.calls[group] = count + 1
-        use_successor = uniform(self.seed, self.step, group, count) < self.rate
+        use_successor = self.decision(group, count)
         self.last_draws[group] = use_successor
+        self.took_part.add(group)
+        if use_successor:
+            self.ran_successor.add(group)
         return use_successor
+
+    def idle_groups(self) -> Set[int]:
+        """Groups that took part in training since the last step without running their successor."""
+        return self.took_part - self.ran_successor
 
     def advance(self, step: int, rate: float) -> None:
         self.step, self.rate = step, rate
-        self.calls.clear()
+        self.calls.clear()  # last_draws stays readable (what the step that just ended ran)
+        self.ran_successor.clear()
+        self.took_part.clear()
 
 
 class TheseusGroup(nn.Module):
@@ -70,6 +115,7 @@ class TheseusGroup(nn.Module):
         self._state = state  # plain attribute: shared, not a submodule
         self._state_kwarg = state_kwarg
 
+    @torch.compiler.disable(recursive=False)
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         state = self._state
         if state.force == "predecessor":
@@ -103,18 +149,24 @@ class TheseusGroup(nn.Module):
 
     def _keep_successor_in_graph(self, out: Any) -> Any:
         # When a group runs its predecessor, its successor takes no part in this
-        # forward. If every group drew its predecessor (p = 0.5, 2 groups: 1 step in
-        # 4), the loss would depend on no trainable parameter and a plain
-        # loss.backward() would raise; under DDP, parameters left out of a forward
-        # make the reducer wait or fail unless find_unused_parameters=True (which
-        # costs an extra graph traversal every step). Adding 0 * sum(successor
-        # params) to the carried output keeps every successor parameter in the
-        # graph with an exact zero gradient, the same zeros the reference code's
-        # zero_grad() left. Cost: one reduction over the unused successor's
-        # parameters and one elementwise add per unused group per forward.
+        # forward. Under DDP, parameters left out of a forward make the reducer
+        # fail unless find_unused_parameters=True (an extra graph traversal every
+        # step), and with the rest frozen a step where every group drew its
+        # predecessor would have a loss with no trainable parameter. Adding
+        # 0 * sum(successor params) keeps every successor parameter in the graph
+        # with an exact zero gradient. Those zeros must not reach the optimiser
+        # (AdamW's momentum and weight decay would still move an idle successor):
+        # the engine's optimiser step pre-hook sets the gradients of successors
+        # idle for the whole step to None, after DDP has reduced them, so the
+        # optimiser skips them as in the reference code.
         params = [p for p in self.successor.parameters() if p.requires_grad]
         carried = out[0] if isinstance(out, (tuple, list)) else out
         if not params or not isinstance(carried, torch.Tensor) or not carried.is_floating_point():
+            return out
+        if any(_is_sharded(p) for p in params):
+            # FSDP2 with the successor as its own unit: an idle successor stays sharded (its
+            # unit's forward did not run). FSDP2 needs no anchor (it has no reducer waiting for
+            # every parameter), and without one the idle successor gets no gradient at all.
             return out
         anchor = torch.stack([p.sum() for p in params]).sum().to(carried.dtype) * 0.0
         carried = carried + anchor

@@ -22,7 +22,7 @@ from ..schedulers import LinearScheduler
 def build_engine(model: nn.Module, config: Dict[str, Any]) -> Theseus:
     target = {"successor_depth": config["depth"]} if config["depth"] is not None else {"ratio": config["ratio"]}
     full_at = max(1, int(config["steps"] * config["replace_by"]))
-    return Theseus(model, **target, unfreeze_rest=config["unfreeze_rest"], seed=config["seed"],
+    return Theseus(model, **target, train_rest=config["train_rest"], seed=config["seed"],
                    scheduler=LinearScheduler.reaching_one_at(full_at, base=config["base_rate"]))
 
 

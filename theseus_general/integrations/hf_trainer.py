@@ -9,9 +9,10 @@
     successor = th.export()
 
 `TheseusTrainer` is a `Trainer` whose optimiser covers exactly ``th.trainable_parameters()``
-(the Trainer's default would skip the rest-copies of unfreeze_rest=True, which do not
-require gradients yet when it is built), which adds `TheseusCallback` (one ``th.step()``
-per optimiser step) and logs the replacement rate as ``theseus_rate``.
+(the successors and, with train_rest=True, the copies of embeddings and head; that set is
+fixed when Theseus wraps the model, so the Trainer wraps it in DDP once, with any number of
+processes), which adds `TheseusCallback` (one ``th.step()`` per optimiser step) and logs
+the replacement rate as ``theseus_rate``.
 With a plain Trainer instead: ``Trainer(..., optimizers=(AdamW(th.trainable_parameters()), None),
 callbacks=[TheseusCallback(th)])``.
 """
@@ -37,15 +38,6 @@ class TheseusCallback(TrainerCallback):
         self.rates: List[float] = []
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if getattr(args, "world_size", 1) > 1 and self.theseus.unfreeze_rest and self.theseus.phase != "successor":
-            # The Trainer wraps the model for DDP once, before the rest-copies start to require
-            # gradients (at rate 1), so DDP would never average them: each process would end with
-            # different embeddings and head. Refuse before any step rather than diverge silently.
-            raise EngineStateError(
-                f"unfreeze_rest=True with {args.world_size} processes under the Trainer: the embedding/head copies "
-                "start training at rate 1, after the Trainer has wrapped the model for DDP, so they would not be "
-                "synchronised. Use Theseus(..., unfreeze_rest=False) with the Trainer, or the Accelerate loop of "
-                "examples/accelerate_example.py, which re-wraps the model when the rate reaches 1.")
         # resume_from_checkpoint restores the wrapped model's weights (successors included) and
         # the global step; the draws are a pure function of (seed, step), so stepping the
         # schedule forward restores them.

@@ -1,0 +1,340 @@
+"""A wrapped model behaves like any PyTorch model: compile, checkpointing, autocast,
+moves, a fixed trainable set, frozen batch norm and an optimiser that skips idle successors."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from theseus_general import LinearScheduler, Theseus
+
+from conftest import ChainModel, assert_same_state, bert_batch, state_snapshot, tiny_bert
+
+
+def _train(model, th, batches, steps, lr=1e-2, loss_fn=None, autocast=None):
+    opt = torch.optim.AdamW(th.trainable_parameters(), lr=lr)
+    model.train()
+    for i in range(steps):
+        batch = batches(i)
+        if autocast is not None:
+            with torch.autocast("cpu", dtype=autocast):
+                loss = loss_fn(model, batch)
+        else:
+            loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        th.step()
+
+
+def _no_dropout(model):
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+    return model
+
+
+def _bert_loss(model, batch):
+    return model(**batch).loss
+
+
+def _chain_batches(i):
+    return torch.randn(6, 4, generator=torch.Generator().manual_seed(i))
+
+
+def _chain_loss(model, x):
+    return model(x).pow(2).mean()
+
+
+# ---------------------------------------------------------------- torch.compile
+def test_compile_does_not_recompile_whatever_the_draws():
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    model = ChainModel(depth=8)
+    th = Theseus(model, adapter="generic", container="blocks", successor_depth=4, scheduler=0.5, seed=1)
+    compiled = torch.compile(model, backend="eager")
+    opt = torch.optim.AdamW(th.trainable_parameters(), lr=1e-2)
+    patterns = []
+
+    def step(i):
+        _chain_loss(compiled, _chain_batches(i)).backward()
+        patterns.append(tuple(th._state.last_draws[g] for g in range(4)))
+        opt.step()
+        opt.zero_grad()
+        th.step()
+
+    for i in range(3):  # warm-up
+        step(i)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > 0  # the blocks are compiled (the dispatch between them stays eager)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for i in range(3, 13):
+            step(i)
+    assert len(set(patterns)) >= 6  # the draws did vary
+    assert counters["stats"]["unique_graphs"] == graphs
+    assert not counters["recompiles"]
+    torch._dynamo.reset()
+
+
+# ---------------------------------------------------------------- activation checkpointing
+def _same_successors(make, enable, batches, loss_fn, steps=4, **theseus_kwargs):
+    results = []
+    for checkpointed in (False, True):
+        model = make()
+        th = Theseus(model, scheduler=0.5, seed=2, **theseus_kwargs)
+        if checkpointed:
+            enable(model)
+        _train(model, th, batches, steps, loss_fn=loss_fn)
+        results.append([p.detach().clone() for p in th.trainable_parameters()])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.filterwarnings("ignore:`gradient_checkpointing_enable` is deprecated")
+def test_hf_gradient_checkpointing_trains_the_same_successors():
+    _same_successors(lambda: _no_dropout(tiny_bert(num_layers=4)), lambda m: m.gradient_checkpointing_enable(),
+                     lambda i: bert_batch(seed=i), _bert_loss, successor_depth=2)
+
+
+def test_timm_grad_checkpointing_trains_the_same_successors():
+    import timm
+
+    def make():
+        torch.manual_seed(0)
+        return timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=4, img_size=16, patch_size=4,
+                                 embed_dim=32, num_heads=2, num_classes=3)
+
+    def batches(i):
+        g = torch.Generator().manual_seed(i)
+        return torch.randn(2, 3, 16, 16, generator=g), torch.randint(0, 3, (2,), generator=g)
+
+    _same_successors(make, lambda m: m.set_grad_checkpointing(True), batches,
+                     lambda m, b: F.cross_entropy(m(b[0]), b[1]), successor_depth=2)
+
+
+class CheckpointedChain(ChainModel):
+    """torch.utils.checkpoint around each entry of `blocks`, i.e. around each Theseus group."""
+
+    use_checkpoint = False
+    reentrant = False
+
+    def forward(self, x):
+        h = self.stem(x)
+        for block in self.blocks:
+            h = checkpoint(block, h, use_reentrant=self.reentrant) if self.use_checkpoint else block(h)
+        return self.head(h)
+
+
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_torch_checkpoint_around_a_group_trains_the_same_successors_and_does_not_redraw(reentrant):
+    def enable(m):
+        m.use_checkpoint, m.reentrant = True, reentrant
+
+    _same_successors(lambda: CheckpointedChain(depth=6), enable, _chain_batches, _chain_loss,
+                     steps=6, adapter="generic", container="blocks", successor_depth=3)
+    model = CheckpointedChain(depth=6)
+    enable(model)
+    th = Theseus(model, adapter="generic", container="blocks", successor_depth=3, scheduler=0.5)
+    _chain_loss(model, _chain_batches(0)).backward()  # forward + recomputation in backward
+    assert th._state.calls == {0: 1, 1: 1, 2: 1}  # one micro-batch, not two
+
+
+def test_gradient_accumulation_draws_anew_per_micro_batch():
+    model = ChainModel(depth=6)
+    th = Theseus(model, adapter="generic", container="blocks", successor_depth=3, scheduler=0.5, seed=5)
+    model.train()
+    differs = 0
+    for step in range(6):
+        draws = []
+        for micro in range(2):
+            _chain_loss(model, _chain_batches(micro)).backward()
+            draws.append(dict(th._state.last_draws))
+        differs += draws[0] != draws[1]
+        # each micro-batch's draws are a function of (seed, step, group, micro-batch) alone
+        assert draws == [{g: th._state.decision(g, m) for g in range(3)} for m in range(2)]
+        th.step()
+    assert differs > 0
+
+
+# ---------------------------------------------------------------- mixed precision
+def test_bf16_autocast_trains_and_export_keeps_the_dtype():
+    model = tiny_bert(num_layers=4)
+    th = Theseus(model, successor_depth=2, scheduler=0.5)
+    start = [p.detach().clone() for p in th.trainable_parameters()]
+    _train(model, th, lambda i: bert_batch(seed=i), 3, loss_fn=_bert_loss, autocast=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for p in th.trainable_parameters())
+    assert sum(not torch.equal(a, p) for a, p in zip(start, th.trainable_parameters())) > len(start) // 2
+    exported = th.export()
+    assert {p.dtype for p in exported.parameters()} == {torch.float32}
+
+
+# ---------------------------------------------------------------- moves
+def test_double_moves_everything_the_engine_holds():
+    model = tiny_bert(num_layers=4)
+    keys = set(model.state_dict())
+    th = Theseus(model, successor_depth=2, scheduler=LinearScheduler.reaching_one_at(2, base=0.5), train_rest=True)
+    assert not any("theseus_originals" in k for k in model.state_dict())  # the kept originals are not state
+    kept = set(model._ddp_params_and_buffers_to_ignore)  # and DDP does not broadcast them every step
+    assert kept and kept <= {n for n, _ in model.named_buffers()}
+    model.double()
+    _train(model, th, lambda i: bert_batch(seed=i), 3, loss_fn=_bert_loss)
+    exported = th.export()
+    assert {p.dtype for p in exported.parameters()} == {torch.float64}
+    th.unwrap()
+    assert set(model.state_dict()) == keys
+    floating = [t for t in model.state_dict().values() if t.is_floating_point()]
+    assert {t.dtype for t in floating} == {torch.float64}  # not float32 embeddings around float64 blocks
+    assert not any("theseus" in name for name, _ in model.named_modules())
+    assert not hasattr(model, "_ddp_params_and_buffers_to_ignore")
+
+
+def test_unwrap_without_a_move_gives_back_the_callers_objects():
+    model = tiny_bert(num_layers=4)
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+    th = Theseus(model, successor_depth=2, train_rest=True)
+    _train(model, th, lambda i: bert_batch(seed=i), 1, loss_fn=_bert_loss)
+    th.unwrap()
+    assert all(p is params[n] for n, p in model.named_parameters())
+    assert all(b is buffers[n] for n, b in model.named_buffers())
+
+
+# ---------------------------------------------------------------- a fixed trainable set
+def test_trainable_set_is_fixed_at_wrapping():
+    model = tiny_bert(num_layers=4)
+    th = Theseus(model, successor_depth=2, scheduler=LinearScheduler.reaching_one_at(3, base=0.3))
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert any(n.startswith("bert.embeddings") for n in trainable) and any(n.startswith("classifier") for n in trainable)
+    assert {id(p) for p in th.trainable_parameters()} == {id(p) for p in model.parameters() if p.requires_grad}
+    _train(model, th, lambda i: bert_batch(seed=i), 5, loss_fn=_bert_loss)
+    assert th.phase == "successor"
+    assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable
+
+
+# ---------------------------------------------------------------- frozen batch norm
+class ConvBlock(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return x + torch.relu(self.bn(self.conv(x)))
+
+
+def _conv_net():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Sequential(*[ConvBlock() for _ in range(4)]))
+
+
+def test_frozen_batch_norm_cannot_update_and_trained_batch_norm_does():
+    model = _conv_net()
+    predecessor_bn = {k: v.clone() for k, v in model[2].state_dict().items() if "bn." in k}
+    th = Theseus(model, adapter="generic", container="2", successor_depth=2, scheduler=1.0, train_rest=True)
+    opt = torch.optim.SGD(th.trainable_parameters(), lr=0.1)
+    for step in range(3):
+        model.train()  # the user's own mode switches are respected, never overridden
+        model(torch.randn(2, 1, 6, 6)).pow(2).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        th.step()
+        model.eval()
+        model(torch.randn(2, 1, 6, 6))
+    stem_bn = model[1]
+    assert stem_bn.num_batches_tracked.item() == 3  # every train-mode forward, none of the eval ones
+    model.train()
+    assert all(m.training for m in model.modules())  # no flags flipped behind the user's back
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    for group in th.groups:
+        group.predecessor.train()
+        for block in group.predecessor:
+            block(torch.randn(2, 4, 6, 6))  # even a direct train-mode call cannot update them
+    th.unwrap()
+    after = model[2].state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in predecessor_bn.items())
+
+
+def test_rest_batch_norm_stays_frozen_when_the_rest_does_not_train():
+    model = _conv_net()
+    before = state_snapshot(model)
+    th = Theseus(model, adapter="generic", container="2", successor_depth=2, scheduler=0.5, train_rest=False)
+    _train(model, th, lambda i: torch.randn(2, 1, 6, 6), 3, loss_fn=lambda m, x: m(x).pow(2).mean())
+    exported = th.export()
+    assert type(exported[1]) is nn.BatchNorm2d  # a plain batch norm again in the export
+    th.unwrap()
+    assert_same_state(before, model)
+    assert type(model[1]) is nn.BatchNorm2d and type(model[2][0].bn) is nn.BatchNorm2d
+
+
+# ---------------------------------------------------------------- idle successors
+def test_adamw_leaves_idle_successors_unchanged():
+    model = ChainModel(depth=8)
+    th = Theseus(model, adapter="generic", container="blocks", successor_depth=4, scheduler=0.5, seed=4,
+                 train_rest=False)
+    opt = torch.optim.AdamW(th.trainable_parameters(), lr=1e-2, weight_decay=0.1)
+    idle_steps = active_steps = 0
+    for i in range(12):
+        _chain_loss(model, _chain_batches(i)).backward()
+        idle = {g for g, ran_successor in th._state.last_draws.items() if not ran_successor}
+        before = [[p.detach().clone() for p in s.parameters()] for s in th.successors()]
+        opt.step()
+        opt.zero_grad()
+        for g, successor in enumerate(th.successors()):
+            moved = any(not torch.equal(a, p) for a, p in zip(before[g], successor.parameters()))
+            assert moved == (g not in idle), f"step {i} group {g}"
+            idle_steps += g in idle
+            active_steps += g not in idle
+        th.step()
+    assert idle_steps > 5 and active_steps > 5
+
+
+# ---------------------------------------------------------------- FSDP2 (one gloo process)
+FSDP2_SCRIPT = r"""
+import os, sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from conftest import ChainModel
+from theseus_general import Theseus
+dist.init_process_group("gloo", rank=0, world_size=1)
+from torch.distributed.fsdp import fully_shard
+model = ChainModel(depth=6)
+th = Theseus(model, adapter="generic", container="blocks", successor_depth=3, scheduler=0.5, seed=1)
+for successor in th.successors():
+    fully_shard(successor)  # its own unit: stays sharded while its group runs the predecessor
+fully_shard(model)
+opt = torch.optim.AdamW(th.trainable_parameters(), lr=1e-2, weight_decay=0.1)
+idle_seen = 0
+for i in range(6):
+    model(torch.randn(4, 4)).pow(2).mean().backward()
+    idle = th._state.idle_groups()
+    before = [[p.full_tensor().clone() for p in s.parameters()] for s in th.successors()]
+    opt.step(); opt.zero_grad()
+    for g, s in enumerate(th.successors()):
+        moved = any(not torch.equal(a, p.full_tensor()) for a, p in zip(before[g], s.parameters()))
+        assert moved == (g not in idle), (i, g)
+    idle_seen += len(idle)
+    th.step()
+assert idle_seen > 0
+dist.destroy_process_group()
+print("FSDP2 OK")
+"""
+
+
+def test_fsdp2_with_successors_as_units_trains_and_leaves_idle_ones_unchanged(tmp_path):
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = tmp_path / "fsdp2.py"
+    script.write_text(FSDP2_SCRIPT)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    done = subprocess.run([sys.executable, str(script), os.path.dirname(os.path.abspath(__file__))], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "FSDP2 OK" in done.stdout, done.stdout + done.stderr

@@ -1,0 +1,133 @@
+"""Planning: model + target -> plan and successors. Pure: reads the model, changes nothing.
+
+`Theseus` calls these before it touches anything, so that bad input fails with a
+`PlanError` / `AdapterError` while the caller's model is still as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Dict
+
+from torch import nn
+
+from .adapter import Adapter
+from .errors import AdapterError, CheckpointError, PlanError
+from .graph import CONTAINER_TYPES, count_params, get_submodule
+from .plan import Group, Plan, check_groups, resolve_depths, split_evenly
+
+INIT_CHOICES = ("first", "group_first", "group_last")
+
+
+def container_at(model: nn.Module, path: str) -> nn.Module:
+    module = get_submodule(model, path)
+    if not isinstance(module, CONTAINER_TYPES):
+        raise AdapterError(
+            f"{path!r} is a {type(module).__qualname__}, not a container of blocks (nn.ModuleList or nn.Sequential)."
+        )
+    if len(module) < 2:
+        raise AdapterError(f"{path!r} holds {len(module)} block(s); Theseus needs at least 2 blocks to group.")
+    return module
+
+
+def resolve_groups(sizes: Dict[str, int], depth, ratio, groups) -> Dict[str, list]:
+    if groups is not None:
+        if depth is not None or ratio is not None:
+            raise PlanError("Give either groups= or a depth/ratio target, not both.")
+        if isinstance(groups, dict):
+            unknown = set(groups) - set(sizes)
+            if unknown or set(groups) != set(sizes):
+                raise PlanError(f"groups= must name every container exactly: expected {sorted(sizes)}, got {sorted(groups)}.")
+            result = {p: check_groups(p, sizes[p], groups[p]) for p in sizes}
+        else:
+            if len(sizes) != 1:
+                raise PlanError(f"The model has {len(sizes)} containers {list(sizes)}; give groups as a dict path -> groups.")
+            (path,) = sizes
+            result = {path: check_groups(path, sizes[path], groups)}
+        if sum(len(g) for g in result.values()) >= sum(sizes.values()):
+            raise PlanError("groups= has one group per block, so nothing would be compressed; merge some blocks.")
+        return result
+    depths = resolve_depths(sizes, depth, ratio)
+    return {p: split_evenly(sizes[p], depths[p]) for p in sizes}
+
+
+def build_successors(containers: Dict[str, nn.Module], group_blocks: Dict[str, list], init, successors) -> list:
+    """One (module, description) per group, in plan order. Copies share nothing with the predecessor."""
+    total = sum(len(g) for g in group_blocks.values())
+    if successors is not None:
+        successors = list(successors)
+        if len(successors) != total:
+            raise PlanError(f"successors= has {len(successors)} modules but the plan has {total} groups; give one per group.")
+        for i, s in enumerate(successors):
+            if not isinstance(s, nn.Module):
+                raise PlanError(f"successors[{i}] is a {type(s).__qualname__}, not a torch.nn.Module.")
+        return [(s, f"custom {type(s).__name__}") for s in successors]
+    if not callable(init) and init not in INIT_CHOICES:
+        raise PlanError(f"init must be one of {INIT_CHOICES} or a callable (group, blocks) -> module, got {init!r}.")
+    built, index = [], 0
+    for path, container in containers.items():
+        for position, blocks in enumerate(group_blocks[path]):
+            if callable(init):
+                group = Group(index, path, tuple(blocks))
+                module = init(group, [container[i] for i in blocks])
+                if not isinstance(module, nn.Module):
+                    raise PlanError(f"init returned a {type(module).__qualname__} for group {index}, not a torch.nn.Module.")
+                built.append((module, f"init() {type(module).__name__}"))
+            else:
+                source = {"first": position, "group_first": blocks[0], "group_last": blocks[-1]}[init]
+                built.append((copy.deepcopy(container[source]), f"copy of block {source}"))
+            index += 1
+    return built
+
+
+def check_copies_export(adapter: Adapter, containers: dict, plan: Plan, built: list, init: str) -> None:
+    """A built-in init copies predecessor blocks. When the adapter would refuse such a
+    copy at native export (a family that needs a particular block at a particular
+    place, like a ResNet stage's downsampling head), the init is wrong for this
+    model: say so now rather than after training."""
+    for group, (successor, description) in zip(plan.groups, built):
+        blocks = [containers[group.container][i] for i in group.blocks]
+        reason = adapter.check_successor(blocks, successor)
+        if reason:
+            others = ", ".join(repr(c) for c in INIT_CHOICES if c != init)
+            raise PlanError(
+                f"init={init!r} makes the successor of group {group.index} ({group.container} blocks "
+                f"{list(group.blocks)}) a {description}, which the {adapter.name} adapter cannot export natively: "
+                f"{reason}. Use another init ({others}) or pass successors=."
+            )
+
+
+def make_plan(adapter: Adapter, model: nn.Module, containers: dict, group_blocks: dict, built: list) -> Plan:
+    groups, index = [], 0
+    for path, container in containers.items():
+        for blocks in group_blocks[path]:
+            module, description = built[index]
+            groups.append(Group(
+                index, path, tuple(blocks), description,
+                sum(count_params(container[i]) for i in blocks), count_params(module),
+            ))
+            index += 1
+    replaced = {id(p) for c in containers.values() for p in c.parameters()}
+    frozen = sum(p.numel() for p in model.parameters() if id(p) not in replaced)
+    return Plan(adapter.name, {p: len(c) for p, c in containers.items()}, groups, frozen)
+
+
+def check_plan_matches(ours: dict, saved: dict) -> None:
+    """Raise CheckpointError naming the first differences between two plan dicts."""
+    if ours == saved:
+        return
+    diffs = []
+    for key in ("adapter", "containers", "frozen_params"):
+        if ours.get(key) != saved.get(key):
+            diffs.append(f"{key}: checkpoint {saved.get(key)!r}, this model {ours.get(key)!r}")
+    a, b = saved.get("groups", []), ours.get("groups", [])
+    if len(a) != len(b):
+        diffs.append(f"number of groups: checkpoint {len(a)}, this model {len(b)}")
+    for i, (x, y) in enumerate(zip(a, b)):
+        for field in ("container", "blocks", "successor", "predecessor_params", "successor_params"):
+            if x.get(field) != y.get(field):
+                diffs.append(f"group {i} {field}: checkpoint {x.get(field)!r}, this model {y.get(field)!r}")
+    raise CheckpointError(
+        "The checkpoint was saved from a different plan or model:\n  " + "\n  ".join(diffs[:10])
+        + "\nCreate the engine with the same model, depth/groups and init as the saved run."
+    )
