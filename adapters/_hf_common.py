@@ -197,3 +197,47 @@ def _check_same_output(exported: nn.Module, native: nn.Module, sample: Any) -> N
             f"(max difference {diff}): something the config derives from the depth was not carried over. "
             + NATIVE_FALSE
         )
+
+
+def sample_for(model: nn.Module) -> Optional[dict]:
+    """A small input for a transformers model, from its main input name and config (token ids
+    or pixel values); None when unknown."""
+    config = model.config
+    param = next(model.parameters())
+    generator = torch.Generator().manual_seed(0)
+    main = getattr(model, "main_input_name", "input_ids")
+    if main == "input_ids":
+        vocab = int(getattr(config, "vocab_size", 100) or 100)
+        input_ids = torch.randint(1, min(vocab, 1000), (2, 8), generator=generator).to(param.device)
+        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+    size, channels = getattr(config, "image_size", None), getattr(config, "num_channels", 3)
+    if main == "pixel_values" and isinstance(size, int) and isinstance(channels, int):
+        return {"pixel_values": torch.randn(2, channels, size, size, generator=generator).to(param.device, param.dtype)}
+    return None
+
+
+def finalize_generic(model: nn.Module, depths: Dict[str, int]) -> nn.Module:
+    """The generic route's export of a transformers model, which must reload as exported.
+
+    When a model built from the config holds the exported tensors exactly, the model is returned
+    as it is. When the shortened container is the stack that config.num_hidden_layers counts, it
+    is rebuilt natively as the hf adapter does. Otherwise save_pretrained -> from_pretrained
+    would build another model, and ExportError says so."""
+    reference = build_on_meta(type(model), model.config)
+    reason = state_difference(reference, model)
+    if reason is None:
+        return model
+    if len(depths) == 1:
+        (path,) = depths
+        try:
+            counted = len(reference.get_submodule(path)) == model.config.num_hidden_layers
+        except (AttributeError, TypeError):
+            counted = False
+        if counted:
+            return rebuild_native(model, path, sample_for(model))
+    raise ExportError(
+        f"This {type(model).__name__} would reload differently: its config still describes the predecessor, and "
+        f"{reason}. save_pretrained -> from_pretrained would build the predecessor's layers, some of them random. "
+        f"Shorten only the layer stack that config.{depth_field(model.config)} counts (adapter='hf' finds it), "
+        f"update the config yourself, or {NATIVE_FALSE[0].lower() + NATIVE_FALSE[1:]}"
+    )

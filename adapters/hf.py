@@ -34,7 +34,7 @@ from theseus_general.errors import AdapterError
 from theseus_general.graph import run_model
 from theseus_general.registry import register_adapter
 
-from ._hf_common import depth_field, is_pretrained_model, layer_class_names, rebuild_native
+from ._hf_common import depth_field, is_pretrained_model, layer_class_names, per_layer_lists, rebuild_native, sample_for
 from ._structure import first_mismatch, structure_difference
 
 _GENERIC = "Use adapter='generic', container='path.to.layers' to name the layers to compress."
@@ -151,6 +151,15 @@ class HfAdapter(Adapter):
     def check(self, model: nn.Module) -> None:
         super().check(model)
         self._path = find_layer_stack(model)
+        for name, values in per_layer_lists(model.config, model.config.num_hidden_layers).items():
+            if len(set(map(repr, values))) > 1:
+                # A group runs all its layers with the mask and settings the model prepares for
+                # the group's position; layers of another type would compute something else.
+                raise AdapterError(
+                    f"The layers of {type(model).__name__} differ in config.{name} ({values}); a group mixing them "
+                    "would run a layer with another layer's attention mask. Models with mixed layer types (sliding "
+                    "and full attention, Gemma-2/3 style) are not supported by the hf adapter yet."
+                )
 
     def containers(self, model: nn.Module, sample: Optional[Any] = None) -> List[str]:
         path = self._path or find_layer_stack(model)
@@ -166,22 +175,7 @@ class HfAdapter(Adapter):
         return [path]
 
     def sample_input(self, model: nn.Module) -> Optional[Any]:
-        config = model.config
-        device = next(model.parameters()).device
-        generator = torch.Generator().manual_seed(0)
-        main = getattr(model, "main_input_name", "input_ids")
-        if main == "input_ids":
-            vocab = int(getattr(config, "vocab_size", 100) or 100)
-            input_ids = torch.randint(1, min(vocab, 1000), (2, 8), generator=generator).to(device)
-            return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
-        if main == "pixel_values":
-            size = getattr(config, "image_size", None)
-            channels = getattr(config, "num_channels", 3)
-            if not isinstance(size, int):
-                return None
-            dtype = next(model.parameters()).dtype
-            return {"pixel_values": torch.randn(2, channels, size, size, generator=generator).to(device, dtype)}
-        return None
+        return sample_for(model)
 
     def check_successor(self, group_blocks: List[nn.Module], successor: nn.Module) -> Optional[str]:
         reason = structure_difference(group_blocks[0], successor)
