@@ -20,7 +20,7 @@ from __future__ import annotations
 import copy
 import inspect
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
@@ -67,16 +67,21 @@ def _layer_source(layer: nn.Module) -> Optional[int]:
     return indices.pop() if len(indices) == 1 else None
 
 
+def stage_config(model: nn.Module, stage_depths: Dict[int, int]) -> Any:
+    """A copy of model.config whose per-stage ``depths`` list (Swin, ConvNeXt, ...) has the new
+    block counts: `stage_depths` maps stage index -> exported depth."""
+    new = copy.deepcopy(model.config)
+    depths = list(model.config.depths)
+    for index, depth in stage_depths.items():
+        depths[index] = depth
+    new.depths = tuple(depths) if isinstance(model.config.depths, tuple) else depths
+    return new
+
+
 def native_config(model: nn.Module, layers: Sequence[nn.Module]) -> Any:
     """A copy of model.config describing `layers` (the exported stack) instead of the predecessor's."""
     config = model.config
     old_depth, depth = int(config.num_hidden_layers), len(layers)
-    if getattr(config, "is_heterogeneous", False):
-        raise ExportError(
-            f"This {type(model).__name__} has a heterogeneous config (per_layer_config: layers differ in their "
-            "settings), and which settings each successor layer should get cannot be described natively. "
-            + NATIVE_FALSE
-        )
     new = copy.deepcopy(config)
     setattr(new, depth_field(config), depth)
     for name, values in per_layer_lists(config, old_depth).items():
@@ -123,25 +128,30 @@ def state_difference(native: nn.Module, model: nn.Module) -> Optional[str]:
     return f"tensor shapes differ ({shapes[:3]})" if shapes else None
 
 
-def rebuild_native(model: nn.Module, path: str, sample: Any = None) -> nn.Module:
-    """`model` (exported: its ModuleList at `path` already shortened) rebuilt as the model
-    from_pretrained would give after save_pretrained: same class, config for the new depth,
-    the exported tensors themselves (no copy; dtypes and devices kept), eval mode.
-    With `sample`, both must compute the same on it."""
-    layers = list(model.get_submodule(path))
+def rebuild_native(model: nn.Module, config_for: Callable[[nn.Module], Any], sample: Any = None) -> nn.Module:
+    """`model` (exported: its layer stack already shortened) rebuilt as the model from_pretrained
+    would give after save_pretrained: same class, the config ``config_for(model)`` (updated for
+    the new depth), the exported tensors themselves (no copy; dtypes and devices kept), eval
+    mode. With `sample`, both must compute the same on it."""
+    name = type(model).__name__
     if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
-        raise ExportError(f"This {type(model).__name__} is quantized; a native model cannot be rebuilt from its "
-                          "quantized tensors. Compress the model in a float dtype. " + NATIVE_FALSE)
-    config = native_config(model, layers)
+        raise ExportError(f"This {name} is quantized; a native model cannot be rebuilt from its quantized "
+                          "tensors. Compress the model in a float dtype. " + NATIVE_FALSE)
+    if getattr(model.config, "is_heterogeneous", False):
+        raise ExportError(
+            f"This {name} has a heterogeneous config (per_layer_config: layers differ in their settings), and which "
+            "settings each successor layer should get cannot be described natively. " + NATIVE_FALSE
+        )
+    config = config_for(model)
     try:
         native = build_on_meta(type(model), config)
     except Exception as error:  # the family's constructor refuses the new config
-        raise ExportError(f"{type(model).__name__}(config) fails at depth {len(layers)} ({type(error).__name__}: "
-                          f"{error}). " + NATIVE_FALSE) from error
+        raise ExportError(f"{name}(config) fails for the exported depth ({type(error).__name__}: {error}). "
+                          + NATIVE_FALSE) from error
     reason = state_difference(native, model)
     if reason:
-        raise ExportError(f"The exported model does not fit a natively built {type(model).__name__} at depth "
-                          f"{len(layers)}: {reason}. " + NATIVE_FALSE)
+        raise ExportError(f"The exported model does not fit a {name} built natively at its depth: {reason}. "
+                          + NATIVE_FALSE)
 
     tied = _tied_groups(native)
     state = model.state_dict(keep_vars=True)  # the Parameters themselves, so that ties stay ties
@@ -194,8 +204,10 @@ def _check_same_output(exported: nn.Module, native: nn.Module, sample: Any) -> N
         diff = (want.float() - got.float()).abs().max().item() if want.shape == got.shape else "shape"
         raise ExportError(
             f"The natively rebuilt {type(native).__name__} computes differently from the exported model "
-            f"(max difference {diff}): something the config derives from the depth was not carried over. "
-            + NATIVE_FALSE
+            f"on a sample (max difference {diff}). A layer's behaviour can depend on its position (Swin's shifted "
+            "windows, per-layer attention types): the native model gives layer k the behaviour of position k, and a "
+            "successor copied from another position (init='group_first' / 'group_last') keeps its source's. Train "
+            "with init='first', or " + NATIVE_FALSE[0].lower() + NATIVE_FALSE[1:]
         )
 
 
@@ -234,7 +246,7 @@ def finalize_generic(model: nn.Module, depths: Dict[str, int]) -> nn.Module:
         except (AttributeError, TypeError):
             counted = False
         if counted:
-            return rebuild_native(model, path, sample_for(model))
+            return rebuild_native(model, lambda m: native_config(m, list(m.get_submodule(path))), sample_for(model))
     raise ExportError(
         f"This {type(model).__name__} would reload differently: its config still describes the predecessor, and "
         f"{reason}. save_pretrained -> from_pretrained would build the predecessor's layers, some of them random. "

@@ -24,7 +24,7 @@ so ``save_pretrained`` -> ``from_pretrained`` gives the same model, and
 from __future__ import annotations
 
 import inspect
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 import torch
 from torch import nn
@@ -34,7 +34,8 @@ from theseus_general.errors import AdapterError
 from theseus_general.graph import run_model
 from theseus_general.registry import register_adapter
 
-from ._hf_common import depth_field, is_pretrained_model, layer_class_names, per_layer_lists, rebuild_native, sample_for
+from ._hf_common import (depth_field, is_pretrained_model, layer_class_names, native_config, per_layer_lists,
+                         rebuild_native, sample_for, stage_config)
 from ._structure import first_mismatch, structure_difference
 
 _GENERIC = "Use adapter='generic', container='path.to.layers' to name the layers to compress."
@@ -83,6 +84,23 @@ def find_layer_stack(model: nn.Module) -> str:
             f"(Swin, ConvNeXt). {_GENERIC[:-1]}, e.g. one stage's blocks."
         )
     return found[0]
+
+
+def find_stages(model: nn.Module) -> Optional[Dict[str, int]]:
+    """For a model of stages whose config lists the blocks per stage (``config.depths``: Swin,
+    ConvNeXt, ...): stage block list path -> stage index, for the ModuleLists of one block class
+    whose lengths, in order, are config.depths. None for other models."""
+    depths = getattr(model.config, "depths", None)
+    if not isinstance(depths, (list, tuple)) or not depths or not all(isinstance(d, int) for d in depths):
+        return None
+    by_class: Dict[type, List[str]] = {}
+    for path, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0 and len({type(b) for b in m}) == 1:
+            by_class.setdefault(type(m[0]), []).append(path)
+    for paths in by_class.values():
+        if [len(model.get_submodule(p)) for p in paths] == list(depths):
+            return {p: i for i, p in enumerate(paths)}
+    return None
 
 
 def _chain_difference(model: nn.Module, layers: nn.ModuleList, sample: Any) -> Optional[str]:
@@ -142,7 +160,8 @@ class HfAdapter(Adapter):
 
     def __init__(self):
         super().__init__()
-        self._path: Optional[str] = None
+        self._paths: List[str] = []
+        self._stages: Optional[Dict[str, int]] = None  # stage block list -> index in config.depths
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -150,7 +169,14 @@ class HfAdapter(Adapter):
 
     def check(self, model: nn.Module) -> None:
         super().check(model)
-        self._path = find_layer_stack(model)
+        self._stages = find_stages(model)
+        if self._stages is not None:
+            self._paths = [p for p in self._stages if len(model.get_submodule(p)) >= 2]
+            if not self._paths:
+                raise AdapterError(f"Every stage of this {type(model).__name__} has a single block "
+                                   f"(config.depths={list(model.config.depths)}); there is nothing to merge.")
+            return
+        self._paths = [find_layer_stack(model)]
         for name, values in per_layer_lists(model.config, model.config.num_hidden_layers).items():
             if len(set(map(repr, values))) > 1:
                 # A group runs all its layers with the mask and settings the model prepares for
@@ -162,9 +188,10 @@ class HfAdapter(Adapter):
                 )
 
     def containers(self, model: nn.Module, sample: Optional[Any] = None) -> List[str]:
-        path = self._path or find_layer_stack(model)
+        if not self._paths:
+            self.check(model)
         sample = sample if sample is not None else self.sample_input(model)
-        if sample is not None:
+        for path in self._paths if sample is not None else []:
             reason = _chain_difference(model, model.get_submodule(path), sample)
             if reason:
                 raise AdapterError(
@@ -172,7 +199,7 @@ class HfAdapter(Adapter):
                     "layers in a chain and gives each the first layer's other arguments, which would change what "
                     "this model computes. It is not supported by the hf or the generic adapter."
                 )
-        return [path]
+        return list(self._paths)
 
     def sample_input(self, model: nn.Module) -> Optional[Any]:
         return sample_for(model)
@@ -185,5 +212,8 @@ class HfAdapter(Adapter):
         return None
 
     def finalize_export(self, model: nn.Module, depths: dict) -> nn.Module:
+        if self._stages is not None:
+            stage_depths = {self._stages[path]: depth for path, depth in depths.items()}
+            return rebuild_native(model, lambda m: stage_config(m, stage_depths), self.sample_input(model))
         ((path, _),) = depths.items()
-        return rebuild_native(model, path, self.sample_input(model))
+        return rebuild_native(model, lambda m: native_config(m, list(m.get_submodule(path))), self.sample_input(model))

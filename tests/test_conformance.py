@@ -152,8 +152,18 @@ OPT = _hf("OPTConfig", "OPTForCausalLM", vocab_size=96, hidden_size=32, ffn_dim=
           max_position_embeddings=64, word_embed_proj_dim=32)
 DISTILBERT = _hf("DistilBertConfig", "DistilBertForSequenceClassification", "n_layers", vocab_size=96, dim=32,
                  hidden_dim=64, n_heads=2, max_position_embeddings=64, num_labels=3)
+# Stages of 2, 4, 2 blocks (config.depths); window 2 keeps the shifted windows active.
+SWIN = _hf("SwinConfig", "SwinForImageClassification", "depths", image_size=32, patch_size=4, embed_dim=16,
+           num_heads=[2, 2, 4], window_size=2, num_labels=3)
 HF_VIT = _hf("ViTConfig", "ViTForImageClassification", image_size=16, patch_size=4, hidden_size=32,
              intermediate_size=64, num_attention_heads=2, num_labels=3)
+
+
+def _pixels(size: int):
+    def batch(seed: int):
+        images, labels = _images(3, size, 3)(seed)
+        return {"pixel_values": images}, labels
+    return batch
 
 
 def _lm_loss(model, x, y):
@@ -203,8 +213,11 @@ HF = [
     _hf_case("opt-causal-lm", OPT, _tokens(96, 2), _lm_loss, 4, {"successor_depth": 2}),
     _hf_case("distilbert-seqcls", DISTILBERT, _tokens(96, 3), lambda m, x, y: m(**x, labels=y).loss, 4,
              {"successor_depth": 2}),
-    _hf_case("vit-imgcls", HF_VIT, lambda s: ({"pixel_values": _images(3, 16, 3)(s)[0]}, _images(3, 16, 3)(s)[1]),
+    _hf_case("vit-imgcls", HF_VIT, _pixels(16),
              lambda m, x, y: m(**x, labels=y).loss, 4, {"ratio": 0.5}),
+    Case("swin-stages-imgcls", make=lambda: SWIN([2, 4, 2]), batch=_pixels(32), loss=lambda m, x, y: m(**x, labels=y).loss,
+         logits=_out_logits, rebuild=lambda d: SWIN(d), target={"successor_depth": [1, 2, 1]},
+         after_export=_reloads_the_same),
 ]
 
 
