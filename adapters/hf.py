@@ -108,8 +108,11 @@ def _chain_difference(model: nn.Module, layers: nn.ModuleList, sample: Any) -> O
     other, passing on the hidden state and giving each the same other arguments as the first;
     that is only right when the model itself gives every layer the same other arguments."""
     calls: List[tuple] = []
-    hooks = [layer.register_forward_pre_hook(lambda m, a, k: calls.append((a[1:], {x: v for x, v in k.items() if x != "hidden_states"})),
-                                             with_kwargs=True) for layer in layers]
+
+    def record(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        calls.append((args[1:], {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+
+    hooks = [layer.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
     training = {m: m.training for m in model.modules()}
     try:
         model.eval()
@@ -197,7 +200,8 @@ class HfAdapter(Adapter):
                 raise AdapterError(
                     f"The layers of {type(model).__name__} ({path}) cannot be grouped: {reason}. A group runs its "
                     "layers in a chain and gives each the first layer's other arguments, which would change what "
-                    "this model computes. It is not supported by the hf or the generic adapter."
+                    "this model computes (the generic route would run them the same way). Such models are not "
+                    "supported."
                 )
         return list(self._paths)
 
