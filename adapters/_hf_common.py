@@ -103,6 +103,15 @@ def native_config(model: nn.Module, layers: Sequence[nn.Module]) -> Any:
     return new
 
 
+def _quant_method(model: nn.Module) -> Optional[str]:
+    """The quantization method transformers loaded the model with ("gguf", "bitsandbytes", ...), or None."""
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is None:
+        return None
+    method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", "unknown")
+    return str(getattr(method, "value", method))
+
+
 def _tied_groups(model: nn.Module) -> List[List[str]]:
     """Names of parameters that are one tensor (tied embeddings), in groups."""
     by_id: Dict[int, List[str]] = {}
@@ -134,15 +143,18 @@ def rebuild_native(model: nn.Module, config_for: Callable[[nn.Module], Any], sam
     the new depth), the exported tensors themselves (no copy; dtypes and devices kept), eval
     mode. With `sample`, both must compute the same on it."""
     name = type(model).__name__
-    if getattr(model, "hf_quantizer", None) is not None or getattr(model, "is_quantized", False):
-        raise ExportError(f"This {name} is quantized; a native model cannot be rebuilt from its quantized "
-                          "tensors. Compress the model in a float dtype. " + NATIVE_FALSE)
+    gguf = _quant_method(model) == "gguf"  # transformers dequantizes GGUF files to float tensors on load
+    if _quant_method(model) is not None and not gguf:
+        raise ExportError(f"This {name} is quantized ({_quant_method(model)}); a native model cannot be rebuilt from "
+                          "its quantized tensors. Compress the model in a float dtype. " + NATIVE_FALSE)
     if getattr(model.config, "is_heterogeneous", False):
         raise ExportError(
             f"This {name} has a heterogeneous config (per_layer_config: layers differ in their settings), and which "
             "settings each successor layer should get cannot be described natively. " + NATIVE_FALSE
         )
     config = config_for(model)
+    if gguf and hasattr(config, "quantization_config"):
+        del config.quantization_config  # the tensors are plain floats: save_pretrained writes safetensors
     try:
         native = build_on_meta(type(model), config)
     except Exception as error:  # the family's constructor refuses the new config
