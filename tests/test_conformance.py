@@ -182,6 +182,7 @@ def _reloads_the_same(exported, x, engine_out):
         assert any(f.endswith(".safetensors") for f in os.listdir(directory))
         reloaded = type(exported).from_pretrained(directory).eval()
     assert reloaded.config.num_hidden_layers == exported.config.num_hidden_layers
+    assert _shared(reloaded) == _shared(exported)  # tied embeddings stay tied
     with torch.no_grad():
         torch.testing.assert_close(_out_logits(reloaded, x), engine_out, rtol=1e-5, atol=1e-6)
     if exported.can_generate():
@@ -193,6 +194,13 @@ def _reloads_the_same(exported, x, engine_out):
         assert ours.shape == (2, ids.shape[1] + 5)
         assert torch.equal(ours, reloaded.generate(ids, **settings))
         assert torch.equal(ours, reloaded.generate(ids, use_cache=False, **settings))  # the cache changes nothing
+
+
+def _shared(model):
+    names = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names.setdefault(id(param), []).append(name)
+    return sorted(group for group in names.values() if len(group) > 1)
 
 
 def _out_logits(model, x):

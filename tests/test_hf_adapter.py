@@ -109,3 +109,21 @@ def test_training_with_the_default_kv_cache_computes_like_without_it():
             th._state.advance(step, 0.5)
             worst = max(worst, (th.model(input_ids=ids).logits - without).abs().max().item())
     assert worst == 0.0
+
+
+def test_export_keeps_dtype_and_shares_the_trained_tensors():
+    model = _llama(4, tie_word_embeddings=True).to(torch.bfloat16)
+    th = Theseus(model, successor_depth=2)
+    th.model.eval()
+    ids = torch.randint(1, 96, (2, 8), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        engine_out = th.model(input_ids=ids).logits
+    exported = th.export()
+    assert {p.dtype for p in exported.parameters()} == {torch.bfloat16}
+    assert exported.lm_head.weight is exported.model.embed_tokens.weight
+    assert exported.config.num_hidden_layers == 2 and [l.self_attn.layer_idx for l in exported.model.layers] == [0, 1]
+    with torch.no_grad():
+        assert torch.equal(exported(input_ids=ids).logits, engine_out)
+    # the engine's successors are untouched: exporting twice gives equal models
+    again = th.export()
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), exported.state_dict().values()))
