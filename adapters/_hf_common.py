@@ -7,7 +7,8 @@ with a shorter ``nn.ModuleList``, but the predecessor's config) into what
 ``from_pretrained`` would build: the config is updated for the new depth
 (``num_hidden_layers`` under whatever name the model stores it, per-layer lists
 such as ``layer_types``), ``type(model)(config)`` is constructed, and the
-exported tensors are loaded into it strictly. Everything the constructor derives
+exported tensors are loaded into it strictly. Stage models (Swin) get their
+per-stage ``depths`` list updated instead. Everything the constructor derives
 from the depth (``layer_idx`` used by the KV cache, per-layer attention types)
 is then right by construction. Whatever cannot be described that way raises
 `ExportError` with the reason.
@@ -60,9 +61,9 @@ def per_layer_lists(config: Any, depth: int) -> Dict[str, list]:
     return found
 
 
-def _layer_source(layer: nn.Module) -> Optional[int]:
-    """The index the layer had in the predecessor (its attention's ``layer_idx``: successors are
-    copies of predecessor layers), or None when the layer does not record one."""
+def layer_index(layer: nn.Module) -> Optional[int]:
+    """The layer's ``layer_idx`` (its KV-cache slot; a successor copied from predecessor layer k
+    keeps k), or None when the layer records none or several."""
     indices = {m.layer_idx for m in layer.modules() if isinstance(getattr(m, "layer_idx", None), int)}
     return indices.pop() if len(indices) == 1 else None
 
@@ -90,7 +91,7 @@ def native_config(model: nn.Module, layers: Sequence[nn.Module]) -> Any:
             # A native model puts a layer of type values[k] at position k; a successor built
             # from another position's layer would run as a different type after reloading.
             for k, layer in enumerate(layers):
-                source = _layer_source(layer)
+                source = layer_index(layer)
                 if source is None or repr(values[source]) != repr(values[k]):
                     what = "does not record which layer it was copied from" if source is None else \
                         f"was copied from layer {source} ({values[source]!r})"

@@ -34,7 +34,7 @@ from theseus_general.errors import AdapterError
 from theseus_general.graph import run_model
 from theseus_general.registry import register_adapter
 
-from ._hf_common import (depth_field, is_pretrained_model, layer_class_names, native_config, per_layer_lists,
+from ._hf_common import (depth_field, is_pretrained_model, layer_class_names, layer_index, native_config, per_layer_lists,
                          rebuild_native, sample_for, stage_config)
 from ._structure import first_mismatch, structure_difference
 
@@ -214,6 +214,18 @@ class HfAdapter(Adapter):
             return (f"the successor is not built like the group's first layer ({reason}), so the model's own "
                     "class at the new depth cannot hold it")
         return None
+
+    def prepare_successor(self, group_blocks: List[nn.Module], successor: nn.Module) -> None:
+        """Give the successor its group's first layer index (``layer_idx``, the KV-cache slot).
+        A copy of layer k keeps index k, which another group's predecessor layer k also writes
+        in the same training forward when use_cache is on; the group's first index is used by
+        no other group. Export renumbers layers 0..depth-1 by construction.
+        (Needs the engine to call it on each group before training; see tests/test_hf_adapter.py.)"""
+        first = layer_index(group_blocks[0])
+        if first is not None:
+            for module in successor.modules():
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = first
 
     def finalize_export(self, model: nn.Module, depths: dict) -> nn.Module:
         if self._stages is not None:
