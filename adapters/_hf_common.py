@@ -46,7 +46,8 @@ def depth_field(config: Any) -> str:
 def layer_class_names(model: nn.Module) -> List[str]:
     """The model's own name for its repeated layer: ``_no_split_modules`` (the classes that
     accelerate must not cut across devices), on the model or its base model."""
-    names = getattr(model, "_no_split_modules", None) or getattr(getattr(model, "base_model", None), "_no_split_modules", None)
+    base = getattr(model, "base_model", None)
+    names = getattr(model, "_no_split_modules", None) or getattr(base, "_no_split_modules", None)
     return list(names or [])
 
 

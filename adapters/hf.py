@@ -34,8 +34,8 @@ from theseus_general.errors import AdapterError
 from theseus_general.graph import run_model
 from theseus_general.registry import register_adapter
 
-from ._hf_common import (depth_field, is_pretrained_model, layer_class_names, layer_index, native_config, per_layer_lists,
-                         rebuild_native, sample_for, stage_config)
+from ._hf_common import (depth_field, is_pretrained_model, layer_class_names, layer_index, native_config,
+                         per_layer_lists, rebuild_native, sample_for, stage_config)
 from ._structure import first_mismatch, structure_difference
 
 _GENERIC = "Use adapter='generic', container='path.to.layers' to name the layers to compress."
