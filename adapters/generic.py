@@ -23,7 +23,10 @@ same ranking without wrapping anything.
 
 Export returns the same model type with the container shortened. Whatever the
 model keeps about its own depth (a config field, a stored count) is not
-updated: a family that has such fields deserves its own adapter.
+updated, with one exception: a transformers `PreTrainedModel` is reloaded from
+its config, so its layer stack is rebuilt natively (as the hf adapter does) and
+any other shortened container raises `ExportError` rather than save a model that
+would reload differently.
 """
 
 from __future__ import annotations
@@ -39,6 +42,8 @@ from theseus_general.adapter import Adapter
 from theseus_general.errors import AdapterError
 from theseus_general.graph import ModuleGraph, get_submodule
 from theseus_general.registry import register_adapter
+
+from ._hf_common import finalize_generic, is_pretrained_model
 
 logger = logging.getLogger(__name__)
 
@@ -119,3 +124,9 @@ class GenericAdapter(Adapter):
         else:
             logger.info("%s", self.discovery)
         return chosen
+
+    def finalize_export(self, model: nn.Module, depths: dict) -> nn.Module:
+        """A transformers model is reloaded from its config, so the config must describe the export:
+        the layer stack config.num_hidden_layers counts is rebuilt natively (as the hf adapter does);
+        any other shortened container of a PreTrainedModel raises ExportError."""
+        return finalize_generic(model, depths) if is_pretrained_model(model) else model

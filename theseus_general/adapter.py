@@ -64,3 +64,10 @@ class Adapter:
     def check_successor(self, group_blocks: List[nn.Module], successor: nn.Module) -> Optional[str]:
         """A reason why native export will not be possible with this successor, or None."""
         return None
+
+    def prepare_successor(self, group_blocks: List[nn.Module], successor: nn.Module) -> None:
+        """Adjust a successor in place before training, for what depends on its position in the
+        model (e.g. the hf adapter gives it its group's KV-cache slot, ``layer_idx``, so that it
+        never shares a slot with another group's predecessor layer). Export rebuilds such
+        settings natively. Default: nothing."""
+        return None

@@ -116,6 +116,8 @@ class Theseus:
         if validate and sample is not None:
             check_successors(model, containers, self.plan, [s for s, _ in built], sample)
 
+        for group, (successor, _) in zip(self.plan.groups, built):  # our copies, or modules given for this run
+            self.adapter.prepare_successor([containers[group.container][i] for i in group.blocks], successor)
         self._state = ReplacementState(seed)
         self._state.advance(0, first_rate)
         self._step = 0
@@ -266,7 +268,9 @@ class Theseus:
         The engine hands the adapter a copy of the model whose containers hold the
         successors (with the trained rest copies when train_rest=True); the adapter
         returns the native model. The wrapped model is left as it was (still wrapped).
-        With native=True the adapter first checks every successor can be exported natively.
+        With native=True the adapter first checks every successor can be exported natively and
+        builds the family's own model at the new depth; native=False returns the copy as it is
+        (its config, if any, still describes the old depth).
         """
         self._check_open("export()")
         wrapping = self._wrapping
@@ -281,6 +285,8 @@ class Theseus:
                     )
         exported = wrapping.copy_with_successors()
         exported.eval()
+        if not native:  # the model with its successor modules as they are, nothing rebuilt or checked
+            return exported
         return self.adapter.finalize_export(exported, self.plan.successor_depth)
 
     def validate(self, sample: Any) -> None:
