@@ -238,6 +238,8 @@ def fit(
     next_batch = _batch_source(batches, position, steps * gradient_accumulation)
     logger = MetricsLogger(metrics) if isinstance(metrics, str) else metrics
     result = FitResult(device=str(run_device), resumed_from=resumed.path if resumed else None)
+    if resumed and progress:
+        tqdm.write(f"resumed from {resumed.path} (step {resumed.step})")
 
     step = engine.step_count if engine is not None else 0
     was_training = model.training

@@ -1,4 +1,5 @@
-"""What every `theseus-compress` task shares: the training loop (checkpoints, progress, metrics)
+"""What every `theseus-compress` task shares: the engine from the config, training with the config's
+settings (`theseus_general.training.fit`: device, mixed precision, checkpoints, progress, metrics)
 and the closing report (accuracy, speed, FLOPs, plots). Tasks supply batches and a loss."""
 
 from __future__ import annotations
@@ -31,11 +32,9 @@ def train(th: Theseus, config: Dict[str, Any], batch_at: Callable[[int], Tuple[A
     position (a function of the position alone, so a resumed run reads the same batches);
     `forward(inputs, labels)` gives (loss, logits), so the bar and the metrics show the batch accuracy."""
     checkpoints = os.path.join(config["output"], "checkpoints") if config["checkpoint_every"] else None
-    result = fit(th, batch_at, config["steps"], loss=forward, lr=config["lr"], device=config["device"],
-                 mixed_precision=config["mixed_precision"], metrics=config["output"] if config["metrics"] else None,
-                 checkpoints=checkpoints, checkpoint_every=config["checkpoint_every"], desc="theseus")
-    if result.resumed_from:
-        print(f"resumed from {result.resumed_from} (step {config['steps'] - len(result.history)})")
+    fit(th, batch_at, config["steps"], loss=forward, lr=config["lr"], device=config["device"],
+        mixed_precision=config["mixed_precision"], metrics=config["output"] if config["metrics"] else None,
+        checkpoints=checkpoints, checkpoint_every=config["checkpoint_every"], desc="theseus")
 
 
 @torch.no_grad()
