@@ -116,8 +116,8 @@ def truncated_copy(model, depth: int):
 
 # ---------------------------------------------------------------- main
 # --quick: every stage of the job (fine-tune, Theseus, both baselines, table, speed) on small subsets.
-QUICK = dict(test_size=200, dev_size=200, max_length=32, batch_size=16, finetune_steps=30, steps=20,
-             no_save_models=True, output="examples/output/text_quick")
+QUICK = dict(test_size=200, dev_size=200, max_length=32, batch_size=16, finetune_steps=30, finetune_lr=5e-4,
+             steps=20, no_save_models=True, output="examples/output/text_quick")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -152,7 +152,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "other jobs share the cores)")
     add_device_arguments(p)  # --device, --mixed-precision: training only; evaluation and speed run on the CPU
     p.add_argument("--quick", action="store_true", help="a smoke run of the whole job, about a minute on 2 CPU "
-                   "cores: dev and test 200 texts, length 32, batch 16, 30 fine-tuning steps and 20 per method, models not saved, "
+                   "cores: dev and test 200 texts, length 32, batch 16, 30 fine-tuning steps (lr 5e-4) and 20 per "
+                   "method, models not saved; its accuracies are not results, "
                    "output examples/output/text_quick (flags given explicitly win)")
     p.add_argument("--output", default="examples/output/text", help="directory for results.json and models")
     p.add_argument("--no-save-models", action="store_true", help="do not write the predecessor and successor")

@@ -91,7 +91,8 @@ def resolve_device(device: Union[str, torch.device, None] = "auto", model: Optio
     try:
         resolved = torch.device(device)
     except (RuntimeError, TypeError) as e:
-        raise TrainingError(f"device={device!r} is not a torch device ({e}); use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from None
+        raise TrainingError(f"device={device!r} is not a torch device ({e}); "
+                            "use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from None
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise TrainingError(f"device={device!r} but CUDA is not available here; use device='auto' or 'cpu'.")
     if resolved.type == "mps" and not torch.backends.mps.is_available():
@@ -225,28 +226,30 @@ def fit(
 
     home = _device_of(model)
     movable = [model] + ([loss_fn] if callable(getattr(loss_fn, "to", None)) else [])
-    for thing in movable:  # moves parameters in place: `params` and the engine keep pointing at them
-        thing.to(run_device)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, lr_schedule, warmup))
-    scaler = torch.amp.GradScaler(run_device.type, enabled=mixed_precision == "fp16")
-    autocast = (lambda: torch.autocast(run_device.type, dtype=dtype)) if dtype is not None else contextlib.nullcontext
-
-    manager = CheckpointManager(checkpoints) if isinstance(checkpoints, str) else checkpoints
-    resumed = manager.resume(engine, optimizer, scheduler) if manager is not None else None
-    position = (resumed.data_position or 0) if resumed else 0
-    next_batch = _batch_source(batches, position, steps * gradient_accumulation)
-    logger = MetricsLogger(metrics) if isinstance(metrics, str) else metrics
-    result = FitResult(device=str(run_device), resumed_from=resumed.path if resumed else None)
-    if resumed and progress:
-        tqdm.write(f"resumed from {resumed.path} (step {resumed.step})")
-
-    step = engine.step_count if engine is not None else 0
     was_training = model.training
-    model.train()
-    bar = tqdm(total=steps, initial=step, desc=desc, leave=False, dynamic_ncols=True, disable=not progress)
-    recent: List[float] = []  # batch accuracies of the last 20 steps: the bar's running mean
+    bar = logger = None
     try:
+        for thing in movable:  # moves parameters in place: `params` and the engine keep pointing at them
+            thing.to(run_device)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, lr_schedule, warmup))
+        scaler = torch.amp.GradScaler(run_device.type, enabled=mixed_precision == "fp16")
+        autocast = ((lambda: torch.autocast(run_device.type, dtype=dtype)) if dtype is not None
+                    else contextlib.nullcontext)
+
+        manager = CheckpointManager(checkpoints) if isinstance(checkpoints, str) else checkpoints
+        resumed = manager.resume(engine, optimizer, scheduler) if manager is not None else None
+        position = (resumed.data_position or 0) if resumed else 0
+        next_batch = _batch_source(batches, position, steps * gradient_accumulation)
+        logger = MetricsLogger(metrics) if isinstance(metrics, str) else metrics
+        result = FitResult(device=str(run_device), resumed_from=resumed.path if resumed else None)
+        if resumed and progress:
+            tqdm.write(f"resumed from {resumed.path} (step {resumed.step})")
+
+        step = engine.step_count if engine is not None else 0
+        model.train()
+        bar = tqdm(total=steps, initial=step, desc=desc, leave=False, dynamic_ncols=True, disable=not progress)
+        recent: List[float] = []  # batch accuracies of the last 20 steps: the bar's running mean
         while step < steps:
             rate = engine.replacement_rate if engine is not None else None  # the rate this step's draws use
             lr_now = scheduler.get_last_lr()[0]
@@ -294,7 +297,8 @@ def fit(
             if on_step is not None:
                 on_step(record)
     finally:
-        bar.close()
+        if bar is not None:
+            bar.close()
         if isinstance(metrics, str) and logger is not None:
             logger.close()
         model.train(was_training)
@@ -359,5 +363,5 @@ def _device_of(model: nn.Module) -> Optional[torch.device]:
     return None
 
 
-__all__ = ["FitResult", "StepLog", "TrainingError", "add_device_arguments", "autocast_dtype", "cross_entropy_loss", "fit", "lr_factor",
-           "resolve_device", "to_device"]
+__all__ = ["FitResult", "StepLog", "TrainingError", "add_device_arguments", "autocast_dtype", "cross_entropy_loss", "fit",
+           "lr_factor", "resolve_device", "to_device"]
