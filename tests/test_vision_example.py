@@ -88,3 +88,11 @@ def test_baseline_starts_where_the_theseus_successor_starts():
     baseline = vision_classification.truncated_copy(model, th.plan.successor_depth)
     assert baseline.state_dict().keys() == expected.state_dict().keys()
     assert all(torch.equal(v, expected.state_dict()[k]) for k, v in baseline.state_dict().items())
+
+
+def test_quick_sets_a_small_job_and_explicit_flags_win():
+    quick = vision_classification.parse_args(["--family", "resnet", "--quick", "--steps", "7"])
+    assert (quick.train_limit, quick.pretrain_steps, quick.steps, quick.no_save_models) == (2000, 30, 7, True)
+    assert quick.output == os.path.join("examples", "output", "resnet_quick") and quick.lr == 1e-3  # family default
+    full = vision_classification.parse_args(["--family", "resnet"])
+    assert (full.train_limit, full.pretrain_steps, full.steps, full.no_save_models) == (None, 800, 300, False)

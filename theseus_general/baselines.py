@@ -11,20 +11,21 @@ for every adapter and its result is a native model of the family.
 
 `batches` yields ``(inputs, labels)``; inputs are what the model takes (a dict
 of keyword arguments, a tuple of positional ones, or one tensor). Use the same
-`steps` as the Theseus run to compare at the same step budget.
+`steps` as the Theseus run to compare at the same step budget. Training is
+`theseus_general.training.fit`, the loop a Theseus run uses (device, mixed precision, bar).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm.auto import tqdm
 
 from .engine import Theseus
 from .graph import run_model
+from .training import fit
 
 LogitsFn = Callable[[Any], torch.Tensor]
 TaskLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -118,6 +119,11 @@ class DistillationStep:
         finally:
             self.teacher.train(was_training)
 
+    def to(self, device: Any) -> "DistillationStep":
+        """Moves the teacher (training.fit moves the student, its target, and calls this)."""
+        self.teacher.to(device)
+        return self
+
     def __call__(self, inputs: Any, labels: Optional[torch.Tensor]) -> torch.Tensor:
         teacher = self.teacher_logits(inputs) if self.alpha > 0 else None
         student = self.logits(run_model(self.student, inputs))
@@ -129,75 +135,47 @@ class DistillationStep:
 def train_steps(model: nn.Module, params: Iterable[nn.Parameter], batches: Iterable[Tuple[Any, Any]], steps: int,
                 loss_fn: Callable[[Any, Any], torch.Tensor], lr: float = 1e-4, weight_decay: float = 0.01,
                 lr_schedule: str = "linear", warmup: float = 0.0,
-                after_step: Optional[Callable[[torch.Tensor], Any]] = None, desc: str = "train") -> List[float]:
-    """A plain AdamW loop of exactly `steps` optimiser steps; returns the losses.
-
-    loss_fn(inputs, labels) -> loss. lr_schedule: "linear" decay to 0 or "constant",
-    after a linear warm-up over the first `warmup` fraction. after_step(loss) runs after
-    each optimiser step (e.g. a Theseus engine's step), so every method shares this loop."""
-    if steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}.")
-    if lr_schedule not in ("linear", "constant"):
-        raise ValueError(f"lr_schedule must be 'linear' or 'constant', got {lr_schedule!r}.")
-    # Frozen parameters stay in: an engine's unfreeze_rest copies are frozen until p = 1,
-    # then get gradients (optimisers skip parameters whose grad is None).
-    params = list(params)
-    if not params:
-        raise ValueError("No trainable parameters were given to train_steps().")
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    warm = int(warmup * steps)
-
-    def factor(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        return 1.0 if lr_schedule == "constant" else max(0.0, (steps - step) / max(1, steps - warm))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-    stream: Iterator = iter(batches)
-    losses: List[float] = []
-    model.train()
-    for _ in tqdm(range(steps), desc=desc, leave=False, dynamic_ncols=True):
-        try:
-            inputs, labels = next(stream)
-        except StopIteration:
-            raise ValueError(f"batches ran out after {len(losses)} of {steps} steps; give an endless stream.") from None
-        loss = loss_fn(inputs, labels)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        if after_step is not None:
-            after_step(loss.detach())
-        losses.append(loss.item())
+                after_step: Optional[Callable[[torch.Tensor], Any]] = None, desc: str = "train",
+                **fit_kwargs: Any) -> List[float]:
+    """`theseus_general.training.fit` on a plain model with these parameters; returns the losses and
+    leaves the model in eval mode. after_step(loss) runs after each optimiser step (e.g. an engine's
+    step when `model` is its wrapped model; passing the engine to `fit` does the same). Other
+    keywords (device, mixed_precision, gradient_accumulation, ...) go to `fit`."""
+    on_step = (lambda record: after_step(torch.tensor(record.loss))) if after_step is not None else None
+    result = fit(model, batches, steps, loss=loss_fn, params=params, lr=lr, weight_decay=weight_decay,
+                 lr_schedule=lr_schedule, warmup=warmup, on_step=on_step, desc=desc, **fit_kwargs)
     model.eval()
-    return losses
+    return result.losses
 
 
 def fine_tune_only(model: nn.Module, batches: Iterable[Tuple[Any, Any]], steps: int, *,
                    initial: Optional[nn.Module] = None, logits: LogitsFn = default_logits,
                    task_loss: TaskLoss = F.cross_entropy, lr: float = 1e-4, weight_decay: float = 0.01,
-                   lr_schedule: str = "linear", warmup: float = 0.0, **theseus_kwargs: Any) -> nn.Module:
+                   lr_schedule: str = "linear", warmup: float = 0.0, device: str = "auto", mixed_precision: str = "no",
+                   **theseus_kwargs: Any) -> nn.Module:
     """Fine-tune-only baseline in one call: the successor-shaped student trained directly
-    on the task loss for `steps` steps. Initialised from `model` (the trained predecessor,
-    form (a)), or from `initial` (the model before task training, form (b)) when given."""
+    on the task loss for `steps` steps (`training.fit`). Initialised from `model` (the trained
+    predecessor, form (a)), or from `initial` (the model before task training, form (b)) when given."""
     student = successor_shaped_copy(initial if initial is not None else model, **theseus_kwargs)
 
-    def loss_fn(inputs: Any, labels: Any) -> torch.Tensor:
-        return task_loss(logits(run_model(student, inputs)), labels)
+    def loss_fn(inputs: Any, labels: Any) -> Tuple[torch.Tensor, torch.Tensor]:
+        student_logits = logits(run_model(student, inputs))
+        return task_loss(student_logits, labels), student_logits
 
-    train_steps(student, student.parameters(), batches, steps, loss_fn, lr, weight_decay, lr_schedule, warmup,
-                desc="baseline: fine-tune only")
-    return student
+    fit(student, batches, steps, loss=loss_fn, lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule,
+        warmup=warmup, device=device, mixed_precision=mixed_precision, desc="baseline: fine-tune only")
+    return student.eval()
 
 
 def distill(model: nn.Module, batches: Iterable[Tuple[Any, Any]], steps: int, *, temperature: float = 2.0,
             alpha: float = 0.5, initial: Optional[nn.Module] = None, logits: LogitsFn = default_logits,
             task_loss: TaskLoss = F.cross_entropy, lr: float = 1e-4, weight_decay: float = 0.01,
-            lr_schedule: str = "linear", warmup: float = 0.0, **theseus_kwargs: Any) -> nn.Module:
+            lr_schedule: str = "linear", warmup: float = 0.0, device: str = "auto", mixed_precision: str = "no",
+            **theseus_kwargs: Any) -> nn.Module:
     """Vanilla KD baseline in one call: a successor-shaped student (from `model`, or from
-    `initial`) trained for `steps` steps on `distillation_loss` against the frozen `model`."""
+    `initial`) trained for `steps` steps (`training.fit`) on `distillation_loss` against the frozen `model`."""
     student = successor_shaped_copy(initial if initial is not None else model, **theseus_kwargs)
     step = DistillationStep(student, model, temperature, alpha, logits, task_loss)
-    train_steps(student, student.parameters(), batches, steps, step, lr, weight_decay, lr_schedule, warmup,
-                desc="baseline: distillation")
-    return student
+    fit(student, batches, steps, loss=step, lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule,
+        warmup=warmup, device=device, mixed_precision=mixed_precision, desc="baseline: distillation")
+    return student.eval()

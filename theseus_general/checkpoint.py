@@ -8,7 +8,7 @@
         ckpt.save(th, optimizer, lr_scheduler, data_position=step + 1)
 
 A checkpoint is one directory ``step-<n>/`` holding
-  * ``engine.safetensors``: successor weights (and the rest-copies with unfreeze_rest);
+  * ``engine.safetensors``: successor weights (and the rest-copies with train_rest);
   * ``rng.safetensors``: torch CPU/CUDA generator states and numpy's, when numpy is loaded;
   * ``optimizer.pt``: optimiser and LR-scheduler state dicts (read with weights_only=True);
   * ``state.json``: step, seed, plan, data position, Python's RNG, your ``extra`` and the

@@ -58,6 +58,10 @@ FIELDS: Dict[str, tuple] = {
     "train_rest": (bool, True, ANY, "train embeddings/stem and head from step 0, on copies (false: keep them frozen, "
                    "the paper's replacement phase); formerly unfreeze_rest"),
     "seed": (int, 0, ANY, "seed of the data order and of the replacement draws"),
+    "device": (str, "auto", ANY, "where to train: 'auto' (CUDA when available, else the CPU), 'cpu', 'cuda' or "
+               "'cuda:N'"),
+    "mixed_precision": (str, "no", ANY, "autocast while training: 'no', 'bf16' (also on the CPU) or 'fp16' (with loss "
+                        "scaling; for GPUs without bfloat16)"),
     "checkpoint_every": (int, 0, ANY, "save a checkpoint every N steps into OUTPUT/checkpoints and resume from it "
                          "(0: off)"),
     "metrics": (bool, True, ANY, "write OUTPUT/metrics.csv (loss, replacement rate, lr per step) and TensorBoard "

@@ -1,4 +1,5 @@
-"""What every `theseus-compress` task shares: the training loop (checkpoints, progress, metrics)
+"""What every `theseus-compress` task shares: the engine from the config, training with the config's
+settings (`theseus_general.training.fit`: device, mixed precision, checkpoints, progress, metrics)
 and the closing report (accuracy, speed, FLOPs, plots). Tasks supply batches and a loss."""
 
 from __future__ import annotations
@@ -9,14 +10,12 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from ..checkpoint import CheckpointManager
 from ..engine import Theseus
 from ..graph import run_model
 from ..measure import count_flops, count_parameters, measure_latency
-from ..metrics import MetricsLogger
 from ..schedulers import LinearScheduler
+from ..training import fit
 
 
 def build_engine(model: nn.Module, config: Dict[str, Any]) -> Theseus:
@@ -28,46 +27,14 @@ def build_engine(model: nn.Module, config: Dict[str, Any]) -> Theseus:
 
 def train(th: Theseus, config: Dict[str, Any], batch_at: Callable[[int], Tuple[Any, torch.Tensor]],
           forward: Callable[[Any, torch.Tensor], Tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """AdamW with linear decay for config['steps'] steps; `batch_at(position)` gives the batch at a
-    data position (a function of the position alone, so a resumed run reads the same batches);
-    `forward(inputs, labels)` gives (loss, logits). The bar and the metrics show loss, the accuracy
-    on the batch (a running mean over 20 steps in the bar) and the replacement rate."""
-    steps = config["steps"]
-    opt = torch.optim.AdamW(th.trainable_parameters(), lr=config["lr"], weight_decay=0.01)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: max(0.0, 1.0 - s / steps))
-    manager = CheckpointManager(os.path.join(config["output"], "checkpoints")) if config["checkpoint_every"] else None
-    resumed = manager.resume(th, opt, sched) if manager else None
-    position = resumed.data_position if resumed else 0
-    if resumed:
-        print(f"resumed from {resumed.path} (step {resumed.step})")
-    log = MetricsLogger(config["output"], tensorboard=None, enabled=config["metrics"])
-    th.model.train()
-    bar = tqdm(total=steps, initial=th.step_count, desc="theseus", dynamic_ncols=True)
-    recent: list = []
-    try:
-        while th.step_count < steps:
-            inputs, labels = batch_at(position)
-            rate = th.replacement_rate  # the rate this step's draws used
-            loss, logits = forward(inputs, labels)
-            batch_accuracy = (logits.detach().argmax(-1) == labels).float().mean().item()
-            recent = (recent + [batch_accuracy])[-20:]
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            th.step(loss)  # stops with the step number if the loss is NaN or infinite
-            position += 1
-            loss_value = loss.item()  # one device sync for the log and the bar
-            log.log(th.step_count - 1, loss=loss_value, train_accuracy=batch_accuracy, replacement_rate=rate,
-                    lr=sched.get_last_lr()[0])
-            bar.set_postfix(loss=f"{loss_value:.3f}", acc=f"{sum(recent) / len(recent):.3f}", p=f"{rate:.2f}",
-                            refresh=False)  # drawn once, by update()
-            bar.update(1)
-            if manager and (th.step_count % config["checkpoint_every"] == 0 or th.step_count == steps):
-                manager.save(th, opt, sched, data_position=position)
-    finally:
-        bar.close()
-        log.close()
+    """`training.fit` with the config's settings: AdamW with linear decay for config['steps'] steps on
+    config['device'] and config['mixed_precision']. `batch_at(position)` gives the batch at a data
+    position (a function of the position alone, so a resumed run reads the same batches);
+    `forward(inputs, labels)` gives (loss, logits), so the bar and the metrics show the batch accuracy."""
+    checkpoints = os.path.join(config["output"], "checkpoints") if config["checkpoint_every"] else None
+    fit(th, batch_at, config["steps"], loss=forward, lr=config["lr"], device=config["device"],
+        mixed_precision=config["mixed_precision"], metrics=config["output"] if config["metrics"] else None,
+        checkpoints=checkpoints, checkpoint_every=config["checkpoint_every"], desc="theseus")
 
 
 @torch.no_grad()

@@ -1,0 +1,138 @@
+"""`training.fit`: one loop for engines and plain models (precision, accumulation, NaN stop, resume)."""
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from theseus_general import LinearScheduler, NonFiniteLossError, Theseus
+from theseus_general.metrics import read_metrics
+from theseus_general.training import TrainingError, fit, lr_factor
+
+from conftest import ChainModel, state_snapshot
+
+
+def batch_at(position: int):
+    """The batch at a data position: a function of the position alone (resumable)."""
+    g = torch.Generator().manual_seed(position)
+    x = torch.randn(8, 4, generator=g)
+    return x, (x.sum(1) > 0).long()
+
+
+def stream(start: int = 0):
+    return (batch_at(i) for i in itertools.count(start))
+
+
+def engine(seed: int = 7) -> Theseus:
+    return Theseus(ChainModel(depth=6, seed=0), successor_depth=3, adapter="generic", container="blocks",
+                   scheduler=LinearScheduler.reaching_one_at(4, base=0.3), train_rest=True, seed=seed)
+
+
+def test_engine_trains_in_bf16_autocast_on_the_cpu_with_one_engine_step_per_optimiser_step(tmp_path):
+    th = engine()
+    dtypes = []
+
+    def loss(x, y):
+        logits = th.model(x)
+        dtypes.append(logits.dtype)
+        return F.cross_entropy(logits.float(), y), logits
+
+    start = [p.detach().clone() for p in th.trainable_parameters()]
+    result = fit(th, stream(), 5, loss=loss, lr=1e-2, mixed_precision="bf16", gradient_accumulation=2,
+                 metrics=str(tmp_path), progress=False)
+    assert set(dtypes) == {torch.bfloat16} and len(dtypes) == 10  # 5 steps x 2 micro-batches, all autocast
+    assert th.step_count == 5 and [s.step for s in result.history] == [0, 1, 2, 3, 4]
+    assert [s.replacement_rate for s in result.history] == [th.scheduler(i) for i in range(5)]
+    assert all(0 <= s.accuracy <= 1 and math.isfinite(s.loss) for s in result.history)
+    assert all(p.dtype == torch.float32 for p in th.trainable_parameters())  # weights stay float32
+    assert any(not torch.equal(a, b) for a, b in zip(start, th.trainable_parameters()))
+    logged = read_metrics(str(tmp_path))
+    assert [v for _, v in logged["loss"]] == result.losses
+    assert [v for _, v in logged["lr"]] == pytest.approx([1e-2 * lr_factor(i, 5) for i in range(5)])
+    th.unwrap()
+
+
+def test_accumulating_two_half_batches_equals_one_whole_batch():
+    def run(accumulation: int):
+        model = ChainModel(depth=2, seed=0)
+        x, y = batch_at(0)
+        halves = [(x[:4], y[:4]), (x[4:], y[4:])]
+        batches = halves if accumulation == 2 else [(x, y)]
+        fit(model, iter(batches), 1, gradient_accumulation=accumulation, lr=1e-2, weight_decay=0.0, progress=False)
+        return model
+
+    one, two = run(1), run(2)
+    for a, b in zip(one.parameters(), two.parameters()):
+        torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("use_engine", [False, True])
+def test_a_nan_loss_stops_before_the_optimiser_applies_it(use_engine):
+    th = engine() if use_engine else None
+    model = th.model if th else ChainModel(seed=0)
+    calls = []
+
+    def loss(x, y):
+        calls.append(1)
+        value = F.cross_entropy(model(x), y)
+        return value * float("nan") if len(calls) == 3 else value
+
+    snapshots = []
+    with pytest.raises(NonFiniteLossError, match="step 2"):
+        fit(th or model, stream(), 5, loss=loss, progress=False,
+            on_step=lambda record: snapshots.append(state_snapshot(model)))
+    assert len(snapshots) == 2
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in snapshots[-1].items())  # the NaN step changed nothing
+    if th:
+        with pytest.raises(Exception, match="loss was nan"):
+            th.export()
+
+
+def test_a_resumed_run_ends_where_an_uninterrupted_one_ends(tmp_path):
+    whole = engine()
+    fit(whole, batch_at, 6, lr=1e-2, progress=False)
+
+    first = engine()
+
+    def crash(record):
+        if record.step == 3:  # after step 4's checkpoint
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(first, batch_at, 6, lr=1e-2, checkpoints=str(tmp_path), checkpoint_every=2, progress=False, on_step=crash)
+    first.unwrap()
+    resumed = engine()  # as a new process would: a fresh engine on a fresh model
+    result = fit(resumed, batch_at, 6, lr=1e-2, checkpoints=str(tmp_path), checkpoint_every=2, progress=False)
+    assert result.resumed_from.endswith("step-00000004") and [s.step for s in result.history] == [4, 5]
+    for a, b in zip(whole.trainable_parameters(), resumed.trainable_parameters()):
+        torch.testing.assert_close(a, b)
+
+
+def test_settings_are_checked_before_anything_changes():
+    model = ChainModel(seed=0)
+    before = state_snapshot(model)
+    with pytest.raises(TrainingError, match="mixed_precision must be one of"):
+        fit(model, stream(), 2, mixed_precision="fp8", progress=False)
+    with pytest.raises(TrainingError, match="gradient_accumulation"):
+        fit(model, stream(), 2, gradient_accumulation=0, progress=False)
+    with pytest.raises(TrainingError, match="lr_schedule"):
+        fit(model, stream(), 2, lr_schedule="step", progress=False)
+    with pytest.raises(TrainingError, match="plain model has no engine state"):
+        fit(model, stream(), 2, checkpoints="unused", progress=False)
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainingError, match="CUDA is not available"):
+            fit(model, stream(), 2, device="cuda", progress=False)
+    after = model.state_dict()
+    assert all(torch.equal(v, after[k]) for k, v in before.items())
+    with pytest.raises(TrainingError, match="ran out after 3 of 4 batches"):
+        fit(model, itertools.islice(stream(), 3), 2, gradient_accumulation=2, progress=False)
+
+
+def test_lr_schedules():
+    assert [lr_factor(s, 4) for s in range(4)] == [1.0, 0.75, 0.5, 0.25]
+    assert [lr_factor(s, 4, warmup=0.5) for s in range(4)] == [0.5, 1.0, 1.0, 0.5]
+    assert lr_factor(3, 4, "constant") == 1.0
+    assert lr_factor(0, 4, "cosine") == 1.0 and lr_factor(2, 4, "cosine") == pytest.approx(0.5)

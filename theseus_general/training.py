@@ -1,0 +1,367 @@
+"""One training loop for a Theseus engine or a plain model: `fit`.
+
+    from theseus_general.training import fit
+
+    th = Theseus(model, successor_depth=3, scheduler=LinearScheduler.reaching_one_at(300))
+    result = fit(th, batches, steps=600, lr=1e-4, device="auto", mixed_precision="bf16",
+                 metrics="runs/bert6to3", checkpoints="runs/bert6to3/checkpoints", checkpoint_every=100)
+    successor = th.export()
+
+    student = successor_shaped_copy(model, successor_depth=3)            # a plain model: the same loop
+    fit(student, batches, steps=600, loss=DistillationStep(student, model))
+
+What it does, so that callers do not: AdamW over the engine's trainable parameters (or the
+model's), an LR schedule (linear decay, constant or cosine, after an optional warm-up), the
+device (``"auto"``: CUDA when available), autocast (``"bf16"``/``"fp16"``, with a GradScaler
+for fp16), gradient accumulation (one optimiser step, one ``th.step()``, per
+``gradient_accumulation`` micro-batches), a tqdm bar (loss, batch accuracy, replacement rate),
+metrics (`MetricsLogger`: loss, train_accuracy, replacement_rate, lr per step), checkpoints
+and resume (`CheckpointManager`, engines only), and a stop on a NaN or infinite loss before
+the optimiser applies it (`NonFiniteLossError`).
+
+`batches` is an iterable of ``(inputs, labels)``, inputs as the model takes them (a dict of
+keyword arguments, a tuple of positional ones, or one tensor), or a function
+``position -> (inputs, labels)``: then a resumed run reads exactly the batches an
+uninterrupted one would, without replaying the stream. Distributed training stays with
+`theseus_general.distributed.wrap_ddp` and the Accelerate / Trainer integrations; this loop
+runs one process on one device. It imports no model library.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .checkpoint import CheckpointManager
+from .engine import Theseus
+from .errors import NonFiniteLossError, TheseusError
+from .graph import run_model
+from .metrics import MetricsLogger
+
+MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+LR_SCHEDULES = ("linear", "constant", "cosine")
+
+Batch = Tuple[Any, Any]
+# loss(inputs, labels) -> loss, or (loss, logits) to get the batch accuracy in the bar and metrics
+LossFn = Callable[[Any, Any], Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]]
+
+
+class TrainingError(TheseusError):
+    """`fit` was given settings it cannot train with (device, precision, steps, batches)."""
+
+
+@dataclass
+class StepLog:
+    """One optimiser step: the loss (mean over its micro-batches), the batch accuracy when the loss
+    gave logits, the replacement rate its draws used (engines only) and the learning rate it used."""
+
+    step: int
+    loss: float
+    lr: float
+    replacement_rate: Optional[float] = None
+    accuracy: Optional[float] = None
+
+
+@dataclass
+class FitResult:
+    history: List[StepLog] = field(default_factory=list)  # the steps this call ran (after a resume: from there)
+    device: str = "cpu"
+    resumed_from: Optional[str] = None  # the checkpoint directory a resume started from
+
+    @property
+    def losses(self) -> List[float]:
+        return [s.loss for s in self.history]
+
+
+def resolve_device(device: Union[str, torch.device, None] = "auto", model: Optional[nn.Module] = None) -> torch.device:
+    """``"auto"`` (or None): the device `model` is on when that is an accelerator, else CUDA when
+    available, else the CPU; anything else as torch reads it, checked to exist here."""
+    if device is None or device == "auto":
+        home = _device_of(model) if model is not None else None
+        if home is not None and home.type not in ("cpu", "meta"):
+            return home
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise TrainingError(f"device={device!r} is not a torch device ({e}); "
+                            "use 'auto', 'cpu', 'cuda' or 'cuda:N'.") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device={device!r} but CUDA is not available here; use device='auto' or 'cpu'.")
+    if resolved.type == "mps" and not torch.backends.mps.is_available():
+        raise TrainingError(f"device={device!r} but MPS is not available here; use device='auto' or 'cpu'.")
+    return resolved
+
+
+def autocast_dtype(mixed_precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype of a ``mixed_precision`` setting ("no" -> None), checked against the device."""
+    if mixed_precision not in MIXED_PRECISION:
+        raise TrainingError(f"mixed_precision must be one of {sorted(MIXED_PRECISION)}, got {mixed_precision!r}.")
+    if mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainingError("mixed_precision='bf16' but this GPU has no bfloat16 support; use 'fp16' (with loss "
+                            "scaling) or 'no'.")
+    return MIXED_PRECISION[mixed_precision]
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    """Tensors in `obj` (nested dicts, lists, tuples; objects with a `.to`, e.g. a BatchEncoding) on `device`."""
+    if isinstance(obj, torch.Tensor):
+        return obj.to(device, non_blocking=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, to_device(v, device)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
+        return type(obj)(to_device(v, device) for v in obj)
+    if hasattr(obj, "to") and not isinstance(obj, nn.Module):
+        return obj.to(device)
+    return obj
+
+
+def add_device_arguments(parser: Any, device: str = "auto") -> None:
+    """``--device`` and ``--mixed-precision`` on an argparse parser, as the examples and benchmarks take
+    them; pass ``args.device`` and ``args.mixed_precision`` to `fit`."""
+    parser.add_argument("--device", default=device, help=f"where to train: auto (CUDA when available, else the CPU), "
+                        f"cpu, cuda or cuda:N (default {device})")
+    parser.add_argument("--mixed-precision", choices=sorted(MIXED_PRECISION), default="no",
+                        help="autocast while training: bf16 (also on the CPU), fp16 (with loss scaling) or no")
+
+
+def lr_factor(step: int, steps: int, schedule: str = "linear", warmup: float = 0.0) -> float:
+    """The LR multiplier at `step`: a linear warm-up over the first `warmup` fraction of `steps`,
+    then linear decay to 0, constant, or cosine decay to 0."""
+    warm = int(warmup * steps)
+    if step < warm:
+        return (step + 1) / warm
+    progress = (step - warm) / max(1, steps - warm)
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return max(0.0, 1.0 - progress)
+
+
+def cross_entropy_loss(model: nn.Module, logits_of: Optional[Callable[[Any], torch.Tensor]] = None) -> LossFn:
+    """The default loss: cross-entropy of the model's logits (``output.logits``, the output itself, or
+    its first element), returned with the logits so that the loop can show the batch accuracy."""
+    if logits_of is None:
+        from .baselines import default_logits as logits_of
+
+    def loss(inputs: Any, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        logits = logits_of(run_model(model, inputs))
+        return F.cross_entropy(logits.float(), labels), logits
+
+    return loss
+
+
+def fit(
+    target: Union[Theseus, nn.Module],
+    batches: Union[Iterable[Batch], Callable[[int], Batch]],
+    steps: int,
+    *,
+    loss: Optional[LossFn] = None,
+    params: Optional[Iterable[nn.Parameter]] = None,
+    lr: float = 1e-4,
+    weight_decay: float = 0.01,
+    lr_schedule: str = "linear",
+    warmup: float = 0.0,
+    max_grad_norm: Optional[float] = None,
+    gradient_accumulation: int = 1,
+    device: Union[str, torch.device, None] = "auto",
+    mixed_precision: str = "no",
+    metrics: Union[str, MetricsLogger, None] = None,
+    checkpoints: Union[str, CheckpointManager, None] = None,
+    checkpoint_every: int = 0,
+    restore_device: bool = True,
+    progress: bool = True,
+    desc: str = "train",
+    on_step: Optional[Callable[[StepLog], Any]] = None,
+) -> FitResult:
+    """Train `target` for `steps` optimiser steps (a Theseus engine: until ``th.step_count == steps``,
+    so a resumed run finishes the same budget).
+
+    target: a `Theseus` engine (its wrapped model trains; one ``th.step()`` per optimiser step) or a
+        plain ``nn.Module`` (a baseline student, a predecessor being fine-tuned).
+    batches: iterable of ``(inputs, labels)`` with at least ``steps * gradient_accumulation``
+        batches, or a function ``position -> (inputs, labels)`` (resumes without replaying).
+    loss: ``loss(inputs, labels) -> loss`` or ``-> (loss, logits)`` (logits give the batch accuracy);
+        default: cross-entropy of the model's logits. Inputs and labels arrive on the device, inside
+        autocast. A loss object with a ``.to(device)`` method (e.g. `DistillationStep`, whose teacher
+        must run on the same device) is moved with the model.
+    params: what AdamW trains; default ``th.trainable_parameters()``, or all of the model's
+        parameters (frozen ones are skipped by the optimiser while they have no gradient).
+    lr_schedule: "linear" (decay to 0), "constant" or "cosine", after a linear warm-up over the
+        first `warmup` fraction of the steps.
+    max_grad_norm: clip the gradient norm to this value (None: no clipping).
+    device: "auto" (the model's accelerator if it is on one, else CUDA when available, else the CPU),
+        "cpu", "cuda", "cuda:1", a torch.device.
+    mixed_precision: "no", "bf16" (autocast to bfloat16; works on the CPU too) or "fp16" (autocast to
+        float16 with a GradScaler). Weights and optimiser state stay float32.
+    metrics: a directory (a `MetricsLogger` is opened there and closed at the end) or a logger of yours.
+    checkpoints / checkpoint_every: a directory (or `CheckpointManager`) to resume from and save to every
+        N steps and at the end; engines only. The GradScaler's state is not saved (it re-calibrates).
+    restore_device: move the model (and the loss object) back to the device it came from at the end,
+        so evaluation and export code written for the CPU keeps working; False leaves it on `device`.
+    on_step: called with each step's `StepLog` after the optimiser step (e.g. an evaluation every N steps).
+
+    The model is put in training mode and left in the mode it had before. Raises `NonFiniteLossError`
+    (before the optimiser applies the step) when the loss is NaN or infinite.
+    """
+    engine = target if isinstance(target, Theseus) else None
+    model = engine.model if engine is not None else target
+    if not isinstance(model, nn.Module):
+        raise TrainingError(f"fit() trains a Theseus engine or a torch.nn.Module, got {type(target).__qualname__}.")
+    _check_settings(steps, lr_schedule, gradient_accumulation, checkpoint_every, checkpoints, engine)
+    run_device = resolve_device(device, model)
+    dtype = autocast_dtype(mixed_precision, run_device)
+    params = list(params if params is not None else (engine.trainable_parameters() if engine else model.parameters()))
+    if not params:
+        raise TrainingError("No trainable parameters were given to fit(); pass params= or a model with parameters.")
+    loss_fn = loss if loss is not None else cross_entropy_loss(model)
+
+    home = _device_of(model)
+    movable = [model] + ([loss_fn] if callable(getattr(loss_fn, "to", None)) else [])
+    was_training = model.training
+    bar = logger = None
+    try:
+        for thing in movable:  # moves parameters in place: `params` and the engine keep pointing at them
+            thing.to(run_device)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, lr_schedule, warmup))
+        scaler = torch.amp.GradScaler(run_device.type, enabled=mixed_precision == "fp16")
+        autocast = ((lambda: torch.autocast(run_device.type, dtype=dtype)) if dtype is not None
+                    else contextlib.nullcontext)
+
+        manager = CheckpointManager(checkpoints) if isinstance(checkpoints, str) else checkpoints
+        resumed = manager.resume(engine, optimizer, scheduler) if manager is not None else None
+        position = (resumed.data_position or 0) if resumed else 0
+        next_batch = _batch_source(batches, position, steps * gradient_accumulation)
+        logger = MetricsLogger(metrics) if isinstance(metrics, str) else metrics
+        result = FitResult(device=str(run_device), resumed_from=resumed.path if resumed else None)
+        if resumed and progress:
+            tqdm.write(f"resumed from {resumed.path} (step {resumed.step})")
+
+        step = engine.step_count if engine is not None else 0
+        model.train()
+        bar = tqdm(total=steps, initial=step, desc=desc, leave=False, dynamic_ncols=True, disable=not progress)
+        recent: List[float] = []  # batch accuracies of the last 20 steps: the bar's running mean
+        while step < steps:
+            rate = engine.replacement_rate if engine is not None else None  # the rate this step's draws use
+            lr_now = scheduler.get_last_lr()[0]
+            sums = torch.zeros(3, device=run_device)  # loss, correct predictions, predictions counted
+            for _ in range(gradient_accumulation):
+                inputs, labels = to_device(next_batch(position), run_device)
+                position += 1
+                with autocast():
+                    out = loss_fn(inputs, labels)
+                value, logits = out if isinstance(out, tuple) else (out, None)
+                scaler.scale(value / gradient_accumulation).backward()
+                sums[0] += value.detach().float()
+                if logits is not None and isinstance(labels, torch.Tensor):
+                    sums[1:] += _hits(logits.detach(), labels)
+            loss_sum, correct, counted = sums.tolist()  # the step's one device sync
+            loss_value = loss_sum / gradient_accumulation
+            if not math.isfinite(loss_value):
+                if engine is not None:
+                    engine.step(loss_value)  # raises, and marks the run failed so nothing bad is saved
+                raise NonFiniteLossError(f"The loss became {loss_value} at step {step}; the run is stopped before "
+                                         "the optimiser applied it. Try a lower learning rate or max_grad_norm.")
+            if max_grad_norm is not None:
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if engine is not None:
+                engine.step()
+            accuracy = correct / counted if counted else None
+            record = StepLog(step, loss_value, lr_now, rate, accuracy)
+            result.history.append(record)
+            step += 1
+            if logger is not None:
+                logger.log(record.step, loss=loss_value, train_accuracy=accuracy, replacement_rate=rate, lr=lr_now)
+            if accuracy is not None:
+                recent = (recent + [accuracy])[-20:]
+            bar.set_postfix(refresh=False, loss=f"{loss_value:.3f}",  # drawn once, by update()
+                            **({"acc": f"{sum(recent) / len(recent):.3f}"} if recent else {}),
+                            **({"p": f"{rate:.2f}"} if rate is not None else {}))
+            bar.update(1)
+            if manager is not None and ((checkpoint_every and step % checkpoint_every == 0) or step == steps):
+                manager.save(engine, optimizer, scheduler, data_position=position)
+            if on_step is not None:
+                on_step(record)
+    finally:
+        if bar is not None:
+            bar.close()
+        if isinstance(metrics, str) and logger is not None:
+            logger.close()
+        model.train(was_training)
+        if restore_device and home is not None and home != run_device:
+            for thing in movable:
+                thing.to(home)
+    return result
+
+
+def _check_settings(steps: int, lr_schedule: str, accumulation: int, checkpoint_every: int,
+                    checkpoints: Any, engine: Optional[Theseus]) -> None:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise TrainingError(f"steps must be an int >= 1, got {steps!r}.")
+    if lr_schedule not in LR_SCHEDULES:
+        raise TrainingError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}.")
+    if isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1:
+        raise TrainingError(f"gradient_accumulation must be an int >= 1 (micro-batches per optimiser step), "
+                            f"got {accumulation!r}.")
+    if checkpoint_every < 0:
+        raise TrainingError(f"checkpoint_every must be >= 0 (0: only at the end), got {checkpoint_every!r}.")
+    if checkpoints is not None and engine is None:
+        raise TrainingError("checkpoints= saves and resumes a Theseus run; a plain model has no engine state. "
+                            "Pass the Theseus engine as the target, or save the model yourself (save_pretrained).")
+
+
+def _batch_source(batches: Any, position: int, needed: int) -> Callable[[int], Batch]:
+    """`position -> batch`, from a function as it is, or from an iterable read in order (after a
+    resume, the batches before `position` are read and dropped)."""
+    if callable(batches) and not hasattr(batches, "__iter__"):
+        return batches
+    stream = iter(batches)
+    for _ in range(position):
+        next(stream, None)
+    consumed = [position]
+
+    def next_batch(at: int) -> Batch:
+        try:
+            batch = next(stream)
+        except StopIteration:
+            raise TrainingError(f"batches ran out after {consumed[0]} of {needed} batches; give an endless stream "
+                                "(e.g. itertools.cycle) or enough batches for steps x gradient_accumulation.") from None
+        consumed[0] += 1
+        return batch
+
+    return next_batch
+
+
+def _hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """[correct predictions, predictions counted] on the device (no sync); labels of -100 (ignored
+    tokens) do not count, and logits that do not match the labels' shape count nothing."""
+    if logits.dim() < 1 or logits.shape[:-1] != labels.shape or labels.is_floating_point():
+        return torch.zeros(2, device=logits.device)
+    valid = labels != -100
+    return torch.stack([((logits.argmax(-1) == labels) & valid).sum(), valid.sum()]).float()
+
+
+def _device_of(model: nn.Module) -> Optional[torch.device]:
+    for tensor in model.parameters():
+        return tensor.device
+    for tensor in model.buffers():
+        return tensor.device
+    return None
+
+
+__all__ = ["FitResult", "StepLog", "TrainingError", "add_device_arguments", "autocast_dtype", "cross_entropy_loss", "fit",
+           "lr_factor", "resolve_device", "to_device"]
