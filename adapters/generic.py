@@ -26,6 +26,8 @@ from theseus_general.errors import AdapterError
 from theseus_general.graph import ModuleGraph, get_submodule
 from theseus_general.registry import register_adapter
 
+from ._hf_common import finalize_generic, is_pretrained_model
+
 
 @register_adapter("generic")
 class GenericAdapter(Adapter):
@@ -64,3 +66,9 @@ class GenericAdapter(Adapter):
                 f"Containers seen:\n{graph.describe()}\nName one with container='...'."
             )
         return [chains[0].path]
+
+    def finalize_export(self, model: nn.Module, depths: dict) -> nn.Module:
+        """A transformers model is reloaded from its config, so the config must describe the export:
+        the layer stack config.num_hidden_layers counts is rebuilt natively (as the hf adapter does);
+        any other shortened container of a PreTrainedModel raises ExportError."""
+        return finalize_generic(model, depths) if is_pretrained_model(model) else model

@@ -5,14 +5,17 @@ Theseus target, and a native rebuild (the model's own class built at the new
 depth). Every case runs through the same checks: plan, a few training steps,
 frozen predecessor unchanged, eval runs successors only, export matches the
 engine, the native rebuild loads the export strictly and matches it, and the
-exported parameter count and depth are as planned. A newly registered adapter
-fails `test_every_adapter_has_cases` until it adds its cases here.
+exported parameter count and depth are as planned. Transformers models also go
+through save_pretrained -> from_pretrained (safetensors, equal logits) and, for
+decoders, generate() with the KV cache. A newly registered adapter fails
+`test_every_adapter_has_cases` until it adds its cases here.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import pytest
 import torch
@@ -35,6 +38,7 @@ class Case:
     logits: Callable[[nn.Module, object], torch.Tensor]
     rebuild: Callable[[List[int]], nn.Module]  # successor depths (plan order) -> native model
     target: Dict = field(default_factory=dict)  # Theseus(...) keyword arguments
+    after_export: Optional[Callable[[nn.Module, object, torch.Tensor], None]] = None  # (export, input, engine output)
 
 
 def _images(channels: int, size: int, classes: int):
@@ -126,6 +130,97 @@ RESNET = [
 ]
 
 
+# ---------------------------------------------------------------- hf: any transformers model
+def _hf(config_cls: str, model_cls: str, depth_key: str = "num_hidden_layers", **config):
+    """model(depth): a tiny random `model_cls` with `depth` layers (seeded), e.g. _hf("LlamaConfig", "LlamaForCausalLM")."""
+    def make(depth: int) -> nn.Module:
+        import transformers
+
+        torch.manual_seed(0)
+        return getattr(transformers, model_cls)(getattr(transformers, config_cls)(**{**config, depth_key: depth}))
+    return make
+
+
+_DECODER = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                max_position_embeddings=64)
+LLAMA = _hf("LlamaConfig", "LlamaForCausalLM", **_DECODER)
+QWEN2 = _hf("Qwen2Config", "Qwen2ForCausalLM", **_DECODER)
+MISTRAL = _hf("MistralConfig", "MistralForCausalLM", **_DECODER)
+GPT2 = _hf("GPT2Config", "GPT2LMHeadModel", "n_layer", vocab_size=96, n_positions=64, n_embd=32, n_head=2,
+           bos_token_id=1, eos_token_id=2)
+OPT = _hf("OPTConfig", "OPTForCausalLM", vocab_size=96, hidden_size=32, ffn_dim=64, num_attention_heads=2,
+          max_position_embeddings=64, word_embed_proj_dim=32)
+DISTILBERT = _hf("DistilBertConfig", "DistilBertForSequenceClassification", "n_layers", vocab_size=96, dim=32,
+                 hidden_dim=64, n_heads=2, max_position_embeddings=64, num_labels=3)
+# Stages of 2, 4, 2 blocks (config.depths); window 2 keeps the shifted windows active.
+SWIN = _hf("SwinConfig", "SwinForImageClassification", "depths", image_size=32, patch_size=4, embed_dim=16,
+           num_heads=[2, 2, 4], window_size=2, num_labels=3)
+HF_VIT = _hf("ViTConfig", "ViTForImageClassification", image_size=16, patch_size=4, hidden_size=32,
+             intermediate_size=64, num_attention_heads=2, num_labels=3)
+
+
+def _pixels(size: int):
+    def batch(seed: int):
+        images, labels = _images(3, size, 3)(seed)
+        return {"pixel_values": images}, labels
+    return batch
+
+
+def _lm_loss(model, x, y):
+    # use_cache=False: training needs no KV cache (and a group's successor and predecessor
+    # layers must not write the same cache slot in one forward).
+    return model(**x, labels=x["input_ids"], use_cache=False).loss
+
+
+def _reloads_the_same(exported, x, engine_out):
+    """save_pretrained -> from_pretrained gives the same model; a decoder generates the same
+    with the KV cache, and its layers are numbered 0..depth-1 for that cache."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as directory:
+        exported.save_pretrained(directory, safe_serialization=True)
+        assert any(f.endswith(".safetensors") for f in os.listdir(directory))
+        reloaded = type(exported).from_pretrained(directory).eval()
+    assert reloaded.config.num_hidden_layers == exported.config.num_hidden_layers
+    with torch.no_grad():
+        torch.testing.assert_close(_out_logits(reloaded, x), engine_out, rtol=1e-5, atol=1e-6)
+    if exported.can_generate():
+        indices = [m.layer_idx for m in exported.modules() if isinstance(getattr(m, "layer_idx", None), int)]
+        assert sorted(set(indices)) == list(range(exported.config.num_hidden_layers))
+        ids = x["input_ids"][:2]
+        settings = dict(attention_mask=torch.ones_like(ids), max_new_tokens=5, do_sample=False, pad_token_id=0)
+        ours = exported.generate(ids, **settings)
+        assert ours.shape == (2, ids.shape[1] + 5)
+        assert torch.equal(ours, reloaded.generate(ids, **settings))
+        assert torch.equal(ours, reloaded.generate(ids, use_cache=False, **settings))  # the cache changes nothing
+
+
+def _out_logits(model, x):
+    return model(**x).logits
+
+
+def _hf_case(id, make, batch, loss, depth, target, **extra):
+    return Case(id, make=lambda: make(depth), batch=batch, loss=loss, logits=_out_logits,
+                rebuild=lambda d: make(d[0]), target=target, after_export=_reloads_the_same, **extra)
+
+
+HF = [
+    _hf_case("llama-causal-lm", LLAMA, _tokens(96, 2), _lm_loss, 6, {"successor_depth": 3}),
+    _hf_case("qwen2-causal-lm", QWEN2, _tokens(96, 2), _lm_loss, 6, {"ratio": 0.5}),
+    # group_first: successors start as layers 0, 2, 4 (their layer_idx); the export renumbers them.
+    _hf_case("mistral-causal-lm", MISTRAL, _tokens(96, 2), _lm_loss, 6, {"successor_depth": 3, "init": "group_first"}),
+    _hf_case("gpt2-causal-lm", GPT2, _tokens(96, 2), _lm_loss, 4, {"successor_depth": 2}),
+    _hf_case("opt-causal-lm", OPT, _tokens(96, 2), _lm_loss, 4, {"successor_depth": 2}),
+    _hf_case("distilbert-seqcls", DISTILBERT, _tokens(96, 3), lambda m, x, y: m(**x, labels=y).loss, 4,
+             {"successor_depth": 2}),
+    _hf_case("vit-imgcls", HF_VIT, _pixels(16),
+             lambda m, x, y: m(**x, labels=y).loss, 4, {"ratio": 0.5}),
+    Case("swin-stages-imgcls", make=lambda: SWIN([2, 4, 2]), batch=_pixels(32), loss=lambda m, x, y: m(**x, labels=y).loss,
+         logits=_out_logits, rebuild=lambda d: SWIN(d), target={"successor_depth": [1, 2, 1]},
+         after_export=_reloads_the_same),
+]
+
+
 # ---------------------------------------------------------------- generic: families without an adapter
 def _convnext(depths):
     from timm.models.convnext import ConvNeXt
@@ -147,9 +242,14 @@ GENERIC = [
     Case("transformers-gpt2", make=_seeded(lambda: _gpt2(4)), batch=_tokens(50, 2),
          loss=lambda m, x, y: m(**x, labels=y).loss, logits=lambda m, x: m(**x).logits,
          rebuild=lambda d: _gpt2(d[0]), target={"adapter": "generic", "container": "transformer.h", "successor_depth": 2}),
+    # issue 11: 6 -> 3 through the generic route used to keep config.num_hidden_layers = 6, and
+    # from_pretrained then built 3 random layers; the export now rebuilds the config natively.
+    Case("transformers-llama-regression", make=lambda: LLAMA(6), batch=_tokens(96, 2), loss=_lm_loss,
+         logits=_out_logits, rebuild=lambda d: LLAMA(d[0]), after_export=_reloads_the_same,
+         target={"adapter": "generic", "container": "model.layers", "successor_depth": 3}),
 ]
 
-CASES: Dict[str, List[Case]] = {"bert": BERT, "vit": VIT, "resnet": RESNET, "generic": GENERIC}
+CASES: Dict[str, List[Case]] = {"bert": BERT, "vit": VIT, "resnet": RESNET, "hf": HF, "generic": GENERIC}
 ADAPTERS = list_adapters()  # at collection: the built-in adapters
 
 
@@ -218,6 +318,8 @@ def test_adapter_contract(case: Case):
     with torch.no_grad():
         torch.testing.assert_close(case.logits(native, x), engine_out, rtol=1e-5, atol=1e-6)
     assert count_parameters(native) == count_parameters(exported)
+    if case.after_export is not None:
+        case.after_export(exported, x, engine_out)
 
     # the frozen predecessor comes back bit-identical
     th.unwrap()
