@@ -70,7 +70,7 @@ def load_smollm2():
 
     path = smollm2_dir()
     tokenizer = AutoTokenizer.from_pretrained(path, gguf_file=GGUF_FILE)
-    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_FILE, torch_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(path, gguf_file=GGUF_FILE, dtype=torch.float32)
     return model.eval(), tokenizer
 
 
