@@ -170,26 +170,31 @@ def reload(model, directory: str):
 
 
 @torch.no_grad()
-def generation_seconds_per_token(model, prompt: torch.Tensor, new_tokens: int, repeats: int) -> float:
-    model.eval()
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
+def measure_speed(models: Dict[str, Any], prompt: torch.Tensor, rows: torch.Tensor, repeats: int,
+                  new_tokens: int = 32) -> Dict[str, Dict[str, float]]:
+    """Median seconds per generated token (greedy, batch 1, KV cache) and per batch forward, each
+    model in turn in every round (after one warm-up round), and the speed-ups against the first model."""
+    def generate(model):
         model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), max_new_tokens=new_tokens,
                        min_new_tokens=new_tokens, do_sample=False, pad_token_id=model.config.eos_token_id)
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[len(times[1:]) // 2] / new_tokens
 
-
-@torch.no_grad()
-def forward_seconds(model, rows: torch.Tensor, repeats: int) -> float:
-    model.eval()
-    times = []
-    for _ in range(repeats + 1):
-        start = time.perf_counter()
-        model(input_ids=rows)
-        times.append(time.perf_counter() - start)
-    return sorted(times[1:])[len(times[1:]) // 2]
+    times = {name: {"generate": [], "forward": []} for name in models}
+    for round_ in range(repeats + 1):
+        for name, model in models.items():
+            model.eval()
+            start = time.perf_counter()
+            generate(model)
+            middle = time.perf_counter()
+            model(input_ids=rows)
+            end = time.perf_counter()
+            if round_:  # round 0 warms up
+                times[name]["generate"].append((middle - start) / new_tokens)
+                times[name]["forward"].append(end - middle)
+    median = {name: {kind: sorted(v)[len(v) // 2] for kind, v in t.items()} for name, t in times.items()}
+    reference = median[next(iter(models))]
+    return {name: {"generate_s_per_token": m["generate"], "forward_s": m["forward"],
+                   "generate_speedup": reference["generate"] / m["generate"],
+                   "forward_speedup": reference["forward"] / m["forward"]} for name, m in median.items()}
 
 
 def main(argv=None) -> Dict[str, Any]:
@@ -204,13 +209,14 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--test-rows", type=int, default=64, help="held-out rows of seq-len tokens for perplexity")
     parser.add_argument("--calibration-rows", type=int, default=16, help="rows used for Block Influence")
     parser.add_argument("--methods", nargs="+", default=["theseus", "fine_tune_only", "layer_removal", "kd"])
+    parser.add_argument("--speed-repeats", type=int, default=5, help="timed rounds of the speed measurement")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="smoke run: depth 15 only, 3 steps, small eval")
     parser.add_argument("--output", default="examples/output/llm")
     args = parser.parse_args(argv)
     if args.quick:
-        args.depths, args.steps, args.test_rows, args.calibration_rows = [15], 3, 8, 4
+        args.depths, args.steps, args.test_rows, args.calibration_rows, args.speed_repeats = [15], 3, 8, 4, 1
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -243,13 +249,7 @@ def main(argv=None) -> Dict[str, Any]:
         return lambda inputs, labels: lm_loss(module(**inputs).logits, labels)
 
     common = dict(lr=args.lr, device="cpu", lr_schedule="linear")
-    prompt = tokenizer("The movie was", return_tensors="pt")["input_ids"]
-    speed_rows = test_rows[:8]
-    reference = {"generate_s_per_token": generation_seconds_per_token(model, prompt, 32, 3),
-                 "forward_s": forward_seconds(model, speed_rows, 3), "flops": count_flops(model, {"input_ids": speed_rows}),
-                 "parameters": count_parameters(model)}
-    results["predecessor"].update(reference)
-
+    students: Dict[str, Any] = {}
     for depth in args.depths:
         for method in args.methods:
             t0 = time.time()
@@ -278,18 +278,24 @@ def main(argv=None) -> Dict[str, Any]:
                 student = reload(student, tmp)
             if student.config.num_hidden_layers != depth:
                 raise SystemExit(f"{method}: the reloaded model has {student.config.num_hidden_layers} layers, not {depth}")
-            row = {"depth": depth, "kept_layers": kept, "train_seconds": train_seconds,
-                   "perplexity": perplexity(student, test_rows),
-                   "generate_s_per_token": generation_seconds_per_token(student, prompt, 32, 3),
-                   "forward_s": forward_seconds(student, speed_rows, 3),
-                   "flops": count_flops(student, {"input_ids": speed_rows}), "parameters": count_parameters(student)}
-            row["generate_speedup"] = reference["generate_s_per_token"] / row["generate_s_per_token"]
-            row["forward_speedup"] = reference["forward_s"] / row["forward_s"]
-            row["flops_ratio"] = reference["flops"] / row["flops"]
-            results["students"][f"{method}@{depth}"] = row
-            print(f"30->{depth} {method:<15} perplexity {row['perplexity']:8.2f}   generate x{row['generate_speedup']:.2f}"
-                  f"   forward x{row['forward_speedup']:.2f}   ({train_seconds:.0f} s)")
-            del student
+            name = f"{method}@{depth}"
+            students[name] = student
+            row = {"method": method, "depth": depth, "kept_layers": kept, "train_seconds": train_seconds,
+                   "perplexity": perplexity(student, test_rows), "parameters": count_parameters(student),
+                   "flops": count_flops(student, {"input_ids": speed_rows})}
+            row["flops_ratio"] = results["predecessor"]["flops"] / row["flops"]
+            results["students"][name] = row
+            print(f"30->{depth} {method:<15} test perplexity {row['perplexity']:8.2f}   ({train_seconds:.0f} s)")
+
+    # Speed last, every model measured in turn in each round, so that a change in the machine's
+    # load touches all of them alike. One model per depth: the methods differ only in weights.
+    timed = {"original": model, **{f"{args.depths[i]} layers": students[f"{args.methods[0]}@{d}"]
+                                   for i, d in enumerate(args.depths)}}
+    speed = measure_speed(timed, prompt, speed_rows, args.speed_repeats)
+    results["speed"] = speed
+    for name, row in results["students"].items():
+        row["generate_speedup"] = speed[f"{row['depth']} layers"]["generate_speedup"]
+        row["forward_speedup"] = speed[f"{row['depth']} layers"]["forward_speedup"]
 
     results["wall_seconds"] = time.time() - started
     print(f"\n{'model':<24}{'layers':>7}{'test ppl':>10}{'generate':>10}{'forward':>9}{'FLOPs':>8}")
