@@ -95,7 +95,7 @@ class ResNetAdapter(Adapter):
             return None
         generator = torch.Generator().manual_seed(0)
         # 32 x 32 survives the standard stem and four stages (down to 1 x 1).
-        return torch.randn(2, first_conv.in_channels, 32, 32, generator=generator).to(first_conv.weight.device)
+        return torch.randn(2, first_conv.in_channels, 32, 32, generator=generator).to(first_conv.weight.device, first_conv.weight.dtype)
 
     def check_successor(self, group_blocks: List[nn.Module], successor: nn.Module) -> Optional[str]:
         # A group's first block is its stage's first block exactly when it is the

@@ -79,9 +79,10 @@ class VitAdapter(Adapter):
         return [_PATHS[_family(model)]]
 
     def sample_input(self, model: nn.Module) -> Optional[Any]:
-        device = next(model.parameters()).device
+        like = next(model.parameters())  # the sample takes the model's device and dtype
         if _family(model) == "torchvision":
-            size, channels = (model.image_size, model.image_size), model.conv_proj.in_channels
+            stem = next(m for m in model.conv_proj.modules() if isinstance(m, nn.Conv2d))  # a Conv2d or a conv stem
+            size, channels = (model.image_size, model.image_size), stem.in_channels
         else:
             size = getattr(model.patch_embed, "img_size", None)
             proj = getattr(model.patch_embed, "proj", None)
@@ -89,7 +90,7 @@ class VitAdapter(Adapter):
                 return None  # dynamic size or a hybrid stem: the caller's sample= is needed
             channels = proj.in_channels
         generator = torch.Generator().manual_seed(0)
-        return torch.randn(2, channels, *size, generator=generator).to(device)
+        return torch.randn(2, channels, *size, generator=generator).to(like.device, like.dtype)
 
     def check_successor(self, group_blocks: List[nn.Module], successor: nn.Module) -> Optional[str]:
         reason = structure_difference(group_blocks[0], successor)
