@@ -6,7 +6,8 @@ Sharding: ``fully_shard`` on each replacement group (a TheseusGroup holds the
 group's predecessor blocks and its successor, so both are gathered for the
 group's forward) and then on the whole wrapped model. Each rank trains on its
 slice of the same global batch and writes its per-step replacement draws
-(draws-<rank>.json) and its gathered successor weights (weights-<rank>.safetensors).
+(draws-<rank>.json) and its gathered successor weights (weights-<rank>.safetensors);
+rank 0 also writes the exported successor model (exported.safetensors).
 With WORLD_SIZE unset, run(out, world_size=1) trains without sharding on the whole batch.
 """
 
@@ -34,13 +35,26 @@ def successor_weights(th: Theseus) -> dict:
     return weights
 
 
+def engine() -> Theseus:
+    return Theseus(ChainModel(depth=6, seed=0), successor_depth=3, adapter="generic", container="blocks",
+                   scheduler=ConstantScheduler(0.5), seed=11)
+
+
+def export_through_twin(weights: dict):
+    """A sharded model cannot be deep-copied (FSDP refuses), so export() runs on an unsharded
+    twin: the same model and plan, with the gathered successor weights loaded."""
+    twin = engine()
+    for i, successor in enumerate(twin.successors()):
+        prefix = f"successors.{i}."
+        successor.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}, strict=True)
+    return twin.export()
+
+
 def run(out: str, rank: int = 0, world_size: int = 1) -> None:
     from safetensors.torch import save_file
 
     torch.set_num_threads(1)
-    model = ChainModel(depth=6, seed=0)
-    th = Theseus(model, successor_depth=3, adapter="generic", container="blocks",
-                 scheduler=ConstantScheduler(0.5), seed=11)
+    th = engine()
     if world_size > 1:
         from torch.distributed.fsdp import fully_shard
 
@@ -63,7 +77,11 @@ def run(out: str, rank: int = 0, world_size: int = 1) -> None:
         th.step()
     with open(os.path.join(out, f"draws-{rank}.json"), "w") as f:
         json.dump(draws, f)
-    save_file(successor_weights(th), os.path.join(out, f"weights-{rank}.safetensors"))
+    weights = successor_weights(th)  # a collective under FSDP: every rank takes part
+    save_file(weights, os.path.join(out, f"weights-{rank}.safetensors"))
+    if rank == 0:
+        exported = th.export() if world_size == 1 else export_through_twin(weights)
+        save_file({k: v.contiguous() for k, v in exported.state_dict().items()}, os.path.join(out, "exported.safetensors"))
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -42,3 +43,23 @@ def test_fully_shard_ranks_match_each_other_and_one_process(tmp_path):
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
         torch.testing.assert_close(w0[k], reference[k], rtol=1e-5, atol=1e-6)
+
+    exported, expected = load_file(str(tmp_path / "exported.safetensors")), load_file(str(single / "exported.safetensors"))
+    assert exported.keys() == expected.keys()
+    for k in exported:
+        torch.testing.assert_close(exported[k], expected[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_sharded_model_cannot_be_deep_copied_so_export_needs_the_twin():
+    """The reason for export_through_twin: FSDP2's own refusal, recorded (one process, world size 1)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        th = _fsdp_worker.engine()
+        fully_shard(th.model)
+        with pytest.raises(AssertionError, match="FSDP does not support deepcopy"):
+            th.export()
+    finally:
+        dist.destroy_process_group()
