@@ -66,9 +66,11 @@ class Blueprint:
                    {k: tuple(v.shape) for k, v in model.state_dict().items()})
 
 
-def state_difference(rebuilt: Blueprint, model: Blueprint) -> Optional[str]:
-    """Why the model's state dict would not load strictly into the rebuild, or None."""
-    ours, theirs = rebuilt.shapes, model.shapes
+def state_difference(rebuilt: Blueprint, model: Blueprint, skip: Iterable[str] = ()) -> Optional[str]:
+    """Why the model's state dict (outside `skip`) would not load strictly into the rebuild, or None."""
+    skip = tuple(skip)
+    ours = {k: v for k, v in rebuilt.shapes.items() if not _under(k, skip)}
+    theirs = {k: v for k, v in model.shapes.items() if not _under(k, skip)}
     missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
     if missing or extra:
         return f"the state dicts differ in keys (only in the rebuild: {missing[:3]}, only in the model: {extra[:3]})"
@@ -99,7 +101,22 @@ def settings_difference(rebuilt: Blueprint, model: Blueprint, skip: Iterable[str
 
 
 def difference(rebuilt: Blueprint, model: Blueprint, skip: Iterable[str] = ()) -> Optional[str]:
-    return state_difference(rebuilt, model) or settings_difference(rebuilt, model, skip)
+    return state_difference(rebuilt, model, skip) or settings_difference(rebuilt, model, skip)
+
+
+def _inside(blueprint: Blueprint, name: str) -> Tuple[Dict, Dict]:
+    return ({k: v for k, v in blueprint.modules.items() if _under(k, (name,))},
+            {k: v for k, v in blueprint.shapes.items() if _under(k, (name,))})
+
+
+def _own_children(rebuilt: nn.Module, model: Blueprint, containers: Iterable[str]) -> Tuple[str, ...]:
+    """Top-level children the user replaced after construction (a small-image stem, a new
+    head): those that differ from the rebuild and hold no container. Export keeps the model's own."""
+    ours = Blueprint.of(rebuilt)
+    return tuple(
+        name for name, _ in rebuilt.named_children()
+        if not any(_under(c, (name,)) for c in containers) and _inside(ours, name) != _inside(model, name)
+    )
 
 
 # (description, build) pairs; build(depths) -> a new model. Kept with the predecessor's
@@ -118,29 +135,35 @@ class Recipe:
     def __init__(self, candidates: Iterable[Candidate], predecessor: Optional[Blueprint] = None,
                  depths: Optional[Dict[str, int]] = None, error: Optional[str] = None):
         self._candidates, self._predecessor, self._depths = list(candidates), predecessor, depths
-        self._resolved: Optional[Tuple[Optional[Candidate], Optional[str]]] = None if error is None else (None, error)
+        self._resolved: Optional[Tuple[Optional[Candidate], Tuple[str, ...], Optional[str]]] = (
+            None if error is None else (None, (), error))
 
     @classmethod
     def trusted(cls, description: str, build: Build) -> "Recipe":
         """A constructor call that rebuilds the model by construction (e.g. type(model)(config))."""
         recipe = cls([])
-        recipe._resolved = ((description, build), None)
+        recipe._resolved = ((description, build), (), None)
         return recipe
 
-    def resolve(self) -> Tuple[Optional[Candidate], Optional[str]]:
+    def resolve(self) -> Tuple[Optional[Candidate], Tuple[str, ...], Optional[str]]:
+        """(candidate, own children to keep from the model, error): the candidate that rebuilds
+        the predecessor with the fewest kept children, or None and the first candidate's difference."""
         if self._resolved is None:
-            first_error = None
+            best, first_error = None, None
             for description, build in self._candidates:
                 try:
-                    reason = difference(Blueprint.of(build(self._depths)), self._predecessor)
+                    rebuilt = build(self._depths)
+                    own = _own_children(rebuilt, self._predecessor, self._depths)
+                    reason = difference(Blueprint.of(rebuilt), self._predecessor, skip=own)
                 except Exception as error:  # the constructor refused these arguments
-                    reason = f"it raised {type(error).__name__}: {error}"
-                if reason is None:
-                    self._resolved = ((description, build), None)
-                    break
-                first_error = first_error or f"{description} does not rebuild the model: {reason}"
-            else:
-                self._resolved = (None, first_error or "no constructor call was found")
+                    reason, own = f"it raised {type(error).__name__}: {error}", ()
+                if reason is None and (best is None or len(own) < len(best[1])):
+                    best = ((description, build), own)
+                    if not own:
+                        break
+                if reason is not None:
+                    first_error = first_error or f"{description} does not rebuild the model: {reason}"
+            self._resolved = (*best, None) if best else (None, (), first_error or "no constructor call was found")
         return self._resolved
 
 
@@ -179,11 +202,13 @@ def export_native(exported: nn.Module, depths: Dict[str, int], recipe: Optional[
     if recipe is None:
         raise ExportError(f"The {family} adapter has not seen the predecessor (containers() was not called), so it "
                           f"cannot rebuild it natively. {NATIVE_FALSE}")
-    found, error = recipe.resolve()
+    found, own, error = recipe.resolve()
     if found is None:
         raise ExportError(f"Cannot rebuild this {type(exported).__name__} natively: {error}. {NATIVE_FALSE}")
     description, build = found
     rebuilt = build(depths)
+    for name in own:  # replaced by the user after construction: the model's own (trained) module stays
+        setattr(rebuilt, name, getattr(exported, name))
     reason = difference(Blueprint.of(rebuilt), Blueprint.of(exported), skip=depths)
     for path in depths if reason is None else ():
         for i, (fresh, trained) in enumerate(zip(rebuilt.get_submodule(path), exported.get_submodule(path))):

@@ -155,17 +155,43 @@ def test_timm_grad_checkpointing_is_carried_over():
     assert Theseus(model, successor_depth=2).export().grad_checkpointing
 
 
-def _tv_vit_with_own_head():
+def _tv_vit_with_relu_blocks():
     model = _seeded(_tv_vit, 4)
-    model.heads = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3))  # not what VisionTransformer(...) builds
+    for layer in model.encoder.layers:
+        layer.mlp[1] = nn.ReLU()  # inside the blocks: no VisionTransformer(...) builds this
     return model
 
 
 def test_a_model_its_constructor_cannot_rebuild_raises_naming_the_difference():
-    th = Theseus(_tv_vit_with_own_head(), successor_depth=2)
-    with pytest.raises(ExportError, match=r"VisionTransformer\(num_layers=n, \.\.\.\) does not rebuild.*heads.*"
-                                          r"export\(native=False\)"):
+    th = Theseus(_tv_vit_with_relu_blocks(), successor_depth=2)
+    with pytest.raises(ExportError, match=r"VisionTransformer\(num_layers=n, \.\.\.\) does not rebuild.*"
+                                          r"mlp\.1' is a ReLU in the model but a GELU.*export\(native=False\)"):
         th.export()
+
+
+def test_a_stem_or_head_replaced_after_construction_is_kept():
+    """A small-image stem or a new head (set after the constructor ran, outside the blocks)
+    stays the model's own; everything else is rebuilt at the new depth."""
+    from timm.models.resnet import BasicBlock, ResNet
+
+    torch.manual_seed(0)
+    resnet = ResNet(BasicBlock, [2, 2, 2, 2], in_chans=1, num_classes=3, channels=(8, 16, 32, 64), drop_path_rate=0.1)
+    resnet.conv1 = nn.Conv2d(1, 64, kernel_size=3, stride=1, padding=1, bias=False)
+    vit = _seeded(_tv_vit, 4)
+    vit.heads = nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 3))
+    for model, sample, depth in ((resnet, torch.randn(2, 1, 16, 16), [1, 1, 1, 1]), (vit, _images(0), 2)):
+        th = Theseus(model, successor_depth=depth)
+        th.model.eval()
+        with torch.no_grad():
+            engine_out = th.model(sample)
+        exported = th.export()
+        with torch.no_grad():
+            torch.testing.assert_close(exported(sample), engine_out, rtol=1e-5, atol=1e-6)
+    assert exported.heads[0].out_features == 16
+    # the ResNet's blocks come from ResNet(..., layers=[1, 1, 1, 1], drop_path_rate=0.1): the last one has rate 0.1
+    rebuilt_resnet = Theseus(resnet.__class__(BasicBlock, [2, 2, 2, 2], in_chans=1, num_classes=3,
+                                              channels=(8, 16, 32, 64), drop_path_rate=0.1), successor_depth=[1, 1, 1, 1])
+    assert rebuilt_resnet.export().layer4[0].drop_path.drop_prob == pytest.approx(0.1)
 
 
 def _engine_passes_native_flag() -> bool:
@@ -185,8 +211,8 @@ def _engine_passes_native_flag() -> bool:
 @pytest.mark.xfail(not _engine_passes_native_flag(), strict=True,
                    reason="Theseus.export() does not pass native= to adapter.finalize_export yet")
 def test_native_false_exports_a_model_its_constructor_cannot_rebuild():
-    loose = Theseus(_tv_vit_with_own_head(), successor_depth=2).export(native=False)
-    assert len(loose.encoder.layers) == 2 and isinstance(loose.heads, nn.Sequential)
+    loose = Theseus(_tv_vit_with_relu_blocks(), successor_depth=2).export(native=False)
+    assert len(loose.encoder.layers) == 2 and isinstance(loose.encoder.layers[0].mlp[1], nn.ReLU)
 
 
 def test_a_torchvision_vit_with_a_conv_stem_raises_naming_it():
