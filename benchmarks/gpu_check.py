@@ -67,7 +67,7 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--seq", type=int, default=None, help="sequence length (default 128; toy 16)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up steps (default 5; toy 1)")
     parser.add_argument("--steps", type=int, default=None, help="measured steps (default 20; toy 2)")
-    parser.add_argument("--compile-budget", type=float, default=100.0, help="seconds per compiled training run")
+    parser.add_argument("--compile-budget", type=float, default=90.0, help="seconds per compiled training run")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (toy default 1)")
     parser.add_argument("--output", default=os.path.join(RESULTS_DIR, "gpu_check.json"))
     args = parser.parse_args(argv)
