@@ -34,7 +34,11 @@ def structure_difference(reference: nn.Module, other: nn.Module) -> Optional[str
         extra = sorted(set(dict(otensors)) - set(dict(rtensors)))
         if missing or extra:
             return f"its weights differ in names (missing {missing[:3]}, unexpected {extra[:3]})"
-        return "its weights differ in shape"
+        ours, theirs = dict(rtensors), dict(otensors)
+        key = next((k for k in ours if ours[k] != theirs[k]), None)
+        if key is None:
+            return "its weights are registered in another order"
+        return f"its weights differ in shape ({key!r}: {theirs[key]} instead of {ours[key]})"
     if ogeometry != rgeometry:
         return "its convolutions differ in stride, padding, dilation or groups"
     return None

@@ -3,13 +3,17 @@
 Supports any `PreTrainedModel` whose base model has ``encoder.layer`` as an
 ``nn.ModuleList`` of layers and whose config has ``num_hidden_layers``:
 `BertModel` and every `BertFor*` head, and encoders built the same way
-(RoBERTa, XLM-RoBERTa, ELECTRA, CamemBERT, ...). Export gives the same class
-with ``config.num_hidden_layers`` set to the successor depth, so
+(RoBERTa, XLM-RoBERTa, ELECTRA, CamemBERT, ...). Native export builds the
+model's own class from a copy of its config with ``num_hidden_layers`` set to
+the successor depth (``type(model)(config)``) and loads the trained state into
+it strictly, in the exported model's dtype and device: ``layer_idx`` and
+per-layer config lists are then those of a model built at that depth, and
 ``save_pretrained`` output loads with plain transformers.
 """
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Any, List, Optional
 
@@ -19,6 +23,8 @@ from torch import nn
 from theseus_general.adapter import Adapter
 from theseus_general.errors import AdapterError
 from theseus_general.registry import register_adapter
+
+from ._native import Recipe, export_native
 
 
 def _encoder_layers(model: nn.Module) -> Optional[nn.ModuleList]:
@@ -73,16 +79,45 @@ class BertAdapter(Adapter):
             return "the successor's weights differ in shape from a layer of this config"
         return None
 
-    def finalize_export(self, model: nn.Module, depths: dict) -> nn.Module:
+    def finalize_export(self, model: nn.Module, depths: dict, native: Optional[bool] = None) -> nn.Module:
         (depth,) = depths.values()
-        model.config.num_hidden_layers = depth
-        layer_types = getattr(model.config, "layer_types", None)
-        if isinstance(layer_types, list) and len(layer_types) > depth:
-            model.config.layer_types = layer_types[:depth]
-        # Layers keep the index they had in the predecessor; renumber them so that
-        # caches and anything keyed by layer index see 0..depth-1.
-        for new_index, layer in enumerate(_encoder_layers(model)):
-            for module in layer.modules():
-                if hasattr(module, "layer_idx") and isinstance(module.layer_idx, int):
-                    module.layer_idx = new_index
-        return model
+        reason = _per_layer_settings(model.config)
+        recipe = Recipe([], error=reason) if reason else Recipe.trusted(
+            f"{type(model).__name__}(config) with num_hidden_layers={depth}", lambda d: _build_at_depth(model, depth))
+        return export_native(model, depths, recipe, self.name, native, lambda m: _patch_copy(m, depth))
+
+
+def _depth_config(config, depth: int):
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = depth
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list):
+        config.layer_types = layer_types[:depth]
+    return config
+
+
+def _build_at_depth(model: nn.Module, depth: int) -> nn.Module:
+    # The model's own class from its own config: layer_idx, per-layer lists and
+    # everything else the constructor derives from num_hidden_layers come out right.
+    return type(model)(_depth_config(model.config, depth))
+
+
+def _per_layer_settings(config) -> Optional[str]:
+    """Why a per-layer config list cannot be cut to the new depth, or None."""
+    layer_types = getattr(config, "layer_types", None)
+    if isinstance(layer_types, list) and len(set(layer_types)) > 1:
+        return (f"config.layer_types mixes {sorted(set(layer_types))}; which type each successor layer should have "
+                "is not recorded in its weights")
+    return None
+
+
+def _patch_copy(model: nn.Module, depth: int) -> nn.Module:
+    """The copy route (export(native=False)): keep the modules, make the config and indices agree."""
+    model.config = _depth_config(model.config, depth)
+    # Layers keep the index they had in the predecessor; renumber them so that
+    # caches and anything keyed by layer index see 0..depth-1.
+    for new_index, layer in enumerate(_encoder_layers(model)):
+        for module in layer.modules():
+            if hasattr(module, "layer_idx") and isinstance(module.layer_idx, int):
+                module.layer_idx = new_index
+    return model

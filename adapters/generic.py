@@ -125,8 +125,8 @@ class GenericAdapter(Adapter):
             logger.info("%s", self.discovery)
         return chosen
 
-    def finalize_export(self, model: nn.Module, depths: dict) -> nn.Module:
+    def finalize_export(self, model: nn.Module, depths: dict, native: Optional[bool] = True) -> nn.Module:
         """A transformers model is reloaded from its config, so the config must describe the export:
         the layer stack config.num_hidden_layers counts is rebuilt natively (as the hf adapter does);
-        any other shortened container of a PreTrainedModel raises ExportError."""
-        return finalize_generic(model, depths) if is_pretrained_model(model) else model
+        any other shortened container of a PreTrainedModel raises ExportError. native=False: the copy."""
+        return finalize_generic(model, depths) if native is not False and is_pretrained_model(model) else model

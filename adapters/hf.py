@@ -227,7 +227,9 @@ class HfAdapter(Adapter):
                 if isinstance(getattr(module, "layer_idx", None), int):
                     module.layer_idx = first
 
-    def finalize_export(self, model: nn.Module, depths: dict) -> nn.Module:
+    def finalize_export(self, model: nn.Module, depths: dict, native: Optional[bool] = True) -> nn.Module:
+        if native is False:  # the shortened copy as it is; its config still describes the old depth
+            return model
         if self._stages is not None:
             stage_depths = {self._stages[path]: depth for path, depth in depths.items()}
             return rebuild_native(model, lambda m: stage_config(m, stage_depths), self.sample_input(model))

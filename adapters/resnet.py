@@ -9,10 +9,16 @@ per-stage list). The first block of a stage is the one that downsamples
 first group must be built like it, which ``init='first'`` (the default) and
 ``'group_first'`` do and ``'group_last'`` does not (that fails at once).
 
-Export gives the same class with shorter stages; its state dict loads strictly
-into ``torchvision.models.resnet.ResNet(Bottleneck, [2, 2, 3, 2], ...)`` or
-``timm.models.resnet.ResNet(Bottleneck, layers=[2, 2, 3, 2], ...)`` built with
-the predecessor's other arguments.
+Native export builds the model again with its library's constructor and the
+new stage depths, then loads the trained state strictly:
+``torchvision.models.resnet.ResNet(block, [2, 2, 3, 2], groups=..., width_per_group=...,
+...)``, or for timm ``timm.create_model(name, layers=[2, 2, 3, 2], ...)`` (by the
+model's registered name) or ``ResNet(block, layers=[...], ...)``. The arguments
+are read off the predecessor when the plan is made and trusted only if they
+rebuild it exactly, so timm's drop-path schedule is that of the new depth. A
+ResNet whose arguments cannot be read back (a replaced head, a custom block
+argument, ...) raises ExportError naming the difference; export(native=False)
+then gives the copy.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from theseus_general.adapter import Adapter
 from theseus_general.errors import AdapterError
 from theseus_general.registry import register_adapter
 
+from ._native import Recipe, export_native, read_recipe
 from ._structure import first_mismatch, structure_difference
 
 _MODULES = ("torchvision.models.resnet", "timm.models.resnet")
@@ -71,6 +78,9 @@ class ResNetAdapter(Adapter):
                     )
 
     def containers(self, model: nn.Module, sample: Optional[Any] = None) -> List[str]:
+        # Read the constructor arguments off the predecessor now: the exported stages
+        # hold successors and no longer tell the depth-dependent drop-path rates.
+        self._recipe = native_recipe(model)
         paths = [s for s in _stages(model) if len(getattr(model, s)) >= 2]
         if not paths:
             raise AdapterError(
@@ -85,7 +95,7 @@ class ResNetAdapter(Adapter):
             return None
         generator = torch.Generator().manual_seed(0)
         # 32 x 32 survives the standard stem and four stages (down to 1 x 1).
-        return torch.randn(2, first_conv.in_channels, 32, 32, generator=generator).to(first_conv.weight.device)
+        return torch.randn(2, first_conv.in_channels, 32, 32, generator=generator).to(first_conv.weight.device, first_conv.weight.dtype)
 
     def check_successor(self, group_blocks: List[nn.Module], successor: nn.Module) -> Optional[str]:
         # A group's first block is its stage's first block exactly when it is the
@@ -96,3 +106,72 @@ class ResNetAdapter(Adapter):
             return (f"the successor is not built like the group's first block ({reason}); a native ResNet puts a "
                     "block like the stage's first (downsampling) block first and ordinary blocks after it")
         return None
+
+    def finalize_export(self, model: nn.Module, depths: dict, native: Optional[bool] = None) -> nn.Module:
+        return export_native(model, depths, getattr(self, "_recipe", None), self.name, native, lambda m: m)
+
+
+# ---------------------------------------------------------------- constructor arguments
+def _layers(stage_depths: dict, depths: dict) -> List[int]:
+    return [depths.get(s, n) for s, n in stage_depths.items()]
+
+
+def _stride(block: nn.Module) -> int:
+    return max(m.stride[0] for m in block.modules() if isinstance(m, nn.Conv2d))
+
+
+def _block_out(block: nn.Module) -> int:
+    norms = [m for name, m in block.named_children() if name.startswith("bn")]
+    return norms[-1].num_features
+
+
+def _torchvision_candidates(model: nn.Module):
+    first, stages = model.layer1[0], {s: len(getattr(model, s)) for s in _stages(model)}
+    # A stage built with replace_stride_with_dilation starts with a stride-1 block.
+    kwargs, cls = dict(
+        block=type(first), num_classes=model.fc.out_features, groups=model.groups, width_per_group=model.base_width,
+        replace_stride_with_dilation=[_stride(getattr(model, s)[0]) == 1 for s in STAGES[1:]],
+        norm_layer=model._norm_layer,
+    ), type(model)
+    yield f"{cls.__name__}(block, layers=[...], ...)", lambda depths: cls(layers=_layers(stages, depths), **kwargs)
+
+
+def _timm_kwargs(model: nn.Module) -> dict:
+    first, last = model.layer1[0], getattr(model, _stages(model)[-1])[-1]
+    channels = tuple(_block_out(getattr(model, s)[0]) // type(first).expansion for s in _stages(model))
+    deep = isinstance(model.conv1, nn.Sequential)  # stem_type 'deep' / 'deep_tiered': three 3x3 convolutions
+    downsample = getattr(model.layer2[0], "downsample", None)
+    kwargs = dict(
+        block=type(first), num_classes=model.num_classes, in_chans=model.in_chans, drop_rate=model.drop_rate,
+        global_pool=getattr(model.global_pool, "pool_type", "avg") or "", channels=channels,
+        cardinality=first.conv2.groups if hasattr(first, "conv3") else 1,
+        stem_width=model.conv1[3].out_channels if deep else 64,
+        stem_type=("deep_tiered" if model.conv1[0].out_channels != model.conv1[3].out_channels else "deep") if deep else "",
+        replace_stem_pool=isinstance(model.maxpool, nn.Sequential),
+        avg_down=isinstance(downsample, nn.Sequential) and isinstance(downsample[0], nn.AvgPool2d),
+        # timm spreads drop-path rates linearly over all blocks, ending at drop_path_rate.
+        drop_path_rate=getattr(getattr(last, "drop_path", None), "drop_prob", 0.0),
+    )
+    if hasattr(first, "conv3"):  # Bottleneck: width = planes * base_width / 64 * cardinality
+        kwargs["base_width"] = first.conv1.out_channels * 64 // (kwargs["cardinality"] * channels[0])
+    return kwargs
+
+
+def _timm_candidates(model: nn.Module):
+    import timm
+
+    kwargs, cls, stages = _timm_kwargs(model), type(model), {s: len(getattr(model, s)) for s in _stages(model)}
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if arch:
+        # A registered name carries the arguments that are not read back (block_args, aa_layer, ...).
+        named = {k: kwargs[k] for k in ("num_classes", "in_chans", "drop_rate", "global_pool", "drop_path_rate")}
+        yield (f"timm.create_model({arch!r}, layers=[...], ...)",
+               lambda depths: timm.create_model(arch, pretrained=False, layers=_layers(stages, depths), **named))
+    yield f"{cls.__name__}(block, layers=[...], ...)", lambda depths: cls(layers=_layers(stages, depths), **kwargs)
+
+
+def native_recipe(model: nn.Module) -> Recipe:
+    """The constructor call that rebuilds `model`, read off it now and checked at first use."""
+    torchvision = sys.modules.get("torchvision.models.resnet")
+    candidates = _torchvision_candidates if torchvision and isinstance(model, torchvision.ResNet) else _timm_candidates
+    return read_recipe(model, {s: len(getattr(model, s)) for s in _stages(model)}, lambda: candidates(model))

@@ -2,10 +2,16 @@
 
 Supports timm's ``VisionTransformer`` (and the DeiT / distilled variants timm
 builds from it; blocks in ``blocks``) and torchvision's ``VisionTransformer``
-(blocks in ``encoder.layers``). Export gives the same class with fewer blocks,
-whose state dict loads strictly into a natively built model of the new depth:
-``timm.create_model(name, depth=n, ...)`` / ``VisionTransformer(depth=n, ...)``
-for timm, ``VisionTransformer(num_layers=n, ...)`` for torchvision.
+(blocks in ``encoder.layers``). Native export builds the model again with its
+library's constructor at the new depth and loads the trained state strictly:
+``timm.create_model(name, depth=n, ...)`` (or ``VisionTransformer(depth=n, ...)``
+for a model built without a name) for timm, ``VisionTransformer(num_layers=n,
+...)`` for torchvision. The constructor arguments are read off the predecessor
+when the plan is made and trusted only if they rebuild it exactly (same modules,
+settings and weight shapes), so the drop-path schedule and ``feature_info`` are
+those of a model built at the new depth. What cannot be read back (a timm ViT
+with a custom block, a torchvision ViT with a convolutional stem, ...) raises
+ExportError naming it at export(); export(native=False) then gives the copy.
 
 Other ViT-like classes (timm's Eva, BEiT, Swin; Hugging Face ViT) are not
 claimed here; use adapter='generic' with container=... for those.
@@ -20,9 +26,10 @@ import torch
 from torch import nn
 
 from theseus_general.adapter import Adapter
-from theseus_general.errors import AdapterError
+from theseus_general.errors import AdapterError, ExportError
 from theseus_general.registry import register_adapter
 
+from ._native import Recipe, export_native, read_recipe
 from ._structure import first_mismatch, structure_difference
 
 # Modules are looked up in sys.modules: a model of these classes means its library
@@ -66,12 +73,16 @@ class VitAdapter(Adapter):
                 )
 
     def containers(self, model: nn.Module, sample: Optional[Any] = None) -> List[str]:
+        # Read the constructor arguments off the predecessor now: the exported model's
+        # blocks are successors and no longer tell the depth-dependent rates.
+        self._recipe = native_recipe(model)
         return [_PATHS[_family(model)]]
 
     def sample_input(self, model: nn.Module) -> Optional[Any]:
-        device = next(model.parameters()).device
+        like = next(model.parameters())  # the sample takes the model's device and dtype
         if _family(model) == "torchvision":
-            size, channels = (model.image_size, model.image_size), model.conv_proj.in_channels
+            stem = next(m for m in model.conv_proj.modules() if isinstance(m, nn.Conv2d))  # a Conv2d or a conv stem
+            size, channels = (model.image_size, model.image_size), stem.in_channels
         else:
             size = getattr(model.patch_embed, "img_size", None)
             proj = getattr(model.patch_embed, "proj", None)
@@ -79,7 +90,7 @@ class VitAdapter(Adapter):
                 return None  # dynamic size or a hybrid stem: the caller's sample= is needed
             channels = proj.in_channels
         generator = torch.Generator().manual_seed(0)
-        return torch.randn(2, channels, *size, generator=generator).to(device)
+        return torch.randn(2, channels, *size, generator=generator).to(like.device, like.dtype)
 
     def check_successor(self, group_blocks: List[nn.Module], successor: nn.Module) -> Optional[str]:
         reason = structure_difference(group_blocks[0], successor)
@@ -87,10 +98,76 @@ class VitAdapter(Adapter):
             return f"the successor is not built like a block of this model ({reason}), so no depth=n constructor rebuilds it"
         return None
 
-    def finalize_export(self, model: nn.Module, depths: dict) -> nn.Module:
-        (depth,) = depths.values()
-        feature_info = getattr(model, "feature_info", None)
-        if _family(model) == "timm" and isinstance(feature_info, list):
-            # timm keeps one entry per block ("blocks.<i>") for features_only / forward_intermediates.
-            model.feature_info = [dict(info, module=f"blocks.{i}") for i, info in enumerate(feature_info[:depth])]
-        return model
+    def finalize_export(self, model: nn.Module, depths: dict, native: Optional[bool] = None) -> nn.Module:
+        return export_native(model, depths, getattr(self, "_recipe", None), self.name, native, _patch_copy)
+
+
+def _patch_copy(model: nn.Module) -> nn.Module:
+    """The copy route (export(native=False)): timm keeps one feature_info entry per block."""
+    feature_info = getattr(model, "feature_info", None)
+    if _family(model) == "timm" and isinstance(feature_info, list):
+        model.feature_info = [dict(info, module=f"blocks.{i}") for i, info in enumerate(feature_info[:len(model.blocks)])]
+    return model
+
+
+# ---------------------------------------------------------------- constructor arguments
+def _identity(module: Optional[nn.Module]) -> bool:
+    return module is None or isinstance(module, nn.Identity)
+
+
+def _timm_kwargs(model: nn.Module) -> dict:
+    """timm VisionTransformer(...) arguments read off a built model (the depth is set by the recipe)."""
+    block, patch = model.blocks[0], model.patch_embed
+    attn, mlp = block.attn, block.mlp
+    last_drop_path = model.blocks[-1].drop_path1
+    kwargs = dict(
+        img_size=patch.img_size, patch_size=patch.patch_size, in_chans=patch.proj.in_channels,
+        num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=model.embed_dim,
+        num_heads=attn.num_heads, qkv_bias=attn.qkv.bias is not None, qk_norm=not _identity(attn.q_norm),
+        scale_attn_norm=not _identity(getattr(attn, "norm", None)), proj_bias=attn.proj.bias is not None,
+        init_values=None if _identity(block.ls1) else getattr(block.ls1, "init_values", 1.0),
+        class_token=model.has_class_token, pos_embed="learn" if model.pos_embed is not None else "none",
+        no_embed_class=model.no_embed_class, reg_tokens=model.num_reg_tokens, pre_norm=not _identity(model.norm_pre),
+        final_norm=not (_identity(model.norm) and _identity(model.fc_norm)), fc_norm=not _identity(model.fc_norm),
+        pool_include_prefix=model.pool_include_prefix, dynamic_img_size=model.dynamic_img_size,
+        dynamic_img_pad=patch.dynamic_img_pad, drop_rate=model.head_drop.p, pos_drop_rate=model.pos_drop.p,
+        patch_drop_rate=getattr(model.patch_drop, "prob", 0.0), proj_drop_rate=attn.proj_drop.p,
+        attn_drop_rate=attn.attn_drop.p,
+        # timm spreads drop-path rates linearly from 0 to drop_path_rate over the blocks.
+        drop_path_rate=getattr(last_drop_path, "drop_prob", 0.0),
+    )
+    if hasattr(mlp, "fc1") and hasattr(mlp, "fc2") and type(mlp).__name__ == "Mlp":
+        kwargs["mlp_ratio"] = mlp.fc1.out_features / model.embed_dim
+        kwargs["scale_mlp_norm"] = not _identity(getattr(mlp, "norm", None))
+    return kwargs
+
+
+def _timm_candidates(model: nn.Module):
+    import timm
+
+    kwargs, cls = _timm_kwargs(model), type(model)
+    arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
+    if arch:
+        yield (f"timm.create_model({arch!r}, depth=n, ...)",
+               lambda depths: timm.create_model(arch, pretrained=False, depth=depths["blocks"], **kwargs))
+    yield f"{cls.__name__}(depth=n, ...)", lambda depths: cls(depth=depths["blocks"], **kwargs)
+
+
+def _torchvision_candidates(model: nn.Module):
+    if not isinstance(model.conv_proj, nn.Conv2d):
+        raise ExportError("a convolutional stem (conv_stem_configs) is not recorded on the model")
+    kwargs, cls = dict(
+        image_size=model.image_size, patch_size=model.patch_size, num_heads=model.encoder.layers[0].num_heads,
+        hidden_dim=model.hidden_dim, mlp_dim=model.mlp_dim, dropout=model.dropout,
+        attention_dropout=model.attention_dropout, num_classes=model.num_classes,
+        representation_size=model.representation_size, norm_layer=model.norm_layer,
+    ), type(model)
+    yield f"{cls.__name__}(num_layers=n, ...)", lambda depths: cls(num_layers=depths["encoder.layers"], **kwargs)
+
+
+def native_recipe(model: nn.Module) -> Recipe:
+    """The constructor call that rebuilds `model`, read off it now and checked at first use."""
+    family = _family(model)
+    path = _PATHS[family]
+    candidates = _timm_candidates if family == "timm" else _torchvision_candidates
+    return read_recipe(model, {path: len(model.get_submodule(path))}, lambda: candidates(model))

@@ -1,8 +1,8 @@
 """The adapter contract: what a model family must tell the engine.
 
 An adapter only *describes* a model: where its replaceable containers are, how
-to make a sample input, and how to turn an exported successor into a proper
-native model (for example, fixing ``config.num_hidden_layers``). The engine does
+to make a sample input, and how to build the exported successor as a proper
+native model (the family's constructor at the new depth, loaded strictly). The engine does
 everything else. Subclass `Adapter`, fill in what differs, and register it with
 ``@register_adapter("name")``.
 """
@@ -56,9 +56,15 @@ class Adapter:
         successors against their groups before training; None when unknown."""
         return None
 
-    def finalize_export(self, model: nn.Module, depths: dict) -> nn.Module:
-        """Make an exported model consistent with its new depth (config fields, indices).
-        `depths` maps container path -> successor depth."""
+    def finalize_export(self, model: nn.Module, depths: dict, native: Optional[bool] = None) -> nn.Module:
+        """Turn the exported copy (each container holding its successors) into the model to return.
+
+        `depths` maps container path -> successor depth. A family adapter builds its
+        model with the family's own constructor at the new depth and loads `model`'s
+        state strictly (native=True), raising ExportError when it cannot; with
+        native=False it returns the copy, made consistent with its depth. native=None
+        (an engine that does not pass the flag) means: native when the successors fit
+        the rebuild, the copy otherwise. This default keeps the copy."""
         return model
 
     def check_successor(self, group_blocks: List[nn.Module], successor: nn.Module) -> Optional[str]:

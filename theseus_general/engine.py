@@ -20,6 +20,7 @@ autocast, ``.to()`` and DDP/FSDP work on ``th.model`` as on any model.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
@@ -159,11 +160,15 @@ class Theseus:
 
     def trainable_parameters(self) -> List[nn.Parameter]:
         """Parameters to give the optimiser: the successors', plus the copies of the
-        non-replaced parts with train_rest=True. The same set for the whole run."""
+        non-replaced parts with train_rest=True. The same set for the whole run. Read from the
+        module tree at each call, so that it names the live parameters after a wrapper that
+        replaces them (FSDP2's fully_shard): call it after sharding."""
         self._check_open("trainable_parameters()")
         params = [p for g in self._wrapping.groups for p in g.successor.parameters()]
         seen = {id(p) for p in params}
-        for p in self._wrapping.rest_copies:
+        for p in self._wrapping.rest_tensors():
+            if not isinstance(p, nn.Parameter):
+                continue
             if id(p) not in seen:
                 seen.add(id(p))
                 params.append(p)
@@ -269,8 +274,9 @@ class Theseus:
         successors (with the trained rest copies when train_rest=True); the adapter
         returns the native model. The wrapped model is left as it was (still wrapped).
         With native=True the adapter first checks every successor can be exported natively and
-        builds the family's own model at the new depth; native=False returns the copy as it is
-        (its config, if any, still describes the old depth).
+        builds the family's own model at the new depth (or raises ExportError); native=False
+        returns the copy with the successor modules as they are, made as consistent with its
+        depth as the adapter can (see each adapter's finalize_export).
         """
         self._check_open("export()")
         wrapping = self._wrapping
@@ -285,9 +291,10 @@ class Theseus:
                     )
         exported = wrapping.copy_with_successors()
         exported.eval()
-        if not native:  # the model with its successor modules as they are, nothing rebuilt or checked
-            return exported
-        return self.adapter.finalize_export(exported, self.plan.successor_depth)
+        if "native" not in inspect.signature(self.adapter.finalize_export).parameters:
+            # an adapter written before the flag existed: it only knows the native route
+            return self.adapter.finalize_export(exported, self.plan.successor_depth) if native else exported
+        return self.adapter.finalize_export(exported, self.plan.successor_depth, native=native)
 
     def validate(self, sample: Any) -> None:
         """Check every successor against its group on `sample` (shape, dtype, device and

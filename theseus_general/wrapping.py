@@ -146,7 +146,6 @@ class Wrapping:
         self.train_rest = train_rest
         self.wrapped: Dict[str, nn.Module] = {}
         self.groups: List[TheseusGroup] = []
-        self.rest_copies: List[nn.Parameter] = []
         self.kept: Optional[OriginalTensors] = None
         self._requires_grad = {p: p.requires_grad for p in model.parameters()}
         self._training = {m: m.training for m in model.modules()}
@@ -209,7 +208,6 @@ class Wrapping:
                     if id(tensor) not in copies:
                         if isinstance(tensor, nn.Parameter):
                             copies[id(tensor)] = nn.Parameter(tensor.detach().clone(), requires_grad=True)
-                            self.rest_copies.append(copies[id(tensor)])
                         else:
                             copies[id(tensor)] = tensor.clone()
                     # OriginalTensors restores the flag; the engine holds no reference outside the tree

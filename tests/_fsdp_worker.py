@@ -1,0 +1,89 @@
+"""One rank of a tiny FSDP2 Theseus run (gloo, CPU); tests start it with torchrun-style env vars.
+
+    RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python tests/_fsdp_worker.py OUT_DIR
+
+Sharding: ``fully_shard`` on each replacement group (a TheseusGroup holds the
+group's predecessor blocks and its successor, so both are gathered for the
+group's forward) and then on the whole wrapped model. Each rank trains on its
+slice of the same global batch and writes its per-step replacement draws
+(draws-<rank>.json) and the engine's gathered tensors (weights-<rank>.safetensors);
+rank 0 also writes the exported successor model (exported.safetensors).
+With WORLD_SIZE unset, run(out, world_size=1) trains without sharding on the whole batch.
+"""
+
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import ChainModel  # noqa: E402
+
+from theseus_general import ConstantScheduler, Theseus  # noqa: E402
+
+STEPS, GLOBAL_BATCH = 6, 8
+
+
+def engine_weights(th: Theseus) -> dict:
+    """Every tensor the engine trains (successors and, with train_rest, the copies of the stem
+    and head), gathered whole (an FSDP2 parameter is a sharded DTensor)."""
+    return {name: (t.full_tensor() if hasattr(t, "full_tensor") else t).detach().clone().contiguous()
+            for name, t in th.state_dict()["tensors"].items()}
+
+
+def engine() -> Theseus:
+    return Theseus(ChainModel(depth=6, seed=0), successor_depth=3, adapter="generic", container="blocks",
+                   scheduler=ConstantScheduler(0.5), seed=11)
+
+
+def export_through_twin(weights: dict, meta: dict):
+    """A sharded model cannot be deep-copied (FSDP refuses), so export() runs on an unsharded
+    twin: the same model and plan, with the gathered engine state loaded."""
+    twin = engine()
+    twin.load_state_dict({"tensors": weights, "meta": meta})
+    return twin.export()
+
+
+def run(out: str, rank: int = 0, world_size: int = 1) -> None:
+    from safetensors.torch import save_file
+
+    torch.set_num_threads(1)
+    th = engine()
+    if world_size > 1:
+        from torch.distributed.fsdp import fully_shard
+
+        for group in th.groups:
+            fully_shard(group)
+        fully_shard(th.model)
+    opt = torch.optim.SGD(th.trainable_parameters(), lr=0.1)
+    per_rank = GLOBAL_BATCH // world_size
+    draws = []
+    th.model.train()
+    for step in range(STEPS):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(GLOBAL_BATCH, 4, generator=g), torch.randint(0, 2, (GLOBAL_BATCH,), generator=g)
+        x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
+        loss = torch.nn.functional.cross_entropy(th.model(x), y)  # mean per rank; FSDP averages gradients over ranks
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        draws.append({str(k): v for k, v in sorted(th._state.last_draws.items())})
+        th.step()
+    with open(os.path.join(out, f"draws-{rank}.json"), "w") as f:
+        json.dump(draws, f)
+    weights = engine_weights(th)  # a collective under FSDP: every rank takes part
+    save_file(weights, os.path.join(out, f"weights-{rank}.safetensors"))
+    if rank == 0:
+        exported = th.export() if world_size == 1 else export_through_twin(weights, th.state_dict()["meta"])
+        save_file({k: v.contiguous() for k, v in exported.state_dict().items()}, os.path.join(out, "exported.safetensors"))
+
+
+if __name__ == "__main__":
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        run(sys.argv[1], dist.get_rank(), dist.get_world_size())
+    finally:
+        dist.destroy_process_group()
