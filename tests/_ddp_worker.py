@@ -9,13 +9,13 @@ AdamW with weight decay must leave successors idle for a step unchanged on every
 With WORLD_SIZE unset, run(out, world_size=1) trains without DDP on the whole batch.
 """
 
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _gloo import train_on_rank_slice  # noqa: E402
 from conftest import ChainModel  # noqa: E402
 
 from theseus_general import ConstantScheduler, Theseus  # noqa: E402
@@ -37,30 +37,12 @@ def run(out: str, rank: int = 0, world_size: int = 1) -> None:
     else:
         forward = th.model
     opt = torch.optim.AdamW(th.trainable_parameters(), lr=0.05, weight_decay=0.1)
-    per_rank = GLOBAL_BATCH // world_size
-    draws = []
-    forward.train()
-    for step in range(STEPS):
-        g = torch.Generator().manual_seed(step)
-        x, y = torch.randn(GLOBAL_BATCH, 4, generator=g), torch.randint(0, 2, (GLOBAL_BATCH,), generator=g)
-        x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
-        loss = torch.nn.functional.cross_entropy(forward(x), y)  # mean per rank; DDP averages over ranks
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        draws.append({str(k): v for k, v in sorted(th._state.last_draws.items())})
-        th.step()
-    with open(os.path.join(out, f"draws-{rank}.json"), "w") as f:
-        json.dump(draws, f)
+    train_on_rank_slice(th, forward, opt, out, rank, world_size, STEPS, GLOBAL_BATCH)
     save_file({k: v.contiguous() for k, v in th.state_dict()["tensors"].items()},
               os.path.join(out, f"weights-{rank}.safetensors"))
 
 
 if __name__ == "__main__":
-    import torch.distributed as dist
+    from _gloo import run_as_rank
 
-    dist.init_process_group("gloo")
-    try:
-        run(sys.argv[1], dist.get_rank(), dist.get_world_size())
-    finally:
-        dist.destroy_process_group()
+    run_as_rank(run)

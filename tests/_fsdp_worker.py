@@ -11,13 +11,13 @@ rank 0 also writes the exported successor model (exported.safetensors).
 With WORLD_SIZE unset, run(out, world_size=1) trains without sharding on the whole batch.
 """
 
-import json
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _gloo import train_on_rank_slice  # noqa: E402
 from conftest import ChainModel  # noqa: E402
 
 from theseus_general import ConstantScheduler, Theseus  # noqa: E402
@@ -57,21 +57,7 @@ def run(out: str, rank: int = 0, world_size: int = 1) -> None:
             fully_shard(group)
         fully_shard(th.model)
     opt = torch.optim.SGD(th.trainable_parameters(), lr=0.1)
-    per_rank = GLOBAL_BATCH // world_size
-    draws = []
-    th.model.train()
-    for step in range(STEPS):
-        g = torch.Generator().manual_seed(step)
-        x, y = torch.randn(GLOBAL_BATCH, 4, generator=g), torch.randint(0, 2, (GLOBAL_BATCH,), generator=g)
-        x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
-        loss = torch.nn.functional.cross_entropy(th.model(x), y)  # mean per rank; FSDP averages gradients over ranks
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        draws.append({str(k): v for k, v in sorted(th._state.last_draws.items())})
-        th.step()
-    with open(os.path.join(out, f"draws-{rank}.json"), "w") as f:
-        json.dump(draws, f)
+    train_on_rank_slice(th, th.model, opt, out, rank, world_size, STEPS, GLOBAL_BATCH)
     weights = engine_weights(th)  # a collective under FSDP: every rank takes part
     save_file(weights, os.path.join(out, f"weights-{rank}.safetensors"))
     if rank == 0:
@@ -80,10 +66,6 @@ def run(out: str, rank: int = 0, world_size: int = 1) -> None:
 
 
 if __name__ == "__main__":
-    import torch.distributed as dist
+    from _gloo import run_as_rank
 
-    dist.init_process_group("gloo")
-    try:
-        run(sys.argv[1], dist.get_rank(), dist.get_world_size())
-    finally:
-        dist.destroy_process_group()
+    run_as_rank(run)

@@ -131,6 +131,18 @@ class Block(nn.Module):
         return x + torch.tanh(self.linear(x))
 
 
+class ConvBlock(nn.Module):
+    """A residual conv + batch-norm block (frozen batch-norm tests)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(4, 4, 3, padding=1)
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return x + torch.relu(self.bn(self.conv(x)))
+
+
 class ChainModel(nn.Module):
     """stem -> blocks (ModuleList) -> head; the kind of model the generic route handles."""
 

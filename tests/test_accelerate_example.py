@@ -4,7 +4,6 @@ modules at every step and end with identical weights, close to the one-process r
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
@@ -21,6 +20,7 @@ sys.path.insert(0, HERE)
 sys.path.insert(0, os.path.join(HERE, "..", "examples"))
 
 import _accelerate_worker  # noqa: E402
+from _gloo import free_port  # noqa: E402
 import accelerate_example  # noqa: E402
 
 from theseus_general.measure import state_checksum  # noqa: E402
@@ -85,12 +85,6 @@ def test_fine_tunes_a_predecessor_and_steps_once_per_optimiser_step(tiny_dirs, t
     # 6 optimiser steps of 2 micro-batches each: the schedule moved 6 times, not 12
     assert result["theseus_steps"] == 6 and len(rates) == 6 and rates[-1] == 1.0
     assert result["successor_layers"] == 2 and result["predecessor_unchanged"] is True
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_two_cpu_processes_draw_alike_and_end_identical(tiny_dirs, tmp_path):

@@ -2,38 +2,18 @@
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import torch
 from safetensors.torch import load_file
 
 import _ddp_worker
+from _gloo import run_two_ranks
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_ddp_worker.py")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_two_ranks_match_each_other_and_one_process(tmp_path):
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, WORKER, str(tmp_path)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    single = tmp_path / "single"
-    single.mkdir()
-    _ddp_worker.run(str(single))  # meanwhile: one process, the whole global batch, no DDP
-    for p in procs:
-        out, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, out
+    single = run_two_ranks(WORKER, _ddp_worker.run, tmp_path)  # and one process, the whole batch, no DDP
 
     draws = [json.loads((tmp_path / f"draws-{r}.json").read_text()) for r in range(2)]
     assert draws[0] == draws[1] == json.loads((single / "draws-0.json").read_text())

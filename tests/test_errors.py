@@ -1,7 +1,6 @@
 """Bad input fails with a clear error before anything of the caller's changes."""
 
 import pytest
-import torch
 from torch import nn
 
 from theseus_general import (

@@ -5,7 +5,7 @@ from torch import nn
 
 from theseus_general import LinearScheduler, Theseus
 
-from conftest import ChainModel, assert_same_state, bert_batch, state_snapshot, tiny_bert
+from conftest import ConvBlock, assert_same_state, bert_batch, state_snapshot, tiny_bert
 
 
 def _train(th, steps=12, lr=1e-2, batch_fn=bert_batch):
@@ -53,16 +53,6 @@ def test_train_rest_trains_copies_not_the_callers_tensors():
     th.unwrap()
     assert model.bert.embeddings.word_embeddings.weight is word_embeddings
     assert_same_state(before, model)
-
-
-class ConvBlock(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        return x + torch.relu(self.bn(self.conv(x)))
 
 
 def test_frozen_batch_norm_statistics_are_not_updated():

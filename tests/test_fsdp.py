@@ -2,33 +2,19 @@
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
 import _fsdp_worker
-from test_distributed import free_port
+from _gloo import run_two_ranks
 
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_fsdp_worker.py")
 
 
 def test_fully_shard_ranks_match_each_other_and_one_process(tmp_path):
-    port = free_port()
-    procs = []
-    for rank in range(2):
-        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
-                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, WORKER, str(tmp_path)], env=env,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
-    single = tmp_path / "single"
-    single.mkdir()
-    _fsdp_worker.run(str(single))  # meanwhile: one process, the whole global batch, no sharding
-    for p in procs:
-        out, _ = p.communicate(timeout=120)
-        assert p.returncode == 0, out
+    single = run_two_ranks(WORKER, _fsdp_worker.run, tmp_path)  # and one process, the whole batch, no sharding
 
     draws = [json.loads((tmp_path / f"draws-{r}.json").read_text()) for r in range(2)]
     assert draws[0] == draws[1] == json.loads((single / "draws-0.json").read_text())

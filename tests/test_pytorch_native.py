@@ -9,7 +9,7 @@ from torch.utils.checkpoint import checkpoint
 
 from theseus_general import LinearScheduler, Theseus
 
-from conftest import ChainModel, assert_same_state, bert_batch, state_snapshot, tiny_bert
+from conftest import ChainModel, ConvBlock, assert_same_state, bert_batch, state_snapshot, tiny_bert
 
 
 def _train(model, th, batches, steps, lr=1e-2, loss_fn=None, autocast=None):
@@ -216,16 +216,6 @@ def test_trainable_set_is_fixed_at_wrapping():
 
 
 # ---------------------------------------------------------------- frozen batch norm
-class ConvBlock(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1)
-        self.bn = nn.BatchNorm2d(4)
-
-    def forward(self, x):
-        return x + torch.relu(self.bn(self.conv(x)))
-
-
 def _conv_net():
     torch.manual_seed(0)
     return nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.Sequential(*[ConvBlock() for _ in range(4)]))

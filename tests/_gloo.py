@@ -1,0 +1,74 @@
+"""Two real CPU processes (gloo) against one: what the DDP and FSDP tests share.
+
+A worker module defines ``run(out_dir, rank=0, world_size=1)`` and ends with
+``if __name__ == "__main__": run_as_rank(run)``; a test calls
+``run_two_ranks(worker_file, run, tmp_path)``.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_ranks(worker: str, run: Callable[..., None], out: Path, timeout: int = 120) -> Path:
+    """Start ranks 0 and 1 of `worker` writing to `out`; meanwhile run(out/"single") in this
+    process (one rank, the whole batch). Fails with a rank's output if it fails. Returns out/"single"."""
+    port = free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                   MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, worker, str(out)], env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    single = out / "single"
+    single.mkdir()
+    run(str(single))
+    for p in procs:
+        output, _ = p.communicate(timeout=timeout)
+        assert p.returncode == 0, output
+    return single
+
+
+def run_as_rank(run: Callable[..., None]) -> None:
+    """A worker's main: join the gloo group from torchrun-style variables and run this rank."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    try:
+        run(sys.argv[1], dist.get_rank(), dist.get_world_size())
+    finally:
+        dist.destroy_process_group()
+
+
+def train_on_rank_slice(th, forward, opt, out: str, rank: int, world_size: int, steps: int, global_batch: int) -> None:
+    """The workers' loop: each step's global batch (seeded by the step), this rank's slice of it,
+    a mean loss per rank (DDP and FSDP average the gradients over ranks); writes the draws of
+    every step to out/draws-<rank>.json."""
+    import json
+
+    import torch
+
+    per_rank = global_batch // world_size
+    draws = []
+    forward.train()
+    for step in range(steps):
+        g = torch.Generator().manual_seed(step)
+        x, y = torch.randn(global_batch, 4, generator=g), torch.randint(0, 2, (global_batch,), generator=g)
+        x, y = x[rank * per_rank:(rank + 1) * per_rank], y[rank * per_rank:(rank + 1) * per_rank]
+        loss = torch.nn.functional.cross_entropy(forward(x), y)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        draws.append({str(k): v for k, v in sorted(th._state.last_draws.items())})
+        th.step()
+    with open(os.path.join(out, f"draws-{rank}.json"), "w") as f:
+        json.dump(draws, f)
