@@ -103,3 +103,34 @@ def test_largest_means_flops_then_parameters():
     assert traced.ranking() == "FLOPs on the sample, then parameters"
     untraced = ModuleGraph.from_model(model)
     assert [c.path for c in untraced.candidates()] == ["linears", "convs"]  # no sample: parameters
+
+
+class _Wide(torch.nn.Module):
+    """Two chains: `many` (a ModuleList, iterated by forward, 4 wide blocks) and `few` (a Sequential,
+    called as one module, 2 narrow blocks)."""
+
+    def __init__(self):
+        super().__init__()
+        self.many = torch.nn.ModuleList(torch.nn.Linear(64, 64) for _ in range(4))
+        self.down = torch.nn.Linear(64, 8)
+        self.few = torch.nn.Sequential(*[torch.nn.Linear(8, 8) for _ in range(2)])
+
+    def forward(self, x):
+        for block in self.many:
+            x = block(x)
+        return self.few(self.down(x))
+
+
+def test_a_module_list_chain_gets_its_blocks_flops_and_ranks_first():
+    # A ModuleList is never called itself, so the FLOP counter has no entry for it: its FLOPs are
+    # its blocks'. Counted as 0, it would rank below the smaller Sequential chain.
+    torch.manual_seed(0)
+    graph = ModuleGraph.from_model(_Wide(), torch.randn(2, 64))
+    chains = {c.path: c.flops for c in graph.chains()}
+    assert chains["many"] == 4 * 2 * 2 * 64 * 64 and chains["few"] == 2 * 2 * 2 * 8 * 8
+    assert [c.path for c in graph.chains()] == ["many", "few"]
+    with pytest.warns(UserWarning, match="compressing many"):
+        th = Theseus(_Wide(), adapter="generic", sample=torch.randn(2, 64), successor_depth=2, validate=False)
+    assert "generic adapter: compressing many" in str(th.plan)
+    assert "trained as copies (train_rest=True)" in str(th.plan)
+    th.unwrap()

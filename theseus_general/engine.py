@@ -110,6 +110,10 @@ class Theseus:
         group_blocks = resolve_groups(sizes, successor_depth, ratio, groups)
         built = build_successors(containers, group_blocks, init, successors)
         self.plan = make_plan(self.adapter, model, containers, group_blocks, built)
+        self.plan.rest_trains = self.train_rest
+        discovery = getattr(self.adapter, "discovery", None)  # the generic adapter's choice, when it made one
+        if discovery is not None:
+            self.plan.notes.append(str(discovery).splitlines()[0])
         if successors is None and isinstance(init, str):
             check_copies_export(self.adapter, containers, self.plan, built, init)
         if sample is None and validate:

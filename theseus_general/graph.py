@@ -190,7 +190,9 @@ class ModuleGraph:
             root = type(model).__name__
             self.total_flops = counts.get("Global", 0)
             for c in self.containers:
-                c.flops = counts.get(f"{root}.{c.path}" if c.path else root, 0)
+                # the sum over its blocks: a ModuleList is iterated by its owner, never called,
+                # so the counter has no entry of its own for it
+                c.flops = sum(counts.get(f"{root}.{b.path}", 0) for b in c.blocks)
             if not any(c.flops for c in self.containers):  # names not matched (e.g. a wrapped model): unknown
                 self.total_flops = None
                 for c in self.containers:

@@ -46,8 +46,9 @@ class Plan:
     adapter: str
     containers: Dict[str, int]  # path -> number of predecessor blocks
     groups: List[Group]
-    frozen_params: int = 0
+    frozen_params: int = 0  # parameters outside the groups (the name predates train_rest; kept for checkpoints)
     notes: List[str] = field(default_factory=list)
+    rest_trains: bool = False  # whether copies of the parameters outside the groups train (train_rest)
 
     @property
     def successor_depth(self) -> Dict[str, int]:
@@ -98,7 +99,8 @@ class Plan:
         out += [line(r) for r in rows]
         out.append(
             f"replaced blocks: {pred:,} params -> successors: {succ:,} params"
-            f" ({succ / max(pred, 1):.1%}); frozen outside the groups: {self.frozen_params:,} params"
+            f" ({succ / max(pred, 1):.1%}); outside the groups: {self.frozen_params:,} params, "
+            + ("trained as copies (train_rest=True)" if self.rest_trains else "frozen (train_rest=False)")
         )
         out += self.notes
         return "\n".join(out)
