@@ -71,6 +71,34 @@ class Adapter:
         """A reason why native export will not be possible with this successor, or None."""
         return None
 
+    def width_of(self, block: nn.Module) -> Optional[int]:
+        """The number of hidden units a width successor of `block` narrows (an MLP's hidden
+        neurons, a ResNet block's middle channels), or None when this adapter has no width
+        successors for such a block. Default: None."""
+        return None
+
+    def narrow(self, block: nn.Module, keep: int) -> nn.Module:
+        """A new block like `block` with only `keep` of its `width_of(block)` hidden units (those of
+        largest weight magnitude, see `theseus_general.width`); `block` is not changed."""
+        from .errors import PlanError
+
+        raise PlanError(f"The {self.name or type(self).__name__} adapter has no width successors "
+                        f"(successor_width=) for a {type(block).__name__}.")
+
+    def width_reference(self, group_blocks: List[nn.Module], successor: nn.Module) -> nn.Module:
+        """The block a successor must be built like: the group's first block, narrowed to the
+        successor's width when the successor is a width successor."""
+        reference = group_blocks[0]
+        ours, theirs = self.width_of(reference), None
+        if ours is not None:
+            try:
+                theirs = self.width_of(successor)
+            except (AttributeError, TypeError):
+                theirs = None
+        if ours is not None and theirs is not None and theirs != ours and 0 < theirs < ours:
+            return self.narrow(reference, theirs)
+        return reference
+
     def prepare_successor(self, group_blocks: List[nn.Module], successor: nn.Module) -> None:
         """Adjust a successor in place before training, for what depends on its position in the
         model (e.g. the hf adapter gives it its group's KV-cache slot, ``layer_idx``, so that it

@@ -48,6 +48,9 @@ class Plan:
     groups: List[Group]
     frozen_params: int = 0
     notes: List[str] = field(default_factory=list)
+    # A budget target's choice and predictions (theseus_general.budget.BudgetPlan); timings vary
+    # between runs, so it takes no part in == and to_dict() (checkpoints compare those).
+    budget: Optional[object] = field(default=None, compare=False, repr=False)
 
     @property
     def successor_depth(self) -> Dict[str, int]:
@@ -100,6 +103,8 @@ class Plan:
             f"replaced blocks: {pred:,} params -> successors: {succ:,} params"
             f" ({succ / max(pred, 1):.1%}); frozen outside the groups: {self.frozen_params:,} params"
         )
+        if self.budget is not None:
+            out += self.budget.lines()
         out += self.notes
         return "\n".join(out)
 
