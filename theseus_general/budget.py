@@ -9,7 +9,9 @@ Pure: reads the model, changes nothing. One pass of the model on the sample (eva
 gradients) records what each block receives; then
 
 * **cost** of each block: its FLOPs on that input (`torch.utils.flop_counter`), or with
-  ``measure="latency"`` its median time on the model's device. The *rest* (embeddings,
+  ``measure="latency"`` its median time on the model's device, timed in place (hooks around
+  each block while the whole model runs; a narrowed block is timed alone and scaled by how
+  its original's time alone compares with in place). The *rest* (embeddings,
   stem, head, ...) costs the whole model's FLOPs (time) minus the blocks', and counts in
   every prediction: a target below what the rest alone costs is impossible.
 * **importance** of each block: ``1 - cos(input, output)`` on the sample, averaged over
@@ -117,6 +119,40 @@ def _seconds(fn: Callable[[], Any], device: torch.device, warmup: int = 2, repea
     return statistics.median(times)
 
 
+def _timed_in_place(model: nn.Module, containers: Dict[str, nn.Module], sample: Any, device: torch.device,
+                    warmup: int = 2, repeats: int = 7) -> Tuple[float, Dict[str, List[float]]]:
+    """Median time of the whole model and of each block *inside* it (hooks around every block):
+    a block timed alone runs with other caches and call overheads than inside the model, and its
+    time does not add up with the rest's."""
+    spans: Dict[Tuple[str, int], List[float]] = {(p, i): [] for p, c in containers.items() for i in range(len(c))}
+    started: Dict[Tuple[str, int], float] = {}
+    hooks = []
+
+    def pre(key):
+        def hook(module, args):
+            _sync(device)
+            started[key] = time.perf_counter()
+        return hook
+
+    def post(key):
+        def hook(module, args, output):
+            _sync(device)
+            spans[key].append(time.perf_counter() - started[key])
+        return hook
+
+    for p, c in containers.items():
+        for i, block in enumerate(c):
+            hooks += [block.register_forward_pre_hook(pre((p, i))), block.register_forward_hook(post((p, i)))]
+    try:
+        with torch.inference_mode():
+            total = _seconds(lambda: run_model(model, sample), device, warmup, repeats)
+    finally:
+        for h in hooks:
+            h.remove()
+    costs = {p: [statistics.median(spans[(p, i)][-repeats:]) for i in range(len(c))] for p, c in containers.items()}
+    return total, costs
+
+
 def _change(x: torch.Tensor, y: torch.Tensor) -> float:
     """1 - cosine similarity of a block's input and output, averaged over tokens / positions."""
     dim = 1 if x.dim() == 4 else -1  # (B, C, H, W): the channel vector at each position
@@ -170,6 +206,7 @@ def profile_blocks(model: nn.Module, containers: Dict[str, nn.Module], sample: A
                 with torch.no_grad():
                     return _flops(lambda: block(*given.args, **given.kwargs))
             total = total_flops
+            costs = {p: [measure_block(b, inputs[p][i]) for i, b in enumerate(c)] for p, c in containers.items()}
         else:
             def measure_block(block: nn.Module, given: BlockInput) -> float:
                 was = block.training
@@ -179,9 +216,7 @@ def profile_blocks(model: nn.Module, containers: Dict[str, nn.Module], sample: A
                         return _seconds(lambda: block(*given.args, **given.kwargs), device)
                 finally:
                     block.train(was)
-            with torch.inference_mode():
-                total = _seconds(lambda: run_model(model, sample), device)
-        costs = {p: [measure_block(b, inputs[p][i]) for i, b in enumerate(c)] for p, c in containers.items()}
+            total, costs = _timed_in_place(model, containers, sample, device)
     finally:
         for h in hooks:
             h.remove()
@@ -367,7 +402,11 @@ def plan_budget(adapter, model: nn.Module, containers: Dict[str, nn.Module], sam
                     adapter.narrow(block, 1)  # raises PlanError naming the adapter and block
                 small = adapter.narrow(block, kept_count(hidden, per_path[p]))
                 nf.append(flops.measure_block(small, flops.inputs[p][i]))
-                nc.append(timed.measure_block(small, timed.inputs[p][i]) if timed is not flops else nf[-1])
+                if timed is flops:
+                    nc.append(nf[-1])
+                else:  # timed alone, scaled by how the original block's time alone compares with in place
+                    alone = timed.measure_block(block, timed.inputs[p][i])
+                    nc.append(timed.measure_block(small, timed.inputs[p][i]) * timed.costs[p][i] / alone)
             narrowed_flops[p], narrowed_cost[p] = nf, nc
         options = [_container_options(p, timed.costs[p], timed.importance[p], timed.always_kept[p], per_path[p],
                                       narrowed_cost[p]) for p in containers]
