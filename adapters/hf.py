@@ -190,6 +190,9 @@ class HfAdapter(Adapter):
     def check(self, model: nn.Module) -> None:
         super().check(model)
         self._stages = find_stages(model)
+        # Blocks of stage models alternate behaviour by position (Swin's shifted windows): a budget
+        # plan's successor k must start as block k for the native model to compute the same.
+        self.budget_init = "first" if self._stages is not None else "kept"
         if self._stages is not None:
             self._paths = [p for p in self._stages if len(model.get_submodule(p)) >= 2]
             if not self._paths:

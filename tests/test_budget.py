@@ -10,11 +10,11 @@ from torch import nn
 
 from theseus_general import ConstantScheduler, ExportError, PlanError, Theseus, count_flops
 from theseus_general.budget import groups_around, profile_blocks
-from theseus_general.graph import get_submodule, run_model
+from theseus_general.graph import get_submodule
 from theseus_general.measure import count_parameters
 
 from conftest import assert_same_state, state_snapshot, tiny_bert
-from test_conformance import LLAMA, _ce, _images, _lm_loss, _out, _out_logits, _timm_resnet, _timm_vit, _tokens, _tv_resnet, _tv_vit
+from test_conformance import LLAMA, SWIN, _ce, _pixels, _images, _lm_loss, _out, _out_logits, _timm_resnet, _timm_vit, _tokens, _tv_resnet, _tv_vit
 
 
 class Residual(nn.Module):
@@ -56,11 +56,14 @@ FAMILIES = {
     "torchvision-resnet": (_seeded(_tv_resnet, [2, 3, 3, 2]), _images(3, 32, 3), {}),
     "hf-llama": (lambda: LLAMA(6), _tokens(96, 2), {}),
     "generic-chain": (_chain, _vectors, {"adapter": "generic", "container": "1"}),
+    # stages of 2, 4, 2 blocks whose windows shift by position: successor k starts as block k
+    "hf-swin-stages": (lambda: SWIN([2, 4, 2]), _pixels(32), {}),
 }
 # a FLOPs target each tiny model can meet (the timm ResNet's stem is 85% of its FLOPs)
-TARGET = {"timm-resnet": 0.98, "torchvision-resnet": 0.7}
+TARGET = {"timm-resnet": 0.98, "torchvision-resnet": 0.7, "hf-swin-stages": 0.8}
 ADAPTER = {"bert": "bert", "timm-vit": "vit", "torchvision-vit": "vit", "timm-resnet": "resnet",
-           "torchvision-resnet": "resnet", "hf-llama": "hf", "generic-chain": "generic"}
+           "torchvision-resnet": "resnet", "hf-llama": "hf", "generic-chain": "generic",
+           "hf-swin-stages": "hf"}
 
 
 def _largest_block(model, th, sample):

@@ -24,6 +24,10 @@ class Adapter:
     # Keyword under which a block receives the carried state, when a container's
     # owner calls its blocks with keywords only (e.g. layer(hidden_states=x)).
     state_kwarg: str = "hidden_states"
+    # Where a budget plan's successors start: "kept" (a copy of its group's kept, most important
+    # block) or "first" (successor k is a copy of block k, for families whose blocks behave by
+    # position, like Swin's shifted windows, so that the native model at the new depth agrees).
+    budget_init: str = "kept"
 
     def __init__(self, **options: Any):
         check_names(options, [], "adapter option", f"The {self.name or type(self).__name__} adapter takes no options.")

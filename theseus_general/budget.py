@@ -23,7 +23,8 @@ gradients) records what each block receives; then
 (always-kept blocks first), the others are dropped. Each dropped block joins the group of the
 kept block before it (blocks before the first kept block join the first group), so groups are
 consecutive, and each group's successor starts as a copy of its kept block, the most important
-of its group. The predicted cost of the successor model is the rest plus the kept blocks'
+of its group (or, for an adapter whose blocks behave by position, ``Adapter.budget_init =
+"first"``, successor k starts as block k). The predicted cost of the successor model is the rest plus the kept blocks'
 costs; the *removed importance* is the sum of the dropped blocks' importances. The depths per
 container are chosen to meet the target with the least removed importance, exactly: each
 container's options (one per depth) are merged container by container, keeping only the
@@ -41,9 +42,7 @@ its compute like its cost; it is a heuristic that the Pareto runs of issue 12 ar
 
 from __future__ import annotations
 
-import copy
 import inspect
-import itertools
 import math
 import statistics
 import time

@@ -29,10 +29,9 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
-from .errors import AdapterError, CheckpointError, EngineStateError, ExportError, NonFiniteLossError, ScheduleError
-from .plan import Group, GroupsSpec
 from .budget import plan_budget, resolve_widths
-from .errors import PlanError
+from .errors import AdapterError, CheckpointError, EngineStateError, ExportError, NonFiniteLossError, PlanError, ScheduleError
+from .plan import Group, GroupsSpec
 from .planning import (INIT_CHOICES, build_successors, check_built_export, check_copies_export, check_plan_matches,
                        container_at, make_plan, narrow_successors, resolve_groups)
 from .registry import detect_adapter, get_adapter
@@ -141,8 +140,9 @@ class Theseus:
                     f"{type(model).__name__}: pass sample= with a typical batch.")
             budget = plan_budget(self.adapter, model, containers, sample, target_flops, target_speedup, measure, widths)
             group_blocks = budget.groups()
+            kept = {p: list(c.kept) for p, c in budget.choices.items()}
             built = build_successors(containers, group_blocks, "first", None,
-                                     sources={p: list(c.kept) for p, c in budget.choices.items()})
+                                     sources=kept if self.adapter.budget_init == "kept" else None)
             widths = budget.widths()
         else:
             if measure != "flops":
