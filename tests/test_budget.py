@@ -288,3 +288,18 @@ def test_mixed_widths_refuse_native_export():
         th.export()
     exported = th.export(native=False)
     assert exported.bert.encoder.layer[0].intermediate.dense.out_features == 32
+
+
+def test_budget_plan_resumes_from_a_checkpoint():
+    """A FLOPs plan is deterministic, so a resumed run rebuilds the same plan and loads its state."""
+    x, _ = _tokens(100, 2)(0)
+    th = Theseus(_bert(), target_flops=0.5, sample=x, successor_width="auto")
+    with torch.no_grad():
+        for p in th.trainable_parameters():
+            p.add_(0.01)
+    state = th.state_dict()
+    again = Theseus(_bert(), target_flops=0.5, sample=x, successor_width="auto")
+    assert again.plan == th.plan
+    again.load_state_dict(state)
+    for a, b in zip(again.trainable_parameters(), th.trainable_parameters()):
+        assert torch.equal(a, b)
