@@ -130,6 +130,18 @@ class ResNetAdapter(Adapter):
         overrides = {} if native is False else self._width_overrides(model)
         return export_native(model, depths, getattr(self, "_recipe", None), self.name, native, lambda m: m, overrides)
 
+    def width_export_problem(self, model: nn.Module, widths: dict) -> Optional[str]:
+        if all(w >= 1.0 for w in widths.values()):
+            return None
+        if not hasattr(model.layer1[0], "conv3"):
+            return "a BasicBlock ResNet's constructor has no width setting (torchvision and timm require base width 64)"
+        per_stage = {s: widths.get(s, 1.0) for s in _stages(model)}
+        if len(set(per_stage.values())) > 1:
+            return (f"the stages would have different width fractions {per_stage} (a stage of one block, or one left "
+                    "out of successor_width, keeps its width), but the constructor's width_per_group / base_width "
+                    "sets one for all")
+        return None
+
     def _width_overrides(self, model: nn.Module) -> dict:
         """Width successors: the constructor's one width setting (torchvision width_per_group, timm
         base_width) that gives every block its exported width, or ExportError saying why none does."""

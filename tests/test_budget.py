@@ -144,6 +144,8 @@ def test_bad_budget_arguments():
         ({"target_flops": 0.5, "measure": "latency"}, "goes with target_speedup"),
         ({"successor_width": "auto", "successor_depth": 3}, "needs a budget"),
         ({"successor_width": 1.5, "successor_depth": 3}, r"fraction in \(0, 1\]"),
+        ({"successor_width": 1.0}, "Give exactly one target"),  # nothing would be compressed
+        ({"successor_width": {"bert.encoder.lyer": 0.5}}, "not compressed"),
     ]:
         with pytest.raises(PlanError, match=pattern):
             Theseus(model, sample=x, **kwargs)
@@ -217,7 +219,13 @@ def test_width_successors_pass_the_contract(family):
     model = make()
     before, params = state_snapshot(model), count_parameters(model)
     x, y = batch(0)
-    th = Theseus(model, scheduler=ConstantScheduler(0.5, replace_all_at=2), sample=x, **target, **extra)
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        th = Theseus(model, scheduler=ConstantScheduler(0.5, replace_all_at=2), sample=x, **target, **extra)
+    # a plan whose widths cannot be exported natively says so before training, and only then
+    assert any("cannot be exported natively" in str(w.message) for w in caught) == (not native)
     assert all("width" in g.successor for g in th.plan.groups) or family == "bert-budget"
     optimizer = torch.optim.AdamW(th.trainable_parameters(), lr=1e-2)
     th.model.train()

@@ -89,6 +89,11 @@ class Adapter:
         raise PlanError(f"The {self.name or type(self).__name__} adapter has no width successors "
                         f"(successor_width=) for a {type(block).__name__}.")
 
+    def width_export_problem(self, model: nn.Module, widths: dict) -> Optional[str]:
+        """Why width successors at `widths` (container -> fraction) will not export natively, or
+        None. Checked when the plan is made, so that the engine can warn before training."""
+        return None
+
     def width_reference(self, group_blocks: List[nn.Module], successor: nn.Module) -> nn.Module:
         """The block a successor must be built like: the group's first block, narrowed to the
         successor's width when the successor is a width successor."""

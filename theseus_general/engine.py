@@ -1,6 +1,7 @@
 """The Theseus engine: wrap a model in place, replace modules progressively, export.
 
     th = Theseus(model, successor_depth=3)          # adapter auto-detected
+    th = Theseus(model, target_speedup=2.0, sample=batch)   # or a budget: depths chosen by the planner
     opt = torch.optim.AdamW(th.trainable_parameters(), lr=1e-4)
     for batch in data:
         loss = th.model(**batch).loss               # the model's own forward and outputs
@@ -8,7 +9,9 @@
     successor = th.export()                          # a native model of the same type, shallower
 
 `Theseus` is a thin front over three parts:
-  * planning (`theseus_general.planning`, pure): model + target -> plan and successors;
+  * planning (`theseus_general.planning`, pure): model + target -> plan and successors
+    (a budget target first goes through `theseus_general.budget`, width successors through
+    `theseus_general.width`);
   * wrapping (`theseus_general.wrapping`): inject the groups into the model and undo it
     exactly with `unwrap()` (see that module for what wrapping changes);
   * export: the successors in the model's own containers, made native by the adapter.
@@ -147,7 +150,8 @@ class Theseus:
         else:
             if measure != "flops":
                 raise PlanError("measure= says how a budget target is predicted; give target_speedup= with it.")
-            group_blocks = resolve_groups(sizes, successor_depth, ratio, groups, width_only=widths is not None)
+            narrower = widths is not None and any(w < 1.0 for w in widths.values())
+            group_blocks = resolve_groups(sizes, successor_depth, ratio, groups, width_only=narrower)
             built = build_successors(containers, group_blocks, init, successors)
         if widths is not None:
             built = narrow_successors(self.adapter, group_blocks, built, widths)
@@ -155,6 +159,11 @@ class Theseus:
         self.plan.budget = budget
         if budgeted or widths is not None:
             check_built_export(self.adapter, containers, self.plan, built)
+            problem = self.adapter.width_export_problem(model, widths or {})
+            if problem:
+                warnings.warn(f"These width successors cannot be exported natively: {problem}. Training works; "
+                              "export(native=False) will give the model with its successor modules as they are.",
+                              UserWarning, stacklevel=2)
         elif successors is None and isinstance(init, str):
             check_copies_export(self.adapter, containers, self.plan, built, init)
         if sample is None and validate:
