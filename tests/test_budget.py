@@ -283,6 +283,10 @@ def test_generic_adapter_has_no_width_successors():
     x, _ = _vectors(0)
     with pytest.raises(PlanError, match="no width successors"):
         Theseus(_chain(), adapter="generic", container="1", successor_depth=3, successor_width=0.5, sample=x)
+    # "auto" then plans depth only, and says why
+    th = Theseus(_chain(), adapter="generic", container="1", target_flops=0.6, successor_width="auto", sample=x)
+    assert {c.width for c in th.plan.budget.choices.values()} == {1.0}
+    assert "width 0.5: not available" in str(th.plan)
 
 
 def test_mixed_widths_refuse_native_export():

@@ -370,12 +370,37 @@ def resolve_widths(spec: WidthSpec, paths: Sequence[str], allow_auto: bool) -> U
     return {p: float(w) for p, w in widths.items()}
 
 
+def _narrowed_costs(adapter, containers: Dict[str, nn.Module], per_path: Dict[str, float], flops: Profile,
+                    timed: Profile) -> Tuple[Dict[str, List[float]], Dict[str, List[float]]]:
+    """FLOPs and cost of every block narrowed to its container's width, each on the block's own input."""
+    from .width import kept_count
+
+    narrowed_flops, narrowed_cost = {}, {}
+    for p, c in containers.items():
+        if per_path[p] >= 1.0:
+            narrowed_flops[p], narrowed_cost[p] = flops.costs[p], timed.costs[p]
+            continue
+        nf, nc = [], []
+        for i, block in enumerate(c):
+            hidden = adapter.width_of(block)
+            if hidden is None:
+                adapter.narrow(block, 1)  # raises PlanError naming the adapter and block
+                raise PlanError(f"The {adapter.name} adapter cannot narrow a {type(block).__name__}.")
+            small = adapter.narrow(block, kept_count(hidden, per_path[p]))
+            nf.append(flops.measure_block(small, flops.inputs[p][i]))
+            if timed is flops:
+                nc.append(nf[-1])
+            else:  # timed alone, scaled by how the original block's time alone compares with in place
+                alone = timed.measure_block(block, timed.inputs[p][i])
+                nc.append(timed.measure_block(small, timed.inputs[p][i]) * timed.costs[p][i] / alone)
+        narrowed_flops[p], narrowed_cost[p] = nf, nc
+    return narrowed_flops, narrowed_cost
+
+
 def plan_budget(adapter, model: nn.Module, containers: Dict[str, nn.Module], sample: Any,
                 target_flops: Optional[float], target_speedup: Optional[float], measure: str,
                 widths: Union[str, Dict[str, float], None]) -> BudgetPlan:
     """Choose depths (and widths) per container meeting the target with the least removed importance."""
-    from .width import kept_count
-
     target, fraction = _target(target_flops, target_speedup)
     if target_flops is not None and measure != "flops":
         raise PlanError("target_flops counts FLOPs; measure='latency' goes with target_speedup=.")
@@ -385,28 +410,17 @@ def plan_budget(adapter, model: nn.Module, containers: Dict[str, nn.Module], sam
     budget = timed.total * fraction
 
     candidates = [1.0, *[w for w in AUTO_WIDTHS if w < 1.0]] if widths == "auto" else [None]
-    results = []
+    results, unavailable = [], []
     for w in candidates:
         per_path = {p: 1.0 for p in containers} if w is None and widths is None else (
             dict(widths) if w is None else {p: w for p in containers})
-        narrowed_flops, narrowed_cost = {}, {}
-        for p, c in containers.items():
-            if per_path[p] >= 1.0:
-                narrowed_flops[p], narrowed_cost[p] = flops.costs[p], timed.costs[p]
-                continue
-            nf, nc = [], []
-            for i, block in enumerate(c):
-                hidden = adapter.width_of(block)
-                if hidden is None:
-                    adapter.narrow(block, 1)  # raises PlanError naming the adapter and block
-                small = adapter.narrow(block, kept_count(hidden, per_path[p]))
-                nf.append(flops.measure_block(small, flops.inputs[p][i]))
-                if timed is flops:
-                    nc.append(nf[-1])
-                else:  # timed alone, scaled by how the original block's time alone compares with in place
-                    alone = timed.measure_block(block, timed.inputs[p][i])
-                    nc.append(timed.measure_block(small, timed.inputs[p][i]) * timed.costs[p][i] / alone)
-            narrowed_flops[p], narrowed_cost[p] = nf, nc
+        try:
+            narrowed_flops, narrowed_cost = _narrowed_costs(adapter, containers, per_path, flops, timed)
+        except PlanError as error:
+            if widths != "auto":
+                raise
+            unavailable.append(f"width {w:g}: not available ({error})")  # auto: depth and the other widths
+            continue
         options = [_container_options(p, timed.costs[p], timed.importance[p], timed.always_kept[p], per_path[p],
                                       narrowed_cost[p]) for p in containers]
         cheapest, best = _best(options, budget - timed.rest, sizes)
@@ -427,6 +441,7 @@ def plan_budget(adapter, model: nn.Module, containers: Dict[str, nn.Module], sam
                 ds = ", ".join(str(o.depth) for o in rbest[2])
                 alternatives.append(f"width {rw:g}: depths [{ds}], removed importance {rbest[1]:.4g}"
                                     + ("  <- chosen" if rw == w else ""))
+        alternatives += unavailable
     return BudgetPlan(target, measure, timed.total, timed.rest + cost, flops.total, predicted_flops, chosen, sizes,
                       alternatives)
 
