@@ -30,7 +30,7 @@ from ._structure import structure_difference
 _RUNTIME_FLAGS = {"training", "grad_checkpointing", "gradient_checkpointing"}
 NATIVE_FALSE = "Use export(native=False) to get the trained model with its successor modules as they are."
 
-Build = Callable[[Dict[str, int]], nn.Module]
+Build = Callable[..., nn.Module]  # build(depths, **overrides) -> a new model
 
 
 def _plain(value) -> bool:
@@ -190,8 +190,13 @@ def _match_tensors(native: nn.Module, exported: nn.Module) -> None:
 
 
 def export_native(exported: nn.Module, depths: Dict[str, int], recipe: Optional[Recipe], family: str,
-                  native: Optional[bool], copy_route: Callable[[nn.Module], nn.Module]) -> nn.Module:
+                  native: Optional[bool], copy_route: Callable[[nn.Module], nn.Module],
+                  overrides: Optional[Dict[str, object]] = None) -> nn.Module:
     """Build the family's model at `depths` and load `exported`'s state into it strictly.
+
+    `overrides`: constructor arguments that differ from the predecessor's besides the depth
+    (width successors: ``mlp_ratio=``, ``mlp_dim=``, ``width_per_group=``); the rebuild is then
+    checked against the export block by block as usual.
 
     native=False: the copy route. native=None (an engine that does not say): native
     when the exported blocks fit the rebuild, else the copy route, which only
@@ -206,7 +211,14 @@ def export_native(exported: nn.Module, depths: Dict[str, int], recipe: Optional[
     if found is None:
         raise ExportError(f"Cannot rebuild this {type(exported).__name__} natively: {error}. {NATIVE_FALSE}")
     description, build = found
-    rebuilt = build(depths)
+    if overrides:
+        description += " with " + ", ".join(f"{k}={v!r}" for k, v in overrides.items())
+    try:
+        rebuilt = build(depths, **(overrides or {}))
+    except Exception as error:  # the constructor refuses the new width
+        if native is None:
+            return copy_route(exported)
+        raise ExportError(f"{description} fails ({type(error).__name__}: {error}). {NATIVE_FALSE}") from error
     for name in own:  # replaced by the user after construction: the model's own (trained) module stays
         setattr(rebuilt, name, getattr(exported, name))
     reason = difference(Blueprint.of(rebuilt), Blueprint.of(exported), skip=depths)

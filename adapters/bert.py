@@ -21,10 +21,12 @@ import torch
 from torch import nn
 
 from theseus_general.adapter import Adapter
-from theseus_general.errors import AdapterError
+from theseus_general.errors import AdapterError, ExportError
 from theseus_general.registry import register_adapter
 
-from ._native import Recipe, export_native
+from theseus_general.width import narrow_linear_pair
+
+from ._native import NATIVE_FALSE, Recipe, export_native
 
 
 def _encoder_layers(model: nn.Module) -> Optional[nn.ModuleList]:
@@ -69,8 +71,21 @@ class BertAdapter(Adapter):
         input_ids = torch.randint(1, min(vocab, 1000), (2, 8), generator=generator).to(device)
         return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
 
+    def width_of(self, block: nn.Module) -> Optional[int]:
+        """A layer's MLP hidden size (config.intermediate_size): intermediate.dense -> output.dense."""
+        dense_in = getattr(getattr(block, "intermediate", None), "dense", None)
+        dense_out = getattr(getattr(block, "output", None), "dense", None)
+        if type(dense_in) is nn.Linear and type(dense_out) is nn.Linear and dense_in.out_features == dense_out.in_features:
+            return dense_in.out_features
+        return None
+
+    def narrow(self, block: nn.Module, keep: int) -> nn.Module:
+        if self.width_of(block) is None:
+            return super().narrow(block, keep)
+        return narrow_linear_pair(copy.deepcopy(block), ["intermediate.dense"], "output.dense", keep)
+
     def check_successor(self, group_blocks: List[nn.Module], successor: nn.Module) -> Optional[str]:
-        reference = group_blocks[0]
+        reference = self.width_reference(group_blocks, successor)
         if type(successor) is not type(reference):
             return (f"the successor is a {type(successor).__name__}, not a {type(reference).__name__}, "
                     "so config.num_hidden_layers cannot describe the exported model")
@@ -81,25 +96,34 @@ class BertAdapter(Adapter):
 
     def finalize_export(self, model: nn.Module, depths: dict, native: Optional[bool] = None) -> nn.Module:
         (depth,) = depths.values()
+        widths = sorted({self.width_of(layer) for layer in _encoder_layers(model)}, key=str)
+        width = widths[0] if len(widths) == 1 else None
+        if len(widths) > 1 and native is not False:
+            raise ExportError(f"The successor layers have different MLP widths {widths}, which one "
+                              f"config.intermediate_size cannot describe. {NATIVE_FALSE}")
         reason = _per_layer_settings(model.config)
+        described = f"num_hidden_layers={depth}" + (f", intermediate_size={width}"
+                                                    if width not in (None, model.config.intermediate_size) else "")
         recipe = Recipe([], error=reason) if reason else Recipe.trusted(
-            f"{type(model).__name__}(config) with num_hidden_layers={depth}", lambda d: _build_at_depth(model, depth))
-        return export_native(model, depths, recipe, self.name, native, lambda m: _patch_copy(m, depth))
+            f"{type(model).__name__}(config) with {described}", lambda d: _build_at_depth(model, depth, width))
+        return export_native(model, depths, recipe, self.name, native, lambda m: _patch_copy(m, depth, width))
 
 
-def _depth_config(config, depth: int):
+def _depth_config(config, depth: int, width: Optional[int] = None):
     config = copy.deepcopy(config)
     config.num_hidden_layers = depth
+    if width is not None and hasattr(config, "intermediate_size"):
+        config.intermediate_size = width  # width successors: the layers' MLP hidden size
     layer_types = getattr(config, "layer_types", None)
     if isinstance(layer_types, list):
         config.layer_types = layer_types[:depth]
     return config
 
 
-def _build_at_depth(model: nn.Module, depth: int) -> nn.Module:
+def _build_at_depth(model: nn.Module, depth: int, width: Optional[int] = None) -> nn.Module:
     # The model's own class from its own config: layer_idx, per-layer lists and
     # everything else the constructor derives from num_hidden_layers come out right.
-    return type(model)(_depth_config(model.config, depth))
+    return type(model)(_depth_config(model.config, depth, width))
 
 
 def _per_layer_settings(config) -> Optional[str]:
@@ -111,9 +135,9 @@ def _per_layer_settings(config) -> Optional[str]:
     return None
 
 
-def _patch_copy(model: nn.Module, depth: int) -> nn.Module:
+def _patch_copy(model: nn.Module, depth: int, width: Optional[int] = None) -> nn.Module:
     """The copy route (export(native=False)): keep the modules, make the config and indices agree."""
-    model.config = _depth_config(model.config, depth)
+    model.config = _depth_config(model.config, depth, width)
     # Layers keep the index they had in the predecessor; renumber them so that
     # caches and anything keyed by layer index see 0..depth-1.
     for new_index, layer in enumerate(_encoder_layers(model)):

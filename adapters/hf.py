@@ -23,6 +23,7 @@ so ``save_pretrained`` -> ``from_pretrained`` gives the same model, and
 
 from __future__ import annotations
 
+import copy
 import inspect
 from typing import Any, Dict, List, Optional
 
@@ -33,6 +34,8 @@ from theseus_general.adapter import Adapter
 from theseus_general.errors import AdapterError
 from theseus_general.graph import run_model
 from theseus_general.registry import register_adapter
+from theseus_general.errors import ExportError
+from theseus_general.width import narrow_linear_pair
 
 from ._hf_common import (depth_field, is_pretrained_model, layer_class_names, layer_index, native_config,
                          per_layer_lists, rebuild_native, sample_for, stage_config)
@@ -100,6 +103,20 @@ def find_stages(model: nn.Module) -> Optional[Dict[str, int]]:
     for paths in by_class.values():
         if [len(model.get_submodule(p)) for p in paths] == list(depths):
             return {p: i for i, p in enumerate(paths)}
+    return None
+
+
+def _mlp_linears(block: nn.Module) -> Optional[tuple]:
+    """(input Linear paths, output Linear path) of a layer's simple MLP, or None."""
+    def linear(path: str) -> bool:
+        try:
+            return type(block.get_submodule(path)) is nn.Linear
+        except AttributeError:
+            return False
+    if all(linear(p) for p in ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")):
+        return ["mlp.gate_proj", "mlp.up_proj"], "mlp.down_proj"
+    if all(linear(p) for p in ("intermediate.dense", "output.dense")):
+        return ["intermediate.dense"], "output.dense"
     return None
 
 
@@ -173,6 +190,9 @@ class HfAdapter(Adapter):
     def check(self, model: nn.Module) -> None:
         super().check(model)
         self._stages = find_stages(model)
+        # Blocks of stage models alternate behaviour by position (Swin's shifted windows): a budget
+        # plan's successor k must start as block k for the native model to compute the same.
+        self.budget_init = "first" if self._stages is not None else "kept"
         if self._stages is not None:
             self._paths = [p for p in self._stages if len(model.get_submodule(p)) >= 2]
             if not self._paths:
@@ -208,8 +228,22 @@ class HfAdapter(Adapter):
     def sample_input(self, model: nn.Module) -> Optional[Any]:
         return sample_for(model)
 
+    def width_of(self, block: nn.Module) -> Optional[int]:
+        """A layer's MLP hidden size (config.intermediate_size) for the simple MLPs: gated
+        ``mlp.gate_proj``/``mlp.up_proj`` -> ``mlp.down_proj`` (Llama, Qwen2, Mistral) and
+        ``intermediate.dense`` -> ``output.dense`` (HF ViT). None for others."""
+        found = _mlp_linears(block)
+        return block.get_submodule(found[0][0]).out_features if found else None
+
+    def narrow(self, block: nn.Module, keep: int) -> nn.Module:
+        found = _mlp_linears(block)
+        if found is None:
+            return super().narrow(block, keep)
+        inputs, output = found
+        return narrow_linear_pair(copy.deepcopy(block), inputs, output, keep, sizes=["mlp.intermediate_size"])
+
     def check_successor(self, group_blocks: List[nn.Module], successor: nn.Module) -> Optional[str]:
-        reason = structure_difference(group_blocks[0], successor)
+        reason = structure_difference(self.width_reference(group_blocks, successor), successor)
         if reason:
             return (f"the successor is not built like the group's first layer ({reason}), so the model's own "
                     "class at the new depth cannot hold it")
@@ -234,4 +268,15 @@ class HfAdapter(Adapter):
             stage_depths = {self._stages[path]: depth for path, depth in depths.items()}
             return rebuild_native(model, lambda m: stage_config(m, stage_depths), self.sample_input(model))
         ((path, _),) = depths.items()
-        return rebuild_native(model, lambda m: native_config(m, list(m.get_submodule(path))), self.sample_input(model))
+        widths = sorted({self.width_of(layer) for layer in model.get_submodule(path)}, key=str)
+        if len(widths) > 1:
+            raise ExportError(f"The successor layers have different MLP widths {widths}, which one "
+                              "config.intermediate_size cannot describe. Use export(native=False) to get the "
+                              "shortened model as it is.")
+
+        def config_for(m: nn.Module):
+            config = native_config(m, list(m.get_submodule(path)))
+            if widths[0] is not None and getattr(config, "intermediate_size", None) not in (None, widths[0]):
+                config.intermediate_size = widths[0]  # width successors
+            return config
+        return rebuild_native(model, config_for, self.sample_input(model))

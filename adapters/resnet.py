@@ -23,6 +23,7 @@ then gives the copy.
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Any, List, Optional
 
@@ -30,10 +31,11 @@ import torch
 from torch import nn
 
 from theseus_general.adapter import Adapter
-from theseus_general.errors import AdapterError
+from theseus_general.errors import AdapterError, ExportError
 from theseus_general.registry import register_adapter
+from theseus_general.width import narrow_conv_chain
 
-from ._native import Recipe, export_native, read_recipe
+from ._native import NATIVE_FALSE, Recipe, export_native, read_recipe
 from ._structure import first_mismatch, structure_difference
 
 _MODULES = ("torchvision.models.resnet", "timm.models.resnet")
@@ -81,6 +83,11 @@ class ResNetAdapter(Adapter):
         # Read the constructor arguments off the predecessor now: the exported stages
         # hold successors and no longer tell the depth-dependent drop-path rates.
         self._recipe = native_recipe(model)
+        self._hidden = {s: self.width_of(getattr(model, s)[0]) for s in _stages(model)}  # predecessor widths
+        self._base_width = getattr(model, "base_width", None)  # torchvision's width_per_group
+        if self._base_width is None and "timm.models.resnet" in sys.modules and isinstance(model, sys.modules["timm.models.resnet"].ResNet):
+            first = model.layer1[0]
+            self._base_width = _timm_kwargs(model).get("base_width", 64) if hasattr(first, "conv3") else 64
         paths = [s for s in _stages(model) if len(getattr(model, s)) >= 2]
         if not paths:
             raise AdapterError(
@@ -97,23 +104,85 @@ class ResNetAdapter(Adapter):
         # 32 x 32 survives the standard stem and four stages (down to 1 x 1).
         return torch.randn(2, first_conv.in_channels, 32, 32, generator=generator).to(first_conv.weight.device, first_conv.weight.dtype)
 
+    def width_of(self, block: nn.Module) -> Optional[int]:
+        """A block's middle channels: Bottleneck conv1 -> conv2 -> conv3 (its width), BasicBlock
+        conv1 -> conv2. None for grouped convolutions (ResNeXt) or anti-aliasing on them."""
+        chain = _width_chain(block)
+        return block.conv1.out_channels if chain else None
+
+    def narrow(self, block: nn.Module, keep: int) -> nn.Module:
+        chain = _width_chain(block)
+        if chain is None:
+            return super().narrow(block, keep)
+        return narrow_conv_chain(copy.deepcopy(block), chain, keep)
+
     def check_successor(self, group_blocks: List[nn.Module], successor: nn.Module) -> Optional[str]:
         # A group's first block is its stage's first block exactly when it is the
         # stage's first group, and that is where a native rebuild puts the stage's
         # downsampling head; every other position holds an ordinary block.
-        reason = structure_difference(group_blocks[0], successor)
+        reason = structure_difference(self.width_reference(group_blocks, successor), successor)
         if reason:
             return (f"the successor is not built like the group's first block ({reason}); a native ResNet puts a "
                     "block like the stage's first (downsampling) block first and ordinary blocks after it")
         return None
 
     def finalize_export(self, model: nn.Module, depths: dict, native: Optional[bool] = None) -> nn.Module:
-        return export_native(model, depths, getattr(self, "_recipe", None), self.name, native, lambda m: m)
+        overrides = {} if native is False else self._width_overrides(model)
+        return export_native(model, depths, getattr(self, "_recipe", None), self.name, native, lambda m: m, overrides)
+
+    def width_export_problem(self, model: nn.Module, widths: dict) -> Optional[str]:
+        if all(w >= 1.0 for w in widths.values()):
+            return None
+        if not hasattr(model.layer1[0], "conv3"):
+            return "a BasicBlock ResNet's constructor has no width setting (torchvision and timm require base width 64)"
+        per_stage = {s: widths.get(s, 1.0) for s in _stages(model)}
+        if len(set(per_stage.values())) > 1:
+            return (f"the stages would have different width fractions {per_stage} (a stage of one block, or one left "
+                    "out of successor_width, keeps its width), but the constructor's width_per_group / base_width "
+                    "sets one for all")
+        return None
+
+    def _width_overrides(self, model: nn.Module) -> dict:
+        """Width successors: the constructor's one width setting (torchvision width_per_group, timm
+        base_width) that gives every block its exported width, or ExportError saying why none does."""
+        hidden = getattr(self, "_hidden", {})
+        factors = {(self.width_of(b), hidden.get(s)) for s in _stages(model) for b in getattr(model, s)}
+        if all(w == h for w, h in factors):
+            return {}
+        ratios = {w / h for w, h in factors if w and h}
+        base = getattr(self, "_base_width", None)
+        new_base = base * ratios.pop() if len(ratios) == 1 and base else None
+        if new_base is None or abs(new_base - round(new_base)) > 1e-9:
+            raise ExportError(
+                "The blocks' widths (middle channels) are not one fraction of the predecessor's in every stage "
+                f"(exported / predecessor: {sorted(factors, key=str)}); a ResNet constructor sets them all with one "
+                f"width_per_group / base_width. {NATIVE_FALSE}")
+        key = "width_per_group" if hasattr(model, "base_width") else "base_width"
+        if hasattr(model, "base_width"):
+            model.base_width = int(round(new_base))  # the copy says what its blocks hold
+        return {key: int(round(new_base))}
 
 
 # ---------------------------------------------------------------- constructor arguments
 def _layers(stage_depths: dict, depths: dict) -> List[int]:
     return [depths.get(s, n) for s, n in stage_depths.items()]
+
+
+def _width_chain(block: nn.Module) -> Optional[list]:
+    """(producer, norm, consumer) links of a block's middle channels, or None when they cannot be cut."""
+    names = ("conv1", "bn1", "conv2", "bn2", "conv3") if hasattr(block, "conv3") else ("conv1", "bn1", "conv2")
+    parts = [getattr(block, n, None) for n in names]
+    if not all(isinstance(p, nn.Conv2d) for p in parts[::2]) or not all(isinstance(p, nn.BatchNorm2d) for p in parts[1::2]):
+        return None
+    if any(p.groups != 1 for p in parts[::2]) or not _identity(getattr(block, "aa", None)):
+        return None
+    if len(names) == 5:
+        return [("conv1", "bn1", "conv2"), ("conv2", "bn2", "conv3")]
+    return [("conv1", "bn1", "conv2")]
+
+
+def _identity(module: Optional[nn.Module]) -> bool:
+    return module is None or isinstance(module, nn.Identity)
 
 
 def _stride(block: nn.Module) -> int:
@@ -133,7 +202,8 @@ def _torchvision_candidates(model: nn.Module):
         replace_stride_with_dilation=[_stride(getattr(model, s)[0]) == 1 for s in STAGES[1:]],
         norm_layer=model._norm_layer,
     ), type(model)
-    yield f"{cls.__name__}(block, layers=[...], ...)", lambda depths: cls(layers=_layers(stages, depths), **kwargs)
+    yield (f"{cls.__name__}(block, layers=[...], ...)",
+           lambda depths, **over: cls(layers=_layers(stages, depths), **{**kwargs, **over}))
 
 
 def _timm_kwargs(model: nn.Module) -> dict:
@@ -166,8 +236,9 @@ def _timm_candidates(model: nn.Module):
         # A registered name carries the arguments that are not read back (block_args, aa_layer, ...).
         named = {k: kwargs[k] for k in ("num_classes", "in_chans", "drop_rate", "global_pool", "drop_path_rate")}
         yield (f"timm.create_model({arch!r}, layers=[...], ...)",
-               lambda depths: timm.create_model(arch, pretrained=False, layers=_layers(stages, depths), **named))
-    yield f"{cls.__name__}(block, layers=[...], ...)", lambda depths: cls(layers=_layers(stages, depths), **kwargs)
+               lambda depths, **over: timm.create_model(arch, pretrained=False, layers=_layers(stages, depths), **{**named, **over}))
+    yield (f"{cls.__name__}(block, layers=[...], ...)",
+           lambda depths, **over: cls(layers=_layers(stages, depths), **{**kwargs, **over}))
 
 
 def native_recipe(model: nn.Module) -> Recipe:

@@ -19,6 +19,7 @@ claimed here; use adapter='generic' with container=... for those.
 
 from __future__ import annotations
 
+import copy
 import sys
 from typing import Any, List, Optional
 
@@ -28,8 +29,9 @@ from torch import nn
 from theseus_general.adapter import Adapter
 from theseus_general.errors import AdapterError, ExportError
 from theseus_general.registry import register_adapter
+from theseus_general.width import narrow_linear_pair
 
-from ._native import Recipe, export_native, read_recipe
+from ._native import NATIVE_FALSE, Recipe, export_native, read_recipe
 from ._structure import first_mismatch, structure_difference
 
 # Modules are looked up in sys.modules: a model of these classes means its library
@@ -76,6 +78,7 @@ class VitAdapter(Adapter):
         # Read the constructor arguments off the predecessor now: the exported model's
         # blocks are successors and no longer tell the depth-dependent rates.
         self._recipe = native_recipe(model)
+        self._hidden = self.width_of(model.get_submodule(_PATHS[_family(model)])[0])  # the predecessor's MLP width
         return [_PATHS[_family(model)]]
 
     def sample_input(self, model: nn.Module) -> Optional[Any]:
@@ -92,14 +95,48 @@ class VitAdapter(Adapter):
         generator = torch.Generator().manual_seed(0)
         return torch.randn(2, channels, *size, generator=generator).to(like.device, like.dtype)
 
+    def width_of(self, block: nn.Module) -> Optional[int]:
+        """A block's MLP hidden size: timm ``mlp.fc1`` -> ``mlp.fc2`` (a plain Mlp without a hidden
+        norm), torchvision ``mlp[0]`` -> ``mlp[3]``."""
+        pair = _mlp_pair(block)
+        return block.get_submodule(pair[0]).out_features if pair else None
+
+    def narrow(self, block: nn.Module, keep: int) -> nn.Module:
+        pair = _mlp_pair(block)
+        if pair is None:
+            return super().narrow(block, keep)
+        return narrow_linear_pair(copy.deepcopy(block), [pair[0]], pair[1], keep)
+
     def check_successor(self, group_blocks: List[nn.Module], successor: nn.Module) -> Optional[str]:
-        reason = structure_difference(group_blocks[0], successor)
+        reason = structure_difference(self.width_reference(group_blocks, successor), successor)
         if reason:
             return f"the successor is not built like a block of this model ({reason}), so no depth=n constructor rebuilds it"
         return None
 
     def finalize_export(self, model: nn.Module, depths: dict, native: Optional[bool] = None) -> nn.Module:
-        return export_native(model, depths, getattr(self, "_recipe", None), self.name, native, _patch_copy)
+        family, (path,) = _family(model), depths
+        widths = sorted({self.width_of(b) for b in model.get_submodule(path)}, key=str)
+        overrides = {}
+        if len(widths) > 1:
+            if native is not False:
+                raise ExportError(f"The successor blocks have different MLP widths {widths}; the {family} "
+                                  f"VisionTransformer constructor builds every block with one. {NATIVE_FALSE}")
+        elif family == "timm" and widths[0] is not None and widths[0] != getattr(self, "_hidden", widths[0]):
+            overrides["mlp_ratio"] = widths[0] / model.embed_dim
+        elif family == "torchvision" and widths[0] is not None and widths[0] != model.mlp_dim:
+            model.mlp_dim = overrides["mlp_dim"] = widths[0]  # the copy says what its blocks hold
+        return export_native(model, depths, getattr(self, "_recipe", None), self.name, native, _patch_copy, overrides)
+
+
+def _mlp_pair(block: nn.Module) -> Optional[tuple]:
+    mlp = getattr(block, "mlp", None)
+    if mlp is None:
+        return None
+    if type(mlp).__name__ == "Mlp" and type(getattr(mlp, "fc1", None)) is nn.Linear and _identity(getattr(mlp, "norm", None)):
+        return "mlp.fc1", "mlp.fc2"
+    if type(mlp).__name__ == "MLPBlock" and len(mlp) == 5 and type(mlp[0]) is nn.Linear and type(mlp[3]) is nn.Linear:
+        return "mlp.0", "mlp.3"
+    return None
 
 
 def _patch_copy(model: nn.Module) -> nn.Module:
@@ -149,8 +186,8 @@ def _timm_candidates(model: nn.Module):
     arch = (getattr(model, "pretrained_cfg", None) or {}).get("architecture")
     if arch:
         yield (f"timm.create_model({arch!r}, depth=n, ...)",
-               lambda depths: timm.create_model(arch, pretrained=False, depth=depths["blocks"], **kwargs))
-    yield f"{cls.__name__}(depth=n, ...)", lambda depths: cls(depth=depths["blocks"], **kwargs)
+               lambda depths, **over: timm.create_model(arch, pretrained=False, depth=depths["blocks"], **{**kwargs, **over}))
+    yield f"{cls.__name__}(depth=n, ...)", lambda depths, **over: cls(depth=depths["blocks"], **{**kwargs, **over})
 
 
 def _torchvision_candidates(model: nn.Module):
@@ -162,7 +199,8 @@ def _torchvision_candidates(model: nn.Module):
         attention_dropout=model.attention_dropout, num_classes=model.num_classes,
         representation_size=model.representation_size, norm_layer=model.norm_layer,
     ), type(model)
-    yield f"{cls.__name__}(num_layers=n, ...)", lambda depths: cls(num_layers=depths["encoder.layers"], **kwargs)
+    yield (f"{cls.__name__}(num_layers=n, ...)",
+           lambda depths, **over: cls(num_layers=depths["encoder.layers"], **{**kwargs, **over}))
 
 
 def native_recipe(model: nn.Module) -> Recipe:

@@ -123,3 +123,18 @@ def test_scaling_quick(tmp_path):
     assert [(r["layers"], r["hidden"], r["successor_layers"]) for r in report["rows"]] == [(2, 32, 1), (4, 32, 2)]
     for r in report["rows"]:
         assert r["wrap_s"] > 0 and r["step_ratio"] > 0 and 0 < r["extra_mb"]
+
+
+def test_budget_speed_quick(tmp_path):
+    path = tmp_path / "budget_speed.json"
+    load("budget_speed").main(["--quick", "--planners", "flops,flops+width", "--repeats", "2", "--output", str(path)])
+    report = read(path)
+    check_conditions(report)
+    assert {r["model"] for r in report["rows"]} == {"BERT-tiny", "ViT-tiny", "ResNet-tiny"}
+    for row in report["rows"]:
+        assert row["predicted_speedup"] >= row["target_speedup"]
+        assert row["measured_speedup"] == pytest.approx(row["predecessor_latency_s"] / row["successor_latency_s"])
+        assert row["error"] == pytest.approx(row["predicted_speedup"] / row["measured_speedup"] - 1)
+        # FLOPs planning predicts the export's FLOPs exactly
+        assert row["measured_flops_fraction"] == pytest.approx(row["predicted_flops_fraction"], rel=1e-6)
+    assert set(report["mean_abs_error"]) == {"BERT-tiny", "ViT-tiny", "ResNet-tiny"}

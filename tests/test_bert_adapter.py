@@ -73,11 +73,18 @@ def test_init_choices_copy_the_right_blocks(bert):
 
 
 def test_custom_successor_must_be_native_for_native_export(bert):
-    config = transformers.BertConfig(**{**bert.config.to_dict(), "intermediate_size": 16})
-    narrow = [transformers.models.bert.modeling_bert.BertLayer(config) for _ in range(3)]
-    th = Theseus(bert, successor_depth=3, successors=narrow)
+    def layers(*widths):
+        return [transformers.models.bert.modeling_bert.BertLayer(transformers.BertConfig(
+            **{**bert.config.to_dict(), "intermediate_size": w})) for w in widths]
+
+    # narrower layers of one width: config.intermediate_size describes them (width successors)
+    th = Theseus(bert, successor_depth=3, successors=layers(16, 16, 16))
     assert "custom BertLayer" in str(th.plan)
-    with pytest.raises(ExportError, match="differ in shape.*export\\(native=False\\)"):
+    assert th.export().config.intermediate_size == 16
+    th.unwrap()
+    # two widths: no config describes them
+    th = Theseus(bert, successor_depth=3, successors=layers(16, 24, 16))
+    with pytest.raises(ExportError, match="different MLP widths.*export\\(native=False\\)"):
         th.export()
     loose = th.export(native=False)
     assert loose.bert.encoder.layer[0].intermediate.dense.out_features == 16

@@ -78,25 +78,37 @@ def _bert_rebuild(depths):
     return transformers.BertForSequenceClassification(transformers.BertConfig(**{**model.config.to_dict(), "num_hidden_layers": depths[0]}))
 
 
-BERT = [Case(
-    "bert-seqcls", make=lambda: tiny_bert(num_layers=4), batch=_tokens(100, 2),
-    loss=lambda m, x, y: m(**x, labels=y).loss, logits=lambda m, x: m(**x).logits,
-    rebuild=_bert_rebuild, target={"successor_depth": 2},
-)]
+def _bert_rebuild_width(depths):
+    import transformers
+
+    model = tiny_bert(num_layers=4)
+    return transformers.BertForSequenceClassification(transformers.BertConfig(
+        **{**model.config.to_dict(), "num_hidden_layers": depths[0], "intermediate_size": 32}))
+
+
+BERT = [
+    Case("bert-seqcls", make=lambda: tiny_bert(num_layers=4), batch=_tokens(100, 2),
+         loss=lambda m, x, y: m(**x, labels=y).loss, logits=lambda m, x: m(**x).logits,
+         rebuild=_bert_rebuild, target={"successor_depth": 2}),
+    # width successors (issue 12): half the MLP neurons; config.intermediate_size describes them
+    Case("bert-width", make=lambda: tiny_bert(num_layers=4), batch=_tokens(100, 2),
+         loss=lambda m, x, y: m(**x, labels=y).loss, logits=lambda m, x: m(**x).logits,
+         rebuild=_bert_rebuild_width, target={"successor_depth": 2, "successor_width": 0.5}),
+]
 
 
 # ---------------------------------------------------------------- vit
-def _timm_vit(depth):
+def _timm_vit(depth, mlp_ratio=4.0):
     import timm
 
     return timm.create_model("deit_tiny_patch16_224", pretrained=False, depth=depth, img_size=16, patch_size=4,
-                             embed_dim=32, num_heads=2, num_classes=3)
+                             embed_dim=32, num_heads=2, num_classes=3, mlp_ratio=mlp_ratio)
 
 
-def _tv_vit(depth):
+def _tv_vit(depth, mlp_dim=64):
     from torchvision.models.vision_transformer import VisionTransformer
 
-    return VisionTransformer(image_size=16, patch_size=4, num_layers=depth, num_heads=2, hidden_dim=32, mlp_dim=64,
+    return VisionTransformer(image_size=16, patch_size=4, num_layers=depth, num_heads=2, hidden_dim=32, mlp_dim=mlp_dim,
                              num_classes=3)
 
 
@@ -105,14 +117,18 @@ VIT = [
          rebuild=lambda d: _timm_vit(d[0]), target={"successor_depth": 3}),
     Case("torchvision-vit", make=_seeded(lambda: _tv_vit(4)), batch=_images(3, 16, 3), loss=_ce, logits=_out,
          rebuild=lambda d: _tv_vit(d[0]), target={"ratio": 0.5}),
+    Case("timm-deit-width", make=_seeded(lambda: _timm_vit(6)), batch=_images(3, 16, 3), loss=_ce, logits=_out,
+         rebuild=lambda d: _timm_vit(d[0], mlp_ratio=2.0), target={"successor_depth": 3, "successor_width": 0.5}),
+    Case("torchvision-vit-width", make=_seeded(lambda: _tv_vit(4)), batch=_images(3, 16, 3), loss=_ce, logits=_out,
+         rebuild=lambda d: _tv_vit(d[0], mlp_dim=32), target={"ratio": 0.5, "successor_width": 0.5}),
 ]
 
 
 # ---------------------------------------------------------------- resnet
-def _timm_resnet(layers):
+def _timm_resnet(layers, base_width=16):
     from timm.models.resnet import Bottleneck, ResNet
 
-    return ResNet(Bottleneck, layers, channels=(8, 16, 32, 64), stem_width=8, base_width=16, num_classes=3)
+    return ResNet(Bottleneck, layers, channels=(8, 16, 32, 64), stem_width=8, base_width=base_width, num_classes=3)
 
 
 def _tv_resnet(layers):
@@ -127,6 +143,10 @@ RESNET = [
     # layer3 and layer4 hold one block: the adapter leaves them out of the plan.
     Case("torchvision-resnet-basic", make=_seeded(lambda: _tv_resnet([2, 2, 1, 1])), batch=_images(3, 16, 3),
          loss=_ce, logits=_out, rebuild=lambda d: _tv_resnet(d + [1, 1]), target={"ratio": 0.5}),
+    # half the bottleneck width in every stage: base_width 16 -> 8
+    Case("timm-resnet-width", make=_seeded(lambda: _timm_resnet([3, 4, 6, 3])), batch=_images(3, 32, 3), loss=_ce,
+         logits=_out, rebuild=lambda d: _timm_resnet(d, base_width=8),
+         target={"successor_depth": [2, 2, 3, 2], "successor_width": 0.5}),
 ]
 
 
@@ -144,6 +164,7 @@ def _hf(config_cls: str, model_cls: str, depth_key: str = "num_hidden_layers", *
 _DECODER = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
                 max_position_embeddings=64)
 LLAMA = _hf("LlamaConfig", "LlamaForCausalLM", **_DECODER)
+LLAMA_NARROW = _hf("LlamaConfig", "LlamaForCausalLM", **{**_DECODER, "intermediate_size": 32})
 QWEN2 = _hf("Qwen2Config", "Qwen2ForCausalLM", **_DECODER)
 MISTRAL = _hf("MistralConfig", "MistralForCausalLM", **_DECODER)
 GPT2 = _hf("GPT2Config", "GPT2LMHeadModel", "n_layer", vocab_size=96, n_positions=64, n_embd=32, n_head=2,
@@ -214,6 +235,9 @@ def _hf_case(id, make, batch, loss, depth, target, **extra):
 
 HF = [
     _hf_case("llama-causal-lm", LLAMA, _tokens(96, 2), _lm_loss, 6, {"successor_depth": 3}),
+    Case("llama-width", make=lambda: LLAMA(6), batch=_tokens(96, 2), loss=_lm_loss, logits=_out_logits,
+         rebuild=lambda d: LLAMA_NARROW(d[0]), target={"successor_depth": 3, "successor_width": 0.5},
+         after_export=_reloads_the_same),
     _hf_case("qwen2-causal-lm", QWEN2, _tokens(96, 2), _lm_loss, 6, {"ratio": 0.5}),
     # group_first: successors start as layers 0, 2, 4 (their layer_idx); the export renumbers them.
     _hf_case("mistral-causal-lm", MISTRAL, _tokens(96, 2), _lm_loss, 6, {"successor_depth": 3, "init": "group_first"}),

@@ -219,15 +219,16 @@ def test_bert_with_mixed_layer_types_raises():
 
 
 def test_finalize_export_native_flag():
-    """native=True refuses successors unlike the rebuild; native=False keeps them as they are."""
+    """native=True refuses successors unlike the rebuild (two MLP widths, which one
+    config.intermediate_size cannot describe); native=False keeps them as they are."""
     import transformers
 
     model = tiny_bert(num_layers=4)
-    config = transformers.BertConfig(**{**model.config.to_dict(), "intermediate_size": 16})
-    narrow = [transformers.models.bert.modeling_bert.BertLayer(config) for _ in range(2)]
+    narrow = [transformers.models.bert.modeling_bert.BertLayer(transformers.BertConfig(
+        **{**model.config.to_dict(), "intermediate_size": width})) for width in (16, 24)]
     th = Theseus(model, successor_depth=2, successors=narrow)
     loose = th.export(native=False)
-    with pytest.raises(ExportError, match="intermediate.dense.weight"):
+    with pytest.raises(ExportError, match="different MLP widths"):
         th.adapter.finalize_export(loose, th.plan.successor_depth, native=True)
     again = th.adapter.finalize_export(loose, th.plan.successor_depth, native=False)
     assert again.bert.encoder.layer[0].intermediate.dense.out_features == 16

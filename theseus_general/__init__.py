@@ -1,7 +1,9 @@
 """theseus-general: compress trained networks by progressive module replacement.
 
 Public surface:
-  * `Theseus`: wrap a model, train its successors, export a native shallower model;
+  * `Theseus`: wrap a model, train its successors, export a native shallower model; a depth
+    (`successor_depth`, `ratio`, `groups`) or a budget (`target_flops`, `target_speedup`,
+    planned by `theseus_general.budget`), and narrower successors (`successor_width`);
   * schedules: `ConstantScheduler`, `LinearScheduler`, or any callable step -> p;
   * adapters: `Adapter`, `register_adapter`, `list_adapters`, `get_adapter`, `detect_adapter`;
   * `ModuleGraph`: a model's containers and blocks, with traced shapes;

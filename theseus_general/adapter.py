@@ -24,6 +24,10 @@ class Adapter:
     # Keyword under which a block receives the carried state, when a container's
     # owner calls its blocks with keywords only (e.g. layer(hidden_states=x)).
     state_kwarg: str = "hidden_states"
+    # Where a budget plan's successors start: "kept" (a copy of its group's kept, most important
+    # block) or "first" (successor k is a copy of block k, for families whose blocks behave by
+    # position, like Swin's shifted windows, so that the native model at the new depth agrees).
+    budget_init: str = "kept"
 
     def __init__(self, **options: Any):
         check_names(options, [], "adapter option", f"The {self.name or type(self).__name__} adapter takes no options.")
@@ -70,6 +74,39 @@ class Adapter:
     def check_successor(self, group_blocks: List[nn.Module], successor: nn.Module) -> Optional[str]:
         """A reason why native export will not be possible with this successor, or None."""
         return None
+
+    def width_of(self, block: nn.Module) -> Optional[int]:
+        """The number of hidden units a width successor of `block` narrows (an MLP's hidden
+        neurons, a ResNet block's middle channels), or None when this adapter has no width
+        successors for such a block. Default: None."""
+        return None
+
+    def narrow(self, block: nn.Module, keep: int) -> nn.Module:
+        """A new block like `block` with only `keep` of its `width_of(block)` hidden units (those of
+        largest weight magnitude, see `theseus_general.width`); `block` is not changed."""
+        from .errors import PlanError
+
+        raise PlanError(f"The {self.name or type(self).__name__} adapter has no width successors "
+                        f"(successor_width=) for a {type(block).__name__}.")
+
+    def width_export_problem(self, model: nn.Module, widths: dict) -> Optional[str]:
+        """Why width successors at `widths` (container -> fraction) will not export natively, or
+        None. Checked when the plan is made, so that the engine can warn before training."""
+        return None
+
+    def width_reference(self, group_blocks: List[nn.Module], successor: nn.Module) -> nn.Module:
+        """The block a successor must be built like: the group's first block, narrowed to the
+        successor's width when the successor is a width successor."""
+        reference = group_blocks[0]
+        ours, theirs = self.width_of(reference), None
+        if ours is not None:
+            try:
+                theirs = self.width_of(successor)
+            except (AttributeError, TypeError):
+                theirs = None
+        if ours is not None and theirs is not None and theirs != ours and 0 < theirs < ours:
+            return self.narrow(reference, theirs)
+        return reference
 
     def prepare_successor(self, group_blocks: List[nn.Module], successor: nn.Module) -> None:
         """Adjust a successor in place before training, for what depends on its position in the

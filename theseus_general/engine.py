@@ -1,6 +1,7 @@
 """The Theseus engine: wrap a model in place, replace modules progressively, export.
 
     th = Theseus(model, successor_depth=3)          # adapter auto-detected
+    th = Theseus(model, target_speedup=2.0, sample=batch)   # or a budget: depths chosen by the planner
     opt = torch.optim.AdamW(th.trainable_parameters(), lr=1e-4)
     for batch in data:
         loss = th.model(**batch).loss               # the model's own forward and outputs
@@ -8,7 +9,9 @@
     successor = th.export()                          # a native model of the same type, shallower
 
 `Theseus` is a thin front over three parts:
-  * planning (`theseus_general.planning`, pure): model + target -> plan and successors;
+  * planning (`theseus_general.planning`, pure): model + target -> plan and successors
+    (a budget target first goes through `theseus_general.budget`, width successors through
+    `theseus_general.width`);
   * wrapping (`theseus_general.wrapping`): inject the groups into the model and undo it
     exactly with `unwrap()` (see that module for what wrapping changes);
   * export: the successors in the model's own containers, made native by the adapter.
@@ -29,9 +32,11 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
-from .errors import AdapterError, CheckpointError, EngineStateError, ExportError, NonFiniteLossError, ScheduleError
+from .budget import plan_budget, resolve_widths
+from .errors import AdapterError, CheckpointError, EngineStateError, ExportError, NonFiniteLossError, PlanError, ScheduleError
 from .plan import Group, GroupsSpec
-from .planning import INIT_CHOICES, build_successors, check_copies_export, check_plan_matches, container_at, make_plan, resolve_groups
+from .planning import (INIT_CHOICES, build_successors, check_built_export, check_copies_export, check_plan_matches,
+                       container_at, make_plan, narrow_successors, resolve_groups)
 from .registry import detect_adapter, get_adapter
 from .replacement import ReplacementState, TheseusGroup
 from .schedulers import SchedulerLike, as_scheduler
@@ -66,6 +71,16 @@ class Theseus:
         sample: an input to check every successor against its group before any change;
             by default the adapter makes one when it can.
         validate: set False to skip that check.
+        target_flops: a budget instead of a depth: the successor model's FLOPs on the sample as a
+            fraction of the predecessor's (e.g. 0.5). The planner chooses the depth per container
+            (and width, with successor_width="auto") with the least removed block importance;
+            ``print(th.plan)`` shows the prediction. See `theseus_general.budget`.
+        target_speedup: a budget as a speed-up (e.g. 2.0), predicted from FLOPs, or from each
+            block's time on the sample with measure="latency".
+        measure: "flops" (default) or "latency": what target_speedup is predicted from.
+        successor_width: make successors narrower blocks of the same family: a fraction of the
+            hidden units kept (MLP neurons, ResNet middle channels), a dict container -> fraction,
+            or "auto" with a target (the planner mixes depth and width).
         **adapter_options: passed to the adapter (e.g. ``container=`` for the generic one).
     """
 
@@ -85,6 +100,10 @@ class Theseus:
         seed: int = 0,
         sample: Any = None,
         validate: bool = True,
+        target_flops: Optional[float] = None,
+        target_speedup: Optional[float] = None,
+        measure: str = "flops",
+        successor_width: Union[float, str, Dict[str, float], None] = None,
         **adapter_options: Any,
     ):
         # Everything below up to Wrapping() only reads the model: bad input fails here,
@@ -107,14 +126,49 @@ class Theseus:
         paths = self.adapter.containers(model, sample)
         containers = {p: container_at(model, p) for p in paths}
         sizes = {p: len(c) for p, c in containers.items()}
-        group_blocks = resolve_groups(sizes, successor_depth, ratio, groups)
-        built = build_successors(containers, group_blocks, init, successors)
+        budgeted = target_flops is not None or target_speedup is not None
+        widths = resolve_widths(successor_width, paths, allow_auto=budgeted)
+        if widths is not None and (successors is not None or callable(init)):
+            raise PlanError("successor_width= narrows copies of predecessor blocks; it cannot be combined with "
+                            "successors= or a callable init (narrow those modules yourself).")
+        budget = None
+        if budgeted:
+            _check_budget_arguments(successor_depth, ratio, groups, successors, init)
+            if sample is None:
+                sample = self.adapter.sample_input(model)
+            if sample is None:
+                raise PlanError(
+                    f"A budget target (target_flops= / target_speedup=) is planned by measuring each block on an "
+                    f"input, and the {self.adapter.name} adapter cannot make one for this "
+                    f"{type(model).__name__}: pass sample= with a typical batch.")
+            budget = plan_budget(self.adapter, model, containers, sample, target_flops, target_speedup, measure, widths)
+            group_blocks = budget.groups()
+            kept = {p: list(c.kept) for p, c in budget.choices.items()}
+            built = build_successors(containers, group_blocks, "first", None,
+                                     sources=kept if self.adapter.budget_init == "kept" else None)
+            widths = budget.widths()
+        else:
+            if measure != "flops":
+                raise PlanError("measure= says how a budget target is predicted; give target_speedup= with it.")
+            narrower = widths is not None and any(w < 1.0 for w in widths.values())
+            group_blocks = resolve_groups(sizes, successor_depth, ratio, groups, width_only=narrower)
+            built = build_successors(containers, group_blocks, init, successors)
+        if widths is not None:
+            built = narrow_successors(self.adapter, group_blocks, built, widths)
         self.plan = make_plan(self.adapter, model, containers, group_blocks, built)
         self.plan.rest_trains = self.train_rest
         discovery = getattr(self.adapter, "discovery", None)  # the generic adapter's choice, when it made one
         if discovery is not None:
             self.plan.notes.append(str(discovery).splitlines()[0])
-        if successors is None and isinstance(init, str):
+        self.plan.budget = budget
+        if budgeted or widths is not None:
+            check_built_export(self.adapter, containers, self.plan, built)
+            problem = self.adapter.width_export_problem(model, widths or {})
+            if problem:
+                warnings.warn(f"These width successors cannot be exported natively: {problem}. Training works; "
+                              "export(native=False) will give the model with its successor modules as they are.",
+                              UserWarning, stacklevel=2)
+        elif successors is None and isinstance(init, str):
             check_copies_export(self.adapter, containers, self.plan, built, init)
         if sample is None and validate:
             sample = self.adapter.sample_input(model)
@@ -349,6 +403,17 @@ class Theseus:
                 f"Cannot call {what} on a closed Theseus engine (unwrap() was called). "
                 "Create a new Theseus(model, ...) to compress again."
             )
+
+
+def _check_budget_arguments(successor_depth, ratio, groups, successors, init) -> None:
+    given = [name for name, value in (("successor_depth", successor_depth), ("ratio", ratio), ("groups", groups),
+                                      ("successors", successors)) if value is not None]
+    if init != "first":
+        given.append("init")
+    if given:
+        raise PlanError(
+            f"A budget target (target_flops= / target_speedup=) chooses the depths, groups and successors itself; "
+            f"it cannot be combined with {', '.join(given)}=. Give either the target or {' / '.join(given)}.")
 
 
 def _train_rest_argument(train_rest: bool, unfreeze_rest: Optional[bool]) -> bool:

@@ -49,6 +49,9 @@ class Plan:
     frozen_params: int = 0  # parameters outside the groups (the name predates train_rest; kept for checkpoints)
     notes: List[str] = field(default_factory=list)
     rest_trains: bool = False  # whether copies of the parameters outside the groups train (train_rest)
+    # A budget target's choice and predictions (theseus_general.budget.BudgetPlan); timings vary
+    # between runs, so it takes no part in == and to_dict() (checkpoints compare those).
+    budget: Optional[object] = field(default=None, compare=False, repr=False)
 
     @property
     def successor_depth(self) -> Dict[str, int]:
@@ -102,6 +105,8 @@ class Plan:
             f" ({succ / max(pred, 1):.1%}); outside the groups: {self.frozen_params:,} params, "
             + ("trained as copies (train_rest=True)" if self.rest_trains else "frozen (train_rest=False)")
         )
+        if self.budget is not None:
+            out += self.budget.lines()
         out += self.notes
         return "\n".join(out)
 

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Dict
+from typing import Dict, List, Optional
 
 from torch import nn
 
@@ -30,7 +30,9 @@ def container_at(model: nn.Module, path: str) -> nn.Module:
     return module
 
 
-def resolve_groups(sizes: Dict[str, int], depth, ratio, groups) -> Dict[str, list]:
+def resolve_groups(sizes: Dict[str, int], depth, ratio, groups, width_only: bool = False) -> Dict[str, list]:
+    if width_only and depth is None and ratio is None and groups is None:
+        return {p: [(i,) for i in range(n)] for p, n in sizes.items()}  # same depth, narrower blocks
     if groups is not None:
         if depth is not None or ratio is not None:
             raise PlanError("Give either groups= or a depth/ratio target, not both.")
@@ -44,15 +46,17 @@ def resolve_groups(sizes: Dict[str, int], depth, ratio, groups) -> Dict[str, lis
                 raise PlanError(f"The model has {len(sizes)} containers {list(sizes)}; give groups as a dict path -> groups.")
             (path,) = sizes
             result = {path: check_groups(path, sizes[path], groups)}
-        if sum(len(g) for g in result.values()) >= sum(sizes.values()):
+        if sum(len(g) for g in result.values()) >= sum(sizes.values()) and not width_only:
             raise PlanError("groups= has one group per block, so nothing would be compressed; merge some blocks.")
         return result
     depths = resolve_depths(sizes, depth, ratio)
     return {p: split_evenly(sizes[p], depths[p]) for p in sizes}
 
 
-def build_successors(containers: Dict[str, nn.Module], group_blocks: Dict[str, list], init, successors) -> list:
-    """One (module, description) per group, in plan order. Copies share nothing with the predecessor."""
+def build_successors(containers: Dict[str, nn.Module], group_blocks: Dict[str, list], init, successors,
+                     sources: Optional[Dict[str, List[int]]] = None) -> list:
+    """One (module, description) per group, in plan order. Copies share nothing with the predecessor.
+    `sources` (a budget plan's kept blocks): container -> the block each group's successor copies."""
     total = sum(len(g) for g in group_blocks.values())
     if successors is not None:
         successors = list(successors)
@@ -74,10 +78,45 @@ def build_successors(containers: Dict[str, nn.Module], group_blocks: Dict[str, l
                     raise PlanError(f"init returned a {type(module).__qualname__} for group {index}, not a torch.nn.Module.")
                 built.append((module, f"init() {type(module).__name__}"))
             else:
-                source = {"first": position, "group_first": blocks[0], "group_last": blocks[-1]}[init]
+                source = sources[path][position] if sources is not None else \
+                    {"first": position, "group_first": blocks[0], "group_last": blocks[-1]}[init]
                 built.append((copy.deepcopy(container[source]), f"copy of block {source}"))
             index += 1
     return built
+
+
+def narrow_successors(adapter: Adapter, group_blocks: Dict[str, list], built: list, widths: Dict[str, float]) -> list:
+    """Width successors: each built copy narrowed to its container's width fraction (see
+    `theseus_general.width`); a width of 1 keeps the copy."""
+    from .width import kept_count
+
+    out, index = [], 0
+    for path, blocks in group_blocks.items():
+        for _ in blocks:
+            module, description = built[index]
+            fraction = widths.get(path, 1.0)
+            if fraction < 1.0:
+                hidden = adapter.width_of(module)
+                if hidden is None:
+                    adapter.narrow(module, 1)  # raises PlanError naming the adapter and the block
+                    raise PlanError(f"The {adapter.name} adapter cannot narrow a {type(module).__name__}.")
+                keep = kept_count(hidden, fraction)
+                module, description = adapter.narrow(module, keep), f"{description}, width {keep}/{hidden}"
+            out.append((module, description))
+            index += 1
+    return out
+
+
+def check_built_export(adapter: Adapter, containers: dict, plan: Plan, built: list) -> None:
+    """Budget and width successors must export natively as planned: say so now if they cannot."""
+    for group, (successor, description) in zip(plan.groups, built):
+        blocks = [containers[group.container][i] for i in group.blocks]
+        reason = adapter.check_successor(blocks, successor)
+        if reason:
+            raise PlanError(
+                f"The successor of group {group.index} ({group.container} blocks {list(group.blocks)}) is a "
+                f"{description}, which the {adapter.name} adapter cannot export natively: {reason}."
+            )
 
 
 def check_copies_export(adapter: Adapter, containers: dict, plan: Plan, built: list, init: str) -> None:
