@@ -32,14 +32,13 @@ would reload differently.
 from __future__ import annotations
 
 import logging
-import warnings
 from dataclasses import dataclass
 from typing import Any, List, Optional, Sequence, Union
 
 from torch import nn
 
 from theseus_general.adapter import Adapter
-from theseus_general.errors import AdapterError
+from theseus_general.errors import AdapterError, warn_user
 from theseus_general.graph import ModuleGraph, get_submodule
 from theseus_general.registry import register_adapter
 
@@ -120,7 +119,7 @@ class GenericAdapter(Adapter):
                       else "the only candidate chain")
         self.discovery = Discovery(chosen, reason, graph.describe(), candidates)
         if len(chains) > 1 and self.container is None:
-            warnings.warn(f"{self.discovery}\nName the container(s) to silence this warning.", UserWarning, stacklevel=3)
+            warn_user(f"{self.discovery}\nName the container(s) to silence this warning.")
         else:
             logger.info("%s", self.discovery)
         return chosen

@@ -25,18 +25,15 @@ from __future__ import annotations
 
 import inspect
 import math
-import warnings
 from typing import Any, Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from .adapter import Adapter
-from .budget import plan_budget, resolve_widths
-from .errors import AdapterError, CheckpointError, EngineStateError, ExportError, NonFiniteLossError, PlanError, ScheduleError
+from .errors import AdapterError, CheckpointError, EngineStateError, ExportError, NonFiniteLossError, ScheduleError, warn_user
 from .plan import Group, GroupsSpec
-from .planning import (INIT_CHOICES, build_successors, check_built_export, check_copies_export, check_plan_matches,
-                       container_at, make_plan, narrow_successors, resolve_groups)
+from .planning import INIT_CHOICES, check_plan_matches, plan_run
 from .registry import detect_adapter, get_adapter
 from .replacement import ReplacementState, TheseusGroup
 from .schedulers import SchedulerLike, as_scheduler
@@ -123,65 +120,21 @@ class Theseus:
         self.adapter = _resolve_adapter(model, adapter, adapter_options)
         self._model = model
 
-        paths = self.adapter.containers(model, sample)
-        containers = {p: container_at(model, p) for p in paths}
-        sizes = {p: len(c) for p, c in containers.items()}
-        budgeted = target_flops is not None or target_speedup is not None
-        widths = resolve_widths(successor_width, paths, allow_auto=budgeted)
-        if widths is not None and (successors is not None or callable(init)):
-            raise PlanError("successor_width= narrows copies of predecessor blocks; it cannot be combined with "
-                            "successors= or a callable init (narrow those modules yourself).")
-        budget = None
-        if budgeted:
-            _check_budget_arguments(successor_depth, ratio, groups, successors, init)
-            if sample is None:
-                sample = self.adapter.sample_input(model)
-            if sample is None:
-                raise PlanError(
-                    f"A budget target (target_flops= / target_speedup=) is planned by measuring each block on an "
-                    f"input, and the {self.adapter.name} adapter cannot make one for this "
-                    f"{type(model).__name__}: pass sample= with a typical batch.")
-            budget = plan_budget(self.adapter, model, containers, sample, target_flops, target_speedup, measure, widths)
-            group_blocks = budget.groups()
-            kept = {p: list(c.kept) for p, c in budget.choices.items()}
-            built = build_successors(containers, group_blocks, "first", None,
-                                     sources=kept if self.adapter.budget_init == "kept" else None)
-            widths = budget.widths()
-        else:
-            if measure != "flops":
-                raise PlanError("measure= says how a budget target is predicted; give target_speedup= with it.")
-            narrower = widths is not None and any(w < 1.0 for w in widths.values())
-            group_blocks = resolve_groups(sizes, successor_depth, ratio, groups, width_only=narrower)
-            built = build_successors(containers, group_blocks, init, successors)
-        if widths is not None:
-            built = narrow_successors(self.adapter, group_blocks, built, widths)
-        self.plan = make_plan(self.adapter, model, containers, group_blocks, built)
+        planned = plan_run(model, self.adapter, successor_depth=successor_depth, ratio=ratio, groups=groups,
+                           init=init, successors=successors, sample=sample, validate=validate,
+                           target_flops=target_flops, target_speedup=target_speedup, measure=measure,
+                           successor_width=successor_width)
+        containers, built = planned.containers, planned.successors
+        self.plan = planned.plan
         self.plan.rest_trains = self.train_rest
-        discovery = getattr(self.adapter, "discovery", None)  # the generic adapter's choice, when it made one
-        if discovery is not None:
-            self.plan.notes.append(str(discovery).splitlines()[0])
-        self.plan.budget = budget
-        if budgeted or widths is not None:
-            check_built_export(self.adapter, containers, self.plan, built)
-            problem = self.adapter.width_export_problem(model, widths or {})
-            if problem:
-                warnings.warn(f"These width successors cannot be exported natively: {problem}. Training works; "
-                              "export(native=False) will give the model with its successor modules as they are.",
-                              UserWarning, stacklevel=2)
-        elif successors is None and isinstance(init, str):
-            check_copies_export(self.adapter, containers, self.plan, built, init)
-        if sample is None and validate:
-            sample = self.adapter.sample_input(model)
-        if validate and sample is not None:
-            check_successors(model, containers, self.plan, [s for s, _ in built], sample)
 
-        for group, (successor, _) in zip(self.plan.groups, built):  # our copies, or modules given for this run
+        for group, successor in zip(self.plan.groups, built):  # our copies, or modules given for this run
             self.adapter.prepare_successor([containers[group.container][i] for i in group.blocks], successor)
         self._state = ReplacementState(seed)
         self._state.advance(0, first_rate)
         self._step = 0
         self._failed: Optional[str] = None
-        self._wrapping = Wrapping(model, containers, self.plan, [s for s, _ in built], self._state,
+        self._wrapping = Wrapping(model, containers, self.plan, built, self._state,
                                   self.adapter.state_kwarg, self.train_rest)
 
     # ------------------------------------------------------------------ public API
@@ -405,27 +358,16 @@ class Theseus:
             )
 
 
-def _check_budget_arguments(successor_depth, ratio, groups, successors, init) -> None:
-    given = [name for name, value in (("successor_depth", successor_depth), ("ratio", ratio), ("groups", groups),
-                                      ("successors", successors)) if value is not None]
-    if init != "first":
-        given.append("init")
-    if given:
-        raise PlanError(
-            f"A budget target (target_flops= / target_speedup=) chooses the depths, groups and successors itself; "
-            f"it cannot be combined with {', '.join(given)}=. Give either the target or {' / '.join(given)}.")
-
-
 def _train_rest_argument(train_rest: bool, unfreeze_rest: Optional[bool]) -> bool:
     if unfreeze_rest is not None:
         if not train_rest and unfreeze_rest:
             raise ScheduleError("Give train_rest= only; unfreeze_rest= is its deprecated name and they disagree.")
-        warnings.warn(
+        warn_user(
             f"unfreeze_rest= is deprecated: use train_rest={bool(unfreeze_rest)}. The non-replaced parts "
             "(embeddings, stem, head) now train from step 0 on copies (train_rest=True, the default) instead "
             "of from the step where the rate reaches 1, so that the set of trainable parameters never changes "
             "during a run; train_rest=False keeps them frozen throughout.",
-            FutureWarning, stacklevel=3,
+            FutureWarning,
         )
         return bool(unfreeze_rest)
     return bool(train_rest)

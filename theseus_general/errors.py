@@ -46,3 +46,20 @@ class UnknownOptionError(TheseusError, TypeError):
     """A keyword argument, adapter option or config field that does not exist (usually a typo).
     The message suggests the closest valid name. Also a `TypeError`, which is what Python raises
     for an unexpected keyword argument."""
+
+
+def warn_user(message: str, category: type = UserWarning) -> None:
+    """`warnings.warn` pointing at the first caller outside this package (theseus_general, its
+    adapters and integrations), however deep inside it the warning is raised."""
+    import os
+    import sys
+    import warnings
+
+    ours = tuple(os.path.dirname(os.path.abspath(m.__file__)) + os.sep
+                 for m in (sys.modules[n] for n in ("theseus_general", "theseus_general.adapters",
+                                                    "theseus_general.integrations") if n in sys.modules)
+                 if getattr(m, "__file__", None))
+    frame, level = sys._getframe(1), 2  # stacklevel 1 is this function, 2 its caller
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(ours):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, category, stacklevel=level)

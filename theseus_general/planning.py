@@ -7,14 +7,17 @@
 from __future__ import annotations
 
 import copy
+from dataclasses import dataclass
 from typing import Dict, List, Optional
 
 from torch import nn
 
 from .adapter import Adapter
-from .errors import AdapterError, CheckpointError, PlanError
+from .budget import plan_budget, resolve_widths
+from .errors import AdapterError, CheckpointError, PlanError, warn_user
 from .graph import CONTAINER_TYPES, count_params, get_submodule
 from .plan import Group, Plan, check_groups, resolve_depths, split_evenly
+from .validation import check_successors
 
 INIT_CHOICES = ("first", "group_first", "group_last")
 
@@ -170,3 +173,83 @@ def check_plan_matches(ours: dict, saved: dict) -> None:
         "The checkpoint was saved from a different plan or model:\n  " + "\n  ".join(diffs[:10])
         + "\nCreate the engine with the same model, depth/groups and init as the saved run."
     )
+
+
+@dataclass
+class PlannedRun:
+    """What `plan_run` decided: the containers (path -> module), the plan, and one successor per
+    group in plan order (built, not yet attached to anything)."""
+
+    containers: Dict[str, nn.Module]
+    plan: Plan
+    successors: List[nn.Module]
+
+
+def plan_run(model: nn.Module, adapter: Adapter, *, successor_depth, ratio, groups, init, successors, sample,
+             validate: bool, target_flops, target_speedup, measure: str, successor_width) -> PlannedRun:
+    """Everything `Theseus()` decides before it changes anything: the containers, the groups (from
+    a depth, ratio, explicit groups or a budget target), the successors (copies, narrowed copies or
+    the caller's) and the plan; checks that native export will be possible and, on a sample, that
+    every successor fits its group. Reads the model only: bad input fails here."""
+    paths = adapter.containers(model, sample)
+    containers = {p: container_at(model, p) for p in paths}
+    sizes = {p: len(c) for p, c in containers.items()}
+    budgeted = target_flops is not None or target_speedup is not None
+    widths = resolve_widths(successor_width, paths, allow_auto=budgeted)
+    if widths is not None and (successors is not None or callable(init)):
+        raise PlanError("successor_width= narrows copies of predecessor blocks; it cannot be combined with "
+                        "successors= or a callable init (narrow those modules yourself).")
+    budget = None
+    if budgeted:
+        check_budget_arguments(successor_depth, ratio, groups, successors, init)
+        if sample is None:
+            sample = adapter.sample_input(model)
+        if sample is None:
+            raise PlanError(
+                f"A budget target (target_flops= / target_speedup=) is planned by measuring each block on an "
+                f"input, and the {adapter.name} adapter cannot make one for this "
+                f"{type(model).__name__}: pass sample= with a typical batch.")
+        budget = plan_budget(adapter, model, containers, sample, target_flops, target_speedup, measure, widths)
+        group_blocks = budget.groups()
+        kept = {p: list(c.kept) for p, c in budget.choices.items()}
+        built = build_successors(containers, group_blocks, "first", None,
+                                 sources=kept if adapter.budget_init == "kept" else None)
+        widths = budget.widths()
+    else:
+        if measure != "flops":
+            raise PlanError("measure= says how a budget target is predicted; give target_speedup= with it.")
+        narrower = widths is not None and any(w < 1.0 for w in widths.values())
+        group_blocks = resolve_groups(sizes, successor_depth, ratio, groups, width_only=narrower)
+        built = build_successors(containers, group_blocks, init, successors)
+    if widths is not None:
+        built = narrow_successors(adapter, group_blocks, built, widths)
+    plan = make_plan(adapter, model, containers, group_blocks, built)
+    discovery = getattr(adapter, "discovery", None)  # the generic adapter's choice, when it made one
+    if discovery is not None:
+        plan.notes.append(str(discovery).splitlines()[0])
+    plan.budget = budget
+    if budgeted or widths is not None:
+        check_built_export(adapter, containers, plan, built)
+        problem = adapter.width_export_problem(model, widths or {})
+        if problem:
+            warn_user(f"These width successors cannot be exported natively: {problem}. Training works; "
+                      "export(native=False) will give the model with its successor modules as they are.")
+    elif successors is None and isinstance(init, str):
+        check_copies_export(adapter, containers, plan, built, init)
+    if sample is None and validate:
+        sample = adapter.sample_input(model)
+    if validate and sample is not None:
+        check_successors(model, containers, plan, [s for s, _ in built], sample)
+
+    return PlannedRun(containers, plan, [module for module, _ in built])
+
+
+def check_budget_arguments(successor_depth, ratio, groups, successors, init) -> None:
+    given = [name for name, value in (("successor_depth", successor_depth), ("ratio", ratio), ("groups", groups),
+                                      ("successors", successors)) if value is not None]
+    if init != "first":
+        given.append("init")
+    if given:
+        raise PlanError(
+            f"A budget target (target_flops= / target_speedup=) chooses the depths, groups and successors itself; "
+            f"it cannot be combined with {', '.join(given)}=. Give either the target or {' / '.join(given)}.")
