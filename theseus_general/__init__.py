@@ -8,6 +8,8 @@ Public surface:
   * adapters: `Adapter`, `register_adapter`, `list_adapters`, `get_adapter`, `detect_adapter`;
   * `ModuleGraph`: a model's containers and blocks, with traced shapes;
   * `Plan` / `Group`: what a Theseus run replaces, printable as a table;
+  * `fit` (`theseus_general.training`): one training loop for an engine or a plain model
+    (device, autocast, accumulation, progress, metrics, checkpoints, NaN stops);
   * `theseus_general.checkpoint`: save and resume a run (`CheckpointManager`, `save_checkpoint`, `load_checkpoint`).
 
 The engine knows no model family; ``theseus_general.adapters`` describes them.
@@ -25,6 +27,7 @@ from .errors import (
     ScheduleError,
     SuccessorMismatchError,
     TheseusError,
+    TrainingError,
     UnknownOptionError,
 )
 from .graph import ModuleGraph
@@ -32,6 +35,7 @@ from .measure import count_flops, count_parameters, measure_latency
 from .plan import Group, Plan, split_evenly
 from .registry import detect_adapter, get_adapter, list_adapters, register_adapter
 from .schedulers import CallableScheduler, ConstantScheduler, LinearScheduler, Scheduler
+from .training import fit
 
 from . import adapters  # noqa: E402,F401  (registers the built-in adapters)
 
@@ -40,6 +44,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter", "AdapterError", "CheckpointError", "CallableScheduler", "ConstantScheduler", "EngineStateError", "ExportError", "NonFiniteLossError",
     "Group", "LinearScheduler", "ModuleGraph", "Plan", "PlanError", "ScheduleError", "Scheduler",
-    "SuccessorMismatchError", "Theseus", "TheseusError", "UnknownOptionError", "detect_adapter", "get_adapter", "list_adapters",
+    "SuccessorMismatchError", "Theseus", "TheseusError", "TrainingError", "UnknownOptionError", "fit", "detect_adapter", "get_adapter", "list_adapters",
     "register_adapter", "split_evenly", "count_flops", "count_parameters", "measure_latency",
 ]

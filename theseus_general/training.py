@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointManager
 from .engine import Theseus
-from .errors import NonFiniteLossError, TheseusError
+from .errors import NonFiniteLossError, TrainingError
 from .graph import run_model
 from .metrics import MetricsLogger
 
@@ -52,9 +52,6 @@ Batch = Tuple[Any, Any]
 # loss(inputs, labels) -> loss, or (loss, logits) to get the batch accuracy in the bar and metrics
 LossFn = Callable[[Any, Any], Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]]
 
-
-class TrainingError(TheseusError):
-    """`fit` was given settings it cannot train with (device, precision, steps, batches)."""
 
 
 @dataclass
