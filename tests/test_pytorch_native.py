@@ -328,3 +328,22 @@ def test_fsdp2_with_successors_as_units_trains_and_leaves_idle_ones_unchanged(tm
     done = subprocess.run([sys.executable, str(script), os.path.dirname(os.path.abspath(__file__))], env=env,
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "FSDP2 OK" in done.stdout, done.stdout + done.stderr
+
+
+def test_an_engine_dropped_without_unwrap_leaves_no_global_optimizer_hook():
+    # The idle-successor hook is registered for every optimiser in the process; an engine that
+    # is garbage-collected must take it along, or it would keep the model's blocks alive and run
+    # on every later optimiser step.
+    import gc
+    import weakref
+
+    from torch.optim import optimizer as optim_module
+
+    before = len(optim_module._global_optimizer_pre_hooks)
+    model = ChainModel(depth=6)
+    th = Theseus(model, adapter="generic", container="blocks", successor_depth=3)
+    assert len(optim_module._global_optimizer_pre_hooks) == before + 1
+    successor = weakref.ref(th.successors()[0])
+    del th, model
+    gc.collect()
+    assert len(optim_module._global_optimizer_pre_hooks) == before and successor() is None

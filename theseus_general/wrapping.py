@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import re
+import weakref
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
@@ -193,7 +194,10 @@ class Wrapping:
             # DDP (also under Accelerate and the Trainer) would otherwise broadcast them every step.
             self.model._ddp_params_and_buffers_to_ignore = list(self._ddp_ignore_before or []) + [
                 f"{prefix}.{name}" for name in self.kept._buffers]
-        self._hook = register_optimizer_step_pre_hook(self._drop_idle_gradients(state))
+        self._hook = register_optimizer_step_pre_hook(_drop_idle_gradients(weakref.ref(self), state))
+        # The hook is global (every optimiser in the process runs it): an engine dropped without
+        # unwrap() must not keep it, or through it the model's blocks, alive.
+        weakref.finalize(self, self._hook.remove)
 
     def _copy_rest(self, rest_modules: List[nn.Module]) -> None:
         """Swap the non-replaced parameters and buffers for copies that train; the
@@ -227,18 +231,6 @@ class Wrapping:
                 seen.add(id(tensor))
                 out.append(tensor)
         return out
-
-    def _drop_idle_gradients(self, state: ReplacementState):
-        groups = self.groups
-
-        def hook(optimizer, args, kwargs):
-            # A successor idle for the whole step got only the anchor's exact zeros (kept so
-            # DDP's reducer sees every parameter); None makes the optimiser skip it, so AdamW's
-            # momentum and weight decay leave it unchanged, as in the reference code.
-            for index in state.idle_groups():
-                for p in groups[index].successor.parameters():
-                    p.grad = None
-        return hook
 
     def copy_with_successors(self) -> nn.Module:
         """A deep copy of the model with the successors in containers like the caller's, and
@@ -284,3 +276,17 @@ class Wrapping:
             m.training = flag
         self.restored = True
         return self.model
+
+
+def _drop_idle_gradients(wrapping: "weakref.ref[Wrapping]", state: ReplacementState):
+    def hook(optimizer, args, kwargs):
+        # A successor idle for the whole step got only the anchor's exact zeros (kept so
+        # DDP's reducer sees every parameter); None makes the optimiser skip it, so AdamW's
+        # momentum and weight decay leave it unchanged, as in the reference code.
+        alive = wrapping()
+        if alive is None:
+            return
+        for index in state.idle_groups():
+            for p in alive.groups[index].successor.parameters():
+                p.grad = None
+    return hook
