@@ -145,9 +145,10 @@ def rebuild_native(model: nn.Module, config_for: Callable[[nn.Module], Any], sam
     the new depth), the exported tensors themselves (no copy; dtypes and devices kept), eval
     mode. With `sample`, both must compute the same on it."""
     name = type(model).__name__
-    gguf = _quant_method(model) == "gguf"  # transformers dequantizes GGUF files to float tensors on load
-    if _quant_method(model) is not None and not gguf:
-        raise ExportError(f"This {name} is quantized ({_quant_method(model)}); a native model cannot be rebuilt from "
+    quant = _quant_method(model)
+    gguf = quant == "gguf"  # transformers dequantizes GGUF files to float tensors on load
+    if quant is not None and not gguf:
+        raise ExportError(f"This {name} is quantized ({quant}); a native model cannot be rebuilt from "
                           "its quantized tensors. Compress the model in a float dtype. " + NATIVE_FALSE)
     if getattr(model.config, "is_heterogeneous", False):
         raise ExportError(

@@ -198,9 +198,8 @@ def export_native(exported: nn.Module, depths: Dict[str, int], recipe: Optional[
     (width successors: ``mlp_ratio=``, ``mlp_dim=``, ``width_per_group=``); the rebuild is then
     checked against the export block by block as usual.
 
-    native=False: the copy route. native=None (an engine that does not say): native
-    when the exported blocks fit the rebuild, else the copy route, which only
-    export(native=False) can reach since export() checks successors first.
+    native=False: the copy route. native=None (a direct call that does not say): native
+    when the exported blocks fit the rebuild, else the copy route.
     """
     if native is False:
         return copy_route(exported)

@@ -253,8 +253,7 @@ class HfAdapter(Adapter):
         """Give the successor its group's first layer index (``layer_idx``, the KV-cache slot).
         A copy of layer k keeps index k, which another group's predecessor layer k also writes
         in the same training forward when use_cache is on; the group's first index is used by
-        no other group. Export renumbers layers 0..depth-1 by construction.
-        (Needs the engine to call it on each group before training; see tests/test_hf_adapter.py.)"""
+        no other group. Export renumbers layers 0..depth-1 by construction."""
         first = layer_index(group_blocks[0])
         if first is not None:
             for module in successor.modules():

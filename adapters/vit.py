@@ -13,8 +13,8 @@ those of a model built at the new depth. What cannot be read back (a timm ViT
 with a custom block, a torchvision ViT with a convolutional stem, ...) raises
 ExportError naming it at export(); export(native=False) then gives the copy.
 
-Other ViT-like classes (timm's Eva, BEiT, Swin; Hugging Face ViT) are not
-claimed here; use adapter='generic' with container=... for those.
+Other ViT-like classes are not claimed here: Hugging Face ViT goes to the hf adapter;
+timm's Eva, BEiT and Swin to adapter='generic' with container=....
 """
 
 from __future__ import annotations

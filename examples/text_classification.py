@@ -141,7 +141,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="replacement-rate schedule: linear curriculum, or constant --rate then 1")
     p.add_argument("--base-rate", type=float, default=0.3, help="curriculum start b (linear) / constant rate p")
     p.add_argument("--replace-by", type=float, default=0.5,
-                   help="fraction of --steps after which p = 1 and only the successor trains")
+                   help="fraction of --steps after which p = 1 and only the successors run")
     p.add_argument("--init", choices=["first", "group_first", "group_last"], default="first")
     p.add_argument("--train-rest", action=argparse.BooleanOptionalAction, default=True,
                    help="train (copies of) the embeddings and head from step 0 (the library's default); "

@@ -145,7 +145,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="replacement-rate schedule: linear curriculum, or constant --base-rate then 1")
     p.add_argument("--base-rate", type=float, default=None, help="curriculum start b (linear) / constant rate p")
     p.add_argument("--replace-by", type=float, default=None,
-                   help="fraction of --steps after which p = 1 and only the successor trains")
+                   help="fraction of --steps after which p = 1 and only the successors run")
     p.add_argument("--train-rest", action=argparse.BooleanOptionalAction, default=True,
                    help="train (copies of) the stem/embeddings and head from step 0 (the library's default); "
                         "--no-train-rest keeps them frozen, as in the paper")

@@ -66,9 +66,9 @@ class Adapter:
         `depths` maps container path -> successor depth. A family adapter builds its
         model with the family's own constructor at the new depth and loads `model`'s
         state strictly (native=True), raising ExportError when it cannot; with
-        native=False it returns the copy, made consistent with its depth. native=None
-        (an engine that does not pass the flag) means: native when the successors fit
-        the rebuild, the copy otherwise. This default keeps the copy."""
+        native=False it returns the copy, made consistent with its depth. The engine
+        always passes the flag (an adapter whose method lacks it is called only for
+        native exports). This default keeps the copy."""
         return model
 
     def check_successor(self, group_blocks: List[nn.Module], successor: nn.Module) -> Optional[str]:

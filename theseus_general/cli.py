@@ -9,10 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 import textwrap
-import warnings
 from typing import Any, Dict, List, Optional
 
-from .errors import TheseusError, UnknownOptionError
+from .errors import TheseusError, UnknownOptionError, warn_user
 from .suggest import unknown_names_message
 
 
@@ -92,8 +91,8 @@ def check_config(raw: Any, where: str = "config") -> Dict[str, Any]:
     if "unfreeze_rest" in raw:
         if "train_rest" in raw:
             raise ConfigError(f"{where}: give 'train_rest' only; 'unfreeze_rest' is its former name.")
-        warnings.warn(f"{where}: field 'unfreeze_rest' is now 'train_rest' (embeddings/stem and head train from "
-                      "step 0 instead of from rate 1); rename it.", FutureWarning, stacklevel=2)
+        warn_user(f"{where}: field 'unfreeze_rest' is now 'train_rest' (embeddings/stem and head train from "
+                  "step 0 instead of from rate 1); rename it.", FutureWarning)
         raw = {("train_rest" if k == "unfreeze_rest" else k): v for k, v in raw.items()}
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:

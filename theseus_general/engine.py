@@ -33,7 +33,7 @@ from torch import nn
 from .adapter import Adapter
 from .errors import AdapterError, CheckpointError, EngineStateError, ExportError, NonFiniteLossError, ScheduleError, warn_user
 from .plan import Group, GroupsSpec
-from .planning import INIT_CHOICES, check_plan_matches, plan_run
+from .planning import INIT_CHOICES, check_plan_matches, export_refusal, plan_run
 from .registry import detect_adapter, get_adapter
 from .replacement import ReplacementState, TheseusGroup
 from .schedulers import SchedulerLike, as_scheduler
@@ -291,15 +291,13 @@ class Theseus:
         """
         self._check_open("export()")
         wrapping = self._wrapping
-        if native:
-            for group, succ in zip(self.plan.groups, self.successors()):
-                blocks = [wrapping.originals[group.container][i] for i in group.blocks]
-                reason = self.adapter.check_successor(blocks, succ)
-                if reason:
-                    raise ExportError(
-                        f"Group {group.index} ({group.container} blocks {list(group.blocks)}): {reason}. "
-                        "Use export(native=False) to get the model with the successor modules as they are."
-                    )
+        refusal = export_refusal(self.adapter, wrapping.originals, self.plan, self.successors()) if native else None
+        if refusal:
+            group, reason = refusal
+            raise ExportError(
+                f"Group {group.index} ({group.container} blocks {list(group.blocks)}): {reason}. "
+                "Use export(native=False) to get the model with the successor modules as they are."
+            )
         exported = wrapping.copy_with_successors()
         exported.eval()
         if "native" not in inspect.signature(self.adapter.finalize_export).parameters:

@@ -48,10 +48,10 @@ class UnknownOptionError(TheseusError, TypeError):
     for an unexpected keyword argument."""
 
 
-
 class TrainingError(TheseusError, ValueError):
     """`theseus_general.training.fit` was given settings it cannot train with (device, precision,
     steps, batches)."""
+
 
 def warn_user(message: str, category: type = UserWarning) -> None:
     """`warnings.warn` pointing at the first caller outside this package (theseus_general, its

@@ -110,16 +110,26 @@ def narrow_successors(adapter: Adapter, group_blocks: Dict[str, list], built: li
     return out
 
 
+def export_refusal(adapter: Adapter, containers: dict, plan: Plan, successors: List[nn.Module]):
+    """The first group whose successor the adapter could not export natively, with the adapter's
+    reason, as (group, reason); None when every successor can be."""
+    for group, successor in zip(plan.groups, successors):
+        reason = adapter.check_successor([containers[group.container][i] for i in group.blocks], successor)
+        if reason:
+            return group, reason
+    return None
+
+
 def check_built_export(adapter: Adapter, containers: dict, plan: Plan, built: list) -> None:
     """Budget and width successors must export natively as planned: say so now if they cannot."""
-    for group, (successor, description) in zip(plan.groups, built):
-        blocks = [containers[group.container][i] for i in group.blocks]
-        reason = adapter.check_successor(blocks, successor)
-        if reason:
-            raise PlanError(
-                f"The successor of group {group.index} ({group.container} blocks {list(group.blocks)}) is a "
-                f"{description}, which the {adapter.name} adapter cannot export natively: {reason}."
-            )
+    refusal = export_refusal(adapter, containers, plan, [module for module, _ in built])
+    if refusal:
+        group, reason = refusal
+        description = built[group.index][1]
+        raise PlanError(
+            f"The successor of group {group.index} ({group.container} blocks {list(group.blocks)}) is a "
+            f"{description}, which the {adapter.name} adapter cannot export natively: {reason}."
+        )
 
 
 def check_copies_export(adapter: Adapter, containers: dict, plan: Plan, built: list, init: str) -> None:
@@ -127,16 +137,16 @@ def check_copies_export(adapter: Adapter, containers: dict, plan: Plan, built: l
     copy at native export (a family that needs a particular block at a particular
     place, like a ResNet stage's downsampling head), the init is wrong for this
     model: say so now rather than after training."""
-    for group, (successor, description) in zip(plan.groups, built):
-        blocks = [containers[group.container][i] for i in group.blocks]
-        reason = adapter.check_successor(blocks, successor)
-        if reason:
-            others = ", ".join(repr(c) for c in INIT_CHOICES if c != init)
-            raise PlanError(
-                f"init={init!r} makes the successor of group {group.index} ({group.container} blocks "
-                f"{list(group.blocks)}) a {description}, which the {adapter.name} adapter cannot export natively: "
-                f"{reason}. Use another init ({others}) or pass successors=."
-            )
+    refusal = export_refusal(adapter, containers, plan, [module for module, _ in built])
+    if refusal:
+        group, reason = refusal
+        description = built[group.index][1]
+        others = ", ".join(repr(c) for c in INIT_CHOICES if c != init)
+        raise PlanError(
+            f"init={init!r} makes the successor of group {group.index} ({group.container} blocks "
+            f"{list(group.blocks)}) a {description}, which the {adapter.name} adapter cannot export natively: "
+            f"{reason}. Use another init ({others}) or pass successors=."
+        )
 
 
 def make_plan(adapter: Adapter, model: nn.Module, containers: dict, group_blocks: dict, built: list) -> Plan:

@@ -69,11 +69,10 @@ class ReplacementState:
         self.seed = int(seed)
         self.step = 0
         self.rate = 0.0
-        self.force: Optional[str] = None  # "successor" / "predecessor": bypass the draw (validation)
+        self.force: Optional[str] = None  # "predecessor": bypass the draw (validation runs the blocks)
         self.calls: Dict[int, int] = {}  # group -> training forwards since the last step (micro-batch index)
         self.last_draws: Dict[int, bool] = {}  # group -> decision of its latest forward (reused by recomputes)
         self.ran_successor: Set[int] = set()  # groups whose successor ran in some forward since the last step
-        self.took_part: Set[int] = set()  # groups called in training since the last step
 
     def decision(self, group: int, micro_batch: int) -> bool:
         """Whether `group` runs its successor in micro-batch `micro_batch` of the current step."""
@@ -87,20 +86,18 @@ class ReplacementState:
         self.calls[group] = count + 1
         use_successor = self.decision(group, count)
         self.last_draws[group] = use_successor
-        self.took_part.add(group)
         if use_successor:
             self.ran_successor.add(group)
         return use_successor
 
     def idle_groups(self) -> Set[int]:
         """Groups that took part in training since the last step without running their successor."""
-        return self.took_part - self.ran_successor
+        return set(self.calls) - self.ran_successor
 
     def advance(self, step: int, rate: float) -> None:
         self.step, self.rate = step, rate
         self.calls.clear()  # last_draws stays readable (what the step that just ended ran)
         self.ran_successor.clear()
-        self.took_part.clear()
 
 
 class TheseusGroup(nn.Module):
@@ -120,7 +117,7 @@ class TheseusGroup(nn.Module):
         state = self._state
         if state.force == "predecessor":
             return self.run_predecessor(*args, **kwargs)
-        if not self.training or state.force == "successor" or state.draw(self.index):
+        if not self.training or state.draw(self.index):
             return self.successor(*args, **kwargs)
         out = self.run_predecessor(*args, **kwargs)
         if torch.is_grad_enabled():

@@ -53,7 +53,6 @@ Batch = Tuple[Any, Any]
 LossFn = Callable[[Any, Any], Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]]
 
 
-
 @dataclass
 class StepLog:
     """One optimiser step: the loss (mean over its micro-batches), the batch accuracy when the loss
@@ -329,15 +328,13 @@ def _batch_source(batches: Any, position: int, needed: int) -> Callable[[int], B
     stream = iter(batches)
     for _ in range(position):
         next(stream, None)
-    consumed = [position]
 
     def next_batch(at: int) -> Batch:
         try:
             batch = next(stream)
         except StopIteration:
-            raise TrainingError(f"batches ran out after {consumed[0]} of {needed} batches; give an endless stream "
+            raise TrainingError(f"batches ran out after {at} of {needed} batches; give an endless stream "
                                 "(e.g. itertools.cycle) or enough batches for steps x gradient_accumulation.") from None
-        consumed[0] += 1
         return batch
 
     return next_batch

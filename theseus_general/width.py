@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from .errors import PlanError
+from .graph import set_submodule
 
 
 def kept_count(hidden: int, fraction: float) -> int:
@@ -84,8 +85,8 @@ def narrow_linear_pair(block: nn.Module, inputs: Sequence[str], output: str, kee
             raise PlanError(f"{name} is a {type(linear).__name__}, not an nn.Linear; its width cannot be cut.")
     index = top_units(linear_hidden_scores(ins, out), keep)
     for path, linear in zip(inputs, ins):
-        _replace(block, path, linear_rows(linear, index))
-    _replace(block, output, linear_columns(out, index))
+        set_submodule(block, path, linear_rows(linear, index))
+    set_submodule(block, output, linear_columns(out, index))
     for path in sizes:
         owner_path, _, attr = path.rpartition(".")
         owner = block.get_submodule(owner_path) if owner_path else block
@@ -145,13 +146,9 @@ def narrow_conv_chain(block: nn.Module, chain: List[tuple], keep: int) -> nn.Mod
         if getattr(n, "weight", None) is not None:
             score = score * n.weight.detach().float().abs().cpu()
         index = top_units(score, keep)
-        _replace(block, producer, conv_out(p, index))
-        _replace(block, norm, batch_norm(n, index))
-        _replace(block, consumer, conv_in(block.get_submodule(consumer), index))
+        set_submodule(block, producer, conv_out(p, index))
+        set_submodule(block, norm, batch_norm(n, index))
+        set_submodule(block, consumer, conv_in(block.get_submodule(consumer), index))
     return block
 
 
-def _replace(root: nn.Module, path: str, module: nn.Module) -> None:
-    parent_path, _, name = path.rpartition(".")
-    parent = root.get_submodule(parent_path) if parent_path else root
-    setattr(parent, name, module)
