@@ -53,12 +53,14 @@ def test_gpu_check_without_cuda_says_so_and_exits_nonzero(capsys, tmp_path):
 
 def test_compile_quick(tmp_path):
     path = tmp_path / "compile.json"
-    load("compile").main(["--quick", "--backend", "eager", "--warmup", "1", "--steps", "1", "--output", str(path)])
+    load("compile").main(["--quick", "--backend", "eager", "--warmup", "2", "--steps", "4", "--output", str(path)])
     report = json.loads(path.read_text())
     assert report["conditions"]["torch_threads"] == 1 and report["setup"]["backend"] == "eager"
     assert set(report["runs"]) == TRAINING
     for name in ("plain_compiled", "theseus_compiled"):
         run = report["runs"][name]
         _check_compiled(run)
+        # the property the engine promises: new draw patterns after warm-up compile nothing new
+        assert run["graphs_compiled_after_warmup"] == 0 and run["dynamo"]["recompile_limit_hit"] is False, run
         eager = report["runs"][name.replace("compiled", "eager")]
         assert run["speedup_vs_eager"] == pytest.approx(eager["step_s"] / run["step_s"])
