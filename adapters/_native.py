@@ -33,6 +33,11 @@ NATIVE_FALSE = "Use export(native=False) to get the trained model with its succe
 Build = Callable[..., nn.Module]  # build(depths, **overrides) -> a new model
 
 
+def is_identity(module: Optional[nn.Module]) -> bool:
+    """No module, or an nn.Identity: a constructor option that is off."""
+    return module is None or isinstance(module, nn.Identity)
+
+
 def _plain(value) -> bool:
     if isinstance(value, (bool, int, float, str, type(None))):
         return True

@@ -14,10 +14,8 @@ per-layer config lists are then those of a model built at that depth, and
 from __future__ import annotations
 
 import copy
-import sys
 from typing import Any, List, Optional
 
-import torch
 from torch import nn
 
 from theseus_general.adapter import Adapter
@@ -26,6 +24,7 @@ from theseus_general.registry import register_adapter
 
 from theseus_general.width import narrow_linear_pair
 
+from ._hf_common import is_pretrained_model, sample_for
 from ._native import NATIVE_FALSE, Recipe, export_native
 
 
@@ -45,11 +44,9 @@ class BertAdapter(Adapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        transformers = sys.modules.get("transformers")  # a transformers model means it is imported
-        if transformers is None or not isinstance(model, transformers.PreTrainedModel):
+        if not is_pretrained_model(model):
             return False
-        config = getattr(model, "config", None)
-        return _encoder_layers(model) is not None and hasattr(config, "num_hidden_layers")
+        return _encoder_layers(model) is not None and hasattr(getattr(model, "config", None), "num_hidden_layers")
 
     def check(self, model: nn.Module) -> None:
         super().check(model)
@@ -64,12 +61,7 @@ class BertAdapter(Adapter):
         raise AdapterError("Could not locate base_model.encoder.layer inside the model.")  # pragma: no cover
 
     def sample_input(self, model: nn.Module) -> Optional[Any]:
-        config = model.config
-        device = next(model.parameters()).device
-        vocab = int(getattr(config, "vocab_size", 100) or 100)
-        generator = torch.Generator().manual_seed(0)
-        input_ids = torch.randint(1, min(vocab, 1000), (2, 8), generator=generator).to(device)
-        return {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids)}
+        return sample_for(model)  # token ids and an attention mask
 
     def width_of(self, block: nn.Module) -> Optional[int]:
         """A layer's MLP hidden size (config.intermediate_size): intermediate.dense -> output.dense."""

@@ -35,7 +35,7 @@ from theseus_general.errors import AdapterError, ExportError
 from theseus_general.registry import register_adapter
 from theseus_general.width import narrow_conv_chain
 
-from ._native import NATIVE_FALSE, Recipe, export_native, read_recipe
+from ._native import NATIVE_FALSE, Recipe, export_native, is_identity, read_recipe
 from ._structure import first_mismatch, structure_difference
 
 _MODULES = ("torchvision.models.resnet", "timm.models.resnet")
@@ -174,15 +174,11 @@ def _width_chain(block: nn.Module) -> Optional[list]:
     parts = [getattr(block, n, None) for n in names]
     if not all(isinstance(p, nn.Conv2d) for p in parts[::2]) or not all(isinstance(p, nn.BatchNorm2d) for p in parts[1::2]):
         return None
-    if any(p.groups != 1 for p in parts[::2]) or not _identity(getattr(block, "aa", None)):
+    if any(p.groups != 1 for p in parts[::2]) or not is_identity(getattr(block, "aa", None)):
         return None
     if len(names) == 5:
         return [("conv1", "bn1", "conv2"), ("conv2", "bn2", "conv3")]
     return [("conv1", "bn1", "conv2")]
-
-
-def _identity(module: Optional[nn.Module]) -> bool:
-    return module is None or isinstance(module, nn.Identity)
 
 
 def _stride(block: nn.Module) -> int:

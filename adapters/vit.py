@@ -31,7 +31,7 @@ from theseus_general.errors import AdapterError, ExportError
 from theseus_general.registry import register_adapter
 from theseus_general.width import narrow_linear_pair
 
-from ._native import NATIVE_FALSE, Recipe, export_native, read_recipe
+from ._native import NATIVE_FALSE, Recipe, export_native, is_identity, read_recipe
 from ._structure import first_mismatch, structure_difference
 
 # Modules are looked up in sys.modules: a model of these classes means its library
@@ -132,7 +132,7 @@ def _mlp_pair(block: nn.Module) -> Optional[tuple]:
     mlp = getattr(block, "mlp", None)
     if mlp is None:
         return None
-    if type(mlp).__name__ == "Mlp" and type(getattr(mlp, "fc1", None)) is nn.Linear and _identity(getattr(mlp, "norm", None)):
+    if type(mlp).__name__ == "Mlp" and type(getattr(mlp, "fc1", None)) is nn.Linear and is_identity(getattr(mlp, "norm", None)):
         return "mlp.fc1", "mlp.fc2"
     if type(mlp).__name__ == "MLPBlock" and len(mlp) == 5 and type(mlp[0]) is nn.Linear and type(mlp[3]) is nn.Linear:
         return "mlp.0", "mlp.3"
@@ -148,10 +148,6 @@ def _patch_copy(model: nn.Module) -> nn.Module:
 
 
 # ---------------------------------------------------------------- constructor arguments
-def _identity(module: Optional[nn.Module]) -> bool:
-    return module is None or isinstance(module, nn.Identity)
-
-
 def _timm_kwargs(model: nn.Module) -> dict:
     """timm VisionTransformer(...) arguments read off a built model (the depth is set by the recipe)."""
     block, patch = model.blocks[0], model.patch_embed
@@ -160,12 +156,12 @@ def _timm_kwargs(model: nn.Module) -> dict:
     kwargs = dict(
         img_size=patch.img_size, patch_size=patch.patch_size, in_chans=patch.proj.in_channels,
         num_classes=model.num_classes, global_pool=model.global_pool, embed_dim=model.embed_dim,
-        num_heads=attn.num_heads, qkv_bias=attn.qkv.bias is not None, qk_norm=not _identity(attn.q_norm),
-        scale_attn_norm=not _identity(getattr(attn, "norm", None)), proj_bias=attn.proj.bias is not None,
-        init_values=None if _identity(block.ls1) else getattr(block.ls1, "init_values", 1.0),
+        num_heads=attn.num_heads, qkv_bias=attn.qkv.bias is not None, qk_norm=not is_identity(attn.q_norm),
+        scale_attn_norm=not is_identity(getattr(attn, "norm", None)), proj_bias=attn.proj.bias is not None,
+        init_values=None if is_identity(block.ls1) else getattr(block.ls1, "init_values", 1.0),
         class_token=model.has_class_token, pos_embed="learn" if model.pos_embed is not None else "none",
-        no_embed_class=model.no_embed_class, reg_tokens=model.num_reg_tokens, pre_norm=not _identity(model.norm_pre),
-        final_norm=not (_identity(model.norm) and _identity(model.fc_norm)), fc_norm=not _identity(model.fc_norm),
+        no_embed_class=model.no_embed_class, reg_tokens=model.num_reg_tokens, pre_norm=not is_identity(model.norm_pre),
+        final_norm=not (is_identity(model.norm) and is_identity(model.fc_norm)), fc_norm=not is_identity(model.fc_norm),
         pool_include_prefix=model.pool_include_prefix, dynamic_img_size=model.dynamic_img_size,
         dynamic_img_pad=patch.dynamic_img_pad, drop_rate=model.head_drop.p, pos_drop_rate=model.pos_drop.p,
         patch_drop_rate=getattr(model.patch_drop, "prob", 0.0), proj_drop_rate=attn.proj_drop.p,
@@ -175,7 +171,7 @@ def _timm_kwargs(model: nn.Module) -> dict:
     )
     if hasattr(mlp, "fc1") and hasattr(mlp, "fc2") and type(mlp).__name__ == "Mlp":
         kwargs["mlp_ratio"] = mlp.fc1.out_features / model.embed_dim
-        kwargs["scale_mlp_norm"] = not _identity(getattr(mlp, "norm", None))
+        kwargs["scale_mlp_norm"] = not is_identity(getattr(mlp, "norm", None))
     return kwargs
 
 

@@ -106,3 +106,26 @@ def guarded(name: str, run: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
     print(f"  {name:<18} " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()),
           flush=True)
     return result
+
+
+def plain_and_theseus_runs(build: Callable[[], nn.Module], successor_depth: int, make_batch, device: torch.device,
+                           warmup: int, steps: int, backend: str, budget_s: float, autocast: bool):
+    """The four timed runs compile.py and gpu_check.py compare: plain fine-tuning of `build()`, eager
+    then compiled, and a Theseus run on a second `build()` (``ConstantScheduler(0.5)``, seed 0, so
+    every step mixes draws), eager then compiled. Returns the runs (name -> result) and the engine,
+    still wrapped (the caller exports or unwraps it)."""
+    from theseus_general import ConstantScheduler, Theseus
+
+    timing = dict(warmup=warmup, steps=steps, autocast=autocast)
+    plain = build()
+    runs = {"plain_eager": guarded("plain_eager", lambda: time_training(
+        plain, plain.parameters(), make_batch, device, **timing))}
+    runs["plain_compiled"] = guarded("plain_compiled", lambda: time_training(
+        compiled(plain, backend), plain.parameters(), make_batch, device, budget_s=budget_s, **timing))
+    th = Theseus(build(), successor_depth=successor_depth, scheduler=ConstantScheduler(0.5), seed=0)
+    runs["theseus_eager"] = guarded("theseus_eager", lambda: time_training(
+        th.model, th.trainable_parameters(), make_batch, device, after_step=th.step, **timing))
+    runs["theseus_compiled"] = guarded("theseus_compiled", lambda: time_training(
+        compiled(th.model, backend), th.trainable_parameters(), make_batch, device, after_step=th.step,
+        budget_s=budget_s, **timing))
+    return runs, th

@@ -30,9 +30,8 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import RESULTS_DIR, conditions, finish, quiet_transformers  # noqa: E402
-from _training import batch_maker, compiled, guarded, time_training  # noqa: E402
+from _training import batch_maker, plain_and_theseus_runs  # noqa: E402
 
-from theseus_general import ConstantScheduler, Theseus  # noqa: E402
 
 
 def bert(quick: bool):
@@ -74,19 +73,8 @@ def main(argv=None) -> Dict[str, Any]:
                   "scheduler": "ConstantScheduler(0.5)", "dtype": "float32"},
     }
     print(f"CPU, {args.threads} thread(s), backend {args.backend}: {warmup} warm-up + {steps} measured steps")
-    plain = bert(args.quick)
-    runs = {"plain_eager": guarded("plain_eager", lambda: time_training(
-        plain, plain.parameters(), make_batch, device, warmup, steps, autocast=False))}
-    runs["plain_compiled"] = guarded("plain_compiled", lambda: time_training(
-        compiled(plain, args.backend), plain.parameters(), make_batch, device, warmup, steps, autocast=False,
-        budget_s=args.budget))
-    model = bert(args.quick)
-    th = Theseus(model, successor_depth=4, scheduler=ConstantScheduler(0.5), seed=0)
-    runs["theseus_eager"] = guarded("theseus_eager", lambda: time_training(
-        th.model, th.trainable_parameters(), make_batch, device, warmup, steps, after_step=th.step, autocast=False))
-    runs["theseus_compiled"] = guarded("theseus_compiled", lambda: time_training(
-        compiled(th.model, args.backend), th.trainable_parameters(), make_batch, device, warmup, steps,
-        after_step=th.step, autocast=False, budget_s=args.budget))
+    runs, th = plain_and_theseus_runs(lambda: bert(args.quick), 4, make_batch, device, warmup, steps, args.backend,
+                                      args.budget, autocast=False)
     torch._dynamo.reset()
     th.unwrap()
     for eager, compiled_run in (("plain_eager", "plain_compiled"), ("theseus_eager", "theseus_compiled")):

@@ -35,9 +35,8 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import RESULTS_DIR, conditions, finish, quiet_transformers  # noqa: E402
-from _training import batch_maker, compiled, guarded, time_training  # noqa: E402
+from _training import batch_maker, plain_and_theseus_runs  # noqa: E402
 
-from theseus_general import ConstantScheduler, Theseus  # noqa: E402
 from theseus_general.measure import count_flops, count_parameters, measure_latency  # noqa: E402
 
 INFERENCE_BATCHES = (1, 8, 64)
@@ -97,21 +96,10 @@ def main(argv=None) -> Dict[str, Any]:
     }
     print(f"training: batch {batch} x {seq}, bf16 autocast, {warmup} warm-up + {steps} measured steps on {device}")
 
-    # plain fine-tuning of the whole model: the cost Theseus is compared with
-    plain = build(config, device)
-    training = {"plain_eager": guarded("plain_eager", lambda: time_training(
-        plain, plain.parameters(), make_batch, device, warmup, steps))}
-    training["plain_compiled"] = guarded("plain_compiled", lambda: time_training(
-        compiled(plain, args.backend), plain.parameters(), make_batch, device, warmup, steps, budget_s=args.compile_budget))
-    del plain
-
-    model = build(config, device)
-    th = Theseus(model, successor_depth=depth, scheduler=ConstantScheduler(0.5), seed=0)
-    training["theseus_eager"] = guarded("theseus_eager", lambda: time_training(
-        th.model, th.trainable_parameters(), make_batch, device, warmup, steps, after_step=th.step))
-    training["theseus_compiled"] = guarded("theseus_compiled", lambda: time_training(
-        compiled(th.model, args.backend), th.trainable_parameters(), make_batch, device, warmup, steps,
-        after_step=th.step, budget_s=args.compile_budget))
+    # plain fine-tuning of the whole model (the cost Theseus is compared with), then the Theseus run
+    training, th = plain_and_theseus_runs(lambda: build(config, device), depth, make_batch, device, warmup, steps,
+                                          args.backend, args.compile_budget, autocast=True)
+    model = th.model  # the predecessor, wrapped (the same object unwrap() gives back)
     plain_step = training["plain_eager"].get("step_s")
     for name, result in training.items():
         if plain_step and result.get("step_s"):

@@ -162,11 +162,9 @@ def check_target(config: Dict[str, Any], model: Any, where: str = "config") -> N
                               f"the successor must be shallower: choose a depth between {low} and {total - 1}{keeps}.")
         return
     try:
-        resolve_depths(sizes, ratio=config["ratio"])
+        resolve_depths(sizes, ratio=config["ratio"], depth_advice=("set the field 'depth' to 1", "set the field 'depth'"))
     except PlanError as e:
-        message = str(e).replace("give successor_depth=1", "set the field 'depth' to 1")
-        message = message.replace("give successor_depth with one depth per container", "set the field 'depth'")
-        raise ConfigError(f"{where}: field 'ratio': {message}") from None
+        raise ConfigError(f"{where}: field 'ratio': {e}") from None
 
 
 def _help() -> str:

@@ -140,8 +140,12 @@ def resolve_depths(
     sizes: Dict[str, int],
     successor_depth: Union[int, Sequence[int], None] = None,
     ratio: Optional[float] = None,
+    depth_advice: Optional[Tuple[str, str]] = None,
 ) -> Dict[str, int]:
-    """Turn a depth or ratio target into one successor depth per container."""
+    """Turn a depth or ratio target into one successor depth per container. `depth_advice`:
+    how to tell the caller to give a depth instead of a ratio, for one container and for
+    several (the CLI names its own field); by default the successor_depth argument."""
+    advice = depth_advice or ("give successor_depth=1", "give successor_depth with one depth per container")
     paths = list(sizes)
     total = sum(sizes.values())
     if (successor_depth is None) == (ratio is None):
@@ -160,7 +164,7 @@ def resolve_depths(
             raise PlanError(
                 f"ratio={ratio} leaves no block in {sorted(empty)} ({products} blocks, which rounds to 0; ratio x "
                 "blocks is rounded to the nearest whole block, halves down). Every container keeps at least one "
-                f"block: use a ratio above {0.5 / n:.3g} or give {'successor_depth=1' if len(paths) == 1 else 'successor_depth with one depth per container'}."
+                f"block: use a ratio above {0.5 / n:.3g} or {advice[0] if len(paths) == 1 else advice[1]}."
             )
         if sum(depths.values()) >= total:
             raise PlanError(
