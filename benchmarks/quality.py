@@ -1,18 +1,24 @@
 """Quality side by side over seeds: Theseus against the built-in baselines, same step budget.
 
-Methods (each trains a successor of the same shape for --steps steps in the same loop,
-`theseus_general.training.fit`: AdamW, linear decay, same lr and batches per seed):
+Methods (each trains a successor of the same shape for --steps optimiser steps in the same loop,
+`theseus_general.training.fit`: AdamW, linear decay, the same batches per seed):
 
-  theseus_linear        Theseus, linear curriculum from --base-rate reaching p = 1 at --replace-by
-  theseus_constant      Theseus, constant p = --constant-rate until --replace-by, then 1
+  theseus               the library's default recipe, as `Theseus(model, ...)` + `fit` give it
+                        (theseus_general/recipes.py); --match-fraction / --match-lr / --init override parts
+  theseus_paper         the paper's recipe: embeddings and head frozen, task loss only, linear curriculum
+                        from --base-rate to p = 1 at --replace-by of the steps (the paper's fixed slope,
+                        p = 0.3 + 6e-4 t, would not reach 1 within these budgets)
+  theseus_linear        the former default (rest trained on copies, linear curriculum, no matching)
+  theseus_constant      the same with a constant p = --constant-rate until --replace-by, then 1
   finetune_trained      fine-tune-only, initialised from the trained predecessor's blocks (a)
   finetune_initial      fine-tune-only, initialised from the model before task training (b):
                         the pretrained model (text) or a fresh random model (vision)
   kd                    vanilla distillation from the frozen predecessor (--temperature, --alpha)
 
-Both Theseus runs use train_rest=True (copies of the embeddings and head train from step 0), the library's
-default. The results committed before the engine redesign used the former unfreeze_rest=True
-(embeddings and head trained once p = 1), which no longer exists.
+--lr-grid (and --kd-grid for KD's temperature and alpha) chooses each method's settings on the
+dev split with the first seed, the same grid for every method; the other seeds run the chosen
+settings, and test accuracy is reported for those only. The JSON records the grid, every grid
+run and the choices.
 Tasks reuse the examples' data, models and per-family settings: text = all-MiniLM-L6-v2 on
 Rotten Tomatoes, 6 -> --depth layers (examples/text_classification.py); vision = a timm ViT
 (8 blocks) or ResNet ([2, 2, 2, 2]) on Fashion-MNIST, --ratio of the blocks
@@ -50,7 +56,10 @@ from theseus_general import ConstantScheduler, LinearScheduler, Theseus  # noqa:
 from theseus_general.baselines import DistillationStep, successor_shaped_copy  # noqa: E402
 from theseus_general.training import add_device_arguments, fit, resolve_device  # noqa: E402
 
-METHODS = ("theseus_linear", "theseus_constant", "finetune_trained", "finetune_initial", "kd")
+METHODS = ("theseus", "theseus_paper", "theseus_linear", "theseus_constant", "finetune_trained", "finetune_initial", "kd")
+DEFAULT_METHODS = ("theseus", "theseus_paper", "finetune_trained", "finetune_initial", "kd")
+# the settings the dev grid (--lr-grid, --kd-grid) chooses per method
+GRID_KEYS = ("lr", "temperature", "alpha")
 
 
 # ---------------------------------------------------------------- tasks
@@ -153,14 +162,24 @@ class VisionTask(Task):
 # ---------------------------------------------------------------- methods
 def run_method(method: str, task: Task, predecessor: nn.Module, seed: int, args: argparse.Namespace) -> nn.Module:
     common = dict(lr=args.lr, weight_decay=args.weight_decay, lr_schedule="linear", device=args.device,
+                  max_grad_norm=args.max_grad_norm,
                   mixed_precision=args.mixed_precision, desc=method)  # the loss: cross-entropy unless KD
-    full_at = max(1, int(args.steps * args.replace_by))
-    if method.startswith("theseus"):
-        scheduler = (LinearScheduler.reaching_one_at(full_at, base=args.base_rate) if method == "theseus_linear"
-                     else ConstantScheduler(args.constant_rate, replace_all_at=full_at))
-        th = Theseus(predecessor, **task.target, scheduler=scheduler, train_rest=True, seed=seed)
+    if method == "theseus":  # the library's default recipe; the --match-* / --init flags override parts of it
+        th = Theseus(predecessor, **task.target, init=args.init, seed=seed)
+        match = {} if args.match_fraction is None else {"match_steps": int(args.steps * args.match_fraction)}
         try:
-            fit(th, task.batches(seed), args.steps, **common)
+            fit(th, task.batches(seed), args.steps, match_lr=args.match_lr, **match, **common)
+            return th.export()
+        finally:
+            th.unwrap()
+    if method.startswith("theseus"):  # the paper's recipe, and the former recipe's two schedules
+        full_at = max(1, int(args.steps * args.replace_by))
+        scheduler = (ConstantScheduler(args.constant_rate, replace_all_at=full_at) if method == "theseus_constant"
+                     else LinearScheduler.reaching_one_at(full_at, base=args.base_rate))
+        th = Theseus(predecessor, **task.target, scheduler=scheduler, recipe="paper" if method == "theseus_paper" else "default",
+                     seed=seed)
+        try:
+            fit(th, task.batches(seed), args.steps, match_steps=0, **common)
             return th.export()
         finally:
             th.unwrap()
@@ -170,6 +189,15 @@ def run_method(method: str, task: Task, predecessor: nn.Module, seed: int, args:
     loss = DistillationStep(student, predecessor, args.temperature, args.alpha) if method == "kd" else None
     fit(student, task.batches(seed), args.steps, loss=loss, **common)
     return student
+
+
+def grid_points(method: str, args: argparse.Namespace) -> List[Dict[str, float]]:
+    """The dev grid of one method: every --lr-grid value (KD: times every --kd-grid pair)."""
+    lrs = args.lr_grid or [args.lr]
+    if method != "kd" or not args.kd_grid:
+        return [{"lr": lr} for lr in lrs]
+    pairs = [tuple(float(v) for v in pair.split(":")) for pair in args.kd_grid]
+    return [{"lr": lr, "temperature": t, "alpha": a} for lr in lrs for t, a in pairs]
 
 
 def plan_depths(predecessor: nn.Module, target: Dict[str, Any]) -> Dict[str, Dict[str, int]]:
@@ -202,18 +230,38 @@ def run(args: argparse.Namespace, path: str) -> Dict[str, Any]:
         "predecessor": task.evaluate(predecessor), "runs": {}, "complete": False,
     }
     methods = [m for m in METHODS if m in args.methods]
+
+    def timed_run(method: str, seed: int, settings: Dict[str, float]) -> Dict[str, float]:
+        t = time.time()
+        model = run_method(method, task, predecessor, seed, argparse.Namespace(**dict(vars(args), **settings)))
+        result = dict(task.evaluate(model), train_s=time.time() - t)
+        print(f"  seed {seed} {method} {settings}: dev {result['dev']:.4f}, test {result['test']:.4f} "
+              f"({result['train_s']:.0f} s)", flush=True)
+        return result
+
+    chosen: Dict[str, Dict[str, float]] = {m: {} for m in methods}
+    if args.lr_grid or args.kd_grid:
+        # Each method's settings come from the same grid on the dev split with the first seed;
+        # test accuracies of the grid are recorded but play no part in the choice.
+        report["grid"] = {"seed": args.seeds[0], "lr": args.lr_grid, "kd": args.kd_grid, "runs": {}, "chosen": chosen}
+        for method in methods:
+            for settings in grid_points(method, args):
+                result = timed_run(method, args.seeds[0], settings)
+                report["grid"]["runs"].setdefault(method, []).append(dict(settings, **result))
+                report["total_s"] = time.time() - started
+                write_json(report, path)
+            best = max(report["grid"]["runs"][method], key=lambda r: r["dev"])  # first best on ties
+            chosen[method] = {k: best[k] for k in GRID_KEYS if k in best}
+            report["runs"].setdefault(method, {})[str(args.seeds[0])] = {k: best[k] for k in ("dev", "test", "train_s")}
     for seed in args.seeds:  # seed-major: an interrupted run still has whole seeds
         for method in methods:
-            t = time.time()
-            model = run_method(method, task, predecessor, seed, args)
-            result = task.evaluate(model)
-            result["train_s"] = time.time() - t
-            report["runs"].setdefault(method, {})[str(seed)] = result
-            print(f"  seed {seed} {method}: dev {result['dev']:.4f}, test {result['test']:.4f} ({result['train_s']:.0f} s)",
-                  flush=True)
+            if str(seed) in report["runs"].get(method, {}):
+                continue  # the grid's run with the chosen settings
+            report["runs"].setdefault(method, {})[str(seed)] = timed_run(method, seed, chosen[method])
             report["summary"] = summarise(report["runs"])
             report["total_s"] = time.time() - started
             write_json(report, path)
+    report["summary"] = summarise(report["runs"])
     changed = [k for k, v in predecessor.state_dict().items() if not torch.equal(v, reference[k])]
     if changed:
         raise RuntimeError(f"the predecessor changed during the benchmark: {changed[:3]}")
@@ -242,14 +290,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--save-predecessor", default=None, help="vision: write the trained predecessor here (safetensors)")
     p.add_argument("--quick", action="store_true", help="tiny ViT, 2,000 images, 2 seeds, a few steps (smoke test)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
+    p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))
     p.add_argument("--steps", type=int, default=None, help="step budget of every method (text 600, vision 400)")
     p.add_argument("--lr", type=float, default=None, help="learning rate of every method (text 1e-4, vision 2e-3)")
     p.add_argument("--weight-decay", type=float, default=0.01)
+    p.add_argument("--max-grad-norm", type=float, default=None, help="clip every method's gradient norm (default: no clipping)")
     p.add_argument("--batch-size", type=int, default=None, help="text 32, vision 128")
     p.add_argument("--base-rate", type=float, default=None, help="linear curriculum start (resnet 0.6, else 0.3)")
     p.add_argument("--constant-rate", type=float, default=0.5, help="constant replacement rate")
     p.add_argument("--replace-by", type=float, default=None, help="fraction of --steps after which p = 1 (resnet 0.3, else 0.5)")
+    p.add_argument("--lr-grid", type=float, nargs="+", default=None,
+                   help="choose each method's lr from these on dev with the first seed, then run the other seeds")
+    p.add_argument("--kd-grid", nargs="+", default=None, metavar="T:ALPHA",
+                   help="KD's (temperature, alpha) pairs, searched with --lr-grid (e.g. 2:0.5 4:0.9)")
+    p.add_argument("--match-fraction", type=float, default=None,
+                   help="theseus: fraction of the steps spent on module matching first (default: the recipe's)")
+    p.add_argument("--match-lr", type=float, default=None, help="theseus: module matching learning rate (default: the recipe's)")
+    p.add_argument("--init", default="first", help="theseus: successor initialisation (first, group_first, group_last, ...)")
     p.add_argument("--temperature", type=float, default=2.0, help="KD temperature")
     p.add_argument("--alpha", type=float, default=0.5, help="KD weight of the soft-target term")
     p.add_argument("--predecessor", default=None, help="a trained predecessor (text: HF directory; vision: predecessor.safetensors from the vision example)")
@@ -268,6 +325,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-limit", type=int, default=None)
     p.add_argument("--eval-limit", type=int, default=None, help="vision: evaluate on the first N dev/test images only")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sharing", default="", help="what else ran on the machine's cores meanwhile (recorded)")
     add_device_arguments(p, device="cpu")  # where every method trains (the results were measured on the CPU)
     p.add_argument("--data-dir", default=None, help="vision: directory of the Fashion-MNIST idx files "
                    "(default /usr/share/datasets/fashion-mnist)")
@@ -296,7 +354,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # Settings that may differ between the parts of one run split by seed over several processes.
-_PER_PART = {"seeds", "output", "threads", "merge"}
+_PER_PART = {"seeds", "methods", "output", "threads", "merge", "sharing",
+             "match_fraction", "match_lr", "init"}  # the last three: the theseus method's overrides, None in its part
 
 
 def merge(paths: List[str], output: str) -> Dict[str, Any]:
@@ -308,7 +367,8 @@ def merge(paths: List[str], output: str) -> Dict[str, Any]:
             parts.append(json.load(f))
     first = parts[0]
     same = {k: v for k, v in first["settings"].items() if k not in _PER_PART}
-    merged = dict(first, runs={}, complete=all(p.get("complete") for p in parts), parts=paths,
+    merged = dict({k: v for k, v in first.items() if k != "grid"}, runs={},
+                  complete=all(p.get("complete") for p in parts), parts=paths,
                   command="python benchmarks/quality.py --merge " + " ".join(paths))
     for path, part in zip(paths, parts):
         differs = sorted(k for k, v in part["settings"].items() if k not in _PER_PART and same.get(k) != v)
@@ -320,7 +380,14 @@ def merge(paths: List[str], output: str) -> Dict[str, Any]:
             if clash:
                 raise SystemExit(f"error: seed(s) {sorted(clash)} of {method} appear in more than one part ({path})")
             merged["runs"].setdefault(method, {}).update(by_seed)
-    merged["settings"] = dict(first["settings"], seeds=sorted({int(s) for r in merged["runs"].values() for s in r}))
+        if "grid" in part:  # parts may split the methods too: each brings its methods' grid
+            grid = merged.setdefault("grid", dict(part["grid"], runs={}, chosen={}))
+            grid["runs"].update(part["grid"]["runs"])
+            grid["chosen"].update(part["grid"]["chosen"])
+    merged["settings"] = dict(first["settings"], seeds=sorted({int(s) for r in merged["runs"].values() for s in r}),
+                              methods=[m for m in METHODS if m in merged["runs"]])
+    merged["part_settings"] = {path: {k: part["settings"].get(k) for k in sorted(_PER_PART - {"merge"})}
+                               for path, part in zip(paths, parts)}
     merged["summary"] = summarise(merged["runs"])
     merged["total_s"] = sum(p.get("total_s", 0) for p in parts)
     write_json(merged, output)

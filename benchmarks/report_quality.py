@@ -34,7 +34,8 @@ from theseus_general import Theseus  # noqa: E402
 from theseus_general.measure import count_flops, measure_latency  # noqa: E402
 from theseus_general.plots import plot_accuracy_vs_speedup  # noqa: E402
 
-LABELS = {"theseus_linear": "Theseus (linear curriculum)", "theseus_constant": "Theseus (constant p)",
+LABELS = {"theseus": "Theseus (default recipe)", "theseus_paper": "Theseus (paper recipe)",
+          "theseus_linear": "Theseus (linear curriculum)", "theseus_constant": "Theseus (constant p)",
           "finetune_trained": "fine-tune-only (trained blocks)", "finetune_initial": "fine-tune-only (pre-task model)",
           "kd": "knowledge distillation"}
 
@@ -76,6 +77,23 @@ def task_label(report: Dict[str, Any]) -> str:
     return f"{FAMILY[report['task']]}, {depth['predecessor']} -> {depth['successor']}"
 
 
+def verdict(report: Dict[str, Any], method: str = "theseus") -> Dict[str, Any]:
+    """Is `method` the best compressed model of this run? Its test mean against every other method's,
+    and the margin over the best of them in pooled standard deviations (sqrt of the mean variance)."""
+    summary = report["summary"]
+    if method not in summary or len(summary) < 2:
+        return {}
+    ours = summary[method]
+    others = {m: r for m, r in summary.items() if m != method}
+    best_name, best = max(others.items(), key=lambda kv: kv[1]["test_mean"])
+    pooled = ((ours["test_std"] ** 2 + best["test_std"] ** 2) / 2) ** 0.5
+    margin = ours["test_mean"] - best["test_mean"]
+    return {"method": method, "best_other": best_name, "margin": margin, "pooled_std": pooled,
+            "margin_in_pooled_std": margin / pooled if pooled > 0 else None,
+            "at_least_as_high_as_every_other": margin >= 0,
+            "above_by_more_than_one_pooled_std": pooled > 0 and margin > pooled}
+
+
 def main(argv=None) -> Dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--repeats", type=int, default=15, help="latency repeats per model (median)")
@@ -85,6 +103,7 @@ def main(argv=None) -> Dict[str, Any]:
     args = p.parse_args(argv)
     quiet_transformers()
     rows: List[Dict[str, Any]] = []
+    verdicts: Dict[str, Dict[str, Any]] = {}
     for path in sorted(glob.glob(os.path.join(args.results, "quality_*.json"))):
         if path.endswith(("_quick.json", "quality_summary.json")) or os.path.abspath(path) == os.path.abspath(args.output):
             continue
@@ -94,28 +113,38 @@ def main(argv=None) -> Dict[str, Any]:
             continue  # an older format, or a run that has not finished a seed
         measured = speed(report, args.repeats)
         pred = report["predecessor"]["test"]
+        if verdict(report):
+            verdicts[f"{task_label(report)}, {report['settings']['steps']} steps"] = verdict(report)
         for method, r in report["summary"].items():
+            wall = [run["train_s"] for run in report["runs"][method].values() if "train_s" in run]
             rows.append({"task": task_label(report), "family": FAMILY[report["task"]], "file": os.path.basename(path), "method": method,
                          "label": LABELS.get(method, method), "seeds": r["seeds"], "steps": report["settings"]["steps"],
                          "complete": report.get("complete", False), "predecessor_test": pred,
                          "accuracy": r["test_mean"], "accuracy_std": r["test_std"], "retention": r["test_mean"] / pred,
-                         "dev": r["dev_mean"], **measured})
+                         "dev": r["dev_mean"], "train_s_mean": sum(wall) / len(wall) if wall else None,
+                         "lr": (report.get("grid", {}).get("chosen", {}).get(method) or {}).get("lr", report["settings"]["lr"]),
+                         **measured})
     if not rows:
         raise SystemExit(f"no quality results in {args.results}; run benchmarks/quality.py first")
-    write_json({"rows": rows, "conditions": conditions(torch.device("cpu"))}, args.output)
+    write_json({"rows": rows, "verdicts": verdicts, "conditions": conditions(torch.device("cpu"))}, args.output)
     predecessors = {(r["family"], r["predecessor_test"]) for r in rows}  # at 1.0x
     points = ([{"task": family, "method": "predecessor", "speedup": 1.0, "accuracy": acc} for family, acc in predecessors]
               + [{**r, "task": r["family"], "method": r["label"]} for r in rows])
     plot_accuracy_vs_speedup(sorted(points, key=lambda q: q["method"] != "predecessor"), args.plot,
                              title="Test accuracy (mean +- std over seeds) against measured speed-up")
-    print("| task | steps | method | seeds | test accuracy | % of predecessor | speed-up (FLOPs ratio) |")
-    print("|---|---:|---|---:|---|---:|---|")
+    print("| task | steps | method | lr | seeds | test accuracy | % of predecessor | train s / run | speed-up (FLOPs ratio) |")
+    print("|---|---:|---|---:|---:|---|---:|---:|---|")
     for r in rows:
-        print(f"| {r['task']} (predecessor {r['predecessor_test']:.4f}) | {r['steps']} | {r['label']} | {r['seeds']} | "
-              f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f} | {100 * r['retention']:.1f}% | "
+        wall = f"{r['train_s_mean']:.0f}" if r["train_s_mean"] is not None else "-"
+        print(f"| {r['task']} (predecessor {r['predecessor_test']:.4f}) | {r['steps']} | {r['label']} | {r['lr']:g} | "
+              f"{r['seeds']} | {r['accuracy']:.4f} ± {r['accuracy_std']:.4f} | {100 * r['retention']:.1f}% | {wall} | "
               f"{r['speedup']:.2f}x ({r['flops_ratio']:.2f}x) |")
+    for column, v in verdicts.items():
+        print(f"{column}: Theseus {'is' if v['at_least_as_high_as_every_other'] else 'is not'} the best; "
+              f"{v['margin']:+.4f} against {LABELS.get(v['best_other'], v['best_other'])} "
+              f"({v['margin_in_pooled_std']:+.1f} pooled std)" if v["margin_in_pooled_std"] is not None else "")
     print(f"wrote {args.output} and {args.plot}")
-    return {"rows": rows}
+    return {"rows": rows, "verdicts": verdicts}
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from image_data import DataError, load_fashion_mnist  # noqa: E402
 
-from theseus_general import ConstantScheduler, LinearScheduler, Theseus  # noqa: E402
+from theseus_general import ConstantScheduler, RunLinearScheduler, Theseus  # noqa: E402
 from theseus_general.graph import get_submodule  # noqa: E402
 from theseus_general.measure import count_flops, count_parameters, measure_latency, state_checksum  # noqa: E402
 from theseus_general.training import FitResult, add_device_arguments, fit  # noqa: E402
@@ -46,10 +46,8 @@ from theseus_general.training import FitResult, add_device_arguments, fit  # noq
 # (seed 0): ViT lr 2e-3 dev 0.752 vs 1e-3 0.743 (replace-by 0.3: 0.744); ResNet lr 1e-3 with
 # replace-by 0.3, base-rate 0.6 dev 0.892 vs replace-by 0.5, base 0.3: 0.891 (lr 2e-3: 0.890).
 DEFAULTS = {
-    "vit": dict(width=48, depth_pred=8, pretrain_steps=1000, pretrain_lr=2e-3, steps=400, lr=2e-3, baseline_lr=2e-3,
-                base_rate=0.3, replace_by=0.5),
-    "resnet": dict(width=16, depth_pred=2, pretrain_steps=800, pretrain_lr=2e-3, steps=300, lr=1e-3, baseline_lr=1e-3,
-                   base_rate=0.6, replace_by=0.3),
+    "vit": dict(width=48, depth_pred=8, pretrain_steps=1000, pretrain_lr=2e-3, steps=400, lr=2e-3, baseline_lr=2e-3),
+    "resnet": dict(width=16, depth_pred=2, pretrain_steps=800, pretrain_lr=2e-3, steps=300, lr=1e-3, baseline_lr=1e-3),
 }
 
 # --quick: every stage of the job (predecessor, Theseus, baseline, table, speed) on a small subset.
@@ -111,18 +109,38 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
+def match_steps(target, steps: int, args: argparse.Namespace):
+    """--match-fraction as steps for a Theseus run (None: the recipe's; plain models never match)."""
+    if not isinstance(target, Theseus) or args.match_fraction is None:
+        return None
+    return int(steps * args.match_fraction)
+
+
 def train(target, data, steps: int, lr: float, seed: int, desc: str, args: argparse.Namespace,
           warmup: float = 0.0, metrics: Optional[str] = None) -> FitResult:
     """The example's recipe on the shared loop (`theseus_general.training.fit`): AdamW (weight decay
     0.05) with linear warm-up and cosine decay, shifted batches of --batch-size on --device with
     --mixed-precision. `target` is a model or a Theseus engine (one th.step() per optimiser step)."""
     return fit(target, batches(*data, args.batch_size, seed), steps, lr=lr, weight_decay=0.05, lr_schedule="cosine",
-               warmup=warmup, device=args.device, mixed_precision=args.mixed_precision, metrics=metrics, desc=desc)
+               warmup=warmup, device=args.device, mixed_precision=args.mixed_precision, metrics=metrics, desc=desc,
+               match_steps=match_steps(target, steps, args))
 
 
 def share(value: float, reference: float) -> float:
     """value / reference; NaN when the reference is 0 (an untrained predecessor)."""
     return value / reference if reference else float("nan")
+
+
+def schedule_from_flags(args: argparse.Namespace):
+    """None (the recipe's curriculum) unless a schedule flag was given; then that schedule over the mixed phase."""
+    if args.schedule == "linear" and args.base_rate is None and args.replace_by is None:
+        return None
+    base = 0.3 if args.base_rate is None else args.base_rate
+    replace_by = 0.5 if args.replace_by is None else args.replace_by
+    if args.schedule == "linear":
+        return RunLinearScheduler(full_at=replace_by, base=base)  # fit() tells it the run's length
+    mixed = args.steps - int(args.steps * (args.match_fraction or 0.0))
+    return ConstantScheduler(base, replace_all_at=max(1, int(mixed * replace_by)))
 
 
 # ---------------------------------------------------------------- main
@@ -141,14 +159,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="step budget of Theseus and of the baseline")
     p.add_argument("--lr", type=float, default=None, help="Theseus learning rate")
     p.add_argument("--baseline-lr", type=float, default=None)
+    p.add_argument("--recipe", choices=["default", "paper"], default="default",
+                   help="Theseus recipe: the library's default, or the paper's (rest frozen, no module matching); "
+                        "the flags below override parts of it")
     p.add_argument("--schedule", choices=["linear", "constant"], default="linear",
                    help="replacement-rate schedule: linear curriculum, or constant --base-rate then 1")
-    p.add_argument("--base-rate", type=float, default=None, help="curriculum start b (linear) / constant rate p")
+    p.add_argument("--base-rate", type=float, default=None,
+                   help="curriculum start b (linear) / constant rate p (default: the recipe's, 0.3)")
     p.add_argument("--replace-by", type=float, default=None,
-                   help="fraction of --steps after which p = 1 and only the successors run")
-    p.add_argument("--train-rest", action=argparse.BooleanOptionalAction, default=True,
-                   help="train (copies of) the stem/embeddings and head from step 0 (the library's default); "
-                        "--no-train-rest keeps them frozen, as in the paper")
+                   help="fraction of the mixed phase after which p = 1 and only the successors run (default: the recipe's, 0.5)")
+    p.add_argument("--match-fraction", type=float, default=None,
+                   help="fraction of --steps spent first on module matching (default: the recipe's)")
+    p.add_argument("--train-rest", action=argparse.BooleanOptionalAction, default=None,
+                   help="train (copies of) the embeddings/stem and head from step 0 (default: the recipe's, on for "
+                        "'default'); --no-train-rest keeps them frozen, as in the paper")
     p.add_argument("--only", choices=["all", "theseus"], default="all", help="'theseus' skips the baseline (for sweeps)")
     p.add_argument("--predecessor", default=None, help="predecessor.safetensors of an already trained predecessor (same flags)")
     p.add_argument("--seed", type=int, default=0)
@@ -218,12 +242,8 @@ def main(argv=None) -> dict:
     # (b) Theseus on the predecessor object itself (restored afterwards): half the blocks
     t = time.time()
     before = state_checksum(predecessor)
-    full_at = max(1, int(args.steps * args.replace_by))
-    if args.schedule == "linear":
-        scheduler = LinearScheduler.reaching_one_at(full_at, base=args.base_rate)
-    else:
-        scheduler = ConstantScheduler(args.base_rate, replace_all_at=full_at)
-    th = Theseus(predecessor, ratio=0.5, scheduler=scheduler, train_rest=args.train_rest, seed=args.seed)
+    th = Theseus(predecessor, ratio=0.5, recipe=args.recipe, scheduler=schedule_from_flags(args),
+                 train_rest=args.train_rest, seed=args.seed)
     print(th.plan)
     fitted = train(th, data.train, args.steps, args.lr, args.seed + 1, "theseus", args,
                    metrics=os.path.join(args.output, "theseus"))  # metrics.csv (+ tensorboard/)
@@ -262,6 +282,7 @@ def main(argv=None) -> dict:
         "settings": dict(vars(args)), "results": results, "speed": speed,
         "retention_test": share(results["theseus"]["test_accuracy"], results["predecessor"]["test_accuracy"]),
         "retention_dev": share(results["theseus"]["dev_accuracy"], results["predecessor"]["dev_accuracy"]),
+        "matching_curve": [h.loss for h in fitted.matching.history] if fitted.matching else [],
         "replacement_curve": [(h.step, h.replacement_rate, h.loss) for h in fitted.history],
         "timings_s": timings, "total_s": time.time() - started, "torch": torch.__version__,
     }

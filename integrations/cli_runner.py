@@ -14,15 +14,15 @@ from torch import nn
 from ..engine import Theseus
 from ..graph import run_model
 from ..measure import count_flops, count_parameters, measure_latency
-from ..schedulers import LinearScheduler
+from ..schedulers import RunLinearScheduler
 from ..training import fit
 
 
 def build_engine(model: nn.Module, config: Dict[str, Any]) -> Theseus:
     target = {"successor_depth": config["depth"]} if config["depth"] is not None else {"ratio": config["ratio"]}
-    full_at = max(1, int(config["steps"] * config["replace_by"]))
-    return Theseus(model, **target, train_rest=config["train_rest"], seed=config["seed"],
-                   scheduler=LinearScheduler.reaching_one_at(full_at, base=config["base_rate"]))
+    # the curriculum is relative to the run (fit tells it the steps): base_rate to 1 at replace_by of it
+    return Theseus(model, **target, recipe=config["recipe"], train_rest=config["train_rest"], seed=config["seed"],
+                   scheduler=RunLinearScheduler(full_at=config["replace_by"], base=config["base_rate"]))
 
 
 def train(th: Theseus, config: Dict[str, Any], batch_at: Callable[[int], Tuple[Any, torch.Tensor]],
@@ -34,7 +34,8 @@ def train(th: Theseus, config: Dict[str, Any], batch_at: Callable[[int], Tuple[A
     checkpoints = os.path.join(config["output"], "checkpoints") if config["checkpoint_every"] else None
     fit(th, batch_at, config["steps"], loss=forward, lr=config["lr"], device=config["device"],
         mixed_precision=config["mixed_precision"], metrics=config["output"] if config["metrics"] else None,
-        checkpoints=checkpoints, checkpoint_every=config["checkpoint_every"], desc="theseus")
+        checkpoints=checkpoints, checkpoint_every=config["checkpoint_every"], desc="theseus",
+        match_steps=None if config["match_fraction"] is None else int(config["steps"] * config["match_fraction"]))
 
 
 @torch.no_grad()

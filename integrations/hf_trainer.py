@@ -46,6 +46,10 @@ class TheseusCallback(TrainerCallback):
                 f"The Theseus engine is at step {self.theseus.step_count} but the Trainer starts at step "
                 f"{state.global_step}; create a new engine for a new run."
             )
+        max_steps = getattr(state, "max_steps", 0)
+        if (self.theseus.step_count == 0 and max_steps and max_steps > 0
+                and not getattr(self.theseus.scheduler, "knows_run", True)):
+            self.theseus.set_total_steps(max_steps)  # the default curriculum is relative to the run
         while self.theseus.step_count < state.global_step:
             self.theseus.step()
 

@@ -83,7 +83,7 @@ def test_quality_quick_and_its_report(tmp_path):
     load("quality").main(["--quick", "--data-dir", data, "--output", str(path)])
     report = read(path)
     assert report["complete"] and report["predecessor_unchanged"]
-    assert set(report["summary"]) == {"theseus_linear", "theseus_constant", "finetune_trained", "finetune_initial", "kd"}
+    assert set(report["summary"]) == {"theseus", "theseus_paper", "finetune_trained", "finetune_initial", "kd"}
     for method, row in report["summary"].items():
         assert row["seeds"] == 2 and set(report["runs"][method]) == {"0", "1"}
         assert 0 <= row["test_mean"] <= 1 and row["test_std"] >= 0
@@ -138,3 +138,20 @@ def test_budget_speed_quick(tmp_path):
         # FLOPs planning predicts the export's FLOPs exactly
         assert row["measured_flops_fraction"] == pytest.approx(row["predicted_flops_fraction"], rel=1e-6)
     assert set(report["mean_abs_error"]) == {"BERT-tiny", "ViT-tiny", "ResNet-tiny"}
+
+
+def test_quality_dev_grid_chooses_each_methods_settings_on_the_first_seed_only(tmp_path):
+    path = tmp_path / "grid.json"
+    data = write_idx_dataset(tmp_path / "fashion-mnist")
+    load("quality").main(["--quick", "--data-dir", data, "--methods", "theseus", "kd", "--lr-grid", "1e-3", "4e-3",
+                          "--kd-grid", "2:0.5", "4:0.9", "--output", str(path)])
+    report = read(path)
+    grid = report["grid"]
+    assert grid["seed"] == 0 and [len(grid["runs"][m]) for m in ("theseus", "kd")] == [2, 4]
+    for method in ("theseus", "kd"):
+        best = max(grid["runs"][method], key=lambda r: r["dev"])
+        assert grid["chosen"][method]["lr"] == best["lr"]
+        assert report["runs"][method]["0"]["dev"] == best["dev"]  # seed 0 is the chosen grid run itself
+        assert set(report["runs"][method]) == {"0", "1"}
+    assert set(grid["chosen"]["kd"]) == {"lr", "temperature", "alpha"}
+    assert (grid["chosen"]["kd"]["temperature"], grid["chosen"]["kd"]["alpha"]) in {(2.0, 0.5), (4.0, 0.9)}

@@ -65,10 +65,12 @@ def test_callback_accepts_several_processes_and_the_trainable_set_stays_fixed():
     th = Theseus(model, successor_depth=2, train_rest=True)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     callback = TheseusCallback(th)
-    state = SimpleNamespace(global_step=0)
+    state = SimpleNamespace(global_step=0, max_steps=6)
     callback.on_train_begin(SimpleNamespace(world_size=2), state, None)  # no refusal: DDP wraps once
+    assert th.scheduler.total_steps == 6  # the default curriculum learns the run's length
     while th.phase != "successor":
         callback.on_step_end(None, state, None)
+    assert th.step_count == 3  # p = 1 at half of the 6 steps
     assert [n for n, p in model.named_parameters() if p.requires_grad] == trainable
     assert any(n.startswith("bert.embeddings") for n in trainable)
     th.unwrap()

@@ -40,7 +40,7 @@ def test_engine_trains_in_bf16_autocast_on_the_cpu_with_one_engine_step_per_opti
         return F.cross_entropy(logits.float(), y), logits
 
     start = [p.detach().clone() for p in th.trainable_parameters()]
-    result = fit(th, stream(), 5, loss=loss, lr=1e-2, mixed_precision="bf16", gradient_accumulation=2,
+    result = fit(th, stream(), 5, loss=loss, lr=1e-2, mixed_precision="bf16", gradient_accumulation=2, match_steps=0,
                  metrics=str(tmp_path), progress=False)
     assert set(dtypes) == {torch.bfloat16} and len(dtypes) == 10  # 5 steps x 2 micro-batches, all autocast
     assert th.step_count == 5 and [s.step for s in result.history] == [0, 1, 2, 3, 4]
@@ -93,7 +93,7 @@ def test_a_nan_loss_stops_before_the_optimiser_applies_it(use_engine):
 
 def test_a_resumed_run_ends_where_an_uninterrupted_one_ends(tmp_path):
     whole = engine()
-    fit(whole, batch_at, 6, lr=1e-2, progress=False)
+    fit(whole, batch_at, 6, lr=1e-2, progress=False, match_steps=0)
 
     first = engine()
 
@@ -102,10 +102,12 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_ends(tmp_path):
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        fit(first, batch_at, 6, lr=1e-2, checkpoints=str(tmp_path), checkpoint_every=2, progress=False, on_step=crash)
+        fit(first, batch_at, 6, lr=1e-2, checkpoints=str(tmp_path), checkpoint_every=2, progress=False, on_step=crash,
+            match_steps=0)
     first.unwrap()
     resumed = engine()  # as a new process would: a fresh engine on a fresh model
-    result = fit(resumed, batch_at, 6, lr=1e-2, checkpoints=str(tmp_path), checkpoint_every=2, progress=False)
+    result = fit(resumed, batch_at, 6, lr=1e-2, checkpoints=str(tmp_path), checkpoint_every=2, progress=False,
+                 match_steps=0)
     assert result.resumed_from.endswith("step-00000004") and [s.step for s in result.history] == [4, 5]
     for a, b in zip(whole.trainable_parameters(), resumed.trainable_parameters()):
         torch.testing.assert_close(a, b)

@@ -34,7 +34,8 @@ from .graph import ModuleGraph
 from .measure import count_flops, count_parameters, measure_latency
 from .plan import Group, Plan, split_evenly
 from .registry import detect_adapter, get_adapter, list_adapters, register_adapter
-from .schedulers import CallableScheduler, ConstantScheduler, LinearScheduler, Scheduler
+from .recipes import RECIPES, Recipe
+from .schedulers import CallableScheduler, ConstantScheduler, LinearScheduler, RunLinearScheduler, Scheduler
 from .training import fit
 
 from . import adapters  # noqa: E402,F401  (registers the built-in adapters)
@@ -43,7 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapter", "AdapterError", "CheckpointError", "CallableScheduler", "ConstantScheduler", "EngineStateError", "ExportError", "NonFiniteLossError",
-    "Group", "LinearScheduler", "ModuleGraph", "Plan", "PlanError", "ScheduleError", "Scheduler",
+    "Group", "LinearScheduler", "RECIPES", "Recipe", "RunLinearScheduler", "ModuleGraph", "Plan", "PlanError", "ScheduleError", "Scheduler",
     "SuccessorMismatchError", "Theseus", "TheseusError", "TrainingError", "UnknownOptionError", "fit", "detect_adapter", "get_adapter", "list_adapters",
     "register_adapter", "split_evenly", "count_flops", "count_parameters", "measure_latency",
 ]

@@ -54,8 +54,12 @@ FIELDS: Dict[str, tuple] = {
     "batch_size": (int, 32, ANY, "batch size"),
     "base_rate": (float, 0.3, ANY, "replacement rate at step 0 (linear curriculum)"),
     "replace_by": (float, 0.5, ANY, "fraction of the steps after which the rate is 1 (only successors run)"),
-    "train_rest": (bool, True, ANY, "train embeddings/stem and head from step 0, on copies (false: keep them frozen, "
-                   "the paper's replacement phase); formerly unfreeze_rest"),
+    "recipe": (str, "default", ANY, "'default' (the library's recipe) or 'paper' (BERT-of-Theseus as published: "
+               "embeddings and head frozen, no module matching); the fields below override it"),
+    "train_rest": (bool, None, ANY, "train embeddings/stem and head from step 0, on copies (false: keep them frozen, "
+                   "the paper's replacement phase); default: the recipe's (true for 'default'); formerly unfreeze_rest"),
+    "match_fraction": (float, None, ANY, "share of the steps spent first on module matching (each successor learns "
+                       "its group's output); default: the recipe's"),
     "seed": (int, 0, ANY, "seed of the data order and of the replacement draws"),
     "device": (str, "auto", ANY, "where to train: 'auto' (CUDA when available, else the CPU), 'cpu', 'cuda' or "
                "'cuda:N'"),
@@ -129,8 +133,13 @@ def check_config(raw: Any, where: str = "config") -> Dict[str, Any]:
     for name in _POSITIVE:
         if config.get(name) is not None and config[name] <= 0:
             raise ConfigError(f"{where}: field {name!r} must be > 0, got {config[name]!r}.")
-    for name in ("base_rate", "replace_by"):
-        if not 0.0 <= config[name] <= 1.0:
+    from .recipes import RECIPES
+    if config["recipe"] not in RECIPES:
+        raise ConfigError(f"{where}: field 'recipe' must be one of {sorted(RECIPES)}, got {config['recipe']!r}.")
+    if config["train_rest"] is None:
+        config["train_rest"] = RECIPES[config["recipe"]].train_rest
+    for name in ("base_rate", "replace_by", "match_fraction"):
+        if config[name] is not None and not 0.0 <= config[name] <= 1.0:
             raise ConfigError(f"{where}: field {name!r} must be within [0, 1], got {config[name]!r}.")
     if config["checkpoint_every"] < 0:
         raise ConfigError(f"{where}: field 'checkpoint_every' must be >= 0, got {config['checkpoint_every']!r}.")

@@ -36,7 +36,8 @@ from .plan import Group, GroupsSpec
 from .planning import INIT_CHOICES, check_plan_matches, export_refusal, plan_run
 from .registry import detect_adapter, get_adapter
 from .replacement import ReplacementState, TheseusGroup
-from .schedulers import SchedulerLike, as_scheduler
+from .recipes import get_recipe
+from .schedulers import RunLinearScheduler, SchedulerLike, as_scheduler
 from .validation import check_successors
 from .wrapping import Wrapping
 
@@ -53,8 +54,8 @@ class Theseus:
         ratio: successor depth as a fraction of the predecessor's, instead of successor_depth.
         groups: explicit groups of block indices, instead of a depth or ratio.
         adapter: adapter name, an `Adapter` instance, or None to auto-detect.
-        scheduler: a `Scheduler`, a constant rate, a callable ``step -> p``, or None
-            for the paper's reference curriculum ``LinearScheduler(base=0.3, k=6e-4)``.
+        scheduler: a `Scheduler`, a constant rate, a callable ``step -> p``, or None for the
+            recipe's curriculum (default: ``RunLinearScheduler``, p from 0.3 to 1 at half the run).
         init: how successors start: ``"first"`` (successor i is a copy of predecessor
             block i, as in the paper), ``"group_first"`` / ``"group_last"`` (a copy of
             the first / last block of its group), or a callable ``(group, blocks) -> module``.
@@ -64,6 +65,11 @@ class Theseus:
             paper's replacement phase. Either way the set of trainable parameters is fixed
             at wrapping and never changes during the run.
         unfreeze_rest: deprecated alias of train_rest (warns); the rest no longer waits for p = 1.
+        recipe: "default" (the library's recipe, chosen on dev splits) or "paper" (BERT-of-Theseus as
+            published: rest frozen, p = min(1, 0.3 + 6e-4 t)); it fills in scheduler= and train_rest=
+            when they are not given. See `theseus_general.recipes`.
+        total_steps: the run's optimiser steps, for a curriculum relative to the run's length (the
+            default recipe's); `fit` passes its own ``steps``. Without it the engine warns at its first step.
         seed: seed of the replacement draws (identical on every process).
         sample: an input to check every successor against its group before any change;
             by default the adapter makes one when it can.
@@ -92,8 +98,10 @@ class Theseus:
         scheduler: SchedulerLike = None,
         init: InitLike = "first",
         successors: Optional[Sequence[nn.Module]] = None,
-        train_rest: bool = True,
+        train_rest: Optional[bool] = None,
         unfreeze_rest: Optional[bool] = None,
+        recipe: str = "default",
+        total_steps: Optional[int] = None,
         seed: int = 0,
         sample: Any = None,
         validate: bool = True,
@@ -112,8 +120,11 @@ class Theseus:
                 "This model is already wrapped by a Theseus engine. Use that engine, or call its unwrap() first "
                 "(export() leaves the model wrapped); wrapping twice would replace groups of groups."
             )
-        self.train_rest = _train_rest_argument(train_rest, unfreeze_rest)
-        self.scheduler = as_scheduler(scheduler)
+        self.recipe = get_recipe(recipe)
+        self.train_rest = _train_rest_argument(train_rest, unfreeze_rest, self.recipe.train_rest)
+        self.scheduler = self.recipe.scheduler() if scheduler is None else as_scheduler(scheduler)
+        if total_steps is not None and isinstance(self.scheduler, RunLinearScheduler):
+            self.scheduler.for_run(total_steps)
         first_rate = self.scheduler(0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ScheduleError(f"seed must be an int, got {seed!r}.")
@@ -204,10 +215,29 @@ class Theseus:
                     "the run is stopped and nothing more can be saved from it. Resume from the last good "
                     "checkpoint, e.g. with a lower learning rate."
                 )
+        if self._step == 0 and isinstance(self.scheduler, RunLinearScheduler) and not self.scheduler.knows_run:
+            warn_user(
+                "The engine does not know how many steps this run has, so its curriculum follows the paper's "
+                f"fixed slope (p = 1 at step {self.scheduler.full_replacement_step}) instead of reaching 1 at "
+                f"{self.scheduler.full_at:.0%} of the run. Pass Theseus(..., total_steps=N), call "
+                "th.set_total_steps(N), or train with theseus_general.fit (which does it)."
+            )
         self._step += 1
         rate = self.scheduler(self._step)
         self._state.advance(self._step, rate)
         return rate
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Tell the default curriculum (`RunLinearScheduler`) how many optimiser steps the run has,
+        so that p reaches 1 at its fraction of them. Other schedules do not use it. Before the first step only."""
+        self._check_open("set_total_steps()")
+        if not isinstance(self.scheduler, RunLinearScheduler):
+            return
+        if self._step > 0 and self.scheduler.total_steps != total_steps:
+            raise ScheduleError(f"set_total_steps({total_steps}) after {self._step} steps would change the rates "
+                                "already used; set it before training.")
+        self.scheduler.for_run(total_steps)
+        self._state.advance(self._step, self.scheduler(self._step))
 
     def state_dict(self) -> Dict[str, Any]:
         """What a resumed run needs from the engine: ``{"tensors": {name: tensor}, "meta": {...}}``.
@@ -316,6 +346,14 @@ class Theseus:
         finally:
             self._state.force = previous
 
+    def match_successors(self, batches: Any, steps: int, **options: Any) -> Any:
+        """Module matching before the mixed phase: train each successor for `steps` steps to
+        reproduce its group's output from the group's own input (labels unused; see
+        `theseus_general.matching`). Options are `fit`'s (``lr`` default 1e-3). The schedule
+        does not advance. Returns the `FitResult`."""
+        from .matching import match_successors
+        return match_successors(self, batches, steps, **options)
+
     def unwrap(self) -> nn.Module:
         """Restore the model as it was before wrapping and close the engine.
 
@@ -356,9 +394,9 @@ class Theseus:
             )
 
 
-def _train_rest_argument(train_rest: bool, unfreeze_rest: Optional[bool]) -> bool:
+def _train_rest_argument(train_rest: Optional[bool], unfreeze_rest: Optional[bool], recipe_value: bool) -> bool:
     if unfreeze_rest is not None:
-        if not train_rest and unfreeze_rest:
+        if train_rest is not None and bool(train_rest) != bool(unfreeze_rest):
             raise ScheduleError("Give train_rest= only; unfreeze_rest= is its deprecated name and they disagree.")
         warn_user(
             f"unfreeze_rest= is deprecated: use train_rest={bool(unfreeze_rest)}. The non-replaced parts "
@@ -368,7 +406,7 @@ def _train_rest_argument(train_rest: bool, unfreeze_rest: Optional[bool]) -> boo
             FutureWarning,
         )
         return bool(unfreeze_rest)
-    return bool(train_rest)
+    return recipe_value if train_rest is None else bool(train_rest)
 
 
 def _resolve_adapter(model: nn.Module, adapter: Union[str, Adapter, None], options: dict) -> Adapter:

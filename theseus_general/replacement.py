@@ -21,7 +21,7 @@ compiled graphs do not depend on, and do not grow with, the draw pattern.
 
 from __future__ import annotations
 
-from typing import Any, Dict, Optional, Set
+from typing import Any, Dict, List, Optional, Set
 
 import torch
 from torch import nn
@@ -70,6 +70,9 @@ class ReplacementState:
         self.step = 0
         self.rate = 0.0
         self.force: Optional[str] = None  # "predecessor": bypass the draw (validation runs the blocks)
+        # force == "match": module matching (matching.py); each group's successor sees the group's
+        # input, its error against the predecessor blocks' output is collected here
+        self.match_errors: List[torch.Tensor] = []
         self.calls: Dict[int, int] = {}  # group -> training forwards since the last step (micro-batch index)
         self.last_draws: Dict[int, bool] = {}  # group -> decision of its latest forward (reused by recomputes)
         self.ran_successor: Set[int] = set()  # groups whose successor ran in some forward since the last step
@@ -117,6 +120,8 @@ class TheseusGroup(nn.Module):
         state = self._state
         if state.force == "predecessor":
             return self.run_predecessor(*args, **kwargs)
+        if state.force == "match":
+            return self._match(*args, **kwargs)
         if not self.training or state.draw(self.index):
             return self.successor(*args, **kwargs)
         out = self.run_predecessor(*args, **kwargs)
@@ -143,6 +148,19 @@ class TheseusGroup(nn.Module):
             out = block(carried, *rest, **kwargs) if key is None else block(*rest, **{key: carried}, **kwargs)
             carried = out[0] if isinstance(out, (tuple, list)) else out
         return out
+
+    def _match(self, *args: Any, **kwargs: Any) -> Any:
+        # The predecessor's hidden states flow on unchanged (no gradient); the successor gets
+        # the same input and learns to reproduce the group's output (relative squared error).
+        with torch.no_grad():
+            target = self.run_predecessor(*args, **kwargs)
+        wanted = (target[0] if isinstance(target, (tuple, list)) else target).float()
+        with torch.enable_grad():
+            produced = self.successor(*args, **kwargs)
+            got = produced[0] if isinstance(produced, (tuple, list)) else produced
+            error = (got.float() - wanted).pow(2).mean() / wanted.pow(2).mean().clamp_min(1e-12)
+        self._state.match_errors.append(error)
+        return target
 
     def _keep_successor_in_graph(self, out: Any) -> Any:
         # When a group runs its predecessor, its successor takes no part in this

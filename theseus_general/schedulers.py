@@ -104,6 +104,50 @@ class LinearScheduler(Scheduler):
         return f"LinearScheduler(base={self.base}, k={self.k})"
 
 
+class RunLinearScheduler(Scheduler):
+    """Linear curriculum over a run of known length: p = `base` at step 0, rising linearly to
+    1 at `full_at` (a fraction of the run's steps), then 1. The library's default schedule.
+
+    The run's length comes from ``Theseus(..., total_steps=N)``, from `fit` (which passes its
+    `steps`), or from `for_run(N)`. Until it is known, the rate follows the paper's fixed slope
+    (k = 6e-4, as `LinearScheduler()`) and the engine warns at its first step.
+    """
+
+    def __init__(self, full_at: float = 0.5, base: float = 0.3, total_steps: Optional[int] = None):
+        self.full_at = _check_rate(full_at, "RunLinearScheduler full_at")
+        if self.full_at == 0.0:
+            raise ScheduleError("RunLinearScheduler full_at must be > 0 (a fraction of the run); "
+                                "use ConstantScheduler(1.0) to run the successors only.")
+        self.base = _check_rate(base, "RunLinearScheduler base")
+        self.total_steps: Optional[int] = None
+        self._fallback = LinearScheduler(base=self.base)
+        self.full_replacement_step = self._fallback.full_replacement_step
+        if total_steps is not None:
+            self.for_run(total_steps)
+
+    def for_run(self, total_steps: int) -> "RunLinearScheduler":
+        """Fix the run's length (steps); returns self."""
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps <= 0:
+            raise ScheduleError(f"total_steps must be a number of steps > 0, got {total_steps!r}.")
+        self.total_steps = total_steps
+        self.full_replacement_step = max(1, int(math.ceil(total_steps * self.full_at - 1e-9))) if self.base < 1 else 0
+        return self
+
+    @property
+    def knows_run(self) -> bool:
+        return self.total_steps is not None
+
+    def rate(self, step: int) -> float:
+        if self.total_steps is None:
+            return self._fallback.rate(step)
+        if step >= self.full_replacement_step:
+            return 1.0
+        return self.base + (1.0 - self.base) * step / self.full_replacement_step
+
+    def __repr__(self) -> str:
+        return f"RunLinearScheduler(full_at={self.full_at}, base={self.base}, total_steps={self.total_steps})"
+
+
 class CallableScheduler(Scheduler):
     """Wraps any callable step -> p; each value is checked when it is used."""
 

@@ -70,6 +70,7 @@ class FitResult:
     history: List[StepLog] = field(default_factory=list)  # the steps this call ran (after a resume: from there)
     device: str = "cpu"
     resumed_from: Optional[str] = None  # the checkpoint directory a resume started from
+    matching: Optional["FitResult"] = None  # the module-matching phase, when this call ran one
 
     @property
     def losses(self) -> List[float]:
@@ -177,6 +178,8 @@ def fit(
     progress: bool = True,
     desc: str = "train",
     on_step: Optional[Callable[[StepLog], Any]] = None,
+    match_steps: Optional[int] = None,
+    match_lr: Optional[float] = None,
 ) -> FitResult:
     """Train `target` for `steps` optimiser steps (a Theseus engine: until ``th.step_count == steps``,
     so a resumed run finishes the same budget).
@@ -204,6 +207,12 @@ def fit(
     restore_device: move the model (and the loss object) back to the device it came from at the end,
         so evaluation and export code written for the CPU keeps working; False leaves it on `device`.
     on_step: called with each step's `StepLog` after the optimiser step (e.g. an evaluation every N steps).
+    match_steps: engines only: how many of the `steps` go to module matching before the mixed phase
+        (`Theseus.match_successors`: each successor learns its group's output, labels unused). None:
+        the engine's recipe decides (the default recipe: its ``match_fraction`` of `steps`); 0: none.
+        The mixed phase then has ``steps - match_steps`` optimiser steps (``th.step_count`` ends there),
+        and a resumed run skips matching (its successors come from the checkpoint).
+    match_lr: the matching phase's learning rate (None: the recipe's ``match_lr``, else `lr`).
 
     The model is put in training mode and left in the mode it had before. Raises `NonFiniteLossError`
     (before the optimiser applies the step) when the loss is NaN or infinite.
@@ -213,6 +222,18 @@ def fit(
     if not isinstance(model, nn.Module):
         raise TrainingError(f"fit() trains a Theseus engine or a torch.nn.Module, got {type(target).__qualname__}.")
     _check_settings(steps, lr_schedule, gradient_accumulation, checkpoint_every, checkpoints, engine)
+    planned_matching = _matching_steps(engine, steps, match_steps)
+    steps -= planned_matching  # matching comes out of the same budget of optimiser steps
+    if engine is not None and engine.step_count == 0 and not getattr(engine.scheduler, "knows_run", True):
+        engine.set_total_steps(steps)  # the default curriculum reaches p = 1 at its fraction of this run
+    matching = shared_source = None
+    if planned_matching and engine.step_count == 0 and not _has_checkpoint(checkpoints):
+        # matching reads the first batches; the mixed phase goes on from the same stream
+        shared_source = _batch_source(batches, 0, (planned_matching + steps) * gradient_accumulation)
+        matching = engine.match_successors(
+            shared_source, planned_matching, lr=match_lr or engine.recipe.match_lr or lr, weight_decay=weight_decay,
+            lr_schedule=lr_schedule, device=device, mixed_precision=mixed_precision, progress=progress,
+            restore_device=restore_device, desc=f"{desc}: module matching")
     run_device = resolve_device(device, model)
     dtype = autocast_dtype(mixed_precision, run_device)
     params = list(params if params is not None else (engine.trainable_parameters() if engine else model.parameters()))
@@ -235,10 +256,10 @@ def fit(
 
         manager = CheckpointManager(checkpoints) if isinstance(checkpoints, str) else checkpoints
         resumed = manager.resume(engine, optimizer, scheduler) if manager is not None else None
-        position = (resumed.data_position or 0) if resumed else 0
-        next_batch = _batch_source(batches, position, steps * gradient_accumulation)
+        position = (resumed.data_position or 0) if resumed else planned_matching
+        next_batch = shared_source or _batch_source(batches, position, steps * gradient_accumulation)
         logger = MetricsLogger(metrics) if isinstance(metrics, str) else metrics
-        result = FitResult(device=str(run_device), resumed_from=resumed.path if resumed else None)
+        result = FitResult(device=str(run_device), resumed_from=resumed.path if resumed else None, matching=matching)
         if resumed and progress:
             tqdm.write(f"resumed from {resumed.path} (step {resumed.step})")
 
@@ -318,6 +339,27 @@ def _check_settings(steps: int, lr_schedule: str, accumulation: int, checkpoint_
     if checkpoints is not None and engine is None:
         raise TrainingError("checkpoints= saves and resumes a Theseus run; a plain model has no engine state. "
                             "Pass the Theseus engine as the target, or save the model yourself (save_pretrained).")
+
+
+def _matching_steps(engine: Optional[Theseus], steps: int, match_steps: Optional[int]) -> int:
+    if engine is None:
+        if match_steps:
+            raise TrainingError("match_steps= trains successors to match their groups; it needs a Theseus engine "
+                                "as the target, not a plain model.")
+        return 0
+    if match_steps is None:
+        return int(steps * engine.recipe.match_fraction) if engine.step_count == 0 else 0
+    if isinstance(match_steps, bool) or not isinstance(match_steps, int) or not 0 <= match_steps < steps:
+        raise TrainingError(f"match_steps must be an int from 0 to steps - 1 (it comes out of the {steps} steps), "
+                            f"got {match_steps!r}.")
+    return match_steps
+
+
+def _has_checkpoint(checkpoints: Any) -> bool:
+    if checkpoints is None:
+        return False
+    manager = CheckpointManager(checkpoints) if isinstance(checkpoints, str) else checkpoints
+    return manager.latest() is not None
 
 
 def _batch_source(batches: Any, position: int, needed: int) -> Callable[[int], Batch]:

@@ -1,0 +1,120 @@
+"""Named recipes and the run-relative default curriculum."""
+
+import itertools
+import warnings
+
+import pytest
+import torch
+
+from theseus_general import LinearScheduler, RunLinearScheduler, ScheduleError, Theseus, fit
+
+from conftest import ChainModel
+
+
+def chain_engine(**kwargs) -> Theseus:
+    return Theseus(ChainModel(depth=4, seed=0), successor_depth=2, adapter="generic", container="blocks", **kwargs)
+
+
+def batches():
+    g = torch.Generator().manual_seed(0)
+    while True:
+        x = torch.randn(8, 4, generator=g)
+        yield x, (x.sum(1) > 0).long()
+
+
+def test_run_linear_scheduler_reaches_one_at_its_fraction_of_the_run():
+    s = RunLinearScheduler(full_at=0.25, base=0.2).for_run(40)
+    assert s.full_replacement_step == 10
+    assert [s(t) for t in (0, 5, 9, 10, 39)] == pytest.approx([0.2, 0.6, 0.92, 1.0, 1.0])
+    assert s(10) == 1.0  # exactly 1, not 0.9999...: the phase turns "successor" at that step
+    with pytest.raises(ScheduleError, match="total_steps"):
+        s.for_run(0)
+    with pytest.raises(ScheduleError, match="full_at"):
+        RunLinearScheduler(full_at=0.0)
+
+
+def test_default_recipe_trains_the_rest_and_fit_tells_the_curriculum_the_runs_length():
+    th = chain_engine()
+    assert th.recipe.name == "default" and th.train_rest
+    assert isinstance(th.scheduler, RunLinearScheduler) and not th.scheduler.knows_run
+    result = fit(th, batches(), 8, lr=1e-2, progress=False, match_steps=0)
+    full_at = int(8 * th.recipe.full_at)
+    assert [s.replacement_rate for s in result.history][full_at:] == [1.0] * (8 - full_at)
+    assert result.history[full_at - 1].replacement_rate < 1.0
+    th.unwrap()
+
+
+def test_paper_recipe_freezes_the_rest_and_keeps_the_papers_fixed_slope():
+    th = chain_engine(recipe="paper")
+    assert not th.train_rest and isinstance(th.scheduler, LinearScheduler)
+    assert (th.scheduler.base, th.scheduler.k) == (0.3, 6e-4)
+    assert {n for n, p in th.model.named_parameters() if p.requires_grad} == \
+        {n for n, p in th.model.named_parameters() if ".successor." in n}
+    th.unwrap()
+    # explicit settings win over the recipe's
+    th = chain_engine(recipe="paper", train_rest=True, scheduler=0.5)
+    assert th.train_rest and th.scheduler(100) == 0.5
+    th.unwrap()
+
+
+def test_unknown_recipe_is_refused_before_wrapping():
+    model = ChainModel(depth=4, seed=0)
+    with pytest.raises(ScheduleError, match="Unknown recipe 'fast'.*default.*paper"):
+        Theseus(model, successor_depth=2, adapter="generic", container="blocks", recipe="fast")
+    assert not any("Theseus" in type(m).__name__ for m in model.modules())
+
+
+def test_own_loop_without_total_steps_warns_once_and_total_steps_silences_it():
+    th = chain_engine()
+    with pytest.warns(UserWarning, match="total_steps"):
+        th.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        th.step()  # once is enough
+    th.unwrap()
+
+    th = chain_engine(total_steps=10)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        rates = [th.step() for _ in range(10)]
+    assert rates[4:] == [1.0] * 6 and rates[3] < 1.0
+    with pytest.raises(ScheduleError, match="before training"):
+        th.set_total_steps(20)
+    th.unwrap()
+
+
+def test_fit_runs_the_recipes_module_matching_out_of_the_same_step_budget(tmp_path):
+    from dataclasses import replace
+
+    from theseus_general import RECIPES
+
+    th = chain_engine(recipe=replace(RECIPES["default"], match_fraction=0.25, match_lr=1e-2))
+    result = fit(th, batches(), 8, lr=1e-2, progress=False)
+    assert len(result.matching.history) == 2 and len(result.history) == 6  # 8 steps in all
+    assert th.step_count == 6 and th.scheduler.total_steps == 6
+    assert result.matching.history[0].lr == pytest.approx(1e-2)  # the recipe's matching lr
+    th.unwrap()
+
+    th = chain_engine(recipe="paper")  # the paper's recipe does no matching; match_steps= asks for it
+    result = fit(th, batches(), 8, lr=1e-2, match_steps=3, match_lr=5e-3, progress=False)
+    assert len(result.matching.history) == 3 and result.matching.history[0].lr == pytest.approx(5e-3)
+    assert th.step_count == 5
+    th.unwrap()
+    with pytest.raises(Exception, match="match_steps must be an int from 0 to steps - 1"):
+        fit(chain_engine(), batches(), 4, match_steps=4, progress=False)
+    with pytest.raises(Exception, match="needs a Theseus engine"):
+        fit(ChainModel(depth=2), batches(), 4, match_steps=2, progress=False)
+
+
+def test_a_resumed_run_skips_matching_and_ends_where_the_uninterrupted_one_ends(tmp_path):
+    from dataclasses import replace
+
+    from theseus_general import RECIPES
+
+    recipe = replace(RECIPES["default"], match_fraction=0.25)
+    first = chain_engine(recipe=recipe, seed=3)
+    fit(first, batches(), 8, lr=1e-2, checkpoints=str(tmp_path), checkpoint_every=2, progress=False)
+    again = chain_engine(recipe=recipe, seed=3)
+    result = fit(again, batches(), 8, lr=1e-2, checkpoints=str(tmp_path), progress=False)
+    assert result.resumed_from is not None and result.matching is None and again.step_count == 6
+    first.unwrap(); again.unwrap()

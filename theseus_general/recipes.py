@@ -1,0 +1,52 @@
+"""Named training recipes: what `Theseus(...)` and `fit` do when a setting is not given.
+
+``recipe="default"`` is the library's recipe, chosen on dev splits (benchmarks/quality.py,
+docs/results.md#ablation): `fit` first spends `match_fraction` of the steps on module matching
+(each successor learns its group's output from the group's input, at `match_lr`; this is what
+stops short runs from collapsing to one class), then copies of the non-replaced parts train
+from step 0 of the mixed phase while the replacement rate rises linearly from `base` to 1 at
+`full_at` of it (`RunLinearScheduler`); the successors then train alone.
+
+``recipe="paper"`` is BERT-of-Theseus as published (Xu et al., 2020): embeddings and head
+frozen, task loss only, the linear curriculum p = min(1, 0.3 + 6e-4 t) whatever the run's length.
+
+Settings given explicitly (``scheduler=``, ``train_rest=``) win over the recipe's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional
+
+from .errors import ScheduleError
+from .schedulers import LinearScheduler, RunLinearScheduler, Scheduler
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    train_rest: bool
+    full_at: Optional[float]  # fraction of the run at which p reaches 1; None: the paper's fixed slope
+    base: float  # the replacement rate at step 0
+    match_fraction: float = 0.0  # share of fit()'s steps spent on module matching first
+    match_lr: Optional[float] = None  # its learning rate (None: fit()'s lr)
+
+    def scheduler(self) -> Scheduler:
+        if self.full_at is None:
+            return LinearScheduler(base=self.base)
+        return RunLinearScheduler(full_at=self.full_at, base=self.base)
+
+
+RECIPES: Dict[str, Recipe] = {
+    "default": Recipe("default", train_rest=True, full_at=0.5, base=0.3, match_fraction=0.2, match_lr=1e-3),
+    "paper": Recipe("paper", train_rest=False, full_at=None, base=0.3),
+}
+
+
+def get_recipe(name: str) -> Recipe:
+    if isinstance(name, Recipe):
+        return name
+    if name not in RECIPES:
+        raise ScheduleError(f"Unknown recipe {name!r}; choose one of {sorted(RECIPES)} "
+                            "(or give scheduler= and train_rest= yourself).")
+    return RECIPES[name]
