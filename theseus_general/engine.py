@@ -65,9 +65,10 @@ class Theseus:
             paper's replacement phase. Either way the set of trainable parameters is fixed
             at wrapping and never changes during the run.
         unfreeze_rest: deprecated alias of train_rest (warns); the rest no longer waits for p = 1.
-        recipe: "default" (the library's recipe, chosen on dev splits) or "paper" (BERT-of-Theseus as
-            published: rest frozen, p = min(1, 0.3 + 6e-4 t)); it fills in scheduler= and train_rest=
-            when they are not given. See `theseus_general.recipes`.
+        recipe: "default" (the library's recipe, chosen on dev splits: module matching first, then the
+            mixed phase), "paper" (BERT-of-Theseus as published: rest frozen, p = min(1, 0.3 + 6e-4 t),
+            no matching), or a `Recipe`; it fills in scheduler= and train_rest= when they are not
+            given, and tells `fit` how much module matching to do. See `theseus_general.recipes`.
         total_steps: the run's optimiser steps, for a curriculum relative to the run's length (the
             default recipe's); `fit` passes its own ``steps``. Without it the engine warns at its first step.
         seed: seed of the replacement draws (identical on every process).

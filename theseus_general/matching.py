@@ -12,20 +12,32 @@ does not advance: ``th.step_count`` is the same afterwards.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Union
+from typing import Any, Callable, Iterable, Mapping, Tuple, Union
 
 import torch
 
 from .errors import TrainingError
 from .graph import run_model
-from .training import Batch, FitResult, fit
+from .training import Batch, FitResult, _batch_source, fit
+
+
+def _inputs_of(batch: Any) -> Any:
+    """The model inputs of a batch: ``(inputs, labels)`` pairs as `fit` takes them, a dict of model
+    arguments (Hugging Face style; its "labels" are dropped) or the inputs alone."""
+    if isinstance(batch, Mapping):
+        return {k: v for k, v in batch.items() if k != "labels"}
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0]
+    return batch
 
 
 def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int], Batch]], steps: int, *,
                      lr: float = 1e-3, desc: str = "match successors", **fit_options: Any) -> FitResult:
     """Train the successors of `engine` for `steps` steps to reproduce their groups' outputs.
 
-    batches: ``(inputs, labels)`` pairs as for `fit` (labels are ignored; ``None`` is fine).
+    batches: ``(inputs, labels)`` pairs as for `fit` (labels are ignored; ``None`` is fine), dicts of
+        model arguments (a Hugging Face loader's batches; "labels" is dropped), or the inputs alone;
+        an iterable or a function ``position -> batch``.
     lr and the other options (``weight_decay``, ``lr_schedule``, ``device``, ``mixed_precision``,
     ``progress``, ...) are `fit`'s; the optimiser sees the successors' parameters only.
     Returns fit's `FitResult`; its losses are the mean relative errors over the groups.
@@ -47,10 +59,15 @@ def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int]
                                 "the wrapped model takes.")
         return torch.stack(errors).mean()
 
+    source = _batch_source(batches, 0, steps)
+
+    def unlabelled(position: int) -> Tuple[Any, None]:
+        return _inputs_of(source(position)), None
+
     previous = state.force
     state.force = "match"
     try:
-        return fit(model, batches, steps, loss=matching_loss, params=params, lr=lr, desc=desc, **fit_options)
+        return fit(model, unlabelled, steps, loss=matching_loss, params=params, lr=lr, desc=desc, **fit_options)
     finally:
         state.force = previous
         state.match_errors.clear()
