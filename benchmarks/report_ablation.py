@@ -42,7 +42,7 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("variants", nargs="+", metavar="LABEL=JSON")
     p.add_argument("--output", default=os.path.join(RESULTS_DIR, "quality_ablation.json"))
     args = p.parse_args(argv)
-    rows: List[Dict[str, Any]] = [variant_row(*item.split("=", 1)) for item in args.variants]
+    rows: List[Dict[str, Any]] = [variant_row(*item.rsplit("=", 1)) for item in args.variants]
     reference = next((r for r in rows if r["variant"] == args.reference), None)
     if reference is None:
         raise SystemExit(f"error: the reference {args.reference!r} is not among the variants")

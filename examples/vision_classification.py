@@ -42,9 +42,10 @@ from theseus_general.measure import count_flops, count_parameters, measure_laten
 from theseus_general.training import FitResult, add_device_arguments, fit  # noqa: E402
 
 # Per-family defaults, sized to finish in under 15 minutes on 2 CPU cores (1 thread); every one
-# has a flag. Theseus settings were compared on the dev split only, from the saved predecessor
-# (seed 0): ViT lr 2e-3 dev 0.752 vs 1e-3 0.743 (replace-by 0.3: 0.744); ResNet lr 1e-3 with
-# replace-by 0.3, base-rate 0.6 dev 0.892 vs replace-by 0.5, base 0.3: 0.891 (lr 2e-3: 0.890).
+# has a flag. Learning rates were compared on the dev split only, from the saved predecessor
+# (seed 0): ViT lr 2e-3 dev 0.752 vs 1e-3 0.743; ResNet lr 1e-3 (2e-3: 0.890). Theseus runs the
+# library's default recipe (module matching, then the curriculum); --recipe and the schedule
+# flags override it.
 DEFAULTS = {
     "vit": dict(width=48, depth_pred=8, pretrain_steps=1000, pretrain_lr=2e-3, steps=400, lr=2e-3, baseline_lr=2e-3),
     "resnet": dict(width=16, depth_pred=2, pretrain_steps=800, pretrain_lr=2e-3, steps=300, lr=1e-3, baseline_lr=1e-3),

@@ -181,8 +181,9 @@ def fit(
     match_steps: Optional[int] = None,
     match_lr: Optional[float] = None,
 ) -> FitResult:
-    """Train `target` for `steps` optimiser steps (a Theseus engine: until ``th.step_count == steps``,
-    so a resumed run finishes the same budget).
+    """Train `target` for `steps` optimiser steps (a Theseus engine: module matching for the recipe's
+    share of them, then the mixed phase until ``th.step_count == steps - match_steps``, so a resumed
+    run finishes the same budget).
 
     target: a `Theseus` engine (its wrapped model trains; one ``th.step()`` per optimiser step) or a
         plain ``nn.Module`` (a baseline student, a predecessor being fine-tuned).
