@@ -143,8 +143,39 @@ def main(argv=None) -> Dict[str, Any]:
         print(f"{column}: Theseus {'is' if v['at_least_as_high_as_every_other'] else 'is not'} the best; "
               f"{v['margin']:+.4f} against {LABELS.get(v['best_other'], v['best_other'])} "
               f"({v['margin_in_pooled_std']:+.1f} pooled std)" if v["margin_in_pooled_std"] is not None else "")
+    print()
+    print(wide_table(rows))
     print(f"wrote {args.output} and {args.plot}")
     return {"rows": rows, "verdicts": verdicts}
+
+
+def wide_table(rows: List[Dict[str, Any]]) -> str:
+    """The README's table: one column per task and budget, one row per method; test accuracy mean +- std
+    (share of the predecessor), the best per column in bold, then the chosen lr and the mean wall time."""
+    columns = list(dict.fromkeys(f"{r['task']}, {r['steps']} steps" for r in rows))
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cell = {(f"{r['task']}, {r['steps']} steps", r["method"]): r for r in rows}
+    best = {c: max((r for (col, _), r in cell.items() if col == c), key=lambda r: r["accuracy"]) for c in columns}
+    lines = ["| method | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
+    first = {c: next(r for (col, _), r in cell.items() if col == c) for c in columns}
+    lines.append("| predecessor | " + " | ".join(f"{first[c]['predecessor_test']:.4f}" for c in columns) + " |")
+    for m in methods:
+        out = []
+        for c in columns:
+            r = cell.get((c, m))
+            if r is None:
+                out.append("-")
+                continue
+            text = f"{r['accuracy']:.4f} ± {r['accuracy_std']:.4f} ({100 * r['retention']:.1f}%)"
+            out.append(f"**{text}**" if r is best[c] else text)
+        lines.append(f"| {LABELS.get(m, m)} | " + " | ".join(out) + " |")
+    for m in methods:
+        lines.append(f"| lr, train s/run: {LABELS.get(m, m)} | " + " | ".join(
+            f"{cell[(c, m)]['lr']:g}, {cell[(c, m)]['train_s_mean']:.0f} s" if (c, m) in cell and cell[(c, m)]["train_s_mean"]
+            else "-" for c in columns) + " |")
+    lines.append("| speed-up (FLOPs ratio) | " + " | ".join(
+        f"{first[c]['speedup']:.2f}x ({first[c]['flops_ratio']:.2f}x)" for c in columns) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
