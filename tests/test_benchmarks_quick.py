@@ -113,6 +113,11 @@ def test_quality_quick_and_its_report(tmp_path):
         assert r["accuracy"] == report["summary"][r["method"]]["test_mean"]
         assert r["flops_ratio"] > 1 and r["speedup"] > 0 and r["task"] == "ViT / Fashion-MNIST, 2 -> 1"
     assert (tmp_path / "avs.png").read_bytes()[:4] == b"\x89PNG"
+    (verdict,) = summary["verdicts"].values()  # the default recipe against the best other method
+    others = {m: r["test_mean"] for m, r in report["summary"].items() if m != "theseus"}
+    assert verdict["best_other"] == max(others, key=others.get)
+    assert verdict["margin"] == pytest.approx(report["summary"]["theseus"]["test_mean"] - max(others.values()))
+    assert verdict["at_least_as_high_as_every_other"] == (verdict["margin"] >= 0)
 
 
 def test_scaling_quick(tmp_path):
