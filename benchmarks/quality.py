@@ -386,6 +386,7 @@ def merge(paths: List[str], output: str) -> Dict[str, Any]:
             grid["chosen"].update(part["grid"]["chosen"])
     merged["settings"] = dict(first["settings"], seeds=sorted({int(s) for r in merged["runs"].values() for s in r}),
                               methods=[m for m in METHODS if m in merged["runs"]])
+    merged["runs"] = {m: merged["runs"][m] for m in METHODS if m in merged["runs"]}  # the usual order
     merged["part_settings"] = {path: {k: part["settings"].get(k) for k in sorted(_PER_PART - {"merge"})}
                                for path, part in zip(paths, parts)}
     merged["summary"] = summarise(merged["runs"])
