@@ -196,7 +196,7 @@ def test_unwrap_without_a_move_gives_back_the_callers_objects():
     model = tiny_bert(num_layers=4)
     params = dict(model.named_parameters())
     buffers = dict(model.named_buffers())
-    th = Theseus(model, successor_depth=2, train_rest=True)
+    th = Theseus(model, successor_depth=2, train_rest=True, total_steps=1)
     _train(model, th, lambda i: bert_batch(seed=i), 1, loss_fn=_bert_loss)
     th.unwrap()
     assert all(p is params[n] for n, p in model.named_parameters())
@@ -339,11 +339,11 @@ def test_an_engine_dropped_without_unwrap_leaves_no_global_optimizer_hook():
 
     from torch.optim import optimizer as optim_module
 
-    before = len(optim_module._global_optimizer_pre_hooks)
+    before = set(optim_module._global_optimizer_pre_hooks)
     model = ChainModel(depth=6)
     th = Theseus(model, adapter="generic", container="blocks", successor_depth=3)
-    assert len(optim_module._global_optimizer_pre_hooks) == before + 1
+    (ours,) = set(optim_module._global_optimizer_pre_hooks) - before  # this engine's hook
     successor = weakref.ref(th.successors()[0])
     del th, model
-    gc.collect()
-    assert len(optim_module._global_optimizer_pre_hooks) == before and successor() is None
+    gc.collect()  # may also collect engines other tests left behind: only ours is checked
+    assert ours not in optim_module._global_optimizer_pre_hooks and successor() is None
