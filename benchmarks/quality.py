@@ -120,6 +120,16 @@ class TextTask(Task):
         return {"dev": self.tc.accuracy(model, self.dev), "test": self.tc.accuracy(model, self.test)}
 
 
+def budget_target(args: argparse.Namespace) -> Dict[str, Any]:
+    """The budget planner's arguments (--target-speedup, --successor-width), or {} for a plain depth."""
+    target: Dict[str, Any] = {}
+    if args.target_speedup is not None:
+        target["target_speedup"] = args.target_speedup
+    if args.successor_width is not None:
+        target["successor_width"] = "auto" if args.successor_width == "auto" else float(args.successor_width)
+    return target
+
+
 class VisionTask(Task):
     def __init__(self, args: argparse.Namespace):
         import vision_classification as vc
@@ -128,7 +138,7 @@ class VisionTask(Task):
         self.vc, self.args, self.name = vc, args, args.arch
         self.data = load_fashion_mnist(args.data_dir, args.dev_size, args.split_seed, args.train_limit)
         self.source = f"Fashion-MNIST from {self.data.source}"
-        self.target = {"ratio": args.ratio}
+        self.target = budget_target(args) or {"ratio": args.ratio}
 
     def _build(self, seed: int) -> nn.Module:
         torch.manual_seed(seed)
@@ -287,6 +297,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--task", choices=["text", "vision"], default="text")
     p.add_argument("--arch", choices=["vit", "resnet"], default="vit", help="vision: the model family")
     p.add_argument("--ratio", type=float, default=0.5, help="vision: successor depth / predecessor depth")
+    p.add_argument("--target-speedup", type=float, default=None,
+                   help="vision: plan the successor shape with the budget planner (FLOPs-predicted speed-up) instead of --ratio")
+    p.add_argument("--successor-width", default=None,
+                   help="vision: narrower successors: a fraction of the MLP neurons / channels, or 'auto' with --target-speedup")
     p.add_argument("--save-predecessor", default=None, help="vision: write the trained predecessor here (safetensors)")
     p.add_argument("--quick", action="store_true", help="tiny ViT, 2,000 images, 2 seeds, a few steps (smoke test)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -403,7 +417,8 @@ def main(argv=None) -> Dict[str, Any]:
         return merge(args.merge, args.output or os.path.join(RESULTS_DIR, "quality_merged.json"))
     torch.set_num_threads(args.threads)
     quiet_transformers()
-    name = f"text_d{args.depth}" if args.task == "text" else f"{args.arch}_r{args.ratio:g}"
+    shape = "".join(f"_{k[0]}{v}" for k, v in (("s", args.target_speedup), ("w", args.successor_width)) if v is not None)
+    name = f"text_d{args.depth}" if args.task == "text" else f"{args.arch}_" + (shape[1:] if shape else f"r{args.ratio:g}")
     path = args.output or os.path.join(RESULTS_DIR, f"quality_{name}{'_quick' if args.quick else ''}.json")
     started = time.time()
     report = finish(run(args, path), path, "quality.py", argv, started)

@@ -74,7 +74,17 @@ FAMILY = {"text": "MiniLM / Rotten Tomatoes", "vit": "ViT / Fashion-MNIST", "res
 
 def task_label(report: Dict[str, Any]) -> str:
     depth = {k: sum(v.values()) for k, v in report["depth"].items()}
-    return f"{FAMILY[report['task']]}, {depth['predecessor']} -> {depth['successor']}"
+    planned = ", ".join(f"{k}={v}" for k, v in report["target"].items() if k in ("target_speedup", "successor_width"))
+    return f"{FAMILY[report['task']]}, {depth['predecessor']} -> {depth['successor']}" + (f" ({planned})" if planned else "")
+
+
+def shape_kind(target: Dict[str, Any]) -> str:
+    width = target.get("successor_width")
+    if width is None:
+        return "depth only"
+    if "target_speedup" in target or "ratio" in target:
+        return "depth and width"
+    return "width only"
 
 
 def verdict(report: Dict[str, Any], method: str = "theseus") -> Dict[str, Any]:
@@ -100,6 +110,10 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--plot", default=os.path.join(REPO_ROOT, "docs", "images", "accuracy_vs_speedup.png"))
     p.add_argument("--output", default=os.path.join(RESULTS_DIR, "quality_summary.json"))
     p.add_argument("--results", default=RESULTS_DIR, help="directory of the quality_*.json files")
+    p.add_argument("--methods", nargs="+", default=None, help="only these methods (default: all)")
+    p.add_argument("--by-shape", action="store_true",
+                   help="one plot series per method and kind of shape (depth only, width only, depth and width): "
+                        "the Pareto view of the budget planner's runs")
     args = p.parse_args(argv)
     quiet_transformers()
     rows: List[Dict[str, Any]] = []
@@ -116,6 +130,8 @@ def main(argv=None) -> Dict[str, Any]:
         if verdict(report):
             verdicts[f"{task_label(report)}, {report['settings']['steps']} steps"] = verdict(report)
         for method, r in report["summary"].items():
+            if args.methods and method not in args.methods:
+                continue
             wall = [run["train_s"] for run in report["runs"][method].values() if "train_s" in run]
             rows.append({"task": task_label(report), "family": FAMILY[report["task"]], "file": os.path.basename(path), "method": method,
                          "label": LABELS.get(method, method), "seeds": r["seeds"], "steps": report["settings"]["steps"],
@@ -123,13 +139,15 @@ def main(argv=None) -> Dict[str, Any]:
                          "accuracy": r["test_mean"], "accuracy_std": r["test_std"], "retention": r["test_mean"] / pred,
                          "dev": r["dev_mean"], "train_s_mean": sum(wall) / len(wall) if wall else None,
                          "lr": (report.get("grid", {}).get("chosen", {}).get(method) or {}).get("lr", report["settings"]["lr"]),
+                         "shape": shape_kind(report["target"]),
                          **measured})
     if not rows:
         raise SystemExit(f"no quality results in {args.results}; run benchmarks/quality.py first")
     write_json({"rows": rows, "verdicts": verdicts, "conditions": conditions(torch.device("cpu"))}, args.output)
     predecessors = {(r["family"], r["predecessor_test"]) for r in rows}  # at 1.0x
     points = ([{"task": family, "method": "predecessor", "speedup": 1.0, "accuracy": acc} for family, acc in predecessors]
-              + [{**r, "task": r["family"], "method": r["label"]} for r in rows])
+              + [{**r, "task": r["family"], "method": f"{r['label']}, {r['shape']}" if args.by_shape else r["label"]}
+                 for r in rows])
     plot_accuracy_vs_speedup(sorted(points, key=lambda q: q["method"] != "predecessor"), args.plot,
                              title="Test accuracy (mean +- std over seeds) against measured speed-up")
     print("| task | steps | method | lr | seeds | test accuracy | % of predecessor | train s / run | speed-up (FLOPs ratio) |")
