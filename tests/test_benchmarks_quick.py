@@ -160,3 +160,18 @@ def test_quality_dev_grid_chooses_each_methods_settings_on_the_first_seed_only(t
         assert set(report["runs"][method]) == {"0", "1"}
     assert set(grid["chosen"]["kd"]) == {"lr", "temperature", "alpha"}
     assert (grid["chosen"]["kd"]["temperature"], grid["chosen"]["kd"]["alpha"]) in {(2.0, 0.5), (4.0, 0.9)}
+
+
+def test_quality_plans_budget_shapes_for_every_method_alike(tmp_path):
+    path = tmp_path / "budget.json"
+    data = write_idx_dataset(tmp_path / "fashion-mnist")
+    load("quality").main(["--quick", "--data-dir", data, "--methods", "theseus", "finetune_trained",
+                          "--seeds", "0", "--successor-width", "0.5", "--output", str(path)])
+    report = read(path)
+    assert report["target"] == {"successor_width": 0.5}  # width only: the depth stays
+    assert report["depth"] == {"predecessor": {"blocks": 2}, "successor": {"blocks": 2}}
+    assert set(report["runs"]) == {"theseus", "finetune_trained"}
+    report_quality = load("report_quality")
+    assert report_quality.shape_kind(report["target"]) == "width only"
+    assert report_quality.shape_kind({"target_speedup": 2.0, "successor_width": "auto"}) == "depth and width"
+    assert report_quality.shape_kind({"ratio": 0.5}) == "depth only"
