@@ -36,7 +36,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from image_data import DataError, load_fashion_mnist  # noqa: E402
 
-from theseus_general import ConstantScheduler, RunLinearScheduler, Theseus  # noqa: E402
+from recipe_flags import add_recipe_arguments, match_steps, schedule_from_flags  # noqa: E402
+from theseus_general import Theseus  # noqa: E402
 from theseus_general.graph import get_submodule  # noqa: E402
 from theseus_general.measure import count_flops, count_parameters, measure_latency, state_checksum  # noqa: E402
 from theseus_general.training import FitResult, add_device_arguments, fit  # noqa: E402
@@ -110,13 +111,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(x)
 
 
-def match_steps(target, steps: int, args: argparse.Namespace):
-    """--match-fraction as steps for a Theseus run (None: the recipe's; plain models never match)."""
-    if not isinstance(target, Theseus) or args.match_fraction is None:
-        return None
-    return int(steps * args.match_fraction)
-
-
 def train(target, data, steps: int, lr: float, seed: int, desc: str, args: argparse.Namespace,
           warmup: float = 0.0, metrics: Optional[str] = None) -> FitResult:
     """The example's recipe on the shared loop (`theseus_general.training.fit`): AdamW (weight decay
@@ -130,18 +124,6 @@ def train(target, data, steps: int, lr: float, seed: int, desc: str, args: argpa
 def share(value: float, reference: float) -> float:
     """value / reference; NaN when the reference is 0 (an untrained predecessor)."""
     return value / reference if reference else float("nan")
-
-
-def schedule_from_flags(args: argparse.Namespace):
-    """None (the recipe's curriculum) unless a schedule flag was given; then that schedule over the mixed phase."""
-    if args.schedule == "linear" and args.base_rate is None and args.replace_by is None:
-        return None
-    base = 0.3 if args.base_rate is None else args.base_rate
-    replace_by = 0.5 if args.replace_by is None else args.replace_by
-    if args.schedule == "linear":
-        return RunLinearScheduler(full_at=replace_by, base=base)  # fit() tells it the run's length
-    mixed = args.steps - int(args.steps * (args.match_fraction or 0.0))
-    return ConstantScheduler(base, replace_all_at=max(1, int(mixed * replace_by)))
 
 
 # ---------------------------------------------------------------- main
@@ -160,20 +142,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="step budget of Theseus and of the baseline")
     p.add_argument("--lr", type=float, default=None, help="Theseus learning rate")
     p.add_argument("--baseline-lr", type=float, default=None)
-    p.add_argument("--recipe", choices=["default", "paper"], default="default",
-                   help="Theseus recipe: the library's default, or the paper's (rest frozen, no module matching); "
-                        "the flags below override parts of it")
-    p.add_argument("--schedule", choices=["linear", "constant"], default="linear",
-                   help="replacement-rate schedule: linear curriculum, or constant --base-rate then 1")
-    p.add_argument("--base-rate", type=float, default=None,
-                   help="curriculum start b (linear) / constant rate p (default: the recipe's, 0.3)")
-    p.add_argument("--replace-by", type=float, default=None,
-                   help="fraction of the mixed phase after which p = 1 and only the successors run (default: the recipe's, 0.5)")
-    p.add_argument("--match-fraction", type=float, default=None,
-                   help="fraction of --steps spent first on module matching (default: the recipe's)")
-    p.add_argument("--train-rest", action=argparse.BooleanOptionalAction, default=None,
-                   help="train (copies of) the embeddings/stem and head from step 0 (default: the recipe's, on for "
-                        "'default'); --no-train-rest keeps them frozen, as in the paper")
+    add_recipe_arguments(p)
     p.add_argument("--only", choices=["all", "theseus"], default="all", help="'theseus' skips the baseline (for sweeps)")
     p.add_argument("--predecessor", default=None, help="predecessor.safetensors of an already trained predecessor (same flags)")
     p.add_argument("--seed", type=int, default=0)
