@@ -109,7 +109,8 @@ def plot_accuracy_vs_speedup(points: Sequence[Mapping], path: str, title: Option
     tasks = list(dict.fromkeys(p["task"] for p in points))
     methods = list(dict.fromkeys(p["method"] for p in points))
     markers = "o s D ^ v P X * h".split()
-    fig, axes = _figure(3.8 * len(tasks), 3.8, ncols=len(tasks))
+    # at least 9 inches wide: the title and a legend of three columns need it with one panel
+    fig, axes = _figure(max(3.8 * len(tasks), 9.0), 3.8 + 0.2 * ((len(methods) + 2) // 3), ncols=len(tasks))
     for ax, task in zip(axes, tasks):
         for i, method in enumerate(methods):
             mine = [p for p in points if p["task"] == task and p["method"] == method]
