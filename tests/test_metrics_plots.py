@@ -76,7 +76,10 @@ def test_plots_write_pngs(tmp_path):
     assert read_png_size(plot_comparison(rows, str(tmp_path / "cmp.png")))[0] == 8 * 120
     points = [{"task": t, "method": m, "speedup": s, "accuracy": a, "accuracy_std": 0.01}
               for t in ("text 6->3", "vit 8->4") for m, s, a in (("theseus", 2.0, 0.8), ("kd", 2.0, 0.79))]
-    assert read_png_size(plot_accuracy_vs_speedup(points, str(tmp_path / "avs.png")))[0] == int(2 * 3.8 * 120)
+    # 3.8 inches per panel, at least 9 (room for the title and a legend of three columns)
+    assert read_png_size(plot_accuracy_vs_speedup(points, str(tmp_path / "avs.png")))[0] == int(9 * 120)
+    assert read_png_size(plot_accuracy_vs_speedup(points * 2 + [dict(p, task="resnet") for p in points],
+                                                  str(tmp_path / "avs3.png")))[0] == round(3 * 3.8 * 120)
 
 
 def test_plot_curriculum_names_missing_metrics(tmp_path):
