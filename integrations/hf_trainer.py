@@ -47,8 +47,7 @@ class TheseusCallback(TrainerCallback):
                 f"{state.global_step}; create a new engine for a new run."
             )
         max_steps = getattr(state, "max_steps", 0)
-        if (self.theseus.step_count == 0 and max_steps and max_steps > 0
-                and not getattr(self.theseus.scheduler, "knows_run", True)):
+        if self.theseus.step_count == 0 and max_steps and max_steps > 0 and self.theseus.needs_total_steps:
             self.theseus.set_total_steps(max_steps)  # the default curriculum is relative to the run
         while self.theseus.step_count < state.global_step:
             self.theseus.step()

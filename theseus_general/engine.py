@@ -124,7 +124,7 @@ class Theseus:
         self.recipe = get_recipe(recipe)
         self.train_rest = _train_rest_argument(train_rest, unfreeze_rest, self.recipe.train_rest)
         self.scheduler = self.recipe.scheduler() if scheduler is None else as_scheduler(scheduler)
-        if total_steps is not None and isinstance(self.scheduler, RunLinearScheduler):
+        if total_steps is not None and self.needs_total_steps:
             self.scheduler.for_run(total_steps)
         first_rate = self.scheduler(0)
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -216,7 +216,7 @@ class Theseus:
                     "the run is stopped and nothing more can be saved from it. Resume from the last good "
                     "checkpoint, e.g. with a lower learning rate."
                 )
-        if self._step == 0 and isinstance(self.scheduler, RunLinearScheduler) and not self.scheduler.knows_run:
+        if self._step == 0 and self.needs_total_steps:
             warn_user(
                 "The engine does not know how many steps this run has, so its curriculum follows the paper's "
                 f"fixed slope (p = 1 at step {self.scheduler.full_replacement_step}) instead of reaching 1 at "
@@ -227,6 +227,12 @@ class Theseus:
         rate = self.scheduler(self._step)
         self._state.advance(self._step, rate)
         return rate
+
+    @property
+    def needs_total_steps(self) -> bool:
+        """True while the schedule is relative to the run's length (`RunLinearScheduler`) and does not
+        know it yet: `fit` and the Trainer integration then call `set_total_steps`."""
+        return isinstance(self.scheduler, RunLinearScheduler) and not self.scheduler.knows_run
 
     def set_total_steps(self, total_steps: int) -> None:
         """Tell the default curriculum (`RunLinearScheduler`) how many optimiser steps the run has,

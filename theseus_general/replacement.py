@@ -103,6 +103,11 @@ class ReplacementState:
         self.ran_successor.clear()
 
 
+def _carried(out: Any) -> Any:
+    """What a block hands the next one: its output, or the first element of a tuple/list output."""
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
 class TheseusGroup(nn.Module):
     """A group of predecessor blocks and the successor that learns to replace them."""
 
@@ -118,10 +123,8 @@ class TheseusGroup(nn.Module):
     @torch.compiler.disable(recursive=False)
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         state = self._state
-        if state.force == "predecessor":
-            return self.run_predecessor(*args, **kwargs)
-        if state.force == "match":
-            return self._match(*args, **kwargs)
+        if state.force is not None:  # validation or module matching; one test on the training path
+            return self.run_predecessor(*args, **kwargs) if state.force == "predecessor" else self._match(*args, **kwargs)
         if not self.training or state.draw(self.index):
             return self.successor(*args, **kwargs)
         out = self.run_predecessor(*args, **kwargs)
@@ -146,7 +149,7 @@ class TheseusGroup(nn.Module):
         out = None
         for block in self.predecessor:
             out = block(carried, *rest, **kwargs) if key is None else block(*rest, **{key: carried}, **kwargs)
-            carried = out[0] if isinstance(out, (tuple, list)) else out
+            carried = _carried(out)
         return out
 
     def _match(self, *args: Any, **kwargs: Any) -> Any:
@@ -154,11 +157,10 @@ class TheseusGroup(nn.Module):
         # the same input and learns to reproduce the group's output (relative squared error).
         with torch.no_grad():
             target = self.run_predecessor(*args, **kwargs)
-        wanted = (target[0] if isinstance(target, (tuple, list)) else target).float()
+        wanted = _carried(target).float()
         with torch.enable_grad():
-            produced = self.successor(*args, **kwargs)
-            got = produced[0] if isinstance(produced, (tuple, list)) else produced
-            error = (got.float() - wanted).pow(2).mean() / wanted.pow(2).mean().clamp_min(1e-12)
+            got = _carried(self.successor(*args, **kwargs)).float()
+            error = (got - wanted).pow(2).mean() / wanted.pow(2).mean().clamp_min(1e-12)
         self._state.match_errors.append(error)
         return target
 
@@ -175,7 +177,7 @@ class TheseusGroup(nn.Module):
         # idle for the whole step to None, after DDP has reduced them, so the
         # optimiser skips them as in the reference code.
         params = [p for p in self.successor.parameters() if p.requires_grad]
-        carried = out[0] if isinstance(out, (tuple, list)) else out
+        carried = _carried(out)
         if not params or not isinstance(carried, torch.Tensor) or not carried.is_floating_point():
             return out
         if any(_is_sharded(p) for p in params):

@@ -225,7 +225,7 @@ def fit(
     _check_settings(steps, lr_schedule, gradient_accumulation, checkpoint_every, checkpoints, engine)
     planned_matching = _matching_steps(engine, steps, match_steps)
     steps -= planned_matching  # matching comes out of the same budget of optimiser steps
-    if engine is not None and engine.step_count == 0 and not getattr(engine.scheduler, "knows_run", True):
+    if engine is not None and engine.step_count == 0 and engine.needs_total_steps:
         engine.set_total_steps(steps)  # the default curriculum reaches p = 1 at its fraction of this run
     matching = shared_source = None
     if planned_matching and engine.step_count == 0 and not _has_checkpoint(checkpoints):
