@@ -65,3 +65,81 @@ def test_matching_then_fit_on_a_bert_encoder_keeps_the_run_exportable():
     exported = th.export()
     assert exported.config.num_hidden_layers == 2
     th.unwrap()
+
+
+def chain_with_weak_even_blocks() -> ChainModel:
+    """6 residual blocks where blocks 0, 2, 4 barely change their input and 1, 3, 5 do the work:
+    each group of two is best reproduced by a copy of its second block, not by the default
+    init's copy of block i."""
+    model = ChainModel(depth=6, seed=0)
+    with torch.no_grad():
+        for i, block in enumerate(model.blocks):
+            block.linear.weight.mul_(0.01 if i % 2 == 0 else 3.0)
+    return model
+
+
+def test_choose_starts_keeps_the_candidate_with_the_least_error_and_copies_only_tensors():
+    from theseus_general.matching import choose_starts
+
+    model = chain_with_weak_even_blocks()
+    th = Theseus(model, successor_depth=3, adapter="generic", container="blocks", seed=0)
+    probe = torch.randn(64, 4, generator=torch.Generator().manual_seed(5))
+    successors = [id(s) for s in th.successors()]
+    # every candidate's error, measured independently of choose_starts
+    measured = []
+    for group in th.groups:
+        errors = {}
+        for position, block in enumerate(group.predecessor):
+            saved = {k: v.clone() for k, v in group.successor.state_dict().items()}
+            group.successor.load_state_dict(block.state_dict())
+            errors[th.plan.groups[group.index].blocks[position]] = group_errors(th, probe)[group.index]
+            group.successor.load_state_dict(saved)
+        errors[None] = group_errors(th, probe)[group.index]  # the default start (copy of block i)
+        measured.append(errors)
+
+    chosen = choose_starts(th, probe)
+
+    for group, errors in zip(th.groups, measured):
+        best = min(errors, key=errors.get)
+        assert chosen.get(group.index) == best, (group.index, errors, chosen)
+        assert best == th.plan.groups[group.index].blocks[-1]  # the strong block, as built
+        for name, tensor in group.successor.state_dict().items():
+            assert torch.equal(tensor, group.predecessor[-1].state_dict()[name])
+    assert [id(s) for s in th.successors()] == successors  # the same modules: only their tensors changed
+    assert th.model.training and th._state.force is None and th._state.match_errors == []
+    th.unwrap()
+
+
+def test_fit_chooses_starts_for_default_copies_only():
+    from theseus_general import fit
+    from dataclasses import replace
+
+    from theseus_general.recipes import RECIPES
+
+    choosing = replace(RECIPES["default"], name="choosing", choose_start=True)
+
+    def run(**options):
+        options.setdefault("recipe", choosing)
+        th = Theseus(chain_with_weak_even_blocks(), successor_depth=3, adapter="generic", container="blocks", seed=0,
+                     **options)
+        fit(th, itertools.repeat((torch.randn(16, 4), torch.zeros(16, dtype=torch.long))), 10, lr=1e-3,
+            match_steps=2, progress=False)
+        return th.successor_starts
+
+    assert run() == {0: 1, 1: 3, 2: 5}
+    assert run(init="first") == {}  # an init the user chose is kept
+    assert run(recipe="paper") == {}  # matching asked for, but the paper's recipe keeps block i
+
+
+def test_choose_starts_skips_successors_with_other_tensors():
+    from theseus_general.matching import choose_starts
+
+    model = tiny_bert(num_layers=4)
+    batch = bert_batch(batch=2, length=6)
+    batch.pop("labels")
+    th = Theseus(model, successor_width=0.5, seed=0)  # narrower MLPs: no block of the group loads into them
+    before = [{k: v.clone() for k, v in s.state_dict().items()} for s in th.successors()]
+    assert choose_starts(th, batch) == {}
+    for saved, successor in zip(before, th.successors()):
+        assert all(torch.equal(saved[k], v) for k, v in successor.state_dict().items())
+    th.unwrap()

@@ -31,17 +31,18 @@ LogitsFn = Callable[[Any], torch.Tensor]
 TaskLoss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def successor_shaped_copy(model: nn.Module, **theseus_kwargs: Any) -> nn.Module:
-    """The model `Theseus(model, **theseus_kwargs).export()` gives before any training:
+def successor_shaped_copy(model: nn.Module, native: bool = True, **theseus_kwargs: Any) -> nn.Module:
+    """The model `Theseus(model, **theseus_kwargs).export(native)` gives before any training:
     same class, the planned depth, its blocks copies of `model`'s blocks (per `init`),
     the rest copied. `model` is left exactly as it was; all parameters of the copy train.
 
     Pass the trained predecessor for the strong baseline (a), or the model as it was
-    before task training (pretrained weights, or a fresh random model) for (b)."""
+    before task training (pretrained weights, or a fresh random model) for (b).
+    native=False: for shapes the family's constructor cannot build (see `Theseus.export`)."""
     theseus_kwargs.setdefault("validate", False)  # a copy of the model's own blocks needs no shape check
     engine = Theseus(model, **theseus_kwargs)
     try:
-        student = engine.export()
+        student = engine.export(native=native)
     finally:
         engine.unwrap()
     student.train()

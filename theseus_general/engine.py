@@ -59,6 +59,9 @@ class Theseus:
         init: how successors start: ``"first"`` (successor i is a copy of predecessor
             block i, as in the paper), ``"group_first"`` / ``"group_last"`` (a copy of
             the first / last block of its group), or a callable ``(group, blocks) -> module``.
+            None (default): ``"first"``, and a recipe with ``choose_start`` (the default recipe)
+            lets `fit`'s module matching restart each successor from the block of its group that
+            reproduces the group best (`theseus_general.matching.choose_starts`).
         successors: modules to use as successors, one per group (overrides ``init``).
         train_rest: also train the non-replaced parts (embeddings, stem, head) from step 0,
             on copies of them (the default). False keeps them frozen throughout, as in the
@@ -97,7 +100,7 @@ class Theseus:
         groups: Optional[GroupsSpec] = None,
         adapter: Union[str, Adapter, None] = None,
         scheduler: SchedulerLike = None,
-        init: InitLike = "first",
+        init: Optional[InitLike] = None,
         successors: Optional[Sequence[nn.Module]] = None,
         train_rest: Optional[bool] = None,
         unfreeze_rest: Optional[bool] = None,
@@ -133,7 +136,7 @@ class Theseus:
         self._model = model
 
         planned = plan_run(model, self.adapter, successor_depth=successor_depth, ratio=ratio, groups=groups,
-                           init=init, successors=successors, sample=sample, validate=validate,
+                           init="first" if init is None else init, successors=successors, sample=sample, validate=validate,
                            target_flops=target_flops, target_speedup=target_speedup, measure=measure,
                            successor_width=successor_width)
         containers, built = planned.containers, planned.successors
@@ -142,6 +145,10 @@ class Theseus:
 
         for group, successor in zip(self.plan.groups, built):  # our copies, or modules given for this run
             self.adapter.prepare_successor([containers[group.container][i] for i in group.blocks], successor)
+        # whether the successors are the engine's own default copies: only those may be restarted
+        # from another block of their group (recipe.choose_start); what was chosen is kept here
+        self.may_choose_starts = init is None and successors is None
+        self.successor_starts: Dict[int, int] = {}
         self._state = ReplacementState(seed)
         self._state.advance(0, first_rate)
         self._step = 0

@@ -12,9 +12,10 @@ does not advance: ``th.step_count`` is the same afterwards.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Mapping, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Tuple, Union
 
 import torch
+from torch import nn
 
 from .errors import TrainingError
 from .graph import run_model
@@ -31,8 +32,66 @@ def _inputs_of(batch: Any) -> Any:
     return batch
 
 
+def _same_tensors(a: nn.Module, b: nn.Module) -> bool:
+    """Whether `b`'s weights load into `a` as they are: the same state-dict names, shapes and dtypes."""
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype for k in sa)
+
+
+def choose_starts(engine: Any, inputs: Any) -> Dict[int, int]:
+    """Start each successor from the block of its group whose weights best reproduce the group's output.
+
+    For each group, the candidates are the successor's current weights and those of each of the
+    group's predecessor blocks with the same tensors (names, shapes, dtypes: a narrower successor or
+    a downsampling block is no candidate). Every candidate is loaded into the successor in turn and
+    its relative error on `inputs` is measured as matching measures it, all groups in one forward
+    pass per round (each group sees the predecessor's own hidden states), in eval mode (no dropout,
+    no running-statistics update). The successor keeps the best candidate. Only tensors are copied:
+    the successor module, and any per-position attribute of it (a layer index), stays its own.
+
+    Returns {group index: index of the block in its container} for the groups whose start changed.
+    """
+    model, state = engine.model, engine._state
+    groups = {g.index: g for g in engine.groups}
+    options: Dict[int, List[Tuple[Any, Dict[str, torch.Tensor]]]] = {}
+    for index, group in groups.items():
+        current = {k: v.detach().clone() for k, v in group.successor.state_dict().items()}
+        blocks = [(position, block.state_dict()) for position, block in enumerate(group.predecessor)
+                  if _same_tensors(group.successor, block)]
+        if blocks:
+            options[index] = [(None, current)] + blocks
+    if not options:
+        return {}
+    errors: Dict[Tuple[int, int], List[float]] = {}
+    was_training = model.training
+    model.eval()
+    previous, state.force = state.force, "match"
+    try:
+        with torch.no_grad():
+            for round_ in range(max(len(o) for o in options.values())):
+                for index, candidates in options.items():
+                    groups[index].successor.load_state_dict(candidates[min(round_, len(candidates) - 1)][1])
+                state.match_errors.clear()
+                run_model(model, inputs)
+                for index, error in state.match_errors:
+                    errors.setdefault((index, round_), []).append(float(error))
+        chosen = {}
+        for index, candidates in options.items():
+            measured = [sum(errors[(index, r)]) if (index, r) in errors else float("inf") for r in range(len(candidates))]
+            best = min(range(len(candidates)), key=measured.__getitem__)
+            groups[index].successor.load_state_dict(candidates[best][1])
+            if candidates[best][0] is not None:
+                chosen[index] = engine.plan.groups[index].blocks[candidates[best][0]]
+        return chosen
+    finally:
+        state.force = previous
+        state.match_errors.clear()
+        model.train(was_training)
+
+
 def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int], Batch]], steps: int, *,
-                     lr: float = 1e-3, desc: str = "match successors", **fit_options: Any) -> FitResult:
+                     lr: float = 1e-3, choose_start: bool = False, desc: str = "match successors",
+                     **fit_options: Any) -> FitResult:
     """Train the successors of `engine` for `steps` steps to reproduce their groups' outputs.
 
     batches: ``(inputs, labels)`` pairs as for `fit` (labels are ignored; ``None`` is fine), dicts of
@@ -40,6 +99,10 @@ def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int]
         an iterable or a function ``position -> batch``.
     lr and the other options (``weight_decay``, ``lr_schedule``, ``device``, ``mixed_precision``,
     ``progress``, ...) are `fit`'s; the optimiser sees the successors' parameters only.
+    choose_start: first, on the first batch, start each successor from the block of its group whose
+        weights reproduce the group best (`choose_starts`); the choice is kept in
+        ``engine.successor_starts``. Only for successors the engine copied from blocks: it overwrites
+        the successors' weights.
     Returns fit's `FitResult`; its losses are the mean relative errors over the groups.
     """
     engine._check_open("match_successors()")
@@ -49,7 +112,12 @@ def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int]
     if not params:
         raise TrainingError("match_successors(): the successors have no trainable parameters.")
 
+    pending_choice = [choose_start]
+
     def matching_loss(inputs: Any, labels: Any) -> torch.Tensor:
+        if pending_choice[0]:  # here the batch is on the run's device, under its autocast
+            pending_choice[0] = False
+            engine.successor_starts = choose_starts(engine, inputs)
         state.match_errors.clear()
         with torch.no_grad():  # the successors re-enable gradients for themselves
             run_model(model, inputs)
@@ -57,7 +125,7 @@ def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int]
         if not errors:
             raise TrainingError("match_successors(): the forward pass ran no Theseus group; pass the inputs "
                                 "the wrapped model takes.")
-        return torch.stack(errors).mean()
+        return torch.stack([error for _, error in errors]).mean()
 
     source = _batch_source(batches, 0, steps)
 

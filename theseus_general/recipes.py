@@ -30,6 +30,9 @@ class Recipe:
     base: float  # the replacement rate at step 0
     match_fraction: float = 0.0  # share of fit()'s steps spent on module matching first
     match_lr: Optional[float] = None  # its learning rate (None: fit()'s lr)
+    # before matching, restart each default-copied successor from the block of its group that
+    # reproduces the group best on the first batch (theseus_general.matching.choose_starts)
+    choose_start: bool = False
 
     def scheduler(self) -> Scheduler:
         if self.full_at is None:

@@ -21,7 +21,7 @@ compiled graphs do not depend on, and do not grow with, the draw pattern.
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Set
+from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
@@ -71,8 +71,8 @@ class ReplacementState:
         self.rate = 0.0
         self.force: Optional[str] = None  # "predecessor": bypass the draw (validation runs the blocks)
         # force == "match": module matching (matching.py); each group's successor sees the group's
-        # input, its error against the predecessor blocks' output is collected here
-        self.match_errors: List[torch.Tensor] = []
+        # input, its error against the predecessor blocks' output is collected here as (group, error)
+        self.match_errors: List[Tuple[int, torch.Tensor]] = []
         self.calls: Dict[int, int] = {}  # group -> training forwards since the last step (micro-batch index)
         self.last_draws: Dict[int, bool] = {}  # group -> decision of its latest forward (reused by recomputes)
         self.ran_successor: Set[int] = set()  # groups whose successor ran in some forward since the last step
@@ -161,7 +161,7 @@ class TheseusGroup(nn.Module):
         with torch.enable_grad():
             got = _carried(self.successor(*args, **kwargs)).float()
             error = (got - wanted).pow(2).mean() / wanted.pow(2).mean().clamp_min(1e-12)
-        self._state.match_errors.append(error)
+        self._state.match_errors.append((self.index, error))
         return target
 
     def _keep_successor_in_graph(self, out: Any) -> Any:

@@ -180,6 +180,7 @@ def fit(
     on_step: Optional[Callable[[StepLog], Any]] = None,
     match_steps: Optional[int] = None,
     match_lr: Optional[float] = None,
+    choose_start: Optional[bool] = None,
 ) -> FitResult:
     """Train `target` for `steps` optimiser steps (a Theseus engine: module matching for the recipe's
     share of them, then the mixed phase until ``th.step_count == steps - match_steps``, so a resumed
@@ -214,6 +215,10 @@ def fit(
         The mixed phase then has ``steps - match_steps`` optimiser steps (``th.step_count`` ends there),
         and a resumed run skips matching (its successors come from the checkpoint).
     match_lr: the matching phase's learning rate (None: the recipe's ``match_lr``, else `lr`).
+    choose_start: before matching, restart each successor from the block of its group that reproduces
+        the group best on the first batch (`theseus_general.matching.choose_starts`; the choice is in
+        ``th.successor_starts``). None: the recipe's ``choose_start``, for successors the engine copied
+        with the default init only (never for ``init=`` or ``successors=`` you gave).
 
     The model is put in training mode and left in the mode it had before. Raises `NonFiniteLossError`
     (before the optimiser applies the step) when the loss is NaN or infinite.
@@ -233,6 +238,7 @@ def fit(
         shared_source = _batch_source(batches, 0, (planned_matching + steps) * gradient_accumulation)
         matching = engine.match_successors(
             shared_source, planned_matching, lr=match_lr or engine.recipe.match_lr or lr, weight_decay=weight_decay,
+            choose_start=(engine.recipe.choose_start and engine.may_choose_starts) if choose_start is None else choose_start,
             lr_schedule=lr_schedule, device=device, mixed_precision=mixed_precision, progress=progress,
             restore_device=restore_device, desc=f"{desc}: module matching")
     run_device = resolve_device(device, model)
