@@ -4,7 +4,8 @@ Methods (each trains a successor of the same shape for --steps optimiser steps i
 `theseus_general.training.fit`: AdamW, linear decay, the same batches per seed):
 
   theseus               the library's default recipe, as `Theseus(model, ...)` + `fit` give it
-                        (theseus_general/recipes.py); --match-fraction / --match-lr / --init override parts
+                        (theseus_general/recipes.py); --match-fraction / --match-lr / --init / --choose-start
+                        override parts
   theseus_paper         the paper's recipe: embeddings and head frozen, task loss only, linear curriculum
                         from --base-rate to p = 1 at --replace-by of the steps (the paper's fixed slope,
                         p = 0.3 + 6e-4 t, would not reach 1 within these budgets)
@@ -54,6 +55,7 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
 
 from theseus_general import ConstantScheduler, LinearScheduler, Theseus  # noqa: E402
 from theseus_general.baselines import DistillationStep, successor_shaped_copy  # noqa: E402
+from theseus_general.errors import ExportError  # noqa: E402
 from theseus_general.training import add_device_arguments, fit, resolve_device  # noqa: E402
 
 METHODS = ("theseus", "theseus_paper", "theseus_linear", "theseus_constant", "finetune_trained", "finetune_initial", "kd")
@@ -98,7 +100,7 @@ class TextTask(Task):
                                            for s in (splits.train, splits.dev, splits.test))
         self.num_labels = len(splits.label_names)
         self.source = splits.source
-        self.target = {"successor_depth": args.depth}
+        self.target = budget_target(args) or {"successor_depth": args.depth}
 
     def predecessor(self) -> nn.Module:
         if self.args.predecessor:
@@ -178,8 +180,8 @@ def run_method(method: str, task: Task, predecessor: nn.Module, seed: int, args:
         th = Theseus(predecessor, **task.target, init=args.init, seed=seed)
         match = {} if args.match_fraction is None else {"match_steps": int(args.steps * args.match_fraction)}
         try:
-            fit(th, task.batches(seed), args.steps, match_lr=args.match_lr, **match, **common)
-            return th.export()
+            fit(th, task.batches(seed), args.steps, match_lr=args.match_lr, choose_start=args.choose_start, **match, **common)
+            return th.export(native=task.native)
         finally:
             th.unwrap()
     if method.startswith("theseus"):  # the paper's recipe, and the former recipe's two schedules
@@ -190,12 +192,13 @@ def run_method(method: str, task: Task, predecessor: nn.Module, seed: int, args:
                      seed=seed)
         try:
             fit(th, task.batches(seed), args.steps, match_steps=0, **common)
-            return th.export()
+            return th.export(native=task.native)
         finally:
             th.unwrap()
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
-    student = successor_shaped_copy(task.initial(seed) if method == "finetune_initial" else predecessor, **task.target)
+    student = successor_shaped_copy(task.initial(seed) if method == "finetune_initial" else predecessor,
+                                    native=task.native, **task.target)
     loss = DistillationStep(student, predecessor, args.temperature, args.alpha) if method == "kd" else None
     fit(student, task.batches(seed), args.steps, loss=loss, **common)
     return student
@@ -208,6 +211,18 @@ def grid_points(method: str, args: argparse.Namespace) -> List[Dict[str, float]]
         return [{"lr": lr} for lr in lrs]
     pairs = [tuple(float(v) for v in pair.split(":")) for pair in args.kd_grid]
     return [{"lr": lr, "temperature": t, "alpha": a} for lr in lrs for t, a in pairs]
+
+
+def native_export_possible(predecessor: nn.Module, target: Dict[str, Any]) -> bool:
+    """Whether the family's own constructor can build this shape (a ResNet BasicBlock cannot be narrower
+    than its stage). If not, every method trains and is evaluated as the non-native export: the
+    same modules, the same outputs."""
+    try:
+        successor_shaped_copy(predecessor, **target)
+        return True
+    except ExportError as error:
+        print(f"native export impossible for {target} ({error}); every method uses export(native=False)")
+        return False
 
 
 def plan_depths(predecessor: nn.Module, target: Dict[str, Any]) -> Dict[str, Dict[str, int]]:
@@ -233,10 +248,11 @@ def run(args: argparse.Namespace, path: str) -> Dict[str, Any]:
     task = TextTask(args) if args.task == "text" else VisionTask(args)
     predecessor = task.predecessor().eval()
     reference = copy.deepcopy(predecessor.state_dict())
+    task.native = native_export_possible(predecessor, task.target)
     report: Dict[str, Any] = {
         "benchmark": "quality", "task": task.name, "data": task.source, "quick": args.quick,
         "settings": {k: v for k, v in vars(args).items()}, "conditions": conditions(resolve_device(args.device)),
-        "target": task.target, "depth": plan_depths(predecessor, task.target),
+        "target": task.target, "depth": plan_depths(predecessor, task.target), "native_export": task.native,
         "predecessor": task.evaluate(predecessor), "runs": {}, "complete": False,
     }
     methods = [m for m in METHODS if m in args.methods]
@@ -298,9 +314,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--arch", choices=["vit", "resnet"], default="vit", help="vision: the model family")
     p.add_argument("--ratio", type=float, default=0.5, help="vision: successor depth / predecessor depth")
     p.add_argument("--target-speedup", type=float, default=None,
-                   help="vision: plan the successor shape with the budget planner (FLOPs-predicted speed-up) instead of --ratio")
+                   help="plan the successor shape with the budget planner (FLOPs-predicted speed-up) instead of --ratio / --depth")
     p.add_argument("--successor-width", default=None,
-                   help="vision: narrower successors: a fraction of the MLP neurons / channels, or 'auto' with --target-speedup")
+                   help="narrower successors: a fraction of the MLP neurons / channels, or 'auto' with --target-speedup")
     p.add_argument("--save-predecessor", default=None, help="vision: write the trained predecessor here (safetensors)")
     p.add_argument("--quick", action="store_true", help="tiny ViT, 2,000 images, 2 seeds, a few steps (smoke test)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -320,7 +336,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--match-fraction", type=float, default=None,
                    help="theseus: fraction of the steps spent on module matching first (default: the recipe's)")
     p.add_argument("--match-lr", type=float, default=None, help="theseus: module matching learning rate (default: the recipe's)")
-    p.add_argument("--init", default="first", help="theseus: successor initialisation (first, group_first, group_last, ...)")
+    p.add_argument("--init", default=None, help="theseus: successor initialisation (first, group_first, group_last; "
+                   "default: the library's, which lets the recipe choose each successor's start block)")
+    p.add_argument("--choose-start", default=None, type=lambda v: {"on": True, "off": False}[v], metavar="{on,off}",
+                   help="theseus: restart successors from their group's best-matching block before matching "
+                        "(default: the recipe's)")
     p.add_argument("--temperature", type=float, default=2.0, help="KD temperature")
     p.add_argument("--alpha", type=float, default=0.5, help="KD weight of the soft-target term")
     p.add_argument("--predecessor", default=None, help="a trained predecessor (text: HF directory; vision: predecessor.safetensors from the vision example)")
@@ -369,7 +389,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # Settings that may differ between the parts of one run split by seed over several processes.
 _PER_PART = {"seeds", "methods", "output", "threads", "merge", "sharing",
-             "match_fraction", "match_lr", "init"}  # the last three: the theseus method's overrides, None in its part
+             "match_fraction", "match_lr", "init", "choose_start"}  # the last four: the theseus method's overrides
 
 
 def merge(paths: List[str], output: str) -> Dict[str, Any]:
@@ -418,7 +438,8 @@ def main(argv=None) -> Dict[str, Any]:
     torch.set_num_threads(args.threads)
     quiet_transformers()
     shape = "".join(f"_{k[0]}{v}" for k, v in (("s", args.target_speedup), ("w", args.successor_width)) if v is not None)
-    name = f"text_d{args.depth}" if args.task == "text" else f"{args.arch}_" + (shape[1:] if shape else f"r{args.ratio:g}")
+    name = (f"text_" + (shape[1:] if shape else f"d{args.depth}") if args.task == "text"
+            else f"{args.arch}_" + (shape[1:] if shape else f"r{args.ratio:g}"))
     path = args.output or os.path.join(RESULTS_DIR, f"quality_{name}{'_quick' if args.quick else ''}.json")
     started = time.time()
     report = finish(run(args, path), path, "quality.py", argv, started)

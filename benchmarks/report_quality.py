@@ -1,9 +1,10 @@
 """Collect the quality runs into one table and one plot: accuracy against speed-up, per method and task.
 
 Reads benchmarks/results/quality_*.json (written by quality.py; `_quick` files are skipped),
-measures the speed-up of each task's successor shape over its predecessor shape (random
-weights: speed does not depend on trained values; every compressed method has the same shape,
-so one measurement per task and depth), and writes
+measures the speed-up of each task's successor shape over its predecessor shape (every
+compressed method has the same shape, so one measurement per task and shape; the run's trained
+predecessor is loaded when its file exists, since a budget plan depends on the weights, and the
+measured shape's depths must equal the run's), and writes
 
   benchmarks/results/quality_summary.json    the numbers below, with the measurement conditions
   docs/images/accuracy_vs_speedup.png        test accuracy (mean +- std over seeds) against speed-up
@@ -23,6 +24,7 @@ import sys
 from typing import Any, Dict, List
 
 import torch
+from safetensors.torch import load_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -41,28 +43,40 @@ LABELS = {"theseus": "Theseus (default recipe)", "theseus_paper": "Theseus (pape
 
 
 def predecessor_shape(report: Dict[str, Any]) -> tuple:
-    """A randomly initialised model of the run's predecessor shape, and an input batch like the run's."""
+    """A model of the run's predecessor shape, and an input batch like the run's. The run's trained
+    predecessor is loaded when its file is still there: a budget plan (which blocks, which widths)
+    depends on the weights; the timing does not."""
     s = report["settings"]
+    trained = s.get("predecessor") and os.path.exists(s["predecessor"])
     torch.manual_seed(0)
     if report["task"] == "text":
         import text_classification as tc
         from transformers import AutoConfig, AutoModelForSequenceClassification
 
-        config = AutoConfig.from_pretrained(s["model"] or str(tc.default_model_path()), num_labels=2)
-        model = AutoModelForSequenceClassification.from_config(config)
+        if trained:
+            model = AutoModelForSequenceClassification.from_pretrained(s["predecessor"])
+        else:
+            config = AutoConfig.from_pretrained(s["model"] or str(tc.default_model_path()), num_labels=2)
+            model = AutoModelForSequenceClassification.from_config(config)
         ids = torch.randint(1000, 5000, (s["batch_size"], s["max_length"]))
         return model, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
     import vision_classification as vc
 
     model = (vc.build_resnet(s["width"], [s["depth_pred"]] * 4) if report["task"] == "resnet"
              else vc.build_vit(s["width"], s["depth_pred"]))
+    if trained:
+        load_model(model, s["predecessor"])  # safetensors: no unpickling
     return model, torch.rand(s["batch_size"], 1, 28, 28)
 
 
 def speed(report: Dict[str, Any], repeats: int) -> Dict[str, float]:
     model, sample = predecessor_shape(report)
     with Theseus(model, **report["target"]) as th:  # unwrapped again on leaving
-        successor = th.export()  # the shape every compressed method has
+        if th.plan.successor_depth != report["depth"]["successor"]:
+            raise RuntimeError(f"{report['task']} {report['target']}: the shape timed here ({th.plan.successor_depth}) is not "
+                               f"the run's ({report['depth']['successor']}); is the run's predecessor file "
+                               f"({report['settings'].get('predecessor')}) missing? Its plan depends on its weights.")
+        successor = th.export(native=report.get("native_export", True))  # the shape every compressed method has
     latency = measure_latency({"predecessor": model, "successor": successor}, sample, warmup=3, repeats=repeats)
     return {"speedup": latency["predecessor"] / latency["successor"],
             "flops_ratio": count_flops(model, sample) / count_flops(successor, sample),
