@@ -363,8 +363,9 @@ class Theseus:
     def match_successors(self, batches: Any, steps: int, **options: Any) -> Any:
         """Module matching before the mixed phase: train each successor for `steps` steps to
         reproduce its group's output from the group's own input (labels unused; see
-        `theseus_general.matching`). Options are `fit`'s (``lr`` default 1e-3). The schedule
-        does not advance. Returns the `FitResult`."""
+        `theseus_general.matching`). Options are `fit`'s (``lr`` default 1e-3), and ``choose_start``
+        (None: the recipe's) restarts default-copied successors from their group's best-matching
+        block first. The schedule does not advance. Returns the `FitResult`."""
         from .matching import match_successors
         return match_successors(self, batches, steps, **options)
 

@@ -12,7 +12,7 @@ does not advance: ``th.step_count`` is the same afterwards.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -90,7 +90,7 @@ def choose_starts(engine: Any, inputs: Any) -> Dict[int, int]:
 
 
 def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int], Batch]], steps: int, *,
-                     lr: float = 1e-3, choose_start: bool = False, desc: str = "match successors",
+                     lr: float = 1e-3, choose_start: Optional[bool] = None, desc: str = "match successors",
                      **fit_options: Any) -> FitResult:
     """Train the successors of `engine` for `steps` steps to reproduce their groups' outputs.
 
@@ -101,8 +101,8 @@ def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int]
     ``progress``, ...) are `fit`'s; the optimiser sees the successors' parameters only.
     choose_start: first, on the first batch, start each successor from the block of its group whose
         weights reproduce the group best (`choose_starts`); the choice is kept in
-        ``engine.successor_starts``. Only for successors the engine copied from blocks: it overwrites
-        the successors' weights.
+        ``engine.successor_starts``. None: the recipe's ``choose_start``, and only for successors the
+        engine copied with the default init (True overwrites any successor's weights).
     Returns fit's `FitResult`; its losses are the mean relative errors over the groups.
     """
     engine._check_open("match_successors()")
@@ -112,6 +112,8 @@ def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int]
     if not params:
         raise TrainingError("match_successors(): the successors have no trainable parameters.")
 
+    if choose_start is None:
+        choose_start = engine.recipe.choose_start and engine.may_choose_starts
     pending_choice = [choose_start]
 
     def matching_loss(inputs: Any, labels: Any) -> torch.Tensor:

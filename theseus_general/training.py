@@ -238,7 +238,7 @@ def fit(
         shared_source = _batch_source(batches, 0, (planned_matching + steps) * gradient_accumulation)
         matching = engine.match_successors(
             shared_source, planned_matching, lr=match_lr or engine.recipe.match_lr or lr, weight_decay=weight_decay,
-            choose_start=(engine.recipe.choose_start and engine.may_choose_starts) if choose_start is None else choose_start,
+            choose_start=choose_start,
             lr_schedule=lr_schedule, device=device, mixed_precision=mixed_precision, progress=progress,
             restore_device=restore_device, desc=f"{desc}: module matching")
     run_device = resolve_device(device, model)
