@@ -41,7 +41,8 @@ class Recipe:
 
 
 RECIPES: Dict[str, Recipe] = {
-    "default": Recipe("default", train_rest=True, full_at=0.5, base=0.3, match_fraction=0.2, match_lr=1e-3),
+    "default": Recipe("default", train_rest=True, full_at=0.5, base=0.3, match_fraction=0.2, match_lr=1e-3,
+                      choose_start=True),
     "paper": Recipe("paper", train_rest=False, full_at=None, base=0.3),
 }
 
