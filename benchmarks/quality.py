@@ -41,7 +41,7 @@ import os
 import statistics
 import sys
 import time
-from typing import Any, Dict, Iterator, List, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from safetensors.torch import load_model, save_model
@@ -388,17 +388,39 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # Settings that may differ between the parts of one run split by seed over several processes.
-_PER_PART = {"seeds", "methods", "output", "threads", "merge", "sharing",
+_PER_PART = {"seeds", "methods", "output", "threads", "merge", "sharing", "kd_grid",  # KD's grid: only KD's part uses it
              "match_fraction", "match_lr", "init", "choose_start"}  # the last four: the theseus method's overrides
 
 
-def merge(paths: List[str], output: str) -> Dict[str, Any]:
+def part_spec(spec: str) -> Tuple[str, Optional[List[str]]]:
+    """'PATH' (every method of the part) or 'PATH:METHOD[,METHOD...]' (only those methods of it)."""
+    path, _, names = spec.rpartition(":")
+    if path and names and all(m in METHODS for m in names.split(",")):
+        return path, names.split(",")
+    return spec, None
+
+
+def merge(specs: List[str], output: str) -> Dict[str, Any]:
     """One report from runs of the same benchmark split by seed (e.g. --seeds 0 1 and --seeds 2 in two
-    processes). Refuses parts whose task, settings or predecessor differ, or that share a seed."""
-    parts = []
-    for path in paths:
+    processes) or by method. 'PATH:METHOD,...' takes only those methods of a part (e.g. the baselines
+    of an earlier run, with Theseus re-run after a recipe change). Refuses parts whose task, settings
+    or predecessor differ, or that share a method's seed."""
+    parts, paths = [], []
+    for spec in specs:
+        path, methods = part_spec(spec)
         with open(path) as f:
-            parts.append(json.load(f))
+            part = json.load(f)
+        if methods is not None:
+            missing = [m for m in methods if m not in part["runs"]]
+            if missing:
+                raise SystemExit(f"error: {path} has no runs of {missing}")
+            part["runs"] = {m: part["runs"][m] for m in methods}
+            if "grid" in part:
+                part["grid"] = dict(part["grid"], runs={m: r for m, r in part["grid"]["runs"].items() if m in methods},
+                                    chosen={m: c for m, c in part["grid"]["chosen"].items() if m in methods})
+            part["settings"] = dict(part["settings"], methods=methods)
+        parts.append(part)
+        paths.append(spec)
     first = parts[0]
     same = {k: v for k, v in first["settings"].items() if k not in _PER_PART}
     merged = dict({k: v for k, v in first.items() if k != "grid"}, runs={},

@@ -105,6 +105,16 @@ def test_quality_quick_and_its_report(tmp_path):
         quality.main(["--merge", str(tmp_path / "parts" / "0.json"), str(tmp_path / "parts" / "0.json"),
                       "--output", str(tmp_path / "bad.json")])
 
+    # A part may give only some of its methods (one run's baselines, another's Theseus)
+    whole = tmp_path / "whole.json"
+    whole.write_text(json.dumps(report))
+    picked = quality.main(["--merge", f"{whole}:finetune_trained,kd", f"{whole}:theseus",
+                           "--output", str(tmp_path / "picked.json")])
+    assert list(picked["summary"]) == ["theseus", "finetune_trained", "kd"]
+    assert all(picked["summary"][m] == report["summary"][m] for m in picked["summary"])
+    with pytest.raises(SystemExit, match="no runs of"):
+        quality.main(["--merge", f"{whole}:theseus_linear", "--output", str(tmp_path / "bad.json")])
+
     summary = load("report_quality").main(["--results", str(tmp_path), "--repeats", "2", "--plot",
                                            str(tmp_path / "avs.png"), "--output", str(tmp_path / "summary.json")])
     rows = summary["rows"]
