@@ -4,9 +4,10 @@
 docs/results.md#ablation): `fit` first spends `match_fraction` of the steps on module matching
 (each successor learns its group's output from the group's input, at `match_lr`; this is what
 stops short runs from collapsing to one class), starting each successor from the block of its
-group that reproduces the group best on the first batch (`choose_start`), then copies of the non-replaced parts train
-from step 0 of the mixed phase while the replacement rate rises linearly from `base` to 1 at
-`full_at` of it (`RunLinearScheduler`); the successors then train alone.
+group that reproduces the group best on the first batch (`choose_start`); then copies of the
+non-replaced parts train from step 0 of the mixed phase while the replacement rate rises
+linearly from `base` to 1 at `full_at` of it (`RunLinearScheduler`); the successors then train
+alone.
 
 ``recipe="paper"`` is BERT-of-Theseus as published (Xu et al., 2020): embeddings and head
 frozen, task loss only, the linear curriculum p = min(1, 0.3 + 6e-4 t) whatever the run's length.
