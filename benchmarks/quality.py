@@ -460,7 +460,7 @@ def main(argv=None) -> Dict[str, Any]:
     torch.set_num_threads(args.threads)
     quiet_transformers()
     shape = "".join(f"_{k[0]}{v}" for k, v in (("s", args.target_speedup), ("w", args.successor_width)) if v is not None)
-    name = (f"text_" + (shape[1:] if shape else f"d{args.depth}") if args.task == "text"
+    name = ("text_" + (shape[1:] if shape else f"d{args.depth}") if args.task == "text"
             else f"{args.arch}_" + (shape[1:] if shape else f"r{args.ratio:g}"))
     path = args.output or os.path.join(RESULTS_DIR, f"quality_{name}{'_quick' if args.quick else ''}.json")
     started = time.time()
