@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from text_data import DataError, load_splits, tokenized_rows  # noqa: E402
 
-from theseus_general import RECIPES, Theseus  # noqa: E402
+from theseus_general import Theseus  # noqa: E402
 from theseus_general.measure import state_checksum  # noqa: E402
 
 
@@ -202,8 +202,9 @@ def main(argv=None, on_step: Optional[Callable] = None) -> dict:
     # The default recipe: module matching for its share of the steps (before prepare, the same
     # batches on every process; DDP then starts every rank from rank 0's weights), then the
     # mixed phase, whose length the curriculum is told.
-    match_steps = int(args.steps * RECIPES["default"].match_fraction)
-    th = Theseus(predecessor, successor_depth=args.depth, total_steps=args.steps - match_steps, seed=args.seed)
+    th = Theseus(predecessor, successor_depth=args.depth, seed=args.seed)
+    match_steps = int(args.steps * th.recipe.match_fraction)
+    th.set_total_steps(args.steps - match_steps)
     accelerator.print(th.plan)
     if match_steps:
         th.match_successors(itertools.cycle(train_loader()), match_steps, lr=th.recipe.match_lr,

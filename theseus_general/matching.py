@@ -55,10 +55,10 @@ def choose_starts(engine: Any, inputs: Any) -> Dict[int, int]:
     groups = {g.index: g for g in engine.groups}
     options: Dict[int, List[Tuple[Any, Dict[str, torch.Tensor]]]] = {}
     for index, group in groups.items():
-        current = {k: v.detach().clone() for k, v in group.successor.state_dict().items()}
         blocks = [(position, block.state_dict()) for position, block in enumerate(group.predecessor)
                   if _same_tensors(group.successor, block)]
-        if blocks:
+        if blocks:  # the successor's own weights first: kept unless a block does better
+            current = {k: v.detach().clone() for k, v in group.successor.state_dict().items()}
             options[index] = [(None, current)] + blocks
     if not options:
         return {}
@@ -114,11 +114,11 @@ def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int]
 
     if choose_start is None:
         choose_start = engine.recipe.choose_start and engine.may_choose_starts
-    pending_choice = [choose_start]
 
     def matching_loss(inputs: Any, labels: Any) -> torch.Tensor:
-        if pending_choice[0]:  # here the batch is on the run's device, under its autocast
-            pending_choice[0] = False
+        nonlocal choose_start
+        if choose_start:  # on the first batch: here it is on the run's device, under its autocast
+            choose_start = False
             engine.successor_starts = choose_starts(engine, inputs)
         state.match_errors.clear()
         with torch.no_grad():  # the successors re-enable gradients for themselves
