@@ -45,6 +45,9 @@ def run_as_rank(run: Callable[..., None]) -> None:
     dist.init_process_group("gloo")
     try:
         run(sys.argv[1], dist.get_rank(), dist.get_world_size())
+        # both ranks done before either tears gloo down: a rank that leaves while the other still
+        # talks to it can die in gloo's threads at exit ("terminate called without an active exception")
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
