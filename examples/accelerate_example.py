@@ -203,7 +203,7 @@ def main(argv=None, on_step: Optional[Callable] = None) -> dict:
     # batches on every process; DDP then starts every rank from rank 0's weights), then the
     # mixed phase, whose length the curriculum is told.
     th = Theseus(predecessor, successor_depth=args.depth, seed=args.seed)
-    match_steps = int(args.steps * th.recipe.match_fraction)
+    match_steps = th.recipe.match_steps(args.steps)
     th.set_total_steps(args.steps - match_steps)
     accelerator.print(th.plan)
     if match_steps:

@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
     # steps, the mixed phase with the Trainer (its callback tells the curriculum max_steps), export.
     th = Theseus(predecessor, successor_depth=args.depth, seed=args.seed)
     print(th.plan)
-    match_steps = int(args.steps * th.recipe.match_fraction)
+    match_steps = th.recipe.match_steps(args.steps)
     if match_steps:
         loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True,
                                              collate_fn=DataCollatorWithPadding(tokenizer),

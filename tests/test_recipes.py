@@ -91,6 +91,7 @@ def test_fit_runs_the_recipes_module_matching_out_of_the_same_step_budget(tmp_pa
     th = chain_engine(recipe=replace(RECIPES["default"], match_fraction=0.25, match_lr=1e-2))
     result = fit(th, batches(), 8, lr=1e-2, progress=False)
     assert len(result.matching.history) == 2 and len(result.history) == 6  # 8 steps in all
+    assert th.recipe.match_steps(8) == 2 and th.recipe.match_steps(3) == 0  # the examples' count, rounded down
     assert th.step_count == 6 and th.scheduler.total_steps == 6
     assert result.matching.history[0].lr == pytest.approx(1e-2)  # the recipe's matching lr
     th.unwrap()

@@ -36,6 +36,10 @@ class Recipe:
     # reproduces the group best on the first batch (theseus_general.matching.choose_starts)
     choose_start: bool = False
 
+    def match_steps(self, steps: int) -> int:
+        """The module-matching steps this recipe takes out of a run of `steps` optimiser steps."""
+        return int(steps * self.match_fraction)
+
     def scheduler(self) -> Scheduler:
         if self.full_at is None:
             return LinearScheduler(base=self.base)

@@ -355,7 +355,7 @@ def _matching_steps(engine: Optional[Theseus], steps: int, match_steps: Optional
                                 "as the target, not a plain model.")
         return 0
     if match_steps is None:
-        return int(steps * engine.recipe.match_fraction) if engine.step_count == 0 else 0
+        return engine.recipe.match_steps(steps) if engine.step_count == 0 else 0
     if isinstance(match_steps, bool) or not isinstance(match_steps, int) or not 0 <= match_steps < steps:
         raise TrainingError(f"match_steps must be an int from 0 to steps - 1 (it comes out of the {steps} steps), "
                             f"got {match_steps!r}.")
