@@ -124,11 +124,20 @@ def test_fit_chooses_starts_for_default_copies_only():
                      **options)
         fit(th, itertools.repeat((torch.randn(16, 4), torch.zeros(16, dtype=torch.long))), 10, lr=1e-3,
             match_steps=2, progress=False)
-        return th.successor_starts
+        return th
 
-    assert run() == {0: 1, 1: 3, 2: 5}
-    assert run(init="first") == {}  # an init the user chose is kept
-    assert run(recipe="paper") == {}  # matching asked for, but the paper's recipe keeps block i
+    th = run()
+    assert th.successor_starts == {0: 1, 1: 3, 2: 5}
+    # print(th.plan) says so: the table keeps "copy of block i" (checkpoints compare it), a note follows
+    assert str(th.plan).splitlines()[-1] == ("start blocks chosen by matching error on the first batch: group 0 "
+                                            "from block 1, group 1 from block 3, group 2 from block 5; the other "
+                                            "groups kept theirs")
+    assert "copy of block 0" in str(th.plan)
+    th.match_successors(itertools.repeat(torch.randn(16, 4)), 1, choose_start=True, progress=False)
+    assert sum(note.startswith("start blocks") for note in th.plan.notes) == 1  # replaced, not repeated
+    assert run(init="first").successor_starts == {}  # an init the user chose is kept
+    paper = run(recipe="paper")  # matching asked for, but the paper's recipe keeps block i
+    assert paper.successor_starts == {} and not any(n.startswith("start blocks") for n in paper.plan.notes)
 
 
 def test_choose_starts_skips_successors_with_other_tensors():

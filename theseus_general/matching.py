@@ -89,6 +89,18 @@ def choose_starts(engine: Any, inputs: Any) -> Dict[int, int]:
         model.train(was_training)
 
 
+START_NOTE = "start blocks chosen by matching error on the first batch: "
+
+
+def _note_starts(plan: Any, starts: Dict[int, int]) -> None:
+    """Say in print(plan) which successors now start from another block than the table's
+    "copy of block i" (the table itself stays as planned: checkpoints compare it)."""
+    plan.notes[:] = [note for note in plan.notes if not note.startswith(START_NOTE)]
+    if starts:
+        chosen = ", ".join(f"group {index} from block {block}" for index, block in sorted(starts.items()))
+        plan.notes.append(START_NOTE + chosen + "; the other groups kept theirs")
+
+
 def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int], Batch]], steps: int, *,
                      lr: float = 1e-3, choose_start: Optional[bool] = None, desc: str = "match successors",
                      **fit_options: Any) -> FitResult:
@@ -101,7 +113,8 @@ def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int]
     ``progress``, ...) are `fit`'s; the optimiser sees the successors' parameters only.
     choose_start: first, on the first batch, start each successor from the block of its group whose
         weights reproduce the group best (`choose_starts`); the choice is kept in
-        ``engine.successor_starts``. None: the recipe's ``choose_start``, and only for successors the
+        ``engine.successor_starts`` ({group: block}, the block each restarted successor last started
+        from) and named in ``print(engine.plan)``. None: the recipe's ``choose_start``, and only for successors the
         engine copied with the default init (True overwrites any successor's weights).
     Returns fit's `FitResult`; its losses are the mean relative errors over the groups.
     """
@@ -119,7 +132,9 @@ def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int]
         nonlocal choose_start
         if choose_start:  # on the first batch: here it is on the run's device, under its autocast
             choose_start = False
-            engine.successor_starts = choose_starts(engine, inputs)
+            # a later choice that keeps a successor's current weights keeps the block it came from
+            engine.successor_starts.update(choose_starts(engine, inputs))
+            _note_starts(engine.plan, engine.successor_starts)
         state.match_errors.clear()
         with torch.no_grad():  # the successors re-enable gradients for themselves
             run_model(model, inputs)
