@@ -130,9 +130,12 @@ def test_fit_chooses_starts_for_default_copies_only():
     assert th.successor_starts == {0: 1, 1: 3, 2: 5}
     # print(th.plan) says so: the table keeps "copy of block i" (checkpoints compare it), a note follows
     assert str(th.plan).splitlines()[-1] == ("start blocks chosen by matching error on the first batch: group 0 "
-                                            "from block 1, group 1 from block 3, group 2 from block 5; the other "
-                                            "groups kept theirs")
+                                            "from block 1, group 1 from block 3, group 2 from block 5")
     assert "copy of block 0" in str(th.plan)
+    from theseus_general.matching import _note_starts
+    _note_starts(th.plan, {1: 3})  # not every group restarted: the note says the rest kept theirs
+    assert str(th.plan).splitlines()[-1].endswith("group 1 from block 3; the other groups kept theirs")
+    _note_starts(th.plan, th.successor_starts)
     th.match_successors(itertools.repeat(torch.randn(16, 4)), 1, choose_start=True, progress=False)
     assert sum(note.startswith("start blocks") for note in th.plan.notes) == 1  # replaced, not repeated
     assert run(init="first").successor_starts == {}  # an init the user chose is kept

@@ -98,7 +98,7 @@ def _note_starts(plan: Any, starts: Dict[int, int]) -> None:
     plan.notes[:] = [note for note in plan.notes if not note.startswith(START_NOTE)]
     if starts:
         chosen = ", ".join(f"group {index} from block {block}" for index, block in sorted(starts.items()))
-        plan.notes.append(START_NOTE + chosen + "; the other groups kept theirs")
+        plan.notes.append(START_NOTE + chosen + ("" if len(starts) == len(plan.groups) else "; the other groups kept theirs"))
 
 
 def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int], Batch]], steps: int, *,
