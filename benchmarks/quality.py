@@ -6,6 +6,8 @@ Methods (each trains a successor of the same shape for --steps optimiser steps i
   theseus               the library's default recipe, as `Theseus(model, ...)` + `fit` give it
                         (theseus_general/recipes.py); --match-fraction / --match-lr / --init / --choose-start
                         override parts
+  theseus_kd            the default recipe with a distillation term against a frozen copy of the
+                        predecessor's logits (--temperature, --alpha; --kd-grid chooses them as for kd)
   theseus_paper         the paper's recipe: embeddings and head frozen, task loss only, linear curriculum
                         from --base-rate to p = 1 at --replace-by of the steps (the paper's fixed slope,
                         p = 0.3 + 6e-4 t, would not reach 1 within these budgets)
@@ -58,8 +60,8 @@ from theseus_general.baselines import DistillationStep, successor_shaped_copy  #
 from theseus_general.errors import ExportError  # noqa: E402
 from theseus_general.training import add_device_arguments, fit, resolve_device  # noqa: E402
 
-METHODS = ("theseus", "theseus_paper", "theseus_linear", "theseus_constant", "finetune_trained", "finetune_initial", "kd")
-DEFAULT_METHODS = ("theseus", "theseus_paper", "finetune_trained", "finetune_initial", "kd")
+METHODS = ("theseus", "theseus_kd", "theseus_paper", "theseus_linear", "theseus_constant", "finetune_trained", "finetune_initial", "kd")
+DEFAULT_METHODS = ("theseus", "theseus_kd", "theseus_paper", "finetune_trained", "finetune_initial", "kd")
 # the settings the dev grid (--lr-grid, --kd-grid) chooses per method
 GRID_KEYS = ("lr", "temperature", "alpha")
 
@@ -176,11 +178,16 @@ def run_method(method: str, task: Task, predecessor: nn.Module, seed: int, args:
     common = dict(lr=args.lr, weight_decay=args.weight_decay, lr_schedule="linear", device=args.device,
                   max_grad_norm=args.max_grad_norm,
                   mixed_precision=args.mixed_precision, desc=method)  # the loss: cross-entropy unless KD
-    if method == "theseus":  # the library's default recipe; the --match-* / --init flags override parts of it
-        th = Theseus(predecessor, **task.target, init=args.init, seed=seed)
-        match = {} if args.match_fraction is None else {"match_steps": int(args.steps * args.match_fraction)}
+    if method in ("theseus", "theseus_kd"):  # the library's default recipe; the --match-* / --init flags override parts of it
+        # the KD teacher: an unwrapped frozen copy (the engine trains copies of the rest, and the wrapped
+        # model mixes successors in)
+        teacher = copy.deepcopy(predecessor) if method == "theseus_kd" else None
+        th = Theseus(predecessor, **task.target, init=args.init, train_rest=args.train_rest, seed=seed)
+        extra = {} if args.match_fraction is None else {"match_steps": int(args.steps * args.match_fraction)}
+        if teacher is not None:
+            extra["loss"] = DistillationStep(th.model, teacher, args.temperature, args.alpha)
         try:
-            fit(th, task.batches(seed), args.steps, match_lr=args.match_lr, choose_start=args.choose_start, **match, **common)
+            fit(th, task.batches(seed), args.steps, match_lr=args.match_lr, choose_start=args.choose_start, **extra, **common)
             return th.export(native=task.native)
         finally:
             th.unwrap()
@@ -207,7 +214,7 @@ def run_method(method: str, task: Task, predecessor: nn.Module, seed: int, args:
 def grid_points(method: str, args: argparse.Namespace) -> List[Dict[str, float]]:
     """The dev grid of one method: every --lr-grid value (KD: times every --kd-grid pair)."""
     lrs = args.lr_grid or [args.lr]
-    if method != "kd" or not args.kd_grid:
+    if method not in ("kd", "theseus_kd") or not args.kd_grid:
         return [{"lr": lr} for lr in lrs]
     pairs = [tuple(float(v) for v in pair.split(":")) for pair in args.kd_grid]
     return [{"lr": lr, "temperature": t, "alpha": a} for lr in lrs for t, a in pairs]
@@ -243,6 +250,58 @@ def summarise(runs: Dict[str, Dict[str, Dict[str, float]]]) -> Dict[str, Dict[st
     return out
 
 
+class Reused:
+    """Runs of earlier reports of the same benchmark, found by (method, seed, settings).
+
+    A report's grid runs are its first seed's runs at each grid point; its other seeds ran the
+    settings it chose. A run is taken over only where everything that shapes it is equal: the
+    task, the settings outside `_PER_PART` (bar the grid), the predecessor and the settings."""
+
+    def __init__(self, paths: List[str], report: Dict[str, Any], args: argparse.Namespace):
+        self.paths, self.runs = list(paths), []
+        # what may differ: the bookkeeping, and the grid (each run carries its own lr, temperature, alpha)
+        ignore = {"seeds", "methods", "output", "threads", "merge", "reuse", "sharing", "lr_grid", "kd_grid",
+                  "lr", "temperature", "alpha"}
+        wanted = {k: v for k, v in vars(args).items() if k not in ignore}
+        for path in paths:
+            with open(path) as f:
+                part = json.load(f)
+            differs = {k for k, v in wanted.items() if part["settings"].get(k, v) != v}
+            if differs - set(THESEUS_OVERRIDES) or part["task"] != report["task"] or part["predecessor"] != report["predecessor"]:
+                raise SystemExit(f"error: --reuse {path} is not a run of the same benchmark "
+                                 f"(settings {sorted(differs) or 'equal'}; predecessor {part['predecessor']} vs {report['predecessor']})")
+            # runs of the methods those overrides shape are taken only where the overrides are equal too
+            skip = set(OVERRIDDEN_METHODS) if differs else set()
+            grid = part.get("grid", {})
+            for method, points in grid.get("runs", {}).items():
+                for point in points:
+                    if method not in skip:
+                        self._add(path, method, grid["seed"], point)
+            for method, by_seed in part["runs"].items():
+                if method in skip:
+                    continue
+                settings = grid.get("chosen", {}).get(method) if grid else self._fixed(part["settings"], method)
+                for seed, result in by_seed.items():
+                    if settings is not None:
+                        self._add(path, method, int(seed), dict(settings, **result))
+
+    @staticmethod
+    def _fixed(settings: Dict[str, Any], method: str) -> Dict[str, float]:
+        keys = GRID_KEYS if method in ("kd", "theseus_kd") else ("lr",)
+        return {k: settings[k] for k in keys}
+
+    def _add(self, path: str, method: str, seed: int, run: Dict[str, Any]) -> None:
+        settings = {k: run[k] for k in GRID_KEYS if k in run}
+        result = {k: v for k, v in run.items() if k not in GRID_KEYS}
+        self.runs.append((method, seed, settings, dict(result, reused_from=result.get("reused_from", path))))
+
+    def result(self, method: str, seed: int, settings: Dict[str, float]) -> Optional[Dict[str, Any]]:
+        for m, s, known, result in self.runs:
+            if (m, s, known) == (method, seed, settings):
+                return dict(result)
+        return None
+
+
 def run(args: argparse.Namespace, path: str) -> Dict[str, Any]:
     started = time.time()
     task = TextTask(args) if args.task == "text" else VisionTask(args)
@@ -265,6 +324,18 @@ def run(args: argparse.Namespace, path: str) -> Dict[str, Any]:
               f"({result['train_s']:.0f} s)", flush=True)
         return result
 
+    earlier = Reused(args.reuse or [], report, args)
+    if args.reuse:
+        report["reused"] = earlier.paths
+
+    def timed_or_reused(method: str, seed: int, settings: Dict[str, float]) -> Dict[str, float]:
+        found = earlier.result(method, seed, settings)
+        if found is not None:
+            print(f"  seed {seed} {method} {settings}: dev {found['dev']:.4f}, test {found['test']:.4f} "
+                  f"(reused from {found['reused_from']})", flush=True)
+            return found
+        return timed_run(method, seed, settings)
+
     chosen: Dict[str, Dict[str, float]] = {m: {} for m in methods}
     if args.lr_grid or args.kd_grid:
         # Each method's settings come from the same grid on the dev split with the first seed;
@@ -272,18 +343,18 @@ def run(args: argparse.Namespace, path: str) -> Dict[str, Any]:
         report["grid"] = {"seed": args.seeds[0], "lr": args.lr_grid, "kd": args.kd_grid, "runs": {}, "chosen": chosen}
         for method in methods:
             for settings in grid_points(method, args):
-                result = timed_run(method, args.seeds[0], settings)
+                result = timed_or_reused(method, args.seeds[0], settings)
                 report["grid"]["runs"].setdefault(method, []).append(dict(settings, **result))
                 report["total_s"] = time.time() - started
                 write_json(report, path)
             best = max(report["grid"]["runs"][method], key=lambda r: r["dev"])  # first best on ties
             chosen[method] = {k: best[k] for k in GRID_KEYS if k in best}
-            report["runs"].setdefault(method, {})[str(args.seeds[0])] = {k: best[k] for k in ("dev", "test", "train_s")}
+            report["runs"].setdefault(method, {})[str(args.seeds[0])] = {k: best[k] for k in best if k not in GRID_KEYS}
     for seed in args.seeds:  # seed-major: an interrupted run still has whole seeds
         for method in methods:
             if str(seed) in report["runs"].get(method, {}):
                 continue  # the grid's run with the chosen settings
-            report["runs"].setdefault(method, {})[str(seed)] = timed_run(method, seed, chosen[method])
+            report["runs"].setdefault(method, {})[str(seed)] = timed_or_reused(method, seed, chosen[method])
             report["summary"] = summarise(report["runs"])
             report["total_s"] = time.time() - started
             write_json(report, path)
@@ -341,6 +412,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--choose-start", default=None, type=lambda v: {"on": True, "off": False}[v], metavar="{on,off}",
                    help="theseus: restart successors from their group's best-matching block before matching "
                         "(default: the recipe's)")
+    p.add_argument("--train-rest", default=None, type=lambda v: {"on": True, "off": False}[v], metavar="{on,off}",
+                   help="theseus: train copies of the non-replaced parts (default: the recipe's)")
     p.add_argument("--temperature", type=float, default=2.0, help="KD temperature")
     p.add_argument("--alpha", type=float, default=0.5, help="KD weight of the soft-target term")
     p.add_argument("--predecessor", default=None, help="a trained predecessor (text: HF directory; vision: predecessor.safetensors from the vision example)")
@@ -363,6 +436,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     add_device_arguments(p, device="cpu")  # where every method trains (the results were measured on the CPU)
     p.add_argument("--data-dir", default=None, help="vision: directory of the Fashion-MNIST idx files "
                    "(default /usr/share/datasets/fashion-mnist)")
+    p.add_argument("--reuse", nargs="+", default=None, metavar="JSON",
+                   help="earlier reports of the same run (e.g. before --lr-grid gained a point): their grid runs and "
+                        "their seeds' runs of the settings chosen now are taken over instead of re-run (recorded)")
     p.add_argument("--merge", nargs="+", default=None, metavar="JSON",
                    help="merge parts of one run split by seed into --output, instead of running")
     p.add_argument("--output", default=None, help="JSON path (default benchmarks/results/quality_<text_d3|vit_r0.5|...>[_quick].json)")
@@ -387,9 +463,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
+# The flags that change the `theseus` and `theseus_kd` methods only.
+THESEUS_OVERRIDES = ("match_fraction", "match_lr", "init", "choose_start", "train_rest")
+OVERRIDDEN_METHODS = ("theseus", "theseus_kd")
 # Settings that may differ between the parts of one run split by seed over several processes.
-_PER_PART = {"seeds", "methods", "output", "threads", "merge", "sharing", "kd_grid",  # KD's grid: only KD's part uses it
-             "match_fraction", "match_lr", "init", "choose_start"}  # the last four: the theseus method's overrides
+_PER_PART = {"seeds", "methods", "output", "threads", "merge", "reuse", "sharing", "kd_grid",  # KD's grid: only KD's part uses it
+             *THESEUS_OVERRIDES}
 
 
 def part_spec(spec: str) -> Tuple[str, Optional[List[str]]]:

@@ -172,6 +172,35 @@ def test_quality_dev_grid_chooses_each_methods_settings_on_the_first_seed_only(t
     assert (grid["chosen"]["kd"]["temperature"], grid["chosen"]["kd"]["alpha"]) in {(2.0, 0.5), (4.0, 0.9)}
 
 
+def test_quality_reuse_extends_a_grid_without_rerunning_its_points(tmp_path):
+    data = write_idx_dataset(tmp_path / "fashion-mnist")
+    quality = load("quality")
+    base = ["--quick", "--data-dir", data, "--methods", "theseus", "finetune_trained"]
+    first = tmp_path / "first.json"
+    quality.main(base + ["--lr-grid", "1e-3", "--output", str(first)])
+    earlier = read(first)
+    wider = tmp_path / "wider.json"
+    quality.main(base + ["--lr-grid", "1e-3", "4e-3", "--reuse", str(first), "--output", str(wider)])
+    report = read(wider)
+    assert report["reused"] == [str(first)]
+    for method in ("theseus", "finetune_trained"):
+        old_point, new_point = report["grid"]["runs"][method]
+        assert old_point["reused_from"] == str(first) and "reused_from" not in new_point
+        assert old_point["dev"] == earlier["grid"]["runs"][method][0]["dev"]
+        seed_1 = report["runs"][method]["1"]
+        if report["grid"]["chosen"][method]["lr"] == 1e-3:  # the earlier run's choice: its seed 1 is taken over
+            assert seed_1 == dict(earlier["runs"][method]["1"], reused_from=str(first))
+        else:
+            assert "reused_from" not in seed_1
+    # a Theseus override that differs: the baseline's runs are still taken over, Theseus's are not
+    frozen = tmp_path / "frozen.json"
+    quality.main(base + ["--lr-grid", "1e-3", "--train-rest", "off", "--reuse", str(first), "--output", str(frozen)])
+    runs = read(frozen)["grid"]["runs"]
+    assert "reused_from" in runs["finetune_trained"][0] and "reused_from" not in runs["theseus"][0]
+    with pytest.raises(SystemExit, match="not a run of the same benchmark"):
+        quality.main(base + ["--steps", "4", "--lr-grid", "1e-3", "--reuse", str(first), "--output", str(tmp_path / "x.json")])
+
+
 def test_quality_plans_budget_shapes_for_every_method_alike(tmp_path):
     path = tmp_path / "budget.json"
     data = write_idx_dataset(tmp_path / "fashion-mnist")
