@@ -60,6 +60,8 @@ class ResNetAdapter(Adapter):
         "torchvision ResNet / ResNeXt / Wide ResNet and timm ResNet (incl. ResNet-D, SE-ResNet, ResNeXt): "
         "stages layer1..layer4 whose blocks after the first share one structure; single-block stages are kept"
     )
+    # rest frozen, no matching, p 0.6 -> 1 at 30%: ahead of the general default on the ResNet dev split
+    default_recipe = "resnet"
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

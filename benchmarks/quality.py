@@ -3,9 +3,9 @@
 Methods (each trains a successor of the same shape for --steps optimiser steps in the same loop,
 `theseus_general.training.fit`: AdamW, linear decay, the same batches per seed):
 
-  theseus               the library's default recipe, as `Theseus(model, ...)` + `fit` give it
-                        (theseus_general/recipes.py); --match-fraction / --match-lr / --init / --choose-start
-                        override parts
+  theseus               the library's default, as `Theseus(model, ...)` + `fit` give it: the family's
+                        recipe (theseus_general/recipes.py; "resnet" for ResNets, else "default");
+                        --match-fraction / --match-lr / --init / --choose-start / --train-rest override parts
   theseus_kd            the default recipe with a distillation term against a frozen copy of the
                         predecessor's logits (--temperature, --alpha; --kd-grid chooses them as for kd)
   theseus_paper         the paper's recipe: embeddings and head frozen, task loss only, linear curriculum
@@ -178,7 +178,7 @@ def run_method(method: str, task: Task, predecessor: nn.Module, seed: int, args:
     common = dict(lr=args.lr, weight_decay=args.weight_decay, lr_schedule="linear", device=args.device,
                   max_grad_norm=args.max_grad_norm,
                   mixed_precision=args.mixed_precision, desc=method)  # the loss: cross-entropy unless KD
-    if method in ("theseus", "theseus_kd"):  # the library's default recipe; the --match-* / --init flags override parts of it
+    if method in ("theseus", "theseus_kd"):  # the family's default recipe; the --match-* / --init flags override parts of it
         # the KD teacher: an unwrapped frozen copy (the engine trains copies of the rest, and the wrapped
         # model mixes successors in)
         teacher = copy.deepcopy(predecessor) if method == "theseus_kd" else None

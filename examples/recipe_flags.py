@@ -1,24 +1,29 @@
 """The Theseus recipe flags the text and vision examples share: --recipe, the schedule flags,
---match-fraction, --train-rest. Unset flags leave the library's default recipe as it is."""
+--match-fraction, --train-rest. Unset flags leave the model family's recipe as it is."""
 
 from __future__ import annotations
 
 import argparse
 from typing import Optional
 
-from theseus_general import ConstantScheduler, RunLinearScheduler, Theseus
+from torch import nn
+
+from theseus_general import RECIPES, ConstantScheduler, RunLinearScheduler, Theseus
+from theseus_general.recipes import get_recipe
+from theseus_general.registry import detect_adapter
 
 
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--recipe", choices=["default", "paper"], default="default",
-                   help="Theseus recipe: the library's default, or the paper's (rest frozen, no module matching); "
-                        "the flags below override parts of it")
+    p.add_argument("--recipe", choices=sorted(RECIPES), default=None,
+                   help="Theseus recipe (default: the model family's: 'resnet' for ResNets, else 'default'); "
+                        "'paper': the paper's (rest frozen, no module matching); the flags below override parts of it")
     p.add_argument("--schedule", choices=["linear", "constant"], default="linear",
                    help="replacement-rate schedule: linear curriculum, or constant --base-rate then 1")
     p.add_argument("--base-rate", type=float, default=None,
-                   help="curriculum start b (linear) / constant rate p (default: the recipe's, 0.3)")
+                   help="curriculum start b (linear) / constant rate p (default: the recipe's, 0.3; resnet 0.6)")
     p.add_argument("--replace-by", type=float, default=None,
-                   help="fraction of the mixed phase after which p = 1 and only the successors run (default: the recipe's, 0.5)")
+                   help="fraction of the mixed phase after which p = 1 and only the successors run (default: the "
+                        "recipe's, 0.5; resnet 0.3)")
     p.add_argument("--match-fraction", type=float, default=None,
                    help="fraction of --steps spent first on module matching (default: the recipe's)")
     p.add_argument("--train-rest", action=argparse.BooleanOptionalAction, default=None,
@@ -26,12 +31,14 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                         "'default'); --no-train-rest keeps them frozen, as in the paper")
 
 
-def schedule_from_flags(args: argparse.Namespace):
-    """None (the recipe's curriculum) unless a schedule flag was given; then that schedule over the mixed phase."""
+def schedule_from_flags(args: argparse.Namespace, model: nn.Module):
+    """None (the recipe's curriculum) unless a schedule flag was given; then that schedule over the mixed
+    phase, a flag not given taking the value of the recipe `model` gets."""
     if args.schedule == "linear" and args.base_rate is None and args.replace_by is None:
         return None
-    base = 0.3 if args.base_rate is None else args.base_rate
-    replace_by = 0.5 if args.replace_by is None else args.replace_by
+    recipe = get_recipe(args.recipe or detect_adapter(model).default_recipe)
+    base = recipe.base if args.base_rate is None else args.base_rate
+    replace_by = (recipe.full_at or 0.5) if args.replace_by is None else args.replace_by
     if args.schedule == "linear":
         return RunLinearScheduler(full_at=replace_by, base=base)  # fit() tells it the run's length
     mixed = args.steps - int(args.steps * (args.match_fraction or 0.0))

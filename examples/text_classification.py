@@ -214,7 +214,8 @@ def main(argv=None) -> dict:
     # (b) Theseus, on the predecessor object itself (it is restored afterwards)
     t = time.time()
     before = state_checksum(predecessor)
-    th = Theseus(predecessor, successor_depth=depth, recipe=args.recipe, scheduler=schedule_from_flags(args),
+    th = Theseus(predecessor, successor_depth=depth, recipe=args.recipe,
+                 scheduler=schedule_from_flags(args, predecessor),
                  train_rest=args.train_rest, seed=args.seed, init=args.init)
     print(th.plan)
     fitted = train(th, train_data, args.steps, args.lr, args.seed + 1, "theseus", args, lr_schedule=args.lr_schedule,

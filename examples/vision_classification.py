@@ -45,8 +45,8 @@ from theseus_general.training import FitResult, add_device_arguments, fit  # noq
 # Per-family defaults, sized to finish in under 15 minutes on 2 CPU cores (1 thread); every one
 # has a flag. Learning rates were compared on the dev split only, from the saved predecessor
 # (seed 0): ViT lr 2e-3 dev 0.752 vs 1e-3 0.743; ResNet lr 1e-3 (2e-3: 0.890). Theseus runs the
-# library's default recipe (module matching, then the curriculum); --recipe and the schedule
-# flags override it.
+# family's recipe (ViT: the library's default, module matching then the curriculum; ResNet:
+# 'resnet', stem and head frozen, no matching); --recipe and the schedule flags override it.
 DEFAULTS = {
     "vit": dict(width=48, depth_pred=8, pretrain_steps=1000, pretrain_lr=2e-3, steps=400, lr=2e-3, baseline_lr=2e-3),
     "resnet": dict(width=16, depth_pred=2, pretrain_steps=800, pretrain_lr=2e-3, steps=300, lr=1e-3, baseline_lr=1e-3),
@@ -212,7 +212,7 @@ def main(argv=None) -> dict:
     # (b) Theseus on the predecessor object itself (restored afterwards): half the blocks
     t = time.time()
     before = state_checksum(predecessor)
-    th = Theseus(predecessor, ratio=0.5, recipe=args.recipe, scheduler=schedule_from_flags(args),
+    th = Theseus(predecessor, ratio=0.5, recipe=args.recipe, scheduler=schedule_from_flags(args, predecessor),
                  train_rest=args.train_rest, seed=args.seed)
     print(th.plan)
     fitted = train(th, data.train, args.steps, args.lr, args.seed + 1, "theseus", args,

@@ -14,15 +14,28 @@ from torch import nn
 from ..engine import Theseus
 from ..graph import run_model
 from ..measure import count_flops, count_parameters, measure_latency
+from ..recipes import get_recipe
+from ..registry import detect_adapter
 from ..schedulers import RunLinearScheduler
 from ..training import fit
 
 
 def build_engine(model: nn.Module, config: Dict[str, Any]) -> Theseus:
     target = {"successor_depth": config["depth"]} if config["depth"] is not None else {"ratio": config["ratio"]}
-    # the curriculum is relative to the run (fit tells it the steps): base_rate to 1 at replace_by of it
-    return Theseus(model, **target, recipe=config["recipe"], train_rest=config["train_rest"], seed=config["seed"],
-                   scheduler=RunLinearScheduler(full_at=config["replace_by"], base=config["base_rate"]))
+    th = Theseus(model, **target, recipe=config["recipe"], train_rest=config["train_rest"], seed=config["seed"],
+                 scheduler=_curriculum(model, config))
+    config["recipe"], config["train_rest"] = th.recipe.name, th.train_rest  # what ran, for results.json
+    return th
+
+
+def _curriculum(model: nn.Module, config: Dict[str, Any]) -> Optional[RunLinearScheduler]:
+    """base_rate to 1 at replace_by of the run (fit tells it the steps); a field not given is the recipe's.
+    None (the recipe's own curriculum) when neither is given."""
+    if config["base_rate"] is None and config["replace_by"] is None:
+        return None
+    recipe = get_recipe(config["recipe"] or detect_adapter(model).default_recipe)
+    full_at = config["replace_by"] if config["replace_by"] is not None else (recipe.full_at or 0.5)
+    return RunLinearScheduler(full_at=full_at, base=config["base_rate"] if config["base_rate"] is not None else recipe.base)
 
 
 def train(th: Theseus, config: Dict[str, Any], batch_at: Callable[[int], Tuple[Any, torch.Tensor]],

@@ -169,3 +169,25 @@ def test_train_steps_needs_enough_batches_and_parameters():
         train_steps(model, [], image_stream(), 1, loss)
     with pytest.raises(ValueError, match="same module"):
         DistillationStep(model, model)
+
+
+def test_a_theseus_run_takes_a_distillation_term_and_leaves_the_teacher_alone():
+    """The hybrid of docs/training.md: fit(th, loss=DistillationStep(th.model, teacher)) with a copy
+    taken before wrapping. The term changes what the successors learn; the teacher stays as it was."""
+    import copy
+
+    from theseus_general import Theseus
+    from theseus_general.training import fit
+
+    def run(alpha):
+        model = tiny_bert(num_layers=4)
+        teacher = copy.deepcopy(model)
+        before = state_snapshot(teacher)
+        th = Theseus(model, successor_depth=2, seed=0)
+        fit(th, itertools.islice(bert_stream(), 6), 6, lr=1e-3, progress=False,
+            loss=DistillationStep(th.model, teacher, temperature=2.0, alpha=alpha))
+        assert_same_state(before, teacher)
+        return th.export().state_dict()
+
+    with_term, without = run(0.5), run(0.0)
+    assert any(not torch.equal(with_term[k], without[k]) for k in without)

@@ -158,12 +158,13 @@ def test_budget_speed_quick(tmp_path):
 def test_quality_dev_grid_chooses_each_methods_settings_on_the_first_seed_only(tmp_path):
     path = tmp_path / "grid.json"
     data = write_idx_dataset(tmp_path / "fashion-mnist")
-    load("quality").main(["--quick", "--data-dir", data, "--methods", "theseus", "kd", "--lr-grid", "1e-3", "4e-3",
+    load("quality").main(["--quick", "--data-dir", data, "--methods", "theseus", "theseus_kd", "kd", "--lr-grid", "1e-3", "4e-3",
                           "--kd-grid", "2:0.5", "4:0.9", "--output", str(path)])
     report = read(path)
     grid = report["grid"]
-    assert grid["seed"] == 0 and [len(grid["runs"][m]) for m in ("theseus", "kd")] == [2, 4]
-    for method in ("theseus", "kd"):
+    # the hybrid's distillation term gets KD's grid
+    assert grid["seed"] == 0 and [len(grid["runs"][m]) for m in ("theseus", "theseus_kd", "kd")] == [2, 4, 4]
+    for method in ("theseus", "theseus_kd", "kd"):
         best = max(grid["runs"][method], key=lambda r: r["dev"])
         assert grid["chosen"][method]["lr"] == best["lr"]
         assert report["runs"][method]["0"]["dev"] == best["dev"]  # seed 0 is the chosen grid run itself

@@ -45,9 +45,10 @@ def test_config_errors_name_the_field():
 
 
 
-def test_train_rest_is_the_default_and_unfreeze_rest_its_former_name():
+def test_train_rest_is_the_recipes_and_unfreeze_rest_its_former_name():
     good = {"task": "text-classification", "model": "m", "data": "d.csv", "output": "o", "depth": 2}
-    assert check_config(good)["train_rest"] is True  # the library's default recipe too
+    # not given: the engine takes the family's recipe's (build_engine records what ran)
+    assert check_config(good)["train_rest"] is None and check_config(good)["recipe"] is None
     with pytest.warns(FutureWarning, match="'unfreeze_rest' is now 'train_rest'"):
         assert check_config({**good, "unfreeze_rest": False})["train_rest"] is False
     with pytest.raises(ConfigError, match="give 'train_rest' only"):
@@ -173,7 +174,9 @@ def test_each_example_config_runs_end_to_end(name, tmp_path, monkeypatch):
     assert sum(succ["blocks"].values()) * 2 == sum(pred["blocks"].values())
     assert 0 <= succ["accuracy"] <= 1 and 0 <= pred["accuracy"] <= 1
     assert succ["parameters"] < pred["parameters"] and results["flops_ratio"] > 1
-    assert (out / "metrics.csv").read_text().count("replacement_rate") == 5  # 6 steps, 1 of them module matching
+    # 6 steps: the default recipe spends 1 on module matching, a ResNet's recipe none
+    assert (out / "metrics.csv").read_text().count("replacement_rate") == (6 if name == "resnet" else 5)
+    assert results["config"]["recipe"] == ("resnet" if name == "resnet" else "default")
     for plot in ("curriculum.png", "comparison.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     if name == "text":
@@ -284,3 +287,28 @@ def test_cli_device_and_mixed_precision_reach_the_loop(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(dict(config, mixed_precision="fp8", output=str(tmp_path / "b"))))
     assert main([str(tmp_path / "bad.yaml")]) == 1
     assert "mixed_precision must be one of ['bf16', 'fp16', 'no'], got 'fp8'" in capsys.readouterr().err
+
+
+def test_the_engine_takes_the_familys_recipe_and_fields_override_parts_of_it():
+    import torch
+    from timm.models.resnet import BasicBlock, ResNet
+
+    from theseus_general.integrations.cli_runner import build_engine
+
+    def config(**fields):
+        return {"depth": None, "ratio": 0.5, "recipe": None, "train_rest": None, "seed": 0,
+                "base_rate": None, "replace_by": None, **fields}
+
+    torch.manual_seed(0)
+    model = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=3, stem_width=8, channels=(8, 8, 8, 8))
+    given = config()
+    th = build_engine(model, given)
+    assert (th.recipe.name, th.train_rest, th.scheduler.full_at, th.scheduler.base) == ("resnet", False, 0.3, 0.6)
+    assert (given["recipe"], given["train_rest"]) == ("resnet", False)  # results.json says what ran
+    th.unwrap()
+    th = build_engine(model, config(base_rate=0.5))  # one field given: the other is the recipe's
+    assert (th.recipe.name, th.scheduler.full_at, th.scheduler.base) == ("resnet", 0.3, 0.5)
+    th.unwrap()
+    th = build_engine(model, config(recipe="default", replace_by=0.25, train_rest=True))
+    assert (th.recipe.name, th.train_rest, th.scheduler.full_at, th.scheduler.base) == ("default", True, 0.25, 0.3)
+    th.unwrap()

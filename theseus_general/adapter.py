@@ -28,6 +28,9 @@ class Adapter:
     # block) or "first" (successor k is a copy of block k, for families whose blocks behave by
     # position, like Swin's shifted windows, so that the native model at the new depth agrees).
     budget_init: str = "kept"
+    # The recipe (theseus_general.recipes) that Theseus(model) uses for this family's models when
+    # recipe= is not given; a family gets its own only when the dev splits say so.
+    default_recipe: str = "default"
 
     def __init__(self, **options: Any):
         check_names(options, [], "adapter option", f"The {self.name or type(self).__name__} adapter takes no options.")

@@ -52,10 +52,14 @@ FIELDS: Dict[str, tuple] = {
     "steps": (int, 600, ANY, "optimiser steps"),
     "lr": (float, 1e-4, ANY, "AdamW learning rate (linear decay to 0)"),
     "batch_size": (int, 32, ANY, "batch size"),
-    "base_rate": (float, 0.3, ANY, "replacement rate at step 0 (linear curriculum)"),
-    "replace_by": (float, 0.5, ANY, "fraction of the steps after which the rate is 1 (only successors run)"),
-    "recipe": (str, "default", ANY, "'default' (the library's recipe) or 'paper' (BERT-of-Theseus as published: "
-               "embeddings and head frozen, no module matching); the fields below override it"),
+    "base_rate": (float, None, ANY, "replacement rate at the start of the mixed phase (linear curriculum); "
+                  "default: the recipe's (0.3; resnet 0.6)"),
+    "replace_by": (float, None, ANY, "fraction of the mixed phase after which the rate is 1 (only successors run); "
+                   "default: the recipe's (0.5; resnet 0.3)"),
+    "recipe": (str, None, ANY, "'default' (the library's recipe), 'resnet' (stem and head frozen, no module matching, "
+               "a faster curriculum) or 'paper' (BERT-of-Theseus as published: embeddings and head frozen, no module "
+               "matching); default: the model family's ('resnet' for ResNets, else 'default'); the fields below "
+               "override it"),
     "train_rest": (bool, None, ANY, "train embeddings/stem and head from step 0, on copies (false: keep them frozen, "
                    "the paper's replacement phase); default: the recipe's (true for 'default'); formerly unfreeze_rest"),
     "match_fraction": (float, None, ANY, "share of the steps spent first on module matching (each successor learns "
@@ -134,10 +138,8 @@ def check_config(raw: Any, where: str = "config") -> Dict[str, Any]:
         if config.get(name) is not None and config[name] <= 0:
             raise ConfigError(f"{where}: field {name!r} must be > 0, got {config[name]!r}.")
     from .recipes import RECIPES
-    if config["recipe"] not in RECIPES:
+    if config["recipe"] is not None and config["recipe"] not in RECIPES:
         raise ConfigError(f"{where}: field 'recipe' must be one of {sorted(RECIPES)}, got {config['recipe']!r}.")
-    if config["train_rest"] is None:
-        config["train_rest"] = RECIPES[config["recipe"]].train_rest
     for name in ("base_rate", "replace_by", "match_fraction"):
         if config[name] is not None and not 0.0 <= config[name] <= 1.0:
             raise ConfigError(f"{where}: field {name!r} must be within [0, 1], got {config[name]!r}.")

@@ -36,7 +36,7 @@ from .plan import Group, GroupsSpec
 from .planning import INIT_CHOICES, check_plan_matches, export_refusal, plan_run
 from .registry import detect_adapter, get_adapter
 from .replacement import ReplacementState, TheseusGroup
-from .recipes import get_recipe
+from .recipes import Recipe, get_recipe
 from .schedulers import RunLinearScheduler, SchedulerLike, as_scheduler
 from .validation import check_successors
 from .wrapping import Wrapping
@@ -68,9 +68,11 @@ class Theseus:
             paper's replacement phase. Either way the set of trainable parameters is fixed
             at wrapping and never changes during the run.
         unfreeze_rest: deprecated alias of train_rest (warns); the rest no longer waits for p = 1.
-        recipe: "default" (the library's recipe, chosen on dev splits: module matching first, then the
-            mixed phase), "paper" (BERT-of-Theseus as published: rest frozen, p = min(1, 0.3 + 6e-4 t),
-            no matching), or a `Recipe`; it fills in scheduler= and train_rest= when they are not
+        recipe: None (the model family's recipe: "resnet" for ResNets, else "default"), "default" (the
+            library's recipe, chosen on dev splits: module matching first, then the mixed phase),
+            "resnet" (rest frozen, no matching, p from 0.6 to 1 at 30% of the run), "paper"
+            (BERT-of-Theseus as published: rest frozen, p = min(1, 0.3 + 6e-4 t), no matching), or a
+            `Recipe`; it fills in scheduler= and train_rest= when they are not
             given, and tells `fit` how much module matching to do. See `theseus_general.recipes`.
         total_steps: the run's optimiser steps, for a curriculum relative to the run's length (the
             default recipe's); `fit` passes its own ``steps``. Without it the engine warns at its first step.
@@ -104,7 +106,7 @@ class Theseus:
         successors: Optional[Sequence[nn.Module]] = None,
         train_rest: Optional[bool] = None,
         unfreeze_rest: Optional[bool] = None,
-        recipe: str = "default",
+        recipe: Union[str, Recipe, None] = None,
         total_steps: Optional[int] = None,
         seed: int = 0,
         sample: Any = None,
@@ -124,7 +126,11 @@ class Theseus:
                 "This model is already wrapped by a Theseus engine. Use that engine, or call its unwrap() first "
                 "(export() leaves the model wrapped); wrapping twice would replace groups of groups."
             )
-        self.recipe = get_recipe(recipe)
+        if recipe is not None:
+            get_recipe(recipe)  # an unknown name fails before the model is looked at
+        self.adapter = _resolve_adapter(model, adapter, adapter_options)
+        # None: the family's recipe (the adapter's default_recipe; "default" unless the dev splits chose another)
+        self.recipe = get_recipe(self.adapter.default_recipe if recipe is None else recipe)
         self.train_rest = _train_rest_argument(train_rest, unfreeze_rest, self.recipe.train_rest)
         self.scheduler = self.recipe.scheduler() if scheduler is None else as_scheduler(scheduler)
         if total_steps is not None and self.needs_total_steps:
@@ -132,7 +138,6 @@ class Theseus:
         first_rate = self.scheduler(0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ScheduleError(f"seed must be an int, got {seed!r}.")
-        self.adapter = _resolve_adapter(model, adapter, adapter_options)
         self._model = model
 
         planned = plan_run(model, self.adapter, successor_depth=successor_depth, ratio=ratio, groups=groups,

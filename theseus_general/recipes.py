@@ -9,6 +9,11 @@ non-replaced parts train from step 0 of the mixed phase while the replacement ra
 linearly from `base` to 1 at `full_at` of it (`RunLinearScheduler`); the successors then train
 alone.
 
+``recipe="resnet"`` is the default for ResNets (the resnet adapter names it; chosen on the ResNet
+dev split, docs/results.md#ablation-of-the-default-recipe): the paper's frozen stem and head, no
+module matching, p from 0.6 to 1 at 30% of the run. Training the stem and head, matching and the
+slower curriculum each measured at or below it there.
+
 ``recipe="paper"`` is BERT-of-Theseus as published (Xu et al., 2020): embeddings and head
 frozen, task loss only, the linear curriculum p = min(1, 0.3 + 6e-4 t) whatever the run's length.
 
@@ -49,6 +54,7 @@ class Recipe:
 RECIPES: Dict[str, Recipe] = {
     "default": Recipe("default", train_rest=True, full_at=0.5, base=0.3, match_fraction=0.2, match_lr=1e-3,
                       choose_start=True),
+    "resnet": Recipe("resnet", train_rest=False, full_at=0.3, base=0.6),
     "paper": Recipe("paper", train_rest=False, full_at=None, base=0.3),
 }
 
