@@ -61,7 +61,7 @@ from theseus_general.errors import ExportError  # noqa: E402
 from theseus_general.training import add_device_arguments, fit, resolve_device  # noqa: E402
 
 METHODS = ("theseus", "theseus_kd", "theseus_paper", "theseus_linear", "theseus_constant", "finetune_trained", "finetune_initial", "kd")
-DEFAULT_METHODS = ("theseus", "theseus_kd", "theseus_paper", "finetune_trained", "finetune_initial", "kd")
+DEFAULT_METHODS = ("theseus", "theseus_paper", "finetune_trained", "finetune_initial", "kd")
 # the settings the dev grid (--lr-grid, --kd-grid) chooses per method
 GRID_KEYS = ("lr", "temperature", "alpha")
 
