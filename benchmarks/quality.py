@@ -174,7 +174,10 @@ class VisionTask(Task):
 
 
 # ---------------------------------------------------------------- methods
-def run_method(method: str, task: Task, predecessor: nn.Module, seed: int, args: argparse.Namespace) -> nn.Module:
+def run_method(method: str, task: Task, predecessor: nn.Module, seed: int, args: argparse.Namespace,
+               notes: Optional[Dict[str, Any]] = None) -> nn.Module:
+    """Train `method`'s successor and return it; `notes` receives what the run chose (Theseus's start blocks)."""
+    notes = {} if notes is None else notes
     common = dict(lr=args.lr, weight_decay=args.weight_decay, lr_schedule="linear", device=args.device,
                   max_grad_norm=args.max_grad_norm,
                   mixed_precision=args.mixed_precision, desc=method)  # the loss: cross-entropy unless KD
@@ -188,6 +191,8 @@ def run_method(method: str, task: Task, predecessor: nn.Module, seed: int, args:
             extra["loss"] = DistillationStep(th.model, teacher, args.temperature, args.alpha)
         try:
             fit(th, task.batches(seed), args.steps, match_lr=args.match_lr, choose_start=args.choose_start, **extra, **common)
+            # {group: block} for the successors restarted from another block of their group
+            notes["start_blocks"] = {str(g): b for g, b in sorted(th.successor_starts.items())}
             return th.export(native=task.native)
         finally:
             th.unwrap()
@@ -318,8 +323,9 @@ def run(args: argparse.Namespace, path: str) -> Dict[str, Any]:
 
     def timed_run(method: str, seed: int, settings: Dict[str, float]) -> Dict[str, float]:
         t = time.time()
-        model = run_method(method, task, predecessor, seed, argparse.Namespace(**dict(vars(args), **settings)))
-        result = dict(task.evaluate(model), train_s=time.time() - t)
+        notes: Dict[str, Any] = {}
+        model = run_method(method, task, predecessor, seed, argparse.Namespace(**dict(vars(args), **settings)), notes)
+        result = dict(task.evaluate(model), train_s=time.time() - t, **notes)
         print(f"  seed {seed} {method} {settings}: dev {result['dev']:.4f}, test {result['test']:.4f} "
               f"({result['train_s']:.0f} s)", flush=True)
         return result
