@@ -64,6 +64,7 @@ METHODS = ("theseus", "theseus_kd", "theseus_paper", "theseus_linear", "theseus_
 DEFAULT_METHODS = ("theseus", "theseus_paper", "finetune_trained", "finetune_initial", "kd")
 # the settings the dev grid (--lr-grid, --kd-grid) chooses per method
 GRID_KEYS = ("lr", "temperature", "alpha")
+KD_METHODS = ("kd", "theseus_kd")  # the methods with a distillation term: --kd-grid applies to them
 
 
 # ---------------------------------------------------------------- tasks
@@ -219,7 +220,7 @@ def run_method(method: str, task: Task, predecessor: nn.Module, seed: int, args:
 def grid_points(method: str, args: argparse.Namespace) -> List[Dict[str, float]]:
     """The dev grid of one method: every --lr-grid value (KD: times every --kd-grid pair)."""
     lrs = args.lr_grid or [args.lr]
-    if method not in ("kd", "theseus_kd") or not args.kd_grid:
+    if method not in KD_METHODS or not args.kd_grid:
         return [{"lr": lr} for lr in lrs]
     pairs = [tuple(float(v) for v in pair.split(":")) for pair in args.kd_grid]
     return [{"lr": lr, "temperature": t, "alpha": a} for lr in lrs for t, a in pairs]
@@ -260,7 +261,8 @@ class Reused:
 
     A report's grid runs are its first seed's runs at each grid point; its other seeds ran the
     settings it chose. A run is taken over only where everything that shapes it is equal: the
-    task, the settings outside `_PER_PART` (bar the grid), the predecessor and the settings."""
+    task, the predecessor, every setting but the bookkeeping and the grid (the Theseus overrides
+    only for the methods they shape), and the run's own lr / temperature / alpha."""
 
     def __init__(self, paths: List[str], report: Dict[str, Any], args: argparse.Namespace):
         self.paths, self.runs = list(paths), []
@@ -292,7 +294,7 @@ class Reused:
 
     @staticmethod
     def _fixed(settings: Dict[str, Any], method: str) -> Dict[str, float]:
-        keys = GRID_KEYS if method in ("kd", "theseus_kd") else ("lr",)
+        keys = GRID_KEYS if method in KD_METHODS else ("lr",)
         return {k: settings[k] for k in keys}
 
     def _add(self, path: str, method: str, seed: int, run: Dict[str, Any]) -> None:
