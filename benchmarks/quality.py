@@ -266,9 +266,8 @@ class Reused:
 
     def __init__(self, paths: List[str], report: Dict[str, Any], args: argparse.Namespace):
         self.paths, self.runs = list(paths), []
-        # what may differ: the bookkeeping, and the grid (each run carries its own lr, temperature, alpha)
-        ignore = {"seeds", "methods", "output", "threads", "merge", "reuse", "sharing", "lr_grid", "kd_grid",
-                  "lr", "temperature", "alpha"}
+        # what may differ: the bookkeeping of a part, and the grid (each run carries its own lr, temperature, alpha)
+        ignore = (_PER_PART - set(THESEUS_OVERRIDES)) | {"lr_grid", *GRID_KEYS}
         wanted = {k: v for k, v in vars(args).items() if k not in ignore}
         for path in paths:
             with open(path) as f:

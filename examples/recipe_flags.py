@@ -9,8 +9,7 @@ from typing import Optional
 from torch import nn
 
 from theseus_general import RECIPES, ConstantScheduler, RunLinearScheduler, Theseus
-from theseus_general.recipes import get_recipe
-from theseus_general.registry import detect_adapter
+from theseus_general.recipes import family_recipe
 
 
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
@@ -36,7 +35,7 @@ def schedule_from_flags(args: argparse.Namespace, model: nn.Module):
     phase, a flag not given taking the value of the recipe `model` gets."""
     if args.schedule == "linear" and args.base_rate is None and args.replace_by is None:
         return None
-    recipe = get_recipe(args.recipe or detect_adapter(model).default_recipe)
+    recipe = family_recipe(model, args.recipe)
     base = recipe.base if args.base_rate is None else args.base_rate
     replace_by = (recipe.full_at or 0.5) if args.replace_by is None else args.replace_by
     if args.schedule == "linear":

@@ -14,8 +14,7 @@ from torch import nn
 from ..engine import Theseus
 from ..graph import run_model
 from ..measure import count_flops, count_parameters, measure_latency
-from ..recipes import get_recipe
-from ..registry import detect_adapter
+from ..recipes import family_recipe
 from ..schedulers import RunLinearScheduler
 from ..training import fit
 
@@ -33,7 +32,7 @@ def _curriculum(model: nn.Module, config: Dict[str, Any]) -> Optional[RunLinearS
     None (the recipe's own curriculum) when neither is given."""
     if config["base_rate"] is None and config["replace_by"] is None:
         return None
-    recipe = get_recipe(config["recipe"] or detect_adapter(model).default_recipe)
+    recipe = family_recipe(model, config["recipe"])
     full_at = config["replace_by"] if config["replace_by"] is not None else (recipe.full_at or 0.5)
     return RunLinearScheduler(full_at=full_at, base=config["base_rate"] if config["base_rate"] is not None else recipe.base)
 

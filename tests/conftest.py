@@ -160,6 +160,14 @@ class ChainModel(nn.Module):
         return self.head(h)
 
 
+def tiny_resnet(seed: int = 0):
+    """A timm ResNet [2, 2, 2, 2] of width 8: the resnet adapter's family, in milliseconds."""
+    from timm.models.resnet import BasicBlock, ResNet
+
+    torch.manual_seed(seed)
+    return ResNet(BasicBlock, [2, 2, 2, 2], num_classes=3, stem_width=8, channels=(8, 8, 8, 8))
+
+
 def state_snapshot(model: nn.Module) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 

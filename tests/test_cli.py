@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import yaml
-from conftest import save_tiny_classifier
+from conftest import save_tiny_classifier, tiny_resnet
 
 from theseus_general.cli import FIELDS, ConfigError, check_config, main
 
@@ -290,17 +290,13 @@ def test_cli_device_and_mixed_precision_reach_the_loop(tmp_path, capsys):
 
 
 def test_the_engine_takes_the_familys_recipe_and_fields_override_parts_of_it():
-    import torch
-    from timm.models.resnet import BasicBlock, ResNet
-
     from theseus_general.integrations.cli_runner import build_engine
 
     def config(**fields):
         return {"depth": None, "ratio": 0.5, "recipe": None, "train_rest": None, "seed": 0,
                 "base_rate": None, "replace_by": None, **fields}
 
-    torch.manual_seed(0)
-    model = ResNet(BasicBlock, [2, 2, 2, 2], num_classes=3, stem_width=8, channels=(8, 8, 8, 8))
+    model = tiny_resnet()
     given = config()
     th = build_engine(model, given)
     assert (th.recipe.name, th.train_rest, th.scheduler.full_at, th.scheduler.base) == ("resnet", False, 0.3, 0.6)

@@ -8,7 +8,7 @@ import torch
 
 from theseus_general import LinearScheduler, RunLinearScheduler, ScheduleError, Theseus, fit
 
-from conftest import ChainModel
+from conftest import ChainModel, tiny_resnet
 
 
 def chain_engine(**kwargs) -> Theseus:
@@ -58,13 +58,7 @@ def test_paper_recipe_freezes_the_rest_and_keeps_the_papers_fixed_slope():
 
 
 def test_a_resnet_gets_its_familys_recipe_unless_one_is_named():
-    from timm.models.resnet import BasicBlock, ResNet
-
-    def resnet():
-        torch.manual_seed(0)
-        return ResNet(BasicBlock, [2, 2, 2, 2], num_classes=3, stem_width=8, channels=(8, 8, 8, 8))
-
-    th = Theseus(resnet(), ratio=0.5)
+    th = Theseus(tiny_resnet(), ratio=0.5)
     assert th.recipe.name == "resnet" and not th.train_rest  # stem and head stay frozen
     assert th.recipe.match_fraction == 0.0 and not th.recipe.choose_start
     assert (th.scheduler.full_at, th.scheduler.base) == (0.3, 0.6)
@@ -73,7 +67,7 @@ def test_a_resnet_gets_its_familys_recipe_unless_one_is_named():
     assert {n for n, p in th.model.named_parameters() if p.requires_grad} == \
         {n for n, p in th.model.named_parameters() if ".successor." in n}
     th.unwrap()
-    th = Theseus(resnet(), ratio=0.5, recipe="default")  # named: the general recipe
+    th = Theseus(tiny_resnet(), ratio=0.5, recipe="default")  # named: the general recipe
     assert th.recipe.name == "default" and th.train_rest
     th.unwrap()
     assert chain_engine().recipe.name == "default"  # families without their own get the general one
