@@ -275,6 +275,7 @@ def main(argv=None) -> Dict[str, Any]:
     for depth in args.depths:
         for method in args.methods:
             t0 = time.time()
+            starts = None  # Theseus: {group: block} for successors that module matching restarted from another block
             # Where the student starts: "first" (the built-in: successor i is a copy of layer i, so
             # the first `depth` layers) or "bi" (the layers Block Influence keeps, in place).
             start = "bi" if method in ("theseus_bi", "layer_removal", "kd_bi") else "first"
@@ -288,6 +289,7 @@ def main(argv=None) -> Dict[str, Any]:
                 match = None if args.match_fraction is None else int(args.steps * args.match_fraction)
                 fit(th, batch_at, args.steps, loss=causal_lm(th.model), desc=f"{method} {layers}->{depth}",
                     match_steps=match, **common)
+                starts = dict(th.successor_starts)
                 student = th.export()
                 th.unwrap()
             elif method in ("fine_tune_only", "layer_removal"):
@@ -308,6 +310,8 @@ def main(argv=None) -> Dict[str, Any]:
                    "perplexity": perplexity(student, test_rows), "parameters": count_parameters(student),
                    "flops": count_flops(student, {"input_ids": speed_rows})}
             row["flops_ratio"] = results["predecessor"]["flops"] / row["flops"]
+            if starts is not None:
+                row["start_blocks"] = starts
             results["students"][name] = row
             print(f"{layers}->{depth} {method:<15} test perplexity {row['perplexity']:8.2f}   ({train_seconds:.0f} s)")
 

