@@ -177,7 +177,8 @@ class VisionTask(Task):
 # ---------------------------------------------------------------- methods
 def run_method(method: str, task: Task, predecessor: nn.Module, seed: int, args: argparse.Namespace,
                notes: Optional[Dict[str, Any]] = None) -> nn.Module:
-    """Train `method`'s successor and return it; `notes` receives what the run chose (Theseus's start blocks)."""
+    """Train `method`'s successor and return it; `notes` receives what the run chose (Theseus's recipe and
+    start blocks)."""
     notes = {} if notes is None else notes
     common = dict(lr=args.lr, weight_decay=args.weight_decay, lr_schedule="linear", device=args.device,
                   max_grad_norm=args.max_grad_norm,
@@ -194,6 +195,7 @@ def run_method(method: str, task: Task, predecessor: nn.Module, seed: int, args:
             fit(th, task.batches(seed), args.steps, match_lr=args.match_lr, choose_start=args.choose_start, **extra, **common)
             # {group: block} for the successors restarted from another block of their group
             notes["start_blocks"] = {str(g): b for g, b in sorted(th.successor_starts.items())}
+            notes["recipe"] = th.recipe.name  # the family's: "resnet" for ResNets, else "default"
             return th.export(native=task.native)
         finally:
             th.unwrap()

@@ -92,6 +92,7 @@ def test_quality_quick_and_its_report(tmp_path):
     # group's successor is a copy of block 0 or 1)
     for run in report["runs"]["theseus"].values():
         assert set(run["start_blocks"]) <= {"0"} and set(run["start_blocks"].values()) <= {1}
+        assert run["recipe"] == "default"  # and which recipe ran: the ViT family's
     assert "start_blocks" not in report["runs"]["finetune_trained"]["0"]
     assert report["depth"] == {"predecessor": {"blocks": 2}, "successor": {"blocks": 1}}
     assert report["data"].endswith(os.path.join("fashion-mnist"))
