@@ -79,7 +79,9 @@ def main(argv=None) -> dict:
         return TrainingArguments(
             output_dir=os.path.join(args.output, name), max_steps=steps, per_device_train_batch_size=args.batch_size,
             per_device_eval_batch_size=128, learning_rate=args.lr, logging_steps=max(1, steps // 10),
-            save_strategy="no", report_to="none", seed=args.seed, **kw)
+            save_strategy="no", report_to="none", seed=args.seed,
+            dataloader_pin_memory=torch.cuda.is_available(),  # pinning needs an accelerator (else a warning)
+            **kw)
 
     common = dict(train_dataset=train, eval_dataset=dev, data_collator=DataCollatorWithPadding(tokenizer),
                   compute_metrics=accuracy)
