@@ -35,7 +35,7 @@ from .errors import AdapterError, CheckpointError, EngineStateError, ExportError
 from .plan import Group, GroupsSpec
 from .planning import INIT_CHOICES, check_plan_matches, export_refusal, plan_run
 from .registry import detect_adapter, get_adapter
-from .replacement import ReplacementState, TheseusGroup
+from .replacement import REPLACEMENT_ORDERS, ReplacementState, TheseusGroup
 from .recipes import Recipe, get_recipe
 from .schedulers import RunLinearScheduler, SchedulerLike, as_scheduler
 from .validation import check_successors
@@ -77,6 +77,9 @@ class Theseus:
         total_steps: the run's optimiser steps, for a curriculum relative to the run's length (the
             default recipe's); `fit` passes its own ``steps``. Without it the engine warns at its first step.
         seed: seed of the replacement draws (identical on every process).
+        replacement_order: how the rate is spread over the groups: "random" (default, the paper's:
+            every group runs its successor with probability p), "bottom_up" or "top_down" (the same
+            expected number of replaced groups, p x groups, filled from the input / output side).
         sample: an input to check every successor against its group before any change;
             by default the adapter makes one when it can.
         validate: set False to skip that check.
@@ -109,6 +112,7 @@ class Theseus:
         recipe: Union[str, Recipe, None] = None,
         total_steps: Optional[int] = None,
         seed: int = 0,
+        replacement_order: str = "random",
         sample: Any = None,
         validate: bool = True,
         target_flops: Optional[float] = None,
@@ -138,6 +142,10 @@ class Theseus:
         first_rate = self.scheduler(0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ScheduleError(f"seed must be an int, got {seed!r}.")
+        if replacement_order not in REPLACEMENT_ORDERS:
+            raise ScheduleError(f"replacement_order must be one of {', '.join(REPLACEMENT_ORDERS)}; "
+                                f"got {replacement_order!r}.")
+        self.replacement_order = replacement_order
         self._model = model
 
         planned = plan_run(model, self.adapter, successor_depth=successor_depth, ratio=ratio, groups=groups,
@@ -154,7 +162,7 @@ class Theseus:
         # from another block of their group (recipe.choose_start); what was chosen is kept here
         self.may_choose_starts = init is None and successors is None
         self.successor_starts: Dict[int, int] = {}
-        self._state = ReplacementState(seed)
+        self._state = ReplacementState(seed, replacement_order, len(self.plan.groups))
         self._state.advance(0, first_rate)
         self._step = 0
         self._failed: Optional[str] = None
@@ -264,8 +272,9 @@ class Theseus:
         tensors: every successor's state (``successors.<group>.<key>``) and, with
         train_rest, the copies of the rest (``rest.<n>``, in wrapping order). The
         tensors are the live ones (no copy); `theseus_general.checkpoint` writes them.
-        meta (JSON-safe): step, seed, rate at that step and the plan. The replacement
-        draws are a pure function of (seed, step, group, micro-batch), so step and seed restore them."""
+        meta (JSON-safe): step, seed, rate at that step, train_rest, replacement_order and the
+        plan. The replacement draws are a pure function of (seed, step, group, micro-batch), so
+        step and seed restore them."""
         self._check_open("state_dict()")
         tensors: Dict[str, torch.Tensor] = {}
         for g in self._wrapping.groups:
@@ -274,7 +283,7 @@ class Theseus:
         for i, tensor in enumerate(self._wrapping.rest_tensors()):
             tensors[f"rest.{i}"] = tensor
         meta = {"step": self._step, "seed": self._state.seed, "rate": self._state.rate,
-                "train_rest": self.train_rest, "plan": self.plan.to_dict()}
+                "train_rest": self.train_rest, "replacement_order": self.replacement_order, "plan": self.plan.to_dict()}
         return {"tensors": tensors, "meta": meta}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -302,6 +311,12 @@ class Theseus:
             raise CheckpointError(
                 f"The checkpoint was saved with train_rest={saved_rest}, this engine has "
                 f"train_rest={self.train_rest}; create the engine with the same setting."
+            )
+        saved_order = meta.get("replacement_order", "random")  # checkpoints from before the option: random
+        if saved_order != self.replacement_order:
+            raise CheckpointError(
+                f"The checkpoint was saved with replacement_order={saved_order!r}, this engine has "
+                f"replacement_order={self.replacement_order!r}; create the engine with the same setting."
             )
         step = int(meta["step"])
         rate = self.scheduler(step)

@@ -60,13 +60,19 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+# How the replacement rate is spread over the groups (Theseus(replacement_order=...)).
+REPLACEMENT_ORDERS = ("random", "bottom_up", "top_down")
+
+
 class ReplacementState:
     """Shared by all groups of one engine: schedule position, rate and the decisions.
 
     Plain Python numbers, read and written only by the eager dispatch."""
 
-    def __init__(self, seed: int = 0):
+    def __init__(self, seed: int = 0, order: str = "random", num_groups: int = 1):
         self.seed = int(seed)
+        self.order = order
+        self.num_groups = int(num_groups)
         self.step = 0
         self.rate = 0.0
         self.force: Optional[str] = None  # "predecessor": bypass the draw (validation runs the blocks)
@@ -77,9 +83,19 @@ class ReplacementState:
         self.last_draws: Dict[int, bool] = {}  # group -> decision of its latest forward (reused by recomputes)
         self.ran_successor: Set[int] = set()  # groups whose successor ran in some forward since the last step
 
+    def group_rate(self, group: int) -> float:
+        """The probability that `group` runs its successor now. "random" (the paper's): every group at the
+        schedule's rate. "bottom_up" / "top_down": the same expected number of replaced groups, rate x
+        groups, filled from the input / output side: the group at position g from that side runs its
+        successor with probability clip(rate * groups - g, 0, 1)."""
+        if self.order == "random" or self.num_groups <= 1:
+            return self.rate
+        position = group if self.order == "bottom_up" else self.num_groups - 1 - group
+        return min(1.0, max(0.0, self.rate * self.num_groups - position))
+
     def decision(self, group: int, micro_batch: int) -> bool:
         """Whether `group` runs its successor in micro-batch `micro_batch` of the current step."""
-        return uniform(self.seed, self.step, group, micro_batch) < self.rate
+        return uniform(self.seed, self.step, group, micro_batch) < self.group_rate(group)
 
     @torch.compiler.disable  # plain Python bookkeeping: never traced, never guarded on
     def draw(self, group: int) -> bool:
