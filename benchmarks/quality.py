@@ -6,7 +6,7 @@ Methods (each trains a successor of the same shape for --steps optimiser steps i
   theseus               the library's default, as `Theseus(model, ...)` + `fit` give it: the family's
                         recipe (theseus_general/recipes.py; "resnet" for ResNets, else "default");
                         --match-fraction / --match-lr / --init / --choose-start / --train-rest /
-                        --replacement-order override parts
+                        --replacement-order / --rest-lr-scale override parts
   theseus_kd            the default recipe with a distillation term against a frozen copy of the
                         predecessor's logits (--temperature, --alpha; --kd-grid chooses them as for kd)
   theseus_paper         the paper's recipe: embeddings and head frozen, task loss only, linear curriculum
@@ -191,6 +191,8 @@ def run_method(method: str, task: Task, predecessor: nn.Module, seed: int, args:
         th = Theseus(predecessor, **task.target, init=args.init, train_rest=args.train_rest, seed=seed,
                      replacement_order=args.replacement_order or "random")
         extra = {} if args.match_fraction is None else {"match_steps": int(args.steps * args.match_fraction)}
+        if args.rest_lr_scale is not None:
+            extra["rest_lr"] = args.lr * args.rest_lr_scale
         if teacher is not None:
             extra["loss"] = DistillationStep(th.model, teacher, args.temperature, args.alpha)
         try:
@@ -427,6 +429,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="theseus: train copies of the non-replaced parts (default: the recipe's)")
     p.add_argument("--replacement-order", default=None, choices=("random", "bottom_up", "top_down"),
                    help="theseus: how the rate is spread over the groups (default: the engine's, random)")
+    p.add_argument("--rest-lr-scale", type=float, default=None,
+                   help="theseus with the rest trained: its copies' lr as a multiple of the run's (default: 1, the same lr)")
     p.add_argument("--temperature", type=float, default=2.0, help="KD temperature")
     p.add_argument("--alpha", type=float, default=0.5, help="KD weight of the soft-target term")
     p.add_argument("--predecessor", default=None, help="a trained predecessor (text: HF directory; vision: predecessor.safetensors from the vision example)")
@@ -477,7 +481,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # The flags that change the `theseus` and `theseus_kd` methods only.
-THESEUS_OVERRIDES = ("match_fraction", "match_lr", "init", "choose_start", "train_rest", "replacement_order")
+THESEUS_OVERRIDES = ("match_fraction", "match_lr", "init", "choose_start", "train_rest", "replacement_order",
+                     "rest_lr_scale")
 OVERRIDDEN_METHODS = ("theseus", "theseus_kd")
 # Settings that may differ between the parts of one run split by seed over several processes.
 _PER_PART = {"seeds", "methods", "output", "threads", "merge", "reuse", "sharing", "kd_grid",  # KD's grid: only KD's part uses it

@@ -156,6 +156,21 @@ def cross_entropy_loss(model: nn.Module, logits_of: Optional[Callable[[Any], tor
     return loss
 
 
+def _parameter_groups(engine: Optional[Theseus], params: List[nn.Parameter], rest_lr: Optional[float]) -> list:
+    """AdamW's parameter groups: `params` as one group, or with `rest_lr` the successors' parameters at
+    the run's lr and the rest's copies at `rest_lr` (the first group is the one the logs report)."""
+    if rest_lr is None:
+        return params
+    if engine is None or not engine.train_rest:
+        raise TrainingError("fit(rest_lr=...) sets the learning rate of the non-replaced parts' copies, which "
+                            "train only on an engine with train_rest=True; drop rest_lr or use such an engine.")
+    if isinstance(rest_lr, bool) or not (isinstance(rest_lr, (int, float)) and math.isfinite(rest_lr) and rest_lr >= 0):
+        raise TrainingError(f"rest_lr must be a learning rate >= 0, got {rest_lr!r}.")
+    own = {id(p) for successor in engine.successors() for p in successor.parameters()}
+    return [{"params": [p for p in params if id(p) in own]},
+            {"params": [p for p in params if id(p) not in own], "lr": float(rest_lr)}]
+
+
 def fit(
     target: Union[Theseus, nn.Module],
     batches: Union[Iterable[Batch], Callable[[int], Batch]],
@@ -181,6 +196,7 @@ def fit(
     match_steps: Optional[int] = None,
     match_lr: Optional[float] = None,
     choose_start: Optional[bool] = None,
+    rest_lr: Optional[float] = None,
 ) -> FitResult:
     """Train `target` for `steps` optimiser steps (a Theseus engine: module matching for the recipe's
     share of them, then the mixed phase until ``th.step_count == steps - match_steps``, so a resumed
@@ -219,6 +235,8 @@ def fit(
         the group best on the first batch (`theseus_general.matching.choose_starts`; the choice is in
         ``th.successor_starts``). None: the recipe's ``choose_start``, for successors the engine copied
         with the default init only (never for ``init=`` or ``successors=`` you gave).
+    rest_lr: engines with train_rest only: the learning rate of the copies of the non-replaced parts
+        (embeddings, stem, head) in the mixed phase, on the same schedule (None: `lr`, one group).
 
     The model is put in training mode and left in the mode it had before. Raises `NonFiniteLossError`
     (before the optimiser applies the step) when the loss is NaN or infinite.
@@ -246,6 +264,7 @@ def fit(
     params = list(params if params is not None else (engine.trainable_parameters() if engine else model.parameters()))
     if not params:
         raise TrainingError("No trainable parameters were given to fit(); pass params= or a model with parameters.")
+    groups = _parameter_groups(engine, params, rest_lr)
     loss_fn = loss if loss is not None else cross_entropy_loss(model)
 
     home = _device_of(model)
@@ -255,7 +274,7 @@ def fit(
     try:
         for thing in movable:  # moves parameters in place: `params` and the engine keep pointing at them
             thing.to(run_device)
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, lr_schedule, warmup))
         scaler = torch.amp.GradScaler(run_device.type, enabled=mixed_precision == "fp16")
         autocast = ((lambda: torch.autocast(run_device.type, dtype=dtype)) if dtype is not None
