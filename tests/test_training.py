@@ -11,7 +11,7 @@ from theseus_general import LinearScheduler, NonFiniteLossError, Theseus
 from theseus_general.metrics import read_metrics
 from theseus_general.training import TrainingError, fit, lr_factor
 
-from conftest import ChainModel, state_snapshot
+from conftest import ChainModel, assert_same_state, state_snapshot
 
 
 def batch_at(position: int):
@@ -158,8 +158,13 @@ def test_rest_lr_gives_the_rest_its_own_learning_rate():
 
 def test_rest_lr_needs_an_engine_that_trains_the_rest():
     th = Theseus(ChainModel(depth=4), successor_depth=2, adapter="generic", container="blocks", train_rest=False)
+    before = state_snapshot(th.model)
     with pytest.raises(TrainingError, match="train only on an engine with train_rest=True"):
-        fit(th, batch_at, 1, rest_lr=1e-5, match_steps=0, progress=False)
+        fit(th, batch_at, 10, rest_lr=1e-5, progress=False)  # the recipe's module matching would run first
+    assert_same_state(before, th.model)  # successors included: matching did not run
+    assert th.step_count == 0
+    with pytest.raises(TrainingError, match="rest_lr must be a learning rate >= 0"):
+        fit(engine(), batch_at, 1, rest_lr=-1.0, match_steps=0, progress=False)
     with pytest.raises(TrainingError, match="train only on an engine with train_rest=True"):
         fit(ChainModel(depth=2), batch_at, 1, rest_lr=1e-5, progress=False)
     th.unwrap()

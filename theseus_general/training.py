@@ -156,16 +156,21 @@ def cross_entropy_loss(model: nn.Module, logits_of: Optional[Callable[[Any], tor
     return loss
 
 
-def _parameter_groups(engine: Optional[Theseus], params: List[nn.Parameter], rest_lr: Optional[float]) -> list:
-    """AdamW's parameter groups: `params` as one group, or with `rest_lr` the successors' parameters at
-    the run's lr and the rest's copies at `rest_lr` (the first group is the one the logs report)."""
+def _check_rest_lr(engine: Optional[Theseus], rest_lr: Optional[float]) -> None:
     if rest_lr is None:
-        return params
+        return
     if engine is None or not engine.train_rest:
         raise TrainingError("fit(rest_lr=...) sets the learning rate of the non-replaced parts' copies, which "
                             "train only on an engine with train_rest=True; drop rest_lr or use such an engine.")
     if isinstance(rest_lr, bool) or not (isinstance(rest_lr, (int, float)) and math.isfinite(rest_lr) and rest_lr >= 0):
         raise TrainingError(f"rest_lr must be a learning rate >= 0, got {rest_lr!r}.")
+
+
+def _parameter_groups(engine: Optional[Theseus], params: List[nn.Parameter], rest_lr: Optional[float]) -> list:
+    """AdamW's parameter groups: `params` as one group, or with `rest_lr` the successors' parameters at
+    the run's lr and the rest's copies at `rest_lr` (the first group is the one the logs report)."""
+    if rest_lr is None:
+        return params
     own = {id(p) for successor in engine.successors() for p in successor.parameters()}
     return [{"params": [p for p in params if id(p) in own]},
             {"params": [p for p in params if id(p) not in own], "lr": float(rest_lr)}]
@@ -246,6 +251,7 @@ def fit(
     if not isinstance(model, nn.Module):
         raise TrainingError(f"fit() trains a Theseus engine or a torch.nn.Module, got {type(target).__qualname__}.")
     _check_settings(steps, lr_schedule, gradient_accumulation, checkpoint_every, checkpoints, engine)
+    _check_rest_lr(engine, rest_lr)  # before module matching changes any weight
     planned_matching = _matching_steps(engine, steps, match_steps)
     steps -= planned_matching  # matching comes out of the same budget of optimiser steps
     if engine is not None and engine.step_count == 0 and engine.needs_total_steps:
