@@ -59,6 +59,7 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
 from theseus_general import ConstantScheduler, LinearScheduler, Theseus  # noqa: E402
 from theseus_general.baselines import DistillationStep, successor_shaped_copy  # noqa: E402
 from theseus_general.errors import ExportError  # noqa: E402
+from theseus_general.replacement import REPLACEMENT_ORDERS  # noqa: E402
 from theseus_general.training import add_device_arguments, fit, resolve_device  # noqa: E402
 
 METHODS = ("theseus", "theseus_kd", "theseus_paper", "theseus_linear", "theseus_constant", "finetune_trained", "finetune_initial", "kd")
@@ -188,8 +189,8 @@ def run_method(method: str, task: Task, predecessor: nn.Module, seed: int, args:
         # the KD teacher: an unwrapped frozen copy (the engine trains copies of the rest, and the wrapped
         # model mixes successors in)
         teacher = copy.deepcopy(predecessor) if method == "theseus_kd" else None
-        th = Theseus(predecessor, **task.target, init=args.init, train_rest=args.train_rest, seed=seed,
-                     replacement_order=args.replacement_order or "random")
+        order = {} if args.replacement_order is None else {"replacement_order": args.replacement_order}
+        th = Theseus(predecessor, **task.target, init=args.init, train_rest=args.train_rest, seed=seed, **order)
         extra = {} if args.match_fraction is None else {"match_steps": int(args.steps * args.match_fraction)}
         if args.rest_lr_scale is not None:
             extra["rest_lr"] = args.lr * args.rest_lr_scale
@@ -427,7 +428,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: the recipe's)")
     p.add_argument("--train-rest", default=None, type=lambda v: {"on": True, "off": False}[v], metavar="{on,off}",
                    help="theseus: train copies of the non-replaced parts (default: the recipe's)")
-    p.add_argument("--replacement-order", default=None, choices=("random", "bottom_up", "top_down"),
+    p.add_argument("--replacement-order", default=None, choices=REPLACEMENT_ORDERS,
                    help="theseus: how the rate is spread over the groups (default: the engine's, random)")
     p.add_argument("--rest-lr-scale", type=float, default=None,
                    help="theseus with the rest trained: its copies' lr as a multiple of the run's (default: 1, the same lr)")

@@ -88,7 +88,7 @@ class ReplacementState:
         schedule's rate. "bottom_up" / "top_down": the same expected number of replaced groups, rate x
         groups, filled from the input / output side: the group at position g from that side runs its
         successor with probability clip(rate * groups - g, 0, 1)."""
-        if self.order == "random" or self.num_groups <= 1:
+        if self.order == "random":
             return self.rate
         position = group if self.order == "bottom_up" else self.num_groups - 1 - group
         return min(1.0, max(0.0, self.rate * self.num_groups - position))
