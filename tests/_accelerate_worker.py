@@ -26,7 +26,7 @@ def run(out: str, argv: list) -> dict:
     def record(th, accelerator):
         rank[0] = accelerator.process_index
         draws.append({"step": th.step_count, "rate": th.scheduler(th.step_count - 1),
-                      "successor": {str(k): v for k, v in sorted(th._state.last_draws.items())}})
+                      "successor": {str(k): v for k, v in sorted(th.last_decisions.items())}})
         final.clear()
         final.update({k: v.detach().cpu().clone().contiguous() for k, v in th.state_dict()["tensors"].items()})
 

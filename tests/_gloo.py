@@ -71,7 +71,7 @@ def train_on_rank_slice(th, forward, opt, out: str, rank: int, world_size: int, 
         loss.backward()
         opt.step()
         opt.zero_grad()
-        draws.append({str(k): v for k, v in sorted(th._state.last_draws.items())})
+        draws.append({str(k): v for k, v in sorted(th.last_decisions.items())})
         th.step()
     with open(os.path.join(out, f"draws-{rank}.json"), "w") as f:
         json.dump(draws, f)

@@ -36,7 +36,15 @@ def test_validate_after_wrapping_names_the_group():
     th.successors()[1].double()
     with pytest.raises(SuccessorMismatchError, match=r"group 1 .*blocks \[2, 3\].*failed on the group.s input.*Double"):
         th.validate(sample)
-    assert th._state.force is None
+    th.successors()[1].float()
+    calls = []
+    hooks = [b.register_forward_hook(lambda *a: calls.append(1)) for g in th.groups for b in g.predecessor]
+    th.model.eval()
+    with torch.no_grad():
+        th.model(**sample)
+    assert calls == []  # validation's predecessor-only mode ended with the error: eval runs successors only
+    for h in hooks:
+        h.remove()
 
 
 def test_unfreeze_rest_is_a_deprecated_alias_of_train_rest():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -97,17 +99,22 @@ def test_training_with_the_default_kv_cache_computes_like_without_it():
     # A successor copied from layer k and another group's predecessor layer k would write the same
     # KV-cache slot in one training forward with use_cache=True (the transformers default); the engine
     # calls HfAdapter.prepare_successor, which gives each successor its group's first layer index.
-    th = Theseus(_llama(), successor_depth=3, scheduler=ConstantScheduler(0.5))
+    model = _llama()
+    twin = copy.deepcopy(model)
+    th = Theseus(model, successor_depth=3, scheduler=ConstantScheduler(0.5))
+    th_twin = Theseus(twin, successor_depth=3, scheduler=ConstantScheduler(0.5))  # same seed: same draws
     ids = torch.randint(1, 96, (2, 8), generator=torch.Generator().manual_seed(0))
     th.model.train()
-    worst = 0.0
+    th_twin.model.train()
+    worst, mixed = 0.0, 0
     with torch.no_grad():
         for step in range(6):
-            th._state.advance(step, 0.5)
-            without = th.model(input_ids=ids, use_cache=False).logits
-            th._state.advance(step, 0.5)
+            without = th_twin.model(input_ids=ids, use_cache=False).logits
             worst = max(worst, (th.model(input_ids=ids).logits - without).abs().max().item())
-    assert worst == 0.0
+            assert th.decisions() == th_twin.decisions()
+            mixed += len({d[0] for d in th.decisions().values()}) == 2
+            th.step(), th_twin.step()
+    assert worst == 0.0 and mixed > 0
 
 
 def test_export_keeps_dtype_and_shares_the_trained_tensors():

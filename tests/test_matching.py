@@ -17,18 +17,9 @@ def unlabelled_stream(seed: int = 0):
 
 def group_errors(th: Theseus, x: torch.Tensor) -> list:
     """Each successor's relative squared error against its group, on the predecessor's own hidden states."""
-    errors = []
-    hooks = [g.register_forward_hook(lambda m, args, out: errors.append(
-        ((m.successor(*args) - out).pow(2).mean() / out.pow(2).mean()).item())) for g in th.groups]
-    previous, th._state.force = th._state.force, "predecessor"
-    try:
-        with torch.no_grad():
-            th.model(x)
-    finally:
-        th._state.force = previous
-        for h in hooks:
-            h.remove()
-    return errors
+    with th.matching_mode(), torch.no_grad():
+        th.model(x)
+        return [float(error) for _, error in sorted(th.match_errors(), key=lambda pair: pair[0])]
 
 
 def test_matching_trains_each_successor_towards_its_group_and_moves_nothing_else():
@@ -106,7 +97,9 @@ def test_choose_starts_keeps_the_candidate_with_the_least_error_and_copies_only_
         for name, tensor in group.successor.state_dict().items():
             assert torch.equal(tensor, group.predecessor[-1].state_dict()[name])
     assert [id(s) for s in th.successors()] == successors  # the same modules: only their tensors changed
-    assert th.model.training and th._state.force is None and th._state.match_errors == []
+    assert th.model.training and th.match_errors() == []
+    th.model(probe)  # matching mode is over: a training forward draws again
+    assert all(len(d) == 1 for d in th.decisions().values()) and len(th.decisions()) == len(th.groups)
     th.unwrap()
 
 

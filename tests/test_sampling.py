@@ -46,7 +46,7 @@ def test_draws_differ_between_groups_and_repeat_for_same_seed():
         model.train()
         for _ in range(50):
             th.model(torch.randn(1, 4))
-            out.append(tuple(th._state.last_draws[g] for g in range(2)))
+            out.append(tuple(th.last_decisions[g] for g in range(2)))
             th.step()
         return out
 
@@ -92,7 +92,7 @@ def test_gradients_flow_through_frozen_predecessor_to_earlier_successor():
     model.train()
     for _ in range(40):  # find a step where group 0 runs its successor and group 1 its predecessor
         out = model(torch.randn(3, 4))
-        if th._state.last_draws == {0: True, 1: False}:
+        if th.last_decisions == {0: True, 1: False}:
             out.sum().backward()
             assert torch.count_nonzero(th.successors()[0].linear.weight.grad) > 0
             assert torch.count_nonzero(th.successors()[1].linear.weight.grad) == 0

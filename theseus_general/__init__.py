@@ -9,7 +9,8 @@ Public surface:
   * `ModuleGraph`: a model's containers and blocks, with traced shapes;
   * `Plan` / `Group`: what a Theseus run replaces, printable as a table;
   * `fit` (`theseus_general.training`): one training loop for an engine or a plain model
-    (device, autocast, accumulation, progress, metrics, checkpoints, NaN stops);
+    (device, autocast, accumulation, progress, metrics, checkpoints, NaN stops), and
+    `match_successors` (module matching, the default recipe's first phase, which `fit` runs);
   * `theseus_general.checkpoint`: save and resume a run (`CheckpointManager`, `save_checkpoint`, `load_checkpoint`).
 
 The engine knows no model family; ``theseus_general.adapters`` describes them.
@@ -37,6 +38,7 @@ from .registry import detect_adapter, get_adapter, list_adapters, register_adapt
 from .recipes import RECIPES, Recipe
 from .schedulers import CallableScheduler, ConstantScheduler, LinearScheduler, RunLinearScheduler, Scheduler
 from .training import fit
+from .matching import match_successors
 
 from . import adapters  # noqa: E402,F401  (registers the built-in adapters)
 
@@ -45,6 +47,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter", "AdapterError", "CheckpointError", "CallableScheduler", "ConstantScheduler", "EngineStateError", "ExportError", "NonFiniteLossError",
     "Group", "LinearScheduler", "RECIPES", "Recipe", "RunLinearScheduler", "ModuleGraph", "Plan", "PlanError", "ScheduleError", "Scheduler",
-    "SuccessorMismatchError", "Theseus", "TheseusError", "TrainingError", "UnknownOptionError", "fit", "detect_adapter", "get_adapter", "list_adapters",
+    "SuccessorMismatchError", "Theseus", "TheseusError", "TrainingError", "UnknownOptionError", "fit", "match_successors", "detect_adapter", "get_adapter", "list_adapters",
     "register_adapter", "split_evenly", "count_flops", "count_parameters", "measure_latency",
 ]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .engine import Theseus
-from .graph import run_model
+from .graph import default_logits, run_model
 from .training import fit
 
 LogitsFn = Callable[[Any], torch.Tensor]
@@ -47,21 +47,6 @@ def successor_shaped_copy(model: nn.Module, native: bool = True, **theseus_kwarg
         engine.unwrap()
     student.train()
     return student
-
-
-def default_logits(output: Any) -> torch.Tensor:
-    """Logits of a model output: ``output.logits`` (Hugging Face), the tensor itself,
-    or the first element of a tuple/list."""
-    logits = getattr(output, "logits", None)
-    if isinstance(logits, torch.Tensor):
-        return logits
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise TypeError(
-        f"Cannot find logits in a {type(output).__qualname__} model output; pass logits=<callable output -> tensor>."
-    )
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: Optional[torch.Tensor],

@@ -23,9 +23,9 @@ autocast, ``.to()`` and DDP/FSDP work on ``th.model`` as on any model.
 
 from __future__ import annotations
 
-import inspect
+import contextlib
 import math
-from typing import Any, Callable, Dict, List, Optional, Sequence, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import nn
@@ -35,7 +35,7 @@ from .errors import AdapterError, CheckpointError, EngineStateError, ExportError
 from .plan import Group, GroupsSpec
 from .planning import INIT_CHOICES, check_plan_matches, export_refusal, plan_run
 from .registry import detect_adapter, get_adapter
-from .replacement import REPLACEMENT_ORDERS, ReplacementState, TheseusGroup
+from .replacement import ReplacementState, TheseusGroup
 from .recipes import Recipe, get_recipe
 from .schedulers import RunLinearScheduler, SchedulerLike, as_scheduler
 from .validation import check_successors
@@ -67,7 +67,6 @@ class Theseus:
             on copies of them (the default). False keeps them frozen throughout, as in the
             paper's replacement phase. Either way the set of trainable parameters is fixed
             at wrapping and never changes during the run.
-        unfreeze_rest: deprecated alias of train_rest (warns); the rest no longer waits for p = 1.
         recipe: None (the model family's recipe: "resnet" for ResNets, else "default"), "default" (the
             library's recipe, chosen on dev splits: module matching first, then the mixed phase),
             "resnet" (rest frozen, no matching, p from 0.6 to 1 at 30% of the run), "paper"
@@ -77,9 +76,6 @@ class Theseus:
         total_steps: the run's optimiser steps, for a curriculum relative to the run's length (the
             default recipe's); `fit` passes its own ``steps``. Without it the engine warns at its first step.
         seed: seed of the replacement draws (identical on every process).
-        replacement_order: how the rate is spread over the groups: "random" (default, the paper's:
-            every group runs its successor with probability p), "bottom_up" or "top_down" (the same
-            expected number of replaced groups, p x groups, filled from the input / output side).
         sample: an input to check every successor against its group before any change;
             by default the adapter makes one when it can.
         validate: set False to skip that check.
@@ -108,11 +104,9 @@ class Theseus:
         init: Optional[InitLike] = None,
         successors: Optional[Sequence[nn.Module]] = None,
         train_rest: Optional[bool] = None,
-        unfreeze_rest: Optional[bool] = None,
         recipe: Union[str, Recipe, None] = None,
         total_steps: Optional[int] = None,
         seed: int = 0,
-        replacement_order: str = "random",
         sample: Any = None,
         validate: bool = True,
         target_flops: Optional[float] = None,
@@ -135,17 +129,13 @@ class Theseus:
         self.adapter = _resolve_adapter(model, adapter, adapter_options)
         # None: the family's recipe (the adapter's default_recipe; "default" unless the dev splits chose another)
         self.recipe = get_recipe(self.adapter.default_recipe if recipe is None else recipe)
-        self.train_rest = _train_rest_argument(train_rest, unfreeze_rest, self.recipe.train_rest)
+        self.train_rest = self.recipe.train_rest if train_rest is None else bool(train_rest)
         self.scheduler = self.recipe.scheduler() if scheduler is None else as_scheduler(scheduler)
         if total_steps is not None and self.needs_total_steps:
             self.scheduler.for_run(total_steps)
         first_rate = self.scheduler(0)
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ScheduleError(f"seed must be an int, got {seed!r}.")
-        if replacement_order not in REPLACEMENT_ORDERS:
-            raise ScheduleError(f"replacement_order must be one of {', '.join(REPLACEMENT_ORDERS)}; "
-                                f"got {replacement_order!r}.")
-        self.replacement_order = replacement_order
         self._model = model
 
         planned = plan_run(model, self.adapter, successor_depth=successor_depth, ratio=ratio, groups=groups,
@@ -162,10 +152,11 @@ class Theseus:
         # from another block of their group (recipe.choose_start); what was chosen is kept here
         self.may_choose_starts = init is None and successors is None
         self.successor_starts: Dict[int, int] = {}
-        self._state = ReplacementState(seed, replacement_order, len(self.plan.groups))
+        self._state = ReplacementState(seed, anchor_always=not self.train_rest)
         self._state.advance(0, first_rate)
         self._step = 0
         self._failed: Optional[str] = None
+        self._warned_unattached = False
         self._wrapping = Wrapping(model, containers, self.plan, built, self._state,
                                   self.adapter.state_kwarg, self.train_rest)
 
@@ -174,11 +165,6 @@ class Theseus:
     def model(self) -> nn.Module:
         """The caller's model, wrapped: same object, same forward signature and outputs."""
         return self._model
-
-    @property
-    def unfreeze_rest(self) -> bool:
-        """Deprecated name of `train_rest`."""
-        return self.train_rest
 
     @property
     def step_count(self) -> int:
@@ -206,7 +192,7 @@ class Theseus:
         non-replaced parts with train_rest=True. The same set for the whole run. Read from the
         module tree at each call, so that it names the live parameters after a wrapper that
         replaces them (FSDP2's fully_shard): call it after sharding."""
-        self._check_open("trainable_parameters()")
+        self.check_open("trainable_parameters()")
         params = [p for g in self._wrapping.groups for p in g.successor.parameters()]
         seen = {id(p) for p in params}
         for p in self._wrapping.rest_tensors():
@@ -226,7 +212,7 @@ class Theseus:
         failed (step(), export() and checkpointing then refuse, so no bad state is
         saved) and NonFiniteLossError names the step. Passing it costs one
         device-to-host copy of the loss per step."""
-        self._check_open("step()")
+        self.check_open("step()")
         if loss is not None:
             value = float(loss.detach().float().item()) if isinstance(loss, torch.Tensor) else float(loss)
             if math.isnan(value) or math.isinf(value):
@@ -243,6 +229,14 @@ class Theseus:
                 f"{self.scheduler.full_at:.0%} of the run. Pass Theseus(..., total_steps=N), call "
                 "th.set_total_steps(N), or train with theseus_general.fit (which does it)."
             )
+        if self._state.idle_groups() and not self._wrapping.attached and not self._warned_unattached:
+            self._warned_unattached = True
+            warn_user(
+                f"Successors of groups {sorted(self._state.idle_groups())} sat idle this step but got zero gradients "
+                "(kept in the graph for DDP, or because nothing else trains with train_rest=False); an optimiser "
+                "that does not know them applies momentum and weight decay to them. Call th.attach(optimizer) once "
+                "after creating the optimiser (fit and the integrations do it)."
+            )
         self._step += 1
         rate = self.scheduler(self._step)
         self._state.advance(self._step, rate)
@@ -257,7 +251,7 @@ class Theseus:
     def set_total_steps(self, total_steps: int) -> None:
         """Tell the default curriculum (`RunLinearScheduler`) how many optimiser steps the run has,
         so that p reaches 1 at its fraction of them. Other schedules do not use it. Before the first step only."""
-        self._check_open("set_total_steps()")
+        self.check_open("set_total_steps()")
         if not isinstance(self.scheduler, RunLinearScheduler):
             return
         if self._step > 0 and self.scheduler.total_steps != total_steps:
@@ -272,10 +266,9 @@ class Theseus:
         tensors: every successor's state (``successors.<group>.<key>``) and, with
         train_rest, the copies of the rest (``rest.<n>``, in wrapping order). The
         tensors are the live ones (no copy); `theseus_general.checkpoint` writes them.
-        meta (JSON-safe): step, seed, rate at that step, train_rest, replacement_order and the
-        plan. The replacement draws are a pure function of (seed, step, group, micro-batch), so
+        meta (JSON-safe): step, seed, rate at that step, train_rest and the plan. The replacement draws are a pure function of (seed, step, group, micro-batch), so
         step and seed restore them."""
-        self._check_open("state_dict()")
+        self.check_open("state_dict()")
         tensors: Dict[str, torch.Tensor] = {}
         for g in self._wrapping.groups:
             for key, value in g.successor.state_dict().items():
@@ -283,14 +276,14 @@ class Theseus:
         for i, tensor in enumerate(self._wrapping.rest_tensors()):
             tensors[f"rest.{i}"] = tensor
         meta = {"step": self._step, "seed": self._state.seed, "rate": self._state.rate,
-                "train_rest": self.train_rest, "replacement_order": self.replacement_order, "plan": self.plan.to_dict()}
+                "train_rest": self.train_rest, "plan": self.plan.to_dict()}
         return {"tensors": tensors, "meta": meta}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         """Restore `state_dict()` output. Everything is checked before anything changes:
         a different plan, schedule, or tensor names/shapes raise
         CheckpointError naming the difference, and the engine and model stay as they were."""
-        self._check_open("load_state_dict()")
+        self.check_open("load_state_dict()")
         rate = self.check_state_dict(state)
         live, tensors, step = self.state_dict()["tensors"], state["tensors"], int(state["meta"]["step"])
         with torch.no_grad():
@@ -303,20 +296,14 @@ class Theseus:
     def check_state_dict(self, state: Dict[str, Any]) -> float:
         """The checks of load_state_dict() alone: raises CheckpointError, changes nothing.
         Returns the rate at the saved step."""
-        self._check_open("check_state_dict()")
+        self.check_open("check_state_dict()")
         tensors, meta = state["tensors"], state["meta"]
         check_plan_matches(self.plan.to_dict(), meta["plan"])
-        saved_rest = bool(meta.get("train_rest", meta.get("unfreeze_rest")))
+        saved_rest = bool(meta["train_rest"])
         if saved_rest != self.train_rest:
             raise CheckpointError(
                 f"The checkpoint was saved with train_rest={saved_rest}, this engine has "
                 f"train_rest={self.train_rest}; create the engine with the same setting."
-            )
-        saved_order = meta.get("replacement_order", "random")  # checkpoints from before the option: random
-        if saved_order != self.replacement_order:
-            raise CheckpointError(
-                f"The checkpoint was saved with replacement_order={saved_order!r}, this engine has "
-                f"replacement_order={self.replacement_order!r}; create the engine with the same setting."
             )
         step = int(meta["step"])
         rate = self.scheduler(step)
@@ -353,7 +340,7 @@ class Theseus:
         returns the copy with the successor modules as they are, made as consistent with its
         depth as the adapter can (see each adapter's finalize_export).
         """
-        self._check_open("export()")
+        self.check_open("export()")
         wrapping = self._wrapping
         refusal = export_refusal(self.adapter, wrapping.originals, self.plan, self.successors()) if native else None
         if refusal:
@@ -364,15 +351,12 @@ class Theseus:
             )
         exported = wrapping.copy_with_successors()
         exported.eval()
-        if "native" not in inspect.signature(self.adapter.finalize_export).parameters:
-            # an adapter written before the flag existed: it only knows the native route
-            return self.adapter.finalize_export(exported, self.plan.successor_depth) if native else exported
         return self.adapter.finalize_export(exported, self.plan.successor_depth, native=native)
 
     def validate(self, sample: Any) -> None:
         """Check every successor against its group on `sample` (shape, dtype, device and
         output structure); raises SuccessorMismatchError naming the group. Changes nothing."""
-        self._check_open("validate()")
+        self.check_open("validate()")
         previous = self._state.force
         self._state.force = "predecessor"  # run the predecessor blocks so that hooks see each group's input
         try:
@@ -380,14 +364,47 @@ class Theseus:
         finally:
             self._state.force = previous
 
-    def match_successors(self, batches: Any, steps: int, **options: Any) -> Any:
-        """Module matching before the mixed phase: train each successor for `steps` steps to
-        reproduce its group's output from the group's own input (labels unused; see
-        `theseus_general.matching`). Options are `fit`'s (``lr`` default 1e-3), and ``choose_start``
-        (None: the recipe's) restarts default-copied successors from their group's best-matching
-        block first. The schedule does not advance. Returns the `FitResult`."""
-        from .matching import match_successors
-        return match_successors(self, batches, steps, **options)
+    def attach(self, optimizer: torch.optim.Optimizer) -> "Theseus":
+        """Hook the run's optimiser (once; `fit` and the integrations do it) so that it skips successors
+        that sat idle for the whole step. Only needed where idle successors get the zero anchor: under
+        DDP without find_unused_parameters, or with train_rest=False (see `theseus_general.replacement`);
+        a gradient that reached a successor any other way is kept. The hook lives on this optimiser
+        alone and goes with unwrap()."""
+        self.check_open("attach()")
+        if not isinstance(optimizer, torch.optim.Optimizer):
+            raise EngineStateError(f"attach() takes the run's torch.optim.Optimizer, got {type(optimizer).__qualname__}.")
+        self._wrapping.attach(optimizer)
+        return self
+
+    def decisions(self) -> Dict[int, List[bool]]:
+        """{group: [whether its successor ran, per training forward since the last step()]}: one entry
+        per micro-batch (a recomputation during backward is not a forward)."""
+        return self._state.decisions()
+
+    @property
+    def last_decisions(self) -> Dict[int, bool]:
+        """{group: whether its successor ran in its latest training forward}, kept across step()."""
+        return dict(sorted(self._state.last.items()))
+
+    @contextlib.contextmanager
+    def matching_mode(self) -> Iterator["Theseus"]:
+        """Module matching's forward (`theseus_general.matching`): while open, every group runs its
+        predecessor blocks without gradient, hands the group's input to its successor too and records
+        the successor's relative squared error against the group's output; `match_errors()` takes them.
+        No draws are made and the schedule does not advance."""
+        self.check_open("matching_mode()")
+        previous, self._state.force = self._state.force, "match"
+        self._state.match_errors.clear()
+        try:
+            yield self
+        finally:
+            self._state.force = previous
+            self._state.match_errors.clear()
+
+    def match_errors(self) -> List[Tuple[int, torch.Tensor]]:
+        """The (group, error) pairs recorded in matching mode since the last call, and clears them."""
+        errors, self._state.match_errors = self._state.match_errors, []
+        return errors
 
     def unwrap(self) -> nn.Module:
         """Restore the model as it was before wrapping and close the engine.
@@ -416,7 +433,8 @@ class Theseus:
     def _closed(self) -> bool:
         return self._wrapping.restored
 
-    def _check_open(self, what: str) -> None:
+    def check_open(self, what: str) -> None:
+        """Raise EngineStateError naming `what` when this engine is closed or its run failed."""
         if self._failed and not self._closed:
             raise EngineStateError(
                 f"Cannot call {what}: this Theseus run failed ({self._failed}). unwrap() restores the model; "
@@ -427,21 +445,6 @@ class Theseus:
                 f"Cannot call {what} on a closed Theseus engine (unwrap() was called). "
                 "Create a new Theseus(model, ...) to compress again."
             )
-
-
-def _train_rest_argument(train_rest: Optional[bool], unfreeze_rest: Optional[bool], recipe_value: bool) -> bool:
-    if unfreeze_rest is not None:
-        if train_rest is not None and bool(train_rest) != bool(unfreeze_rest):
-            raise ScheduleError("Give train_rest= only; unfreeze_rest= is its deprecated name and they disagree.")
-        warn_user(
-            f"unfreeze_rest= is deprecated: use train_rest={bool(unfreeze_rest)}. The non-replaced parts "
-            "(embeddings, stem, head) now train from step 0 on copies (train_rest=True, the default) instead "
-            "of from the step where the rate reaches 1, so that the set of trainable parameters never changes "
-            "during a run; train_rest=False keeps them frozen throughout.",
-            FutureWarning,
-        )
-        return bool(unfreeze_rest)
-    return recipe_value if train_rest is None else bool(train_rest)
 
 
 def _resolve_adapter(model: nn.Module, adapter: Union[str, Adapter, None], options: dict) -> Adapter:

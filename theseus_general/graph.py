@@ -121,6 +121,21 @@ def run_model(model: nn.Module, sample: Any) -> Any:
     return model(sample)
 
 
+def default_logits(output: Any) -> torch.Tensor:
+    """Logits of a model output: ``output.logits`` (Hugging Face), the tensor itself,
+    or the first element of a tuple/list."""
+    logits = getattr(output, "logits", None)
+    if isinstance(logits, torch.Tensor):
+        return logits
+    if isinstance(output, torch.Tensor):
+        return output
+    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
+        return output[0]
+    raise TypeError(
+        f"Cannot find logits in a {type(output).__qualname__} model output; pass logits=<callable output -> tensor>."
+    )
+
+
 class ModuleGraph:
     """All containers of a model, in the order `named_modules` visits them."""
 

@@ -51,7 +51,7 @@ def choose_starts(engine: Any, inputs: Any) -> Dict[int, int]:
 
     Returns {group index: index of the block in its container} for the groups whose start changed.
     """
-    model, state = engine.model, engine._state
+    model = engine.model
     groups = {g.index: g for g in engine.groups}
     options: Dict[int, List[Tuple[Any, Dict[str, torch.Tensor]]]] = {}
     for index, group in groups.items():
@@ -65,15 +65,14 @@ def choose_starts(engine: Any, inputs: Any) -> Dict[int, int]:
     errors: Dict[Tuple[int, int], List[float]] = {}
     was_training = model.training
     model.eval()
-    previous, state.force = state.force, "match"
     try:
-        with torch.no_grad():
+        with engine.matching_mode(), torch.no_grad():
             for round_ in range(max(len(o) for o in options.values())):
                 for index, candidates in options.items():
                     groups[index].successor.load_state_dict(candidates[min(round_, len(candidates) - 1)][1])
-                state.match_errors.clear()
+                engine.match_errors()
                 run_model(model, inputs)
-                for index, error in state.match_errors:
+                for index, error in engine.match_errors():
                     errors.setdefault((index, round_), []).append(float(error))
         chosen = {}
         for index, candidates in options.items():
@@ -84,8 +83,6 @@ def choose_starts(engine: Any, inputs: Any) -> Dict[int, int]:
                 chosen[index] = engine.plan.groups[index].blocks[candidates[best][0]]
         return chosen
     finally:
-        state.force = previous
-        state.match_errors.clear()
         model.train(was_training)
 
 
@@ -118,8 +115,7 @@ def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int]
         engine copied with the default init (True overwrites any successor's weights).
     Returns fit's `FitResult`; its losses are the mean relative errors over the groups.
     """
-    engine._check_open("match_successors()")
-    state = engine._state
+    engine.check_open("match_successors()")
     model = engine.model
     params = [p for successor in engine.successors() for p in successor.parameters() if p.requires_grad]
     if not params:
@@ -135,10 +131,10 @@ def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int]
             # a later choice that keeps a successor's current weights keeps the block it came from
             engine.successor_starts.update(choose_starts(engine, inputs))
             _note_starts(engine.plan, engine.successor_starts)
-        state.match_errors.clear()
+        engine.match_errors()
         with torch.no_grad():  # the successors re-enable gradients for themselves
             run_model(model, inputs)
-        errors, state.match_errors = state.match_errors, []
+        errors = engine.match_errors()
         if not errors:
             raise TrainingError("match_successors(): the forward pass ran no Theseus group; pass the inputs "
                                 "the wrapped model takes.")
@@ -149,10 +145,5 @@ def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int]
     def unlabelled(position: int) -> Tuple[Any, None]:
         return _inputs_of(source(position)), None
 
-    previous = state.force
-    state.force = "match"
-    try:
+    with engine.matching_mode():
         return fit(model, unlabelled, steps, loss=matching_loss, params=params, lr=lr, desc=desc, **fit_options)
-    finally:
-        state.force = previous
-        state.match_errors.clear()

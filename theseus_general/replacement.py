@@ -9,22 +9,41 @@ Decisions are fixed outside traced code. A decision is a pure function of
 (seed, step, group, micro-batch): every DDP rank draws the same modules without
 communicating, a resumed run repeats the draws of an uninterrupted one, and
 under gradient accumulation each micro-batch draws anew. The micro-batch index
-of a group is the number of its training forwards since the last ``th.step()``;
-a recomputation during backward (activation checkpointing) is not a new
-forward and reuses the decision of the forward it recomputes.
+of a group is the number of its training forwards since the last ``th.step()``.
+
+A recomputation during backward (activation checkpointing, reentrant or not) is
+not a new forward: it gets the decision of the forward it recomputes, found by
+the group's input, which the recomputation receives again (the same tensor, or
+a detached view of the same memory). So any number of forwards may come before
+one backward (R-Drop, two augmented views, summed micro-batches). When the input
+cannot tell the forwards apart (two forwards of one step gave the group the same
+tensor and drew differently), the recomputation raises instead of guessing.
 
 The dispatch (`TheseusGroup.forward`) is excluded from ``torch.compile``
 (``torch.compiler.disable(recursive=False)``): it runs eagerly and reads the
 decision, while the blocks it calls are compiled as graphs of their own, so the
 compiled graphs do not depend on, and do not grow with, the draw pattern.
+
+Idle successors and DDP: a group that runs its predecessor leaves its successor
+out of the graph. Under DDP without ``find_unused_parameters`` the reducer would
+wait for those parameters, and with nothing else trainable (``train_rest=False``)
+a step where every group ran its predecessor would have a loss without gradient.
+Only in those two cases the group adds an exact zero, ``0 * sum(successor
+params)``, to its output (the anchor); the engine's hook on the run's own
+optimiser (``th.attach(optimizer)``) then sets those zero gradients back to None
+so that AdamW's momentum and weight decay leave an idle successor unchanged. A
+gradient that reached a successor some other way (an auxiliary loss) is kept.
 """
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Dict, List, Optional, Set, Tuple
 
 import torch
 from torch import nn
+
+from .errors import TrainingError
 
 _MASK64 = (1 << 64) - 1
 
@@ -49,6 +68,11 @@ try:
 except ImportError:  # a torch build without distributed support
     _DTensor = None
 
+try:
+    from torch.nn.parallel import DistributedDataParallel as _DDP
+except ImportError:  # a torch build without distributed support
+    _DDP = None
+
 
 def _is_sharded(p: torch.Tensor) -> bool:
     return _DTensor is not None and isinstance(p, _DTensor)
@@ -60,8 +84,39 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-# How the replacement rate is spread over the groups (Theseus(replacement_order=...)).
-REPLACEMENT_ORDERS = ("random", "bottom_up", "top_down")
+def ddp_waits_for_every_parameter() -> bool:
+    """True inside the forward of a DistributedDataParallel whose reducer expects a gradient for
+    every parameter (find_unused_parameters=False)."""
+    active = _DDP._get_active_ddp_module() if _DDP is not None else None
+    return active is not None and not active.find_unused_parameters
+
+
+def input_key(x: Any) -> Optional[tuple]:
+    """What identifies a group's input between a forward and its recomputation: the memory it views
+    (a reentrant checkpoint recomputes on a detached view of the same memory). None: not a tensor."""
+    if not isinstance(x, torch.Tensor):
+        return None
+    try:
+        return (x.device, x.dtype, x.data_ptr(), tuple(x.shape), tuple(x.stride()))
+    except RuntimeError:  # a tensor without storage (e.g. some subclasses)
+        return None
+
+
+class _Forward:
+    """One training forward of one group: its input's key, a weak reference to the input (a dead
+    input cannot be recomputed, and its memory may be reused), and the decision."""
+
+    __slots__ = ("key", "ref", "use_successor")
+
+    def __init__(self, x: Any, use_successor: bool):
+        self.key = input_key(x)
+        self.ref = weakref.ref(x) if self.key is not None else None
+        self.use_successor = use_successor
+
+    def may_be(self, key: Optional[tuple]) -> bool:
+        if key is None or self.key is None:
+            return key is None and self.key is None
+        return self.key == key and self.ref() is not None
 
 
 class ReplacementState:
@@ -69,54 +124,68 @@ class ReplacementState:
 
     Plain Python numbers, read and written only by the eager dispatch."""
 
-    def __init__(self, seed: int = 0, order: str = "random", num_groups: int = 1):
+    def __init__(self, seed: int = 0, anchor_always: bool = False):
         self.seed = int(seed)
-        self.order = order
-        self.num_groups = int(num_groups)
         self.step = 0
         self.rate = 0.0
+        # the zero anchor in every single-process run too: with nothing else trainable (train_rest=False)
+        # a step where every group ran its predecessor would have a loss without gradient
+        self.anchor_always = anchor_always
         self.force: Optional[str] = None  # "predecessor": bypass the draw (validation runs the blocks)
         # force == "match": module matching (matching.py); each group's successor sees the group's
         # input, its error against the predecessor blocks' output is collected here as (group, error)
         self.match_errors: List[Tuple[int, torch.Tensor]] = []
-        self.calls: Dict[int, int] = {}  # group -> training forwards since the last step (micro-batch index)
-        self.last_draws: Dict[int, bool] = {}  # group -> decision of its latest forward (reused by recomputes)
-        self.ran_successor: Set[int] = set()  # groups whose successor ran in some forward since the last step
-
-    def group_rate(self, group: int) -> float:
-        """The probability that `group` runs its successor now. "random" (the paper's): every group at the
-        schedule's rate. "bottom_up" / "top_down": the same expected number of replaced groups, rate x
-        groups, filled from the input / output side: the group at position g from that side runs its
-        successor with probability clip(rate * groups - g, 0, 1)."""
-        if self.order == "random":
-            return self.rate
-        position = group if self.order == "bottom_up" else self.num_groups - 1 - group
-        return min(1.0, max(0.0, self.rate * self.num_groups - position))
+        self.forwards: Dict[int, List[_Forward]] = {}  # group -> its training forwards since the last step
+        self.last: Dict[int, bool] = {}  # group -> decision of its latest training forward (kept across steps)
+        self.anchored: Set[int] = set()  # groups whose successor got the zero anchor since the last step
 
     def decision(self, group: int, micro_batch: int) -> bool:
         """Whether `group` runs its successor in micro-batch `micro_batch` of the current step."""
-        return uniform(self.seed, self.step, group, micro_batch) < self.group_rate(group)
+        return uniform(self.seed, self.step, group, micro_batch) < self.rate
 
     @torch.compiler.disable  # plain Python bookkeeping: never traced, never guarded on
-    def draw(self, group: int) -> bool:
-        if in_backward() and group in self.last_draws:
-            return self.last_draws[group]
-        count = self.calls.get(group, 0)
-        self.calls[group] = count + 1
-        use_successor = self.decision(group, count)
-        self.last_draws[group] = use_successor
-        if use_successor:
-            self.ran_successor.add(group)
+    def draw(self, group: int, carried: Any) -> bool:
+        """The decision for a training forward of `group` whose input is `carried`."""
+        forwards = self.forwards.setdefault(group, [])
+        if in_backward():
+            return self._recomputed(group, forwards, input_key(carried))
+        use_successor = self.decision(group, len(forwards))
+        forwards.append(_Forward(carried, use_successor))
+        self.last[group] = use_successor
         return use_successor
 
+    def _recomputed(self, group: int, forwards: List[_Forward], key: Optional[tuple]) -> bool:
+        decisions = {f.use_successor for f in forwards if f.may_be(key)}
+        if len(decisions) == 1:
+            return decisions.pop()
+        if not decisions:
+            raise TrainingError(
+                f"A recomputation during backward (activation checkpointing) ran Theseus group {group} on an input "
+                "that no forward of this step gave it, so the engine cannot tell which modules that forward ran. "
+                "Checkpoint functions that receive the group's input as they got it in the forward, and call "
+                "th.step() only after the backward."
+            )
+        raise TrainingError(
+            f"Two forwards of this step gave Theseus group {group} the same input tensor and drew different "
+            "modules, so a recomputation during backward (activation checkpointing) cannot tell which one it "
+            "recomputes. Pass each forward its own tensor (e.g. x.clone() for the second view), or do not "
+            "checkpoint this group."
+        )
+
+    def successor_ran(self) -> Set[int]:
+        return {g for g, forwards in self.forwards.items() if any(f.use_successor for f in forwards)}
+
     def idle_groups(self) -> Set[int]:
-        """Groups that took part in training since the last step without running their successor."""
-        return set(self.calls) - self.ran_successor
+        """Groups whose successor got only the zero anchor since the last step: it never ran."""
+        return self.anchored - self.successor_ran()
+
+    def decisions(self) -> Dict[int, List[bool]]:
+        return {g: [f.use_successor for f in forwards] for g, forwards in sorted(self.forwards.items())}
 
     def advance(self, step: int, rate: float) -> None:
         self.step, self.rate = step, rate
-        self.calls.clear()  # last_draws stays readable (what the step that just ended ran)
-        self.ran_successor.clear()
+        self.forwards.clear()  # `last` stays readable (what the step that just ended ran)
+        self.anchored.clear()
 
 
 def _carried(out: Any) -> Any:
@@ -141,12 +210,15 @@ class TheseusGroup(nn.Module):
         state = self._state
         if state.force is not None:  # validation or module matching; one test on the training path
             return self.run_predecessor(*args, **kwargs) if state.force == "predecessor" else self._match(*args, **kwargs)
-        if not self.training or state.draw(self.index):
+        if not self.training or state.draw(self.index, self._carried_input(args, kwargs)):
             return self.successor(*args, **kwargs)
         out = self.run_predecessor(*args, **kwargs)
-        if torch.is_grad_enabled():
+        if torch.is_grad_enabled() and (state.anchor_always or ddp_waits_for_every_parameter()):
             out = self._keep_successor_in_graph(out)
         return out
+
+    def _carried_input(self, args: tuple, kwargs: dict) -> Any:
+        return args[0] if args else kwargs.get(self._state_kwarg)
 
     def run_predecessor(self, *args: Any, **kwargs: Any) -> Any:
         """Run the predecessor blocks in order; each receives the previous block's carried
@@ -181,17 +253,8 @@ class TheseusGroup(nn.Module):
         return target
 
     def _keep_successor_in_graph(self, out: Any) -> Any:
-        # When a group runs its predecessor, its successor takes no part in this
-        # forward. Under DDP, parameters left out of a forward make the reducer
-        # fail unless find_unused_parameters=True (an extra graph traversal every
-        # step), and with the rest frozen a step where every group drew its
-        # predecessor would have a loss with no trainable parameter. Adding
-        # 0 * sum(successor params) keeps every successor parameter in the graph
-        # with an exact zero gradient. Those zeros must not reach the optimiser
-        # (AdamW's momentum and weight decay would still move an idle successor):
-        # the engine's optimiser step pre-hook sets the gradients of successors
-        # idle for the whole step to None, after DDP has reduced them, so the
-        # optimiser skips them as in the reference code.
+        # The zero anchor (see the module docstring): only when DDP's reducer or a loss with
+        # nothing else trainable needs it; the run's optimiser hook drops its zero gradients.
         params = [p for p in self.successor.parameters() if p.requires_grad]
         carried = _carried(out)
         if not params or not isinstance(carried, torch.Tensor) or not carried.is_floating_point():
@@ -202,6 +265,7 @@ class TheseusGroup(nn.Module):
             # every parameter), and without one the idle successor gets no gradient at all.
             return out
         anchor = torch.stack([p.sum() for p in params]).sum().to(carried.dtype) * 0.0
+        self._state.anchored.add(self.index)
         carried = carried + anchor
         if isinstance(out, tuple):
             return (carried,) + tuple(out[1:])

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 from .checkpoint import CheckpointManager
 from .engine import Theseus
 from .errors import NonFiniteLossError, TrainingError
-from .graph import run_model
+from .graph import default_logits, run_model
 from .metrics import MetricsLogger
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -147,33 +147,13 @@ def cross_entropy_loss(model: nn.Module, logits_of: Optional[Callable[[Any], tor
     """The default loss: cross-entropy of the model's logits (``output.logits``, the output itself, or
     its first element), returned with the logits so that the loop can show the batch accuracy."""
     if logits_of is None:
-        from .baselines import default_logits as logits_of
+        logits_of = default_logits
 
     def loss(inputs: Any, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         logits = logits_of(run_model(model, inputs))
         return F.cross_entropy(logits.float(), labels), logits
 
     return loss
-
-
-def _check_rest_lr(engine: Optional[Theseus], rest_lr: Optional[float]) -> None:
-    if rest_lr is None:
-        return
-    if engine is None or not engine.train_rest:
-        raise TrainingError("fit(rest_lr=...) sets the learning rate of the non-replaced parts' copies, which "
-                            "train only on an engine with train_rest=True; drop rest_lr or use such an engine.")
-    if isinstance(rest_lr, bool) or not (isinstance(rest_lr, (int, float)) and math.isfinite(rest_lr) and rest_lr >= 0):
-        raise TrainingError(f"rest_lr must be a learning rate >= 0, got {rest_lr!r}.")
-
-
-def _parameter_groups(engine: Optional[Theseus], params: List[nn.Parameter], rest_lr: Optional[float]) -> list:
-    """AdamW's parameter groups: `params` as one group, or with `rest_lr` the successors' parameters at
-    the run's lr and the rest's copies at `rest_lr` (the first group is the one the logs report)."""
-    if rest_lr is None:
-        return params
-    own = {id(p) for successor in engine.successors() for p in successor.parameters()}
-    return [{"params": [p for p in params if id(p) in own]},
-            {"params": [p for p in params if id(p) not in own], "lr": float(rest_lr)}]
 
 
 def fit(
@@ -201,7 +181,6 @@ def fit(
     match_steps: Optional[int] = None,
     match_lr: Optional[float] = None,
     choose_start: Optional[bool] = None,
-    rest_lr: Optional[float] = None,
 ) -> FitResult:
     """Train `target` for `steps` optimiser steps (a Theseus engine: module matching for the recipe's
     share of them, then the mixed phase until ``th.step_count == steps - match_steps``, so a resumed
@@ -231,7 +210,7 @@ def fit(
         so evaluation and export code written for the CPU keeps working; False leaves it on `device`.
     on_step: called with each step's `StepLog` after the optimiser step (e.g. an evaluation every N steps).
     match_steps: engines only: how many of the `steps` go to module matching before the mixed phase
-        (`Theseus.match_successors`: each successor learns its group's output, labels unused). None:
+        (`theseus_general.match_successors`: each successor learns its group's output, labels unused). None:
         the engine's recipe decides (the default recipe: its ``match_fraction`` of `steps`); 0: none.
         The mixed phase then has ``steps - match_steps`` optimiser steps (``th.step_count`` ends there),
         and a resumed run skips matching (its successors come from the checkpoint).
@@ -240,8 +219,6 @@ def fit(
         the group best on the first batch (`theseus_general.matching.choose_starts`; the choice is in
         ``th.successor_starts``). None: the recipe's ``choose_start``, for successors the engine copied
         with the default init only (never for ``init=`` or ``successors=`` you gave).
-    rest_lr: engines with train_rest only: the learning rate of the copies of the non-replaced parts
-        (embeddings, stem, head) in the mixed phase, on the same schedule (None: `lr`, one group).
 
     The model is put in training mode and left in the mode it had before. Raises `NonFiniteLossError`
     (before the optimiser applies the step) when the loss is NaN or infinite.
@@ -251,7 +228,6 @@ def fit(
     if not isinstance(model, nn.Module):
         raise TrainingError(f"fit() trains a Theseus engine or a torch.nn.Module, got {type(target).__qualname__}.")
     _check_settings(steps, lr_schedule, gradient_accumulation, checkpoint_every, checkpoints, engine)
-    _check_rest_lr(engine, rest_lr)  # before module matching changes any weight
     planned_matching = _matching_steps(engine, steps, match_steps)
     steps -= planned_matching  # matching comes out of the same budget of optimiser steps
     if engine is not None and engine.step_count == 0 and engine.needs_total_steps:
@@ -260,8 +236,9 @@ def fit(
     if planned_matching and engine.step_count == 0 and not _has_checkpoint(checkpoints):
         # matching reads the first batches; the mixed phase goes on from the same stream
         shared_source = _batch_source(batches, 0, (planned_matching + steps) * gradient_accumulation)
-        matching = engine.match_successors(
-            shared_source, planned_matching, lr=match_lr or engine.recipe.match_lr or lr, weight_decay=weight_decay,
+        from .matching import match_successors  # TODO(layering): moves into this module
+        matching = match_successors(
+            engine, shared_source, planned_matching, lr=match_lr or engine.recipe.match_lr or lr, weight_decay=weight_decay,
             choose_start=choose_start,
             lr_schedule=lr_schedule, device=device, mixed_precision=mixed_precision, progress=progress,
             restore_device=restore_device, desc=f"{desc}: module matching")
@@ -270,7 +247,6 @@ def fit(
     params = list(params if params is not None else (engine.trainable_parameters() if engine else model.parameters()))
     if not params:
         raise TrainingError("No trainable parameters were given to fit(); pass params= or a model with parameters.")
-    groups = _parameter_groups(engine, params, rest_lr)
     loss_fn = loss if loss is not None else cross_entropy_loss(model)
 
     home = _device_of(model)
@@ -280,7 +256,9 @@ def fit(
     try:
         for thing in movable:  # moves parameters in place: `params` and the engine keep pointing at them
             thing.to(run_device)
-        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
+        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        if engine is not None:
+            engine.attach(optimizer)  # idle successors' zero gradients are skipped by this optimiser only
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, lr_schedule, warmup))
         scaler = torch.amp.GradScaler(run_device.type, enabled=mixed_precision == "fp16")
         autocast = ((lambda: torch.autocast(run_device.type, dtype=dtype)) if dtype is not None

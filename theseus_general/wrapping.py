@@ -32,7 +32,6 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
@@ -152,7 +151,8 @@ class Wrapping:
         self._training = {m: m.training for m in model.modules()}
         self._frozen: List[nn.Module] = []
         self._ddp_ignore_before = getattr(model, "_ddp_params_and_buffers_to_ignore", None)
-        self._hook = None
+        # the run's optimisers (th.attach) -> their hook; weak, as an optimiser of a finished fit() goes away
+        self._hooks: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
         self.restored = False
         try:
             self._inject(plan, successors, state, state_kwarg)
@@ -194,10 +194,17 @@ class Wrapping:
             # DDP (also under Accelerate and the Trainer) would otherwise broadcast them every step.
             self.model._ddp_params_and_buffers_to_ignore = list(self._ddp_ignore_before or []) + [
                 f"{prefix}.{name}" for name in self.kept._buffers]
-        self._hook = register_optimizer_step_pre_hook(_drop_idle_gradients(weakref.ref(self), state))
-        # The hook is global (every optimiser in the process runs it): an engine dropped without
-        # unwrap() must not keep it, or through it the model's blocks, alive.
-        weakref.finalize(self, self._hook.remove)
+        self._state = state
+
+    def attach(self, optimizer: torch.optim.Optimizer) -> None:
+        """Hook `optimizer` (the run's own, once) so that it skips idle successors' zero gradients."""
+        if optimizer not in self._hooks:
+            self._hooks[optimizer] = optimizer.register_step_pre_hook(
+                _drop_idle_gradients(weakref.ref(self), self._state))
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._hooks)
 
     def _copy_rest(self, rest_modules: List[nn.Module]) -> None:
         """Swap the non-replaced parameters and buffers for copies that train; the
@@ -257,8 +264,9 @@ class Wrapping:
         """Give the model back as it was before injection (in its current dtype/device)."""
         if self.restored:
             return self.model
-        if self._hook is not None:
-            self._hook.remove()
+        for handle in list(self._hooks.values()):
+            handle.remove()
+        self._hooks = weakref.WeakKeyDictionary()
         for path, original in self.originals.items():
             if path in self.wrapped:
                 set_submodule(self.model, path, original)
@@ -280,13 +288,16 @@ class Wrapping:
 
 def _drop_idle_gradients(wrapping: "weakref.ref[Wrapping]", state: ReplacementState):
     def hook(optimizer, args, kwargs):
-        # A successor idle for the whole step got only the anchor's exact zeros (kept so
-        # DDP's reducer sees every parameter); None makes the optimiser skip it, so AdamW's
-        # momentum and weight decay leave it unchanged, as in the reference code.
+        # A successor idle for the whole step got only the anchor's exact zeros (kept so that DDP's
+        # reducer sees every parameter): None makes the optimiser skip it, so AdamW's momentum and
+        # weight decay leave it unchanged, as in the reference code. A successor whose gradient is
+        # not all zeros got it some other way (an auxiliary loss, a regulariser): it is kept.
         alive = wrapping()
         if alive is None:
             return
         for index in state.idle_groups():
-            for p in alive.groups[index].successor.parameters():
-                p.grad = None
+            grads = [p.grad for p in alive.groups[index].successor.parameters() if p.grad is not None and p.grad.numel()]
+            if grads and not bool(torch.stack([g.detach().abs().amax() for g in grads]).amax() > 0):
+                for p in alive.groups[index].successor.parameters():
+                    p.grad = None
     return hook
