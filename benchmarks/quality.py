@@ -59,7 +59,6 @@ sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
 from theseus_general import ConstantScheduler, LinearScheduler, Theseus  # noqa: E402
 from theseus_general.baselines import DistillationStep, successor_shaped_copy  # noqa: E402
 from theseus_general.errors import ExportError  # noqa: E402
-from theseus_general.replacement import REPLACEMENT_ORDERS  # noqa: E402
 from theseus_general.training import add_device_arguments, fit, resolve_device  # noqa: E402
 
 METHODS = ("theseus", "theseus_kd", "theseus_paper", "theseus_linear", "theseus_constant", "finetune_trained", "finetune_initial", "kd")
@@ -189,11 +188,8 @@ def run_method(method: str, task: Task, predecessor: nn.Module, seed: int, args:
         # the KD teacher: an unwrapped frozen copy (the engine trains copies of the rest, and the wrapped
         # model mixes successors in)
         teacher = copy.deepcopy(predecessor) if method == "theseus_kd" else None
-        order = {} if args.replacement_order is None else {"replacement_order": args.replacement_order}
-        th = Theseus(predecessor, **task.target, init=args.init, train_rest=args.train_rest, seed=seed, **order)
+        th = Theseus(predecessor, **task.target, init=args.init, train_rest=args.train_rest, seed=seed)
         extra = {} if args.match_fraction is None else {"match_steps": int(args.steps * args.match_fraction)}
-        if args.rest_lr_scale is not None:
-            extra["rest_lr"] = args.lr * args.rest_lr_scale
         if teacher is not None:
             extra["loss"] = DistillationStep(th.model, teacher, args.temperature, args.alpha)
         try:
@@ -428,10 +424,6 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "(default: the recipe's)")
     p.add_argument("--train-rest", default=None, type=lambda v: {"on": True, "off": False}[v], metavar="{on,off}",
                    help="theseus: train copies of the non-replaced parts (default: the recipe's)")
-    p.add_argument("--replacement-order", default=None, choices=REPLACEMENT_ORDERS,
-                   help="theseus: how the rate is spread over the groups (default: the engine's, random)")
-    p.add_argument("--rest-lr-scale", type=float, default=None,
-                   help="theseus with the rest trained: its copies' lr as a multiple of the run's (default: 1, the same lr)")
     p.add_argument("--temperature", type=float, default=2.0, help="KD temperature")
     p.add_argument("--alpha", type=float, default=0.5, help="KD weight of the soft-target term")
     p.add_argument("--predecessor", default=None, help="a trained predecessor (text: HF directory; vision: predecessor.safetensors from the vision example)")
@@ -482,8 +474,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 # The flags that change the `theseus` and `theseus_kd` methods only.
-THESEUS_OVERRIDES = ("match_fraction", "match_lr", "init", "choose_start", "train_rest", "replacement_order",
-                     "rest_lr_scale")
+THESEUS_OVERRIDES = ("match_fraction", "match_lr", "init", "choose_start", "train_rest")
 OVERRIDDEN_METHODS = ("theseus", "theseus_kd")
 # Settings that may differ between the parts of one run split by seed over several processes.
 _PER_PART = {"seeds", "methods", "output", "threads", "merge", "reuse", "sharing", "kd_grid",  # KD's grid: only KD's part uses it

@@ -39,7 +39,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from text_data import DataError, load_splits, tokenized_rows  # noqa: E402
 
-from theseus_general import Theseus  # noqa: E402
+from theseus_general import Theseus, match_successors  # noqa: E402
 from theseus_general.measure import state_checksum  # noqa: E402
 
 
@@ -207,9 +207,10 @@ def main(argv=None, on_step: Optional[Callable] = None) -> dict:
     th.set_total_steps(args.steps - match_steps)
     accelerator.print(th.plan)
     if match_steps:
-        th.match_successors(itertools.cycle(train_loader()), match_steps, lr=th.recipe.match_lr,
+        match_successors(th, itertools.cycle(train_loader()), match_steps, lr=th.recipe.match_lr,
                             device=accelerator.device, progress=accelerator.is_main_process)
     optimizer = torch.optim.AdamW(th.trainable_parameters(), lr=args.lr, weight_decay=0.01)
+    th.attach(optimizer)  # before prepare(): the prepared optimiser steps this one, whose hook skips idle successors
     model, optimizer, loader, schedule = accelerator.prepare(th.model, optimizer, train_loader(),
                                                              linear_decay(optimizer, args.steps - match_steps))
     model = train_loop(accelerator, model, optimizer, loader, schedule, args.steps - match_steps, "theseus", th=th,

@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from text_data import DataError, load_splits, tokenized_rows  # noqa: E402
 
-from theseus_general import Theseus  # noqa: E402
+from theseus_general import Theseus, match_successors  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
         loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True,
                                              collate_fn=DataCollatorWithPadding(tokenizer),
                                              generator=torch.Generator().manual_seed(args.seed))
-        th.match_successors(itertools.cycle(loader), match_steps, lr=th.recipe.match_lr)
+        match_successors(th, itertools.cycle(loader), match_steps, lr=th.recipe.match_lr)
     TheseusTrainer(theseus=th, model=th.model, args=trainer_args("theseus", args.steps - match_steps), **common).train()
     successor = th.export()
     th.unwrap()

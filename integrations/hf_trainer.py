@@ -13,8 +13,8 @@
 fixed when Theseus wraps the model, so the Trainer wraps it in DDP once, with any number of
 processes), which adds `TheseusCallback` (one ``th.step()`` per optimiser step) and logs
 the replacement rate as ``theseus_rate``.
-With a plain Trainer instead: ``Trainer(..., optimizers=(AdamW(th.trainable_parameters()), None),
-callbacks=[TheseusCallback(th)])``.
+With a plain Trainer instead: ``opt = AdamW(th.trainable_parameters()); th.attach(opt)``, then
+``Trainer(..., optimizers=(opt, None), callbacks=[TheseusCallback(th)])``.
 """
 
 from __future__ import annotations
@@ -82,6 +82,7 @@ class TheseusTrainer(Trainer):
             ]
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, target)
             self.optimizer = optimizer_cls([g for g in groups if g["params"]], **optimizer_kwargs)
+            self.theseus.attach(self.optimizer)  # it skips successors that sat idle under DDP's zero anchor
         return self.optimizer
 
     def log(self, logs: dict, *args: Any, **kwargs: Any) -> None:

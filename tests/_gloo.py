@@ -53,6 +53,7 @@ def run_as_rank(run: Callable[..., None]) -> None:
 
 
 def train_on_rank_slice(th, forward, opt, out: str, rank: int, world_size: int, steps: int, global_batch: int) -> None:
+    th.attach(opt)  # under DDP idle successors get the zero anchor; the run's optimiser skips them
     """The workers' loop: each step's global batch (seeded by the step), this rank's slice of it,
     a mean loss per rank (DDP and FSDP average the gradients over ranks); writes the draws of
     every step to out/draws-<rank>.json."""

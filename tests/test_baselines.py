@@ -10,8 +10,10 @@ import torch
 import torch.nn.functional as F
 
 from theseus_general.baselines import (
-    DistillationStep, default_logits, distill, distillation_loss, fine_tune_only, successor_shaped_copy, train_steps,
+    DistillationStep, default_logits, distill, distillation_loss, fine_tune_only, successor_shaped_copy,
 )
+
+from theseus_general.training import fit
 
 from conftest import assert_same_state, bert_batch, state_snapshot, tiny_bert
 
@@ -126,7 +128,7 @@ def test_kd_steps_change_student_and_leave_teacher_bit_identical():
     student = successor_shaped_copy(teacher, successor_depth=2)
     start = state_snapshot(student)
     step = DistillationStep(student, teacher, temperature=2.0, alpha=0.7)
-    losses = train_steps(student, student.parameters(), bert_stream(), 3, step, lr=1e-3)
+    losses = fit(student, bert_stream(), 3, loss=step, lr=1e-3, progress=False).losses
     assert len(losses) == 3 and all(math.isfinite(v) for v in losses)
     assert any(not torch.equal(start[k], v) for k, v in student.state_dict().items())
     assert_same_state(before, teacher)
@@ -147,26 +149,8 @@ def test_one_call_baselines_work_for_a_vision_model():
     assert_same_state(before, teacher)
 
 
-def test_train_steps_trains_engine_rest_copies():
-    from theseus_general import ConstantScheduler, Theseus
-
-    model = tiny_bert(num_layers=4)
-    th = Theseus(model, successor_depth=2, scheduler=ConstantScheduler(0.5, replace_all_at=2), train_rest=True)
-    head = th.model.classifier.weight  # the engine's copy, trained from step 0
-    start = head.detach().clone()
-    loss = lambda x, y: F.cross_entropy(th.model(**x).logits, y)  # noqa: E731
-    train_steps(th.model, th.trainable_parameters(), bert_stream(), 4, loss, lr=1e-3, after_step=th.step)
-    assert not torch.equal(head, start)
-    th.unwrap()
-
-
-def test_train_steps_needs_enough_batches_and_parameters():
+def test_distillation_needs_two_modules():
     model = tiny_vit()
-    loss = lambda x, y: F.cross_entropy(model(x), y)  # noqa: E731
-    with pytest.raises(ValueError, match="ran out after 1 of 3"):
-        train_steps(model, model.parameters(), itertools.islice(image_stream(), 1), 3, loss)
-    with pytest.raises(ValueError, match="No trainable"):
-        train_steps(model, [], image_stream(), 1, loss)
     with pytest.raises(ValueError, match="same module"):
         DistillationStep(model, model)
 

@@ -16,11 +16,10 @@ from theseus_general.checkpoint import CheckpointManager, load_checkpoint, save_
 WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_resume_worker.py")
 
 
-def make_run(depth=6, successor_depth=3, seed=0, replacement_order="random"):
+def make_run(depth=6, successor_depth=3, seed=0, train_rest=True):
     model = ChainModel(depth=depth, seed=seed)
     th = Theseus(model, successor_depth=successor_depth, adapter="generic", container="blocks",
-                 scheduler=ConstantScheduler(0.5, replace_all_at=4), train_rest=True, seed=3,
-                 replacement_order=replacement_order)
+                 scheduler=ConstantScheduler(0.5, replace_all_at=4), train_rest=train_rest, seed=3)
     opt = torch.optim.AdamW(th.trainable_parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
     return model, th, opt, sched
@@ -73,13 +72,13 @@ def test_different_plan_names_the_difference_and_changes_nothing(tmp_path):
     assert th2.step_count == 0 and opt2.state_dict()["state"] == {}
 
 
-def test_another_replacement_order_is_named_and_changes_nothing(tmp_path):
-    model, th, opt, sched = make_run(replacement_order="bottom_up")
+def test_another_train_rest_is_named_and_changes_nothing(tmp_path):
+    model, th, opt, sched = make_run(train_rest=False)
     train(model, th, opt, sched, 1)
     save_checkpoint(str(tmp_path / "ck"), th, opt, sched)
     model2, th2, opt2, _ = make_run()
     before = state_snapshot(th2.model)
-    with pytest.raises(CheckpointError, match="replacement_order='bottom_up', this engine has replacement_order='random'"):
+    with pytest.raises(CheckpointError, match="saved with train_rest=False, this engine has train_rest=True"):
         load_checkpoint(str(tmp_path / "ck"), th2, opt2)
     assert_same_state(before, th2.model)
     assert th2.step_count == 0

@@ -45,14 +45,11 @@ def test_config_errors_name_the_field():
 
 
 
-def test_train_rest_is_the_recipes_and_unfreeze_rest_its_former_name():
+def test_train_rest_is_the_recipes_unless_given():
     good = {"task": "text-classification", "model": "m", "data": "d.csv", "output": "o", "depth": 2}
     # not given: the engine takes the family's recipe's (build_engine records what ran)
     assert check_config(good)["train_rest"] is None and check_config(good)["recipe"] is None
-    with pytest.warns(FutureWarning, match="'unfreeze_rest' is now 'train_rest'"):
-        assert check_config({**good, "unfreeze_rest": False})["train_rest"] is False
-    with pytest.raises(ConfigError, match="give 'train_rest' only"):
-        check_config({**good, "unfreeze_rest": True, "train_rest": True})
+    assert check_config({**good, "train_rest": False})["train_rest"] is False
 
 @pytest.mark.parametrize("name", ["text", "vit", "resnet"])
 def test_example_configs_are_valid_as_written(name):

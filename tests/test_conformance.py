@@ -308,6 +308,7 @@ def test_adapter_contract(case: Case):
     # a few training steps: the successors learn, nothing else of the caller's moves
     initial = [p.detach().clone() for p in th.trainable_parameters()]
     optimizer = torch.optim.AdamW(th.trainable_parameters(), lr=1e-2)
+    th.attach(optimizer)
     th.model.train()
     for step in range(4):
         xb, yb = case.batch(step)

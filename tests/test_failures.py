@@ -47,15 +47,3 @@ def test_validate_after_wrapping_names_the_group():
         h.remove()
 
 
-def test_unfreeze_rest_is_a_deprecated_alias_of_train_rest():
-    with pytest.warns(FutureWarning, match="unfreeze_rest= is deprecated: use train_rest=False.*from step 0"):
-        th = Theseus(ChainModel(), adapter="generic", container="blocks", successor_depth=2,
-                     scheduler=ConstantScheduler(0.5), unfreeze_rest=False)
-    assert th.train_rest is False and not th.model.stem.weight.requires_grad
-    with pytest.raises(ScheduleError, match="Give train_rest= only"):
-        Theseus(ChainModel(), adapter="generic", container="blocks", successor_depth=2,
-                train_rest=False, unfreeze_rest=True)
-    # no schedule needs to reach 1 any more: the rest trains from step 0
-    th = Theseus(ChainModel(), adapter="generic", container="blocks", successor_depth=2,
-                 scheduler=LinearScheduler(base=0.3, k=0.0), train_rest=True)
-    assert th.model.stem.weight.requires_grad

@@ -4,7 +4,7 @@ import itertools
 
 import torch
 
-from theseus_general import Theseus
+from theseus_general import Theseus, match_successors
 
 from conftest import ChainModel, bert_batch, state_snapshot, assert_same_state, tiny_bert
 
@@ -30,7 +30,7 @@ def test_matching_trains_each_successor_towards_its_group_and_moves_nothing_else
     probe = torch.randn(64, 4, generator=torch.Generator().manual_seed(99))
     start = group_errors(th, probe)
 
-    result = th.match_successors(unlabelled_stream(), 60, lr=1e-2, progress=False)
+    result = match_successors(th, unlabelled_stream(), 60, lr=1e-2, progress=False)
 
     end = group_errors(th, probe)
     assert len(result.losses) == 60 and result.losses[-1] < result.losses[0]
@@ -50,7 +50,7 @@ def test_matching_then_fit_on_a_bert_encoder_keeps_the_run_exportable():
     th = Theseus(model, successor_depth=2, seed=0)
     batch = bert_batch(batch=4, length=8)
     labels = batch.pop("labels")
-    result = th.match_successors(itertools.repeat((batch, labels)), 5, lr=1e-3, progress=False)
+    result = match_successors(th, itertools.repeat((batch, labels)), 5, lr=1e-3, progress=False)
     assert all(torch.isfinite(torch.tensor(result.losses)))
     fit(th, itertools.repeat((batch, labels)), 3, lr=1e-3, progress=False)
     exported = th.export()
@@ -129,7 +129,7 @@ def test_fit_chooses_starts_for_default_copies_only():
     _note_starts(th.plan, {1: 3})  # not every group restarted: the note says the rest kept theirs
     assert str(th.plan).splitlines()[-1].endswith("group 1 from block 3; the other groups kept theirs")
     _note_starts(th.plan, th.successor_starts)
-    th.match_successors(itertools.repeat(torch.randn(16, 4)), 1, choose_start=True, progress=False)
+    match_successors(th, itertools.repeat(torch.randn(16, 4)), 1, choose_start=True, progress=False)
     assert sum(note.startswith("start blocks") for note in th.plan.notes) == 1  # replaced, not repeated
     assert run(init="first").successor_starts == {}  # an init the user chose is kept
     paper = run(recipe="paper")  # matching asked for, but the paper's recipe keeps block i

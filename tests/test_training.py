@@ -140,31 +140,3 @@ def test_lr_schedules():
     assert lr_factor(0, 4, "cosine") == 1.0 and lr_factor(2, 4, "cosine") == pytest.approx(0.5)
 
 
-def test_rest_lr_gives_the_rest_its_own_learning_rate():
-    def trained(rest_lr):
-        th = engine()
-        rest = {n: p.detach().clone() for n, p in th.model.named_parameters() if n.startswith(("stem.", "head."))}
-        successors = [p.detach().clone() for s in th.successors() for p in s.parameters()]
-        fit(th, batch_at, 3, lr=1e-2, rest_lr=rest_lr, match_steps=0, progress=False)
-        moved_rest = any(not torch.equal(p, rest[n]) for n, p in th.model.named_parameters() if n in rest)
-        now = [p for s in th.successors() for p in s.parameters()]
-        moved_successors = any(not torch.equal(a, b) for a, b in zip(now, successors))
-        th.unwrap()
-        return moved_rest, moved_successors
-
-    assert trained(None) == (True, True)  # one lr for everything
-    assert trained(0.0) == (False, True)  # the rest's copies held still, the successors at lr
-
-
-def test_rest_lr_needs_an_engine_that_trains_the_rest():
-    th = Theseus(ChainModel(depth=4), successor_depth=2, adapter="generic", container="blocks", train_rest=False)
-    before = state_snapshot(th.model)
-    with pytest.raises(TrainingError, match="train only on an engine with train_rest=True"):
-        fit(th, batch_at, 10, rest_lr=1e-5, progress=False)  # the recipe's module matching would run first
-    assert_same_state(before, th.model)  # successors included: matching did not run
-    assert th.step_count == 0
-    with pytest.raises(TrainingError, match="rest_lr must be a learning rate >= 0"):
-        fit(engine(), batch_at, 1, rest_lr=-1.0, match_steps=0, progress=False)
-    with pytest.raises(TrainingError, match="train only on an engine with train_rest=True"):
-        fit(ChainModel(depth=2), batch_at, 1, rest_lr=1e-5, progress=False)
-    th.unwrap()

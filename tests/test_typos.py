@@ -13,7 +13,7 @@ from conftest import assert_same_state, state_snapshot, tiny_bert
     ({"contianer": "bert.encoder.layer"}, "container"),  # an adapter option, adapter auto-detected
     ({"schedular": 0.5}, "scheduler"),  # an engine keyword
     ({"adapter": "generic", "contianer": "bert.encoder.layer"}, "container"),
-    ({"adapter": "generic", "container": "bert.encoder.layer", "unfreze_rest": True}, "unfreeze_rest"),
+    ({"adapter": "generic", "container": "bert.encoder.layer", "train_rets": True}, "train_rest"),
     ({"adapter": "bert", "sucessors": []}, "successors"),
     ({"adapter": GenericAdapter("bert.encoder.layer"), "sead": 1}, "seed"),
 ])

@@ -118,22 +118,6 @@ class DistillationStep:
         return distillation_loss(student, teacher, labels, self.temperature, self.alpha, self.task_loss)
 
 
-def train_steps(model: nn.Module, params: Iterable[nn.Parameter], batches: Iterable[Tuple[Any, Any]], steps: int,
-                loss_fn: Callable[[Any, Any], torch.Tensor], lr: float = 1e-4, weight_decay: float = 0.01,
-                lr_schedule: str = "linear", warmup: float = 0.0,
-                after_step: Optional[Callable[[torch.Tensor], Any]] = None, desc: str = "train",
-                **fit_kwargs: Any) -> List[float]:
-    """`theseus_general.training.fit` on a plain model with these parameters; returns the losses and
-    leaves the model in eval mode. after_step(loss) runs after each optimiser step (e.g. an engine's
-    step when `model` is its wrapped model; passing the engine to `fit` does the same). Other
-    keywords (device, mixed_precision, gradient_accumulation, ...) go to `fit`."""
-    on_step = (lambda record: after_step(torch.tensor(record.loss))) if after_step is not None else None
-    result = fit(model, batches, steps, loss=loss_fn, params=params, lr=lr, weight_decay=weight_decay,
-                 lr_schedule=lr_schedule, warmup=warmup, on_step=on_step, desc=desc, **fit_kwargs)
-    model.eval()
-    return result.losses
-
-
 def fine_tune_only(model: nn.Module, batches: Iterable[Tuple[Any, Any]], steps: int, *,
                    initial: Optional[nn.Module] = None, logits: LogitsFn = default_logits,
                    task_loss: TaskLoss = F.cross_entropy, lr: float = 1e-4, weight_decay: float = 0.01,

@@ -11,7 +11,7 @@ import sys
 import textwrap
 from typing import Any, Dict, List, Optional
 
-from .errors import TheseusError, UnknownOptionError, warn_user
+from .errors import TheseusError, UnknownOptionError
 from .suggest import unknown_names_message
 
 
@@ -61,7 +61,7 @@ FIELDS: Dict[str, tuple] = {
                "matching); default: the model family's ('resnet' for ResNets, else 'default'); the fields below "
                "override it"),
     "train_rest": (bool, None, ANY, "train embeddings/stem and head from step 0, on copies (false: keep them frozen, "
-                   "the paper's replacement phase); default: the recipe's (true for 'default'); formerly unfreeze_rest"),
+                   "the paper's replacement phase); default: the recipe's (true for 'default')"),
     "match_fraction": (float, None, ANY, "share of the steps spent first on module matching (each successor learns "
                        "its group's output); default: the recipe's"),
     "seed": (int, 0, ANY, "seed of the data order and of the replacement draws"),
@@ -96,12 +96,6 @@ def load_config(path: str) -> Dict[str, Any]:
 def check_config(raw: Any, where: str = "config") -> Dict[str, Any]:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of fields, got {type(raw).__name__}. See theseus-compress --help.")
-    if "unfreeze_rest" in raw:
-        if "train_rest" in raw:
-            raise ConfigError(f"{where}: give 'train_rest' only; 'unfreeze_rest' is its former name.")
-        warn_user(f"{where}: field 'unfreeze_rest' is now 'train_rest' (embeddings/stem and head train from "
-                  "step 0 instead of from rate 1); rename it.", FutureWarning)
-        raw = {("train_rest" if k == "unfreeze_rest" else k): v for k, v in raw.items()}
     unknown = sorted(set(raw) - set(FIELDS))
     if unknown:
         raise UnknownFieldError(f"{where}: {unknown_names_message('field', unknown, FIELDS)}; the fields are "
