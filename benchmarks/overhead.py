@@ -76,6 +76,8 @@ class Variant:
     def __init__(self, model: nn.Module, params: List[nn.Parameter], after: Optional[Callable] = None, keep=None):
         self.model, self.after, self.keep = model, after, keep
         self.optimizer = torch.optim.AdamW(params, lr=1e-5)
+        if isinstance(keep, Theseus):
+            keep.attach(self.optimizer)  # the rest is frozen here: idle successors get the zero anchor
 
     def step(self, batch: Dict[str, torch.Tensor]) -> None:
         loss = self.model(**batch).loss

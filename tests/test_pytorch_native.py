@@ -100,6 +100,24 @@ def _same_successors(make, enable, batches, loss_fn, steps=4, **theseus_kwargs):
 def test_hf_gradient_checkpointing_trains_the_same_successors():
     _same_successors(lambda: _no_dropout(tiny_bert(num_layers=4)), lambda m: m.gradient_checkpointing_enable(),
                      lambda i: bert_batch(seed=i), _bert_loss, successor_depth=2)
+    # and layers were in fact recomputed during backward (else the comparison proves nothing):
+    # transformers checkpoints each BertLayer's forward itself, inside the group's dispatch, so the
+    # groups run once and draw once while the layers that ran run again in backward (seen from a
+    # child: the layer's own hooks stay outside its checkpoint)
+    model = _no_dropout(tiny_bert(num_layers=4))
+    model.gradient_checkpointing_enable()
+    th = Theseus(model, successor_depth=2, scheduler=0.5)
+    model.train()
+    layer_calls, group_calls = [], []
+    in_backward = lambda: torch._C._current_graph_task_id() != -1  # noqa: E731
+    layers = [b for g in th.groups for b in g.predecessor] + th.successors()
+    hooks = [m.attention.register_forward_pre_hook(lambda *a: layer_calls.append(in_backward())) for m in layers]
+    hooks += [g.register_forward_pre_hook(lambda *a: group_calls.append(in_backward())) for g in th.groups]
+    _bert_loss(model, bert_batch(seed=0)).backward()
+    assert layer_calls.count(True) == layer_calls.count(False) > 0, layer_calls  # each layer that ran was recomputed
+    assert group_calls == [False, False] and {g: len(d) for g, d in th.decisions().items()} == {0: 1, 1: 1}
+    for h in hooks:
+        h.remove()
 
 
 def test_timm_grad_checkpointing_trains_the_same_successors():
