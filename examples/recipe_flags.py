@@ -1,5 +1,6 @@
 """The Theseus recipe flags the text and vision examples share: --recipe, the schedule flags,
---match-fraction, --train-rest. Unset flags leave the model family's recipe as it is."""
+--match-fraction, --train-rest. They become a `TheseusConfig` (`config_from_flags`), which resolves
+the recipe: unset flags leave the model family's recipe as it is."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from typing import Optional
 
 from torch import nn
 
-from theseus_general import RECIPES, ConstantScheduler, RunLinearScheduler, Theseus
-from theseus_general.recipes import family_recipe
+from theseus_general import RECIPES, ConstantScheduler, Theseus
+from theseus_general.config import TheseusConfig
 
 
 def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
@@ -30,22 +31,21 @@ def add_recipe_arguments(p: argparse.ArgumentParser) -> None:
                         "'default'); --no-train-rest keeps them frozen, as in the paper")
 
 
-def schedule_from_flags(args: argparse.Namespace, model: nn.Module):
-    """None (the recipe's curriculum) unless a schedule flag was given; then that schedule over the mixed
-    phase, a flag not given taking the value of the recipe `model` gets."""
-    if args.schedule == "linear" and args.base_rate is None and args.replace_by is None:
-        return None
-    recipe = family_recipe(model, args.recipe)
-    base = recipe.base if args.base_rate is None else args.base_rate
-    replace_by = (recipe.full_at or 0.5) if args.replace_by is None else args.replace_by
+def config_from_flags(args: argparse.Namespace, **target) -> TheseusConfig:
+    """The engine's config from the flags and a depth target (``successor_depth=``/``ratio=``): a flag not
+    given is left to the recipe."""
+    linear = args.schedule == "linear"
+    return TheseusConfig(**target, recipe=args.recipe, train_rest=args.train_rest, seed=args.seed,
+                         base_rate=args.base_rate if linear else None, replace_by=args.replace_by if linear else None,
+                         match_fraction=args.match_fraction)
+
+
+def constant_schedule(args: argparse.Namespace, model: nn.Module, config: TheseusConfig):
+    """With --schedule constant: --base-rate (default 0.5) until --replace-by of the mixed phase (default
+    0.5), then 1; None with the linear curriculum (the config's)."""
     if args.schedule == "linear":
-        return RunLinearScheduler(full_at=replace_by, base=base)  # fit() tells it the run's length
+        return None
+    base = 0.5 if args.base_rate is None else args.base_rate
+    replace_by = 0.5 if args.replace_by is None else args.replace_by
     mixed = args.steps - int(args.steps * (args.match_fraction or 0.0))
     return ConstantScheduler(base, replace_all_at=max(1, int(mixed * replace_by)))
-
-
-def match_steps(target, steps: int, args: argparse.Namespace) -> Optional[int]:
-    """--match-fraction as steps for a Theseus run (None: the recipe's; plain models never match)."""
-    if not isinstance(target, Theseus) or args.match_fraction is None:
-        return None
-    return int(steps * args.match_fraction)

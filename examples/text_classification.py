@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from text_data import DataError, load_splits  # noqa: E402
 
-from recipe_flags import add_recipe_arguments, match_steps, schedule_from_flags  # noqa: E402
+from recipe_flags import add_recipe_arguments, config_from_flags, constant_schedule  # noqa: E402
 from theseus_general import Theseus  # noqa: E402
 from theseus_general.measure import count_flops, count_parameters, measure_latency, state_checksum  # noqa: E402
 from theseus_general.training import FitResult, add_device_arguments, fit  # noqa: E402
@@ -104,8 +104,7 @@ def train(target, data: Encoded, steps: int, lr: float, seed: int, desc: str, ar
     0.01), `lr_schedule` after a `warmup` fraction, batches of --batch-size on --device with
     --mixed-precision. `target` is a model or a Theseus engine (one th.step() per optimiser step)."""
     return fit(target, data.training_batches(args.batch_size, seed), steps, lr=lr, lr_schedule=lr_schedule,
-               warmup=warmup, device=args.device, mixed_precision=args.mixed_precision, metrics=metrics, desc=desc,
-               match_steps=match_steps(target, steps, args))
+               warmup=warmup, device=args.device, mixed_precision=args.mixed_precision, metrics=metrics, desc=desc)
 
 
 def truncated_copy(model, depth: int):
@@ -214,9 +213,8 @@ def main(argv=None) -> dict:
     # (b) Theseus, on the predecessor object itself (it is restored afterwards)
     t = time.time()
     before = state_checksum(predecessor)
-    th = Theseus(predecessor, successor_depth=depth, recipe=args.recipe,
-                 scheduler=schedule_from_flags(args, predecessor),
-                 train_rest=args.train_rest, seed=args.seed, init=args.init)
+    config = config_from_flags(args, successor_depth=depth)
+    th = Theseus(predecessor, config, scheduler=constant_schedule(args, predecessor, config), init=args.init)
     print(th.plan)
     fitted = train(th, train_data, args.steps, args.lr, args.seed + 1, "theseus", args, lr_schedule=args.lr_schedule,
                    metrics=os.path.join(args.output, "theseus"))  # metrics.csv (+ tensorboard/)

@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from image_data import DataError, load_fashion_mnist  # noqa: E402
 
-from recipe_flags import add_recipe_arguments, match_steps, schedule_from_flags  # noqa: E402
+from recipe_flags import add_recipe_arguments, config_from_flags, constant_schedule  # noqa: E402
 from theseus_general import Theseus  # noqa: E402
 from theseus_general.graph import get_submodule  # noqa: E402
 from theseus_general.measure import count_flops, count_parameters, measure_latency, state_checksum  # noqa: E402
@@ -117,8 +117,7 @@ def train(target, data, steps: int, lr: float, seed: int, desc: str, args: argpa
     0.05) with linear warm-up and cosine decay, shifted batches of --batch-size on --device with
     --mixed-precision. `target` is a model or a Theseus engine (one th.step() per optimiser step)."""
     return fit(target, batches(*data, args.batch_size, seed), steps, lr=lr, weight_decay=0.05, lr_schedule="cosine",
-               warmup=warmup, device=args.device, mixed_precision=args.mixed_precision, metrics=metrics, desc=desc,
-               match_steps=match_steps(target, steps, args))
+               warmup=warmup, device=args.device, mixed_precision=args.mixed_precision, metrics=metrics, desc=desc)
 
 
 def share(value: float, reference: float) -> float:
@@ -212,8 +211,8 @@ def main(argv=None) -> dict:
     # (b) Theseus on the predecessor object itself (restored afterwards): half the blocks
     t = time.time()
     before = state_checksum(predecessor)
-    th = Theseus(predecessor, ratio=0.5, recipe=args.recipe, scheduler=schedule_from_flags(args, predecessor),
-                 train_rest=args.train_rest, seed=args.seed)
+    config = config_from_flags(args, ratio=0.5)
+    th = Theseus(predecessor, config, scheduler=constant_schedule(args, predecessor, config))
     print(th.plan)
     fitted = train(th, data.train, args.steps, args.lr, args.seed + 1, "theseus", args,
                    metrics=os.path.join(args.output, "theseus"))  # metrics.csv (+ tensorboard/)

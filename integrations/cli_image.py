@@ -229,7 +229,8 @@ def run(config: Dict[str, Any]) -> Dict[str, Any]:
     with open(os.path.join(config["output"], "successor.json"), "w") as f:
         json.dump({"architecture": config["architecture"], "model_args": rebuild,
                    "predecessor_model_args": config["model_args"], "successor_depth": depths["successor"],
-                   "weights": "successor.safetensors", "how_to_load": how}, f, indent=2)
+                   "weights": "successor.safetensors", "how_to_load": how,
+                   "theseus_config": config.get("theseus_config")}, f, indent=2)
     print(f"successor: {depths['successor']} blocks -> {out} (safetensors)")
     eval_batches = None
     if evaluation:

@@ -11,30 +11,23 @@ from typing import Any, Callable, Dict, Iterable, Optional, Tuple
 import torch
 from torch import nn
 
+from ..config import TheseusConfig
 from ..engine import Theseus
 from ..graph import run_model
 from ..measure import count_flops, count_parameters, measure_latency
-from ..recipes import family_recipe
-from ..schedulers import RunLinearScheduler
 from ..training import fit
 
 
 def build_engine(model: nn.Module, config: Dict[str, Any]) -> Theseus:
-    target = {"successor_depth": config["depth"]} if config["depth"] is not None else {"ratio": config["ratio"]}
-    th = Theseus(model, **target, recipe=config["recipe"], train_rest=config["train_rest"], seed=config["seed"],
-                 scheduler=_curriculum(model, config))
+    """The engine for a CLI config: its fields go into a `TheseusConfig`, which resolves the recipe (a
+    field not given is the recipe's)."""
+    th = Theseus(model, TheseusConfig(
+        successor_depth=config["depth"], ratio=config["ratio"] if config["depth"] is None else None,
+        recipe=config["recipe"], train_rest=config["train_rest"], seed=config["seed"],
+        base_rate=config["base_rate"], replace_by=config["replace_by"], match_fraction=config["match_fraction"]))
     config["recipe"], config["train_rest"] = th.recipe.name, th.train_rest  # what ran, for results.json
+    config["theseus_config"] = th.config.to_dict()
     return th
-
-
-def _curriculum(model: nn.Module, config: Dict[str, Any]) -> Optional[RunLinearScheduler]:
-    """base_rate to 1 at replace_by of the run (fit tells it the steps); a field not given is the recipe's.
-    None (the recipe's own curriculum) when neither is given."""
-    if config["base_rate"] is None and config["replace_by"] is None:
-        return None
-    recipe = family_recipe(model, config["recipe"])
-    full_at = config["replace_by"] if config["replace_by"] is not None else (recipe.full_at or 0.5)
-    return RunLinearScheduler(full_at=full_at, base=config["base_rate"] if config["base_rate"] is not None else recipe.base)
 
 
 def train(th: Theseus, config: Dict[str, Any], batch_at: Callable[[int], Tuple[Any, torch.Tensor]],
@@ -46,8 +39,7 @@ def train(th: Theseus, config: Dict[str, Any], batch_at: Callable[[int], Tuple[A
     checkpoints = os.path.join(config["output"], "checkpoints") if config["checkpoint_every"] else None
     fit(th, batch_at, config["steps"], loss=forward, lr=config["lr"], device=config["device"],
         mixed_precision=config["mixed_precision"], metrics=config["output"] if config["metrics"] else None,
-        checkpoints=checkpoints, checkpoint_every=config["checkpoint_every"], desc="theseus",
-        match_steps=None if config["match_fraction"] is None else int(config["steps"] * config["match_fraction"]))
+        checkpoints=checkpoints, checkpoint_every=config["checkpoint_every"], desc="theseus")
 
 
 @torch.no_grad()

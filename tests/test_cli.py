@@ -291,7 +291,7 @@ def test_the_engine_takes_the_familys_recipe_and_fields_override_parts_of_it():
 
     def config(**fields):
         return {"depth": None, "ratio": 0.5, "recipe": None, "train_rest": None, "seed": 0,
-                "base_rate": None, "replace_by": None, **fields}
+                "base_rate": None, "replace_by": None, "match_fraction": None, **fields}
 
     model = tiny_resnet()
     given = config()
@@ -304,4 +304,8 @@ def test_the_engine_takes_the_familys_recipe_and_fields_override_parts_of_it():
     th.unwrap()
     th = build_engine(model, config(recipe="default", replace_by=0.25, train_rest=True))
     assert (th.recipe.name, th.train_rest, th.scheduler.full_at, th.scheduler.base) == ("default", True, 0.25, 0.3)
+    th.unwrap()
+    given = config(recipe="default", match_fraction=0.1)
+    th = build_engine(model, given)  # fit reads the share of matching from the resolved config
+    assert th.recipe.match_steps(100) == 10 and given["theseus_config"] == th.config.to_dict()
     th.unwrap()

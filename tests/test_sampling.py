@@ -77,11 +77,12 @@ def test_all_predecessor_forward_backward_does_not_crash():
     successors = [p for s in th.successors() for p in s.parameters()]
     before = [p.detach().clone() for p in successors]
     opt = torch.optim.AdamW(th.trainable_parameters(), lr=1e-3)
+    th.attach(opt)
     model.train()
     loss = model(**bert_batch()).loss
     loss.backward()  # every group ran its predecessor: no successor in the graph but for the zero anchor
     assert all(p.grad is not None and torch.count_nonzero(p.grad) == 0 for p in successors)
-    opt.step()  # the engine's pre-step hook drops the idle successors' zero gradients
+    opt.step()  # the attached optimiser's hook drops the idle successors' zero gradients
     assert all(p.grad is None for p in successors)
     assert all(torch.equal(a, p) for a, p in zip(before, successors))
 
@@ -95,7 +96,7 @@ def test_gradients_flow_through_frozen_predecessor_to_earlier_successor():
         if th.last_decisions == {0: True, 1: False}:
             out.sum().backward()
             assert torch.count_nonzero(th.successors()[0].linear.weight.grad) > 0
-            assert torch.count_nonzero(th.successors()[1].linear.weight.grad) == 0
+            assert th.successors()[1].linear.weight.grad is None  # idle, and no anchor in one process
             return
         th.step()
     raise AssertionError("no step drew successor, predecessor")

@@ -11,8 +11,8 @@ A checkpoint is one directory ``step-<n>/`` holding
   * ``engine.safetensors``: successor weights (and the rest-copies with train_rest);
   * ``rng.safetensors``: torch CPU/CUDA generator states and numpy's, when numpy is loaded;
   * ``optimizer.pt``: optimiser and LR-scheduler state dicts (read with weights_only=True);
-  * ``state.json``: step, seed, plan, data position, Python's RNG, your ``extra`` and the
-    SHA-256 of every file above, so a truncated or altered file is named on load.
+  * ``state.json``: step, seed, plan, the run's `TheseusConfig`, data position, Python's RNG,
+    your ``extra`` and the SHA-256 of every file above, so a truncated or altered file is named on load.
 
 Writes go to a hidden temporary directory that is renamed into place (os.replace) once
 complete, so a crash mid-write leaves the previous checkpoint as the latest. Loading
@@ -37,8 +37,11 @@ from typing import Any, Dict, List, Optional
 
 import torch
 
-from .engine import Theseus
 from .errors import CheckpointError
+
+# The engine is known here only through its state_dict() / load_state_dict() / check_state_dict(), so
+# this file format sits below the engine, which rebuilds itself from a checkpoint (Theseus.from_checkpoint).
+Theseus = Any
 
 FORMAT = 1
 _STEP_DIR = re.compile(r"step-(\d+)")
@@ -184,6 +187,12 @@ def load_checkpoint(path: str, th: Theseus, optimizer: Optional[torch.optim.Opti
     if restore_rng:
         _restore_rng(rng_tensors, state["rng"])
     return Resumed(os.path.abspath(path), int(state["engine"]["step"]), state.get("data_position"), state.get("extra") or {})
+
+
+def read_engine_meta(path: str) -> Dict[str, Any]:
+    """The engine's part of a checkpoint's state.json (step, seed, plan, config), checked against its hashes."""
+    state, _ = _read_verified(path)
+    return state["engine"]
 
 
 def _read_verified(path: str):

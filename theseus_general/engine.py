@@ -31,13 +31,15 @@ import torch
 from torch import nn
 
 from .adapter import Adapter
+from .checkpoint import load_checkpoint, read_engine_meta
+from .config import TheseusConfig
 from .errors import AdapterError, CheckpointError, EngineStateError, ExportError, NonFiniteLossError, ScheduleError, warn_user
 from .plan import Group, GroupsSpec
 from .planning import INIT_CHOICES, check_plan_matches, export_refusal, plan_run
 from .registry import detect_adapter, get_adapter
 from .replacement import ReplacementState, TheseusGroup
 from .recipes import Recipe, get_recipe
-from .schedulers import RunLinearScheduler, SchedulerLike, as_scheduler
+from .schedulers import RunLinearScheduler, SchedulerLike, as_scheduler, scheduler_from_dict
 from .validation import check_successors
 from .wrapping import Wrapping
 
@@ -89,14 +91,22 @@ class Theseus:
         successor_width: make successors narrower blocks of the same family: a fraction of the
             hidden units kept (MLP neurons, ResNet middle channels), a dict container -> fraction,
             or "auto" with a target (the planner mixes depth and width).
+        base_rate, replace_by: the curriculum's start rate and the fraction of the run at which p reaches 1
+            (None: the recipe's); a `scheduler` given wins over both.
+        match_fraction, match_lr, choose_start: module matching's share of `fit`'s steps, its learning
+            rate, and the start-block choice (None: the recipe's; see `theseus_general.recipes`).
+        config: a `TheseusConfig` holding any of the settings above (also as the second positional
+            argument); keywords given here win over its fields. ``th.config`` is the resolved one, saved
+            in checkpoints; `Theseus.from_checkpoint` rebuilds an engine from it.
         **adapter_options: passed to the adapter (e.g. ``container=`` for the generic one).
     """
 
     def __init__(
         self,
         model: nn.Module,
-        successor_depth: Union[int, Sequence[int], None] = None,
+        successor_depth: Union[int, Sequence[int], TheseusConfig, None] = None,
         *,
+        config: Optional[TheseusConfig] = None,
         ratio: Optional[float] = None,
         groups: Optional[GroupsSpec] = None,
         adapter: Union[str, Adapter, None] = None,
@@ -113,6 +123,11 @@ class Theseus:
         target_speedup: Optional[float] = None,
         measure: str = "flops",
         successor_width: Union[float, str, Dict[str, float], None] = None,
+        base_rate: Optional[float] = None,
+        replace_by: Optional[float] = None,
+        match_fraction: Optional[float] = None,
+        match_lr: Optional[float] = None,
+        choose_start: Optional[bool] = None,
         **adapter_options: Any,
     ):
         # Everything below up to Wrapping() only reads the model: bad input fails here,
@@ -124,19 +139,44 @@ class Theseus:
                 "This model is already wrapped by a Theseus engine. Use that engine, or call its unwrap() first "
                 "(export() leaves the model wrapped); wrapping twice would replace groups of groups."
             )
-        if recipe is not None:
-            get_recipe(recipe)  # an unknown name fails before the model is looked at
-        self.adapter = _resolve_adapter(model, adapter, adapter_options)
-        # None: the family's recipe (the adapter's default_recipe; "default" unless the dev splits chose another)
-        self.recipe = get_recipe(self.adapter.default_recipe if recipe is None else recipe)
-        self.train_rest = self.recipe.train_rest if train_rest is None else bool(train_rest)
-        self.scheduler = self.recipe.scheduler() if scheduler is None else as_scheduler(scheduler)
-        if total_steps is not None and self.needs_total_steps:
-            self.scheduler.for_run(total_steps)
+        if isinstance(successor_depth, TheseusConfig):  # Theseus(model, config)
+            config, successor_depth = successor_depth, None
+        if config is not None and not isinstance(config, TheseusConfig):
+            raise ScheduleError(f"config must be a TheseusConfig, got {type(config).__qualname__}.")
+        recipe_given = get_recipe(recipe) if recipe is not None else None  # an unknown name fails first
+        # keywords given here win over the config's fields; the config's win over the defaults
+        explicit = {k: v for k, v in dict(
+            successor_depth=successor_depth, ratio=ratio, groups=groups, train_rest=train_rest,
+            total_steps=total_steps, target_flops=target_flops, target_speedup=target_speedup,
+            successor_width=successor_width, init=init if isinstance(init, str) else None,
+            base_rate=base_rate, replace_by=replace_by, match_fraction=match_fraction, match_lr=match_lr,
+            choose_start=choose_start,
+            adapter=adapter if isinstance(adapter, str) else None,
+            recipe=recipe_given.name if recipe_given is not None else None).items() if v is not None}
+        explicit.update({k: v for k, v in dict(seed=seed, validate=validate, measure=measure).items()
+                         if v != _DEFAULTS[k]})
+        if adapter_options:
+            explicit["adapter_options"] = dict(adapter_options)
+        config = (config or TheseusConfig()).replace(**explicit)
+        if isinstance(config.seed, bool) or not isinstance(config.seed, int):
+            raise ScheduleError(f"seed must be an int, got {config.seed!r}.")
+        self.adapter = _resolve_adapter(model, adapter if isinstance(adapter, Adapter) else config.adapter,
+                                        dict(config.adapter_options))
+        # no recipe named: the family's (the adapter's default_recipe; "default" unless the dev splits chose another)
+        config = config.resolve(self.adapter.default_recipe, recipe=recipe_given,
+                                scheduler=as_scheduler(scheduler) if scheduler is not None else None)
+        self.scheduler = (as_scheduler(scheduler) if scheduler is not None
+                          else scheduler_from_dict(config.schedule) if config.schedule is not None
+                          else get_recipe(config.recipe).scheduler())
+        if config.total_steps is not None and self.needs_total_steps:
+            self.scheduler.for_run(config.total_steps)
+        self._config = config
         first_rate = self.scheduler(0)
-        if isinstance(seed, bool) or not isinstance(seed, int):
-            raise ScheduleError(f"seed must be an int, got {seed!r}.")
         self._model = model
+        successor_depth, ratio, groups = config.successor_depth, config.ratio, config.groups
+        init = init if init is not None and not isinstance(init, str) else config.init
+        target_flops, target_speedup, measure = config.target_flops, config.target_speedup, config.measure
+        successor_width, validate, seed = config.successor_width, config.validate, config.seed
 
         planned = plan_run(model, self.adapter, successor_depth=successor_depth, ratio=ratio, groups=groups,
                            init="first" if init is None else init, successors=successors, sample=sample, validate=validate,
@@ -161,6 +201,44 @@ class Theseus:
                                   self.adapter.state_kwarg, self.train_rest)
 
     # ------------------------------------------------------------------ public API
+    @classmethod
+    def from_checkpoint(cls, model: nn.Module, path: str, **settings: Any) -> "Theseus":
+        """Rebuild the engine of a saved run on `model` (the same predecessor) from the `TheseusConfig` in
+        the checkpoint at `path`, and load its weights and step: no settings repeated. `settings` are
+        the ones a config cannot hold (``scheduler=`` for a callable schedule, ``successors=``,
+        ``adapter=`` instance, ``sample=``) or overrides. The optimiser's state stays in the checkpoint:
+        `load_checkpoint(path, th, optimizer)` or `fit(..., checkpoints=)` restore it."""
+        meta = read_engine_meta(path)
+        if "config" not in meta:
+            raise CheckpointError(f"{path} was saved before checkpoints held the engine's config; create the engine "
+                                  "with the run's settings and call load_checkpoint(path, th).")
+        saved = TheseusConfig.from_dict(meta["config"])
+        if saved.schedule is None and "scheduler" not in settings:
+            raise CheckpointError(f"{path} was saved from a run with a callable schedule, which a config cannot "
+                                  "hold; pass it again: Theseus.from_checkpoint(model, path, scheduler=...).")
+        th = cls(model, saved, **settings)
+        try:
+            load_checkpoint(path, th, restore_rng=False)
+        except BaseException:
+            th.unwrap()
+            raise
+        return th
+
+    @property
+    def config(self) -> TheseusConfig:
+        """Every JSON-safe setting of this run, with the recipe resolved (see `theseus_general.config`)."""
+        schedule = self.scheduler.to_dict() if hasattr(self.scheduler, "to_dict") else None
+        return self._config.replace(schedule=schedule)
+
+    @property
+    def recipe(self) -> Recipe:
+        """The resolved recipe (its parts as this run uses them; `fit` and module matching read it)."""
+        return self._config.recipe_object()
+
+    @property
+    def train_rest(self) -> bool:
+        return bool(self._config.train_rest)
+
     @property
     def model(self) -> nn.Module:
         """The caller's model, wrapped: same object, same forward signature and outputs."""
@@ -266,7 +344,7 @@ class Theseus:
         tensors: every successor's state (``successors.<group>.<key>``) and, with
         train_rest, the copies of the rest (``rest.<n>``, in wrapping order). The
         tensors are the live ones (no copy); `theseus_general.checkpoint` writes them.
-        meta (JSON-safe): step, seed, rate at that step, train_rest and the plan. The replacement draws are a pure function of (seed, step, group, micro-batch), so
+        meta (JSON-safe): step, seed, rate at that step, train_rest, the plan and the config. The replacement draws are a pure function of (seed, step, group, micro-batch), so
         step and seed restore them."""
         self.check_open("state_dict()")
         tensors: Dict[str, torch.Tensor] = {}
@@ -276,7 +354,7 @@ class Theseus:
         for i, tensor in enumerate(self._wrapping.rest_tensors()):
             tensors[f"rest.{i}"] = tensor
         meta = {"step": self._step, "seed": self._state.seed, "rate": self._state.rate,
-                "train_rest": self.train_rest, "plan": self.plan.to_dict()}
+                "train_rest": self.train_rest, "plan": self.plan.to_dict(), "config": self.config.to_dict()}
         return {"tensors": tensors, "meta": meta}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -445,6 +523,9 @@ class Theseus:
                 f"Cannot call {what} on a closed Theseus engine (unwrap() was called). "
                 "Create a new Theseus(model, ...) to compress again."
             )
+
+
+_DEFAULTS = {"seed": 0, "validate": True, "measure": "flops"}
 
 
 def _resolve_adapter(model: nn.Module, adapter: Union[str, Adapter, None], options: dict) -> Adapter:

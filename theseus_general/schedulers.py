@@ -8,7 +8,7 @@ Any callable ``step -> p`` is accepted too; its values are checked on use.
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 from .errors import ScheduleError
 
@@ -63,6 +63,9 @@ class ConstantScheduler(Scheduler):
     def __repr__(self) -> str:
         return f"ConstantScheduler(rate={self.constant}, replace_all_at={self.replace_all_at})"
 
+    def to_dict(self) -> Dict[str, Any]:
+        return {"type": "constant", "rate": self.constant, "replace_all_at": self.replace_all_at}
+
 
 class LinearScheduler(Scheduler):
     """Linear curriculum p(t) = min(1, k*t + base) (the paper's Eq. 6).
@@ -102,6 +105,9 @@ class LinearScheduler(Scheduler):
 
     def __repr__(self) -> str:
         return f"LinearScheduler(base={self.base}, k={self.k})"
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {"type": "linear", "base": self.base, "k": self.k}
 
 
 class RunLinearScheduler(Scheduler):
@@ -147,6 +153,9 @@ class RunLinearScheduler(Scheduler):
     def __repr__(self) -> str:
         return f"RunLinearScheduler(full_at={self.full_at}, base={self.base}, total_steps={self.total_steps})"
 
+    def to_dict(self) -> Dict[str, Any]:
+        return {"type": "run_linear", "full_at": self.full_at, "base": self.base, "total_steps": self.total_steps}
+
 
 class CallableScheduler(Scheduler):
     """Wraps any callable step -> p; each value is checked when it is used."""
@@ -183,3 +192,13 @@ def as_scheduler(schedule: SchedulerLike) -> Scheduler:
 def callable_schedule(scheduler: Scheduler) -> bool:
     """True for a caller's own function, whose end point cannot be known in advance."""
     return isinstance(scheduler, CallableScheduler)
+
+
+def scheduler_from_dict(spec: Dict[str, Any]) -> Scheduler:
+    """The schedule a `to_dict()` describes (a TheseusConfig's ``schedule``)."""
+    kinds = {"constant": lambda d: ConstantScheduler(d["rate"], d.get("replace_all_at")),
+             "linear": lambda d: LinearScheduler(d["base"], d["k"]),
+             "run_linear": lambda d: RunLinearScheduler(d["full_at"], d["base"], d.get("total_steps"))}
+    if not isinstance(spec, dict) or spec.get("type") not in kinds:
+        raise ScheduleError(f"A schedule is described as {{'type': one of {sorted(kinds)}, ...}}, got {spec!r}.")
+    return kinds[spec["type"]](spec)
