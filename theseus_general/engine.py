@@ -236,6 +236,7 @@ class Theseus:
                     "the run is stopped and nothing more can be saved from it. Resume from the last good "
                     "checkpoint, e.g. with a lower learning rate."
                 )
+        self._check_training_mode()
         if self._step == 0 and self.needs_total_steps:
             warn_user(
                 "The engine does not know how many steps this run has, so its curriculum follows the paper's "
@@ -412,6 +413,21 @@ class Theseus:
         return f"Theseus({type(self._model).__name__}, adapter={self.adapter.name!r}, {state})"
 
     # ------------------------------------------------------------------ internals
+    def _check_training_mode(self) -> None:
+        # In eval mode every group runs its successor and nothing is drawn: a loop that never called
+        # .train() (from_pretrained returns models in eval mode) would fine-tune the successors alone.
+        # An evaluation between steps (eval mode under torch.no_grad) is not counted; nor is an
+        # evaluation beside training forwards.
+        state = self._state
+        if state.eval_grad_forwards and not state.calls:
+            raise EngineStateError(
+                f"th.step() at step {self._step}: the wrapped model ran {state.eval_grad_forwards} group "
+                "forward(s) in eval mode with gradients on, and none in training mode, since the last step. "
+                "In eval mode every group runs its successor, so no module is replaced at random and dropout "
+                "is off. Call `th.model.train()` before the training loop (from_pretrained returns models in "
+                "eval mode); evaluate under torch.no_grad() and call `th.model.train()` again afterwards."
+            )
+
     @property
     def _closed(self) -> bool:
         return self._wrapping.restored

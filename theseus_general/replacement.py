@@ -82,6 +82,9 @@ class ReplacementState:
         self.calls: Dict[int, int] = {}  # group -> training forwards since the last step (micro-batch index)
         self.last_draws: Dict[int, bool] = {}  # group -> decision of its latest forward (reused by recomputes)
         self.ran_successor: Set[int] = set()  # groups whose successor ran in some forward since the last step
+        # group forwards in eval mode with gradients enabled since the last step: with no training forward
+        # beside them, the step trained a model left in eval mode (Theseus.step() refuses)
+        self.eval_grad_forwards = 0
 
     def group_rate(self, group: int) -> float:
         """The probability that `group` runs its successor now. "random" (the paper's): every group at the
@@ -113,10 +116,16 @@ class ReplacementState:
         """Groups that took part in training since the last step without running their successor."""
         return set(self.calls) - self.ran_successor
 
+    @torch.compiler.disable
+    def note_eval_forward(self) -> None:
+        if torch.is_grad_enabled() and not in_backward():
+            self.eval_grad_forwards += 1
+
     def advance(self, step: int, rate: float) -> None:
         self.step, self.rate = step, rate
         self.calls.clear()  # last_draws stays readable (what the step that just ended ran)
         self.ran_successor.clear()
+        self.eval_grad_forwards = 0
 
 
 def _carried(out: Any) -> Any:
@@ -141,7 +150,10 @@ class TheseusGroup(nn.Module):
         state = self._state
         if state.force is not None:  # validation or module matching; one test on the training path
             return self.run_predecessor(*args, **kwargs) if state.force == "predecessor" else self._match(*args, **kwargs)
-        if not self.training or state.draw(self.index):
+        if not self.training:
+            state.note_eval_forward()
+            return self.successor(*args, **kwargs)
+        if state.draw(self.index):
             return self.successor(*args, **kwargs)
         out = self.run_predecessor(*args, **kwargs)
         if torch.is_grad_enabled():
