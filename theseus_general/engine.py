@@ -125,6 +125,14 @@ class Theseus:
         # before any parameter, flag or module of the caller's changes.
         if not isinstance(model, nn.Module):
             raise AdapterError(f"Theseus needs a torch.nn.Module, got {type(model).__qualname__}.")
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            # Wrapping the replica wrapper's .module would leave its replicas (DataParallel) or its
+            # reducer (DDP, built for the parameters as they were) stale: refuse, and say the order.
+            raise AdapterError(
+                f"Theseus got a {type(model).__name__}; pass the model inside it, Theseus(model.module, ...), "
+                "and wrap th.model in DataParallel / DistributedDataParallel afterwards (the trainable "
+                "parameters are fixed at wrapping; see docs/training.md)."
+            )
         if any(isinstance(m, TheseusGroup) for m in model.modules()):
             raise EngineStateError(
                 "This model is already wrapped by a Theseus engine. Use that engine, or call its unwrap() first "
@@ -166,6 +174,10 @@ class Theseus:
         self._state.advance(0, first_rate)
         self._step = 0
         self._failed: Optional[str] = None
+        # whether anything trained the successors (a step, module matching, a loaded checkpoint);
+        # export() before that warns once
+        self._trained = False
+        self._warned_untrained = False
         self._wrapping = Wrapping(model, containers, self.plan, built, self._state,
                                   self.adapter.state_kwarg, self.train_rest)
 
@@ -245,6 +257,7 @@ class Theseus:
                 "th.set_total_steps(N), or train with theseus_general.fit (which does it)."
             )
         self._step += 1
+        self._trained = True
         rate = self.scheduler(self._step)
         self._state.advance(self._step, rate)
         return rate
@@ -299,6 +312,7 @@ class Theseus:
                 value.copy_(tensors[name])
         self._state.seed = int(state["meta"]["seed"])
         self._step = step
+        self._trained = True
         self._state.advance(step, rate)
 
     def check_state_dict(self, state: Dict[str, Any]) -> float:
@@ -363,6 +377,14 @@ class Theseus:
                 f"Group {group.index} ({group.container} blocks {list(group.blocks)}): {reason}. "
                 "Use export(native=False) to get the model with the successor modules as they are."
             )
+        if not self._trained and not self._warned_untrained:
+            self._warned_untrained = True
+            warn_user(
+                "export() of an engine that was never trained: no th.step(), module matching or loaded checkpoint, "
+                "so the successors are their initial copies (successor i = predecessor block i by default) and the "
+                "exported model is the predecessor with blocks dropped. Train first (theseus_general.fit(th, ...), "
+                "or your loop calling th.step() after each optimiser step)."
+            )
         exported = wrapping.copy_with_successors()
         exported.eval()
         if "native" not in inspect.signature(self.adapter.finalize_export).parameters:
@@ -388,7 +410,9 @@ class Theseus:
         (None: the recipe's) restarts default-copied successors from their group's best-matching
         block first. The schedule does not advance. Returns the `FitResult`."""
         from .matching import match_successors
-        return match_successors(self, batches, steps, **options)
+        result = match_successors(self, batches, steps, **options)
+        self._trained = True
+        return result
 
     def unwrap(self) -> nn.Module:
         """Restore the model as it was before wrapping and close the engine.

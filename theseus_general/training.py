@@ -285,6 +285,7 @@ def fit(
     if not isinstance(model, nn.Module):
         raise TrainingError(f"fit() trains a Theseus engine or a torch.nn.Module, got {type(target).__qualname__}.")
     _check_settings(steps, lr_schedule, gradient_accumulation, checkpoint_every, checkpoints, engine)
+    _check_numbers(lr=lr, weight_decay=weight_decay, warmup=warmup, max_grad_norm=max_grad_norm, match_lr=match_lr)
     _check_rest_lr(engine, rest_lr)  # before module matching changes any weight
     planned_matching = _matching_steps(engine, steps, match_steps)
     steps -= planned_matching  # matching comes out of the same budget of optimiser steps
@@ -400,11 +401,36 @@ def _check_settings(steps: int, lr_schedule: str, accumulation: int, checkpoint_
     if isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1:
         raise TrainingError(f"gradient_accumulation must be an int >= 1 (micro-batches per optimiser step), "
                             f"got {accumulation!r}.")
-    if checkpoint_every < 0:
-        raise TrainingError(f"checkpoint_every must be >= 0 (0: only at the end), got {checkpoint_every!r}.")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise TrainingError(f"checkpoint_every must be an int >= 0 (save every N steps; 0: only at the end), "
+                            f"got {checkpoint_every!r}.")
     if checkpoints is not None and engine is None:
         raise TrainingError("checkpoints= saves and resumes a Theseus run; a plain model has no engine state. "
                             "Pass the Theseus engine as the target, or save the model yourself (save_pretrained).")
+
+
+# fit's numbers: name -> (lower bound, whether the bound itself is allowed, upper bound, what it is, an example)
+_NUMBERS = {
+    "lr": (0.0, True, None, "the learning rate", "lr=1e-4"),
+    "weight_decay": (0.0, True, None, "AdamW's decoupled weight decay", "weight_decay=0.01"),
+    "warmup": (0.0, True, 1.0, "the fraction of the steps spent warming up the learning rate", "warmup=0.1"),
+    "max_grad_norm": (0.0, False, None, "the gradient-norm clip (None: no clipping)", "max_grad_norm=1.0"),
+    "match_lr": (0.0, False, None, "module matching's learning rate (None: the recipe's)", "match_lr=1e-3"),
+}
+
+
+def _check_numbers(**values: Any) -> None:
+    """Each of fit's numbers a finite real number in its range (None where None means "not set"),
+    before module matching or the optimiser changes any weight; the message names the fix."""
+    for name, value in values.items():
+        low, low_allowed, high, what, example = _NUMBERS[name]
+        if value is None and name in ("max_grad_norm", "match_lr"):
+            continue
+        ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+              and (value >= low if low_allowed else value > low) and (high is None or value <= high))
+        if not ok:
+            bound = f"{'>=' if low_allowed else '>'} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            raise TrainingError(f"{name} ({what}) must be a finite number {bound}, got {value!r}; e.g. {example}.")
 
 
 def _matching_steps(engine: Optional[Theseus], steps: int, match_steps: Optional[int]) -> int:
