@@ -81,7 +81,9 @@ class Theseus:
             every group runs its successor with probability p), "bottom_up" or "top_down" (the same
             expected number of replaced groups, p x groups, filled from the input / output side).
         sample: an input to check every successor against its group before any change;
-            by default the adapter makes one when it can.
+            by default the adapter makes one when it can. Passed as the forward takes it: a Mapping
+            (a dict, a BatchEncoding) as keywords, a tuple as positional arguments, anything else (a
+            tensor, a list of images) as one argument (`theseus_general.graph.model_arguments`).
         validate: set False to skip that check.
         target_flops: a budget instead of a depth: the successor model's FLOPs on the sample as a
             fraction of the predecessor's (e.g. 0.5). The planner chooses the depth per container

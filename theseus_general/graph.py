@@ -128,10 +128,10 @@ def model_arguments(model: nn.Module, inputs: Any) -> Tuple[tuple, Dict[str, Any
         return tuple(inputs), {}
     if isinstance(inputs, list) and len(inputs) > 1 and _binds(model, inputs) and not _binds(model, [inputs]):
         raise InputError(
-            f"The inputs are a list of {len(inputs)} items, and {type(model).__name__}.forward cannot take them as "
-            "one argument. A list is passed as one positional argument (the list of images a torchvision detection "
-            f"model takes); for {len(inputs)} positional arguments pass a tuple, (a, b, ...) instead of [a, b, ...]. "
-            "For one list argument its forward would have to accept a single argument."
+            f"The inputs are a list of {len(inputs)} items, and {type(model).__name__}.forward takes them only as "
+            f"{len(inputs)} arguments. A list is one positional argument, [a, b, ...] or ([a, b, ...],) (the list of "
+            "images a torchvision detection model takes); several positional arguments are a tuple: pass "
+            "(a, b, ...) instead of [a, b, ...]."
         )
     return (inputs,), {}
 
