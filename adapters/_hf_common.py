@@ -21,13 +21,14 @@ from __future__ import annotations
 import copy
 import inspect
 import sys
+from collections.abc import Mapping
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from torch import nn
 
 from theseus_general.errors import ExportError
-from theseus_general.graph import first_tensor
+from theseus_general.graph import first_tensor, run_model
 
 NATIVE_FALSE = "Use export(native=False) to get the shortened model as it is, without a config that describes it."
 
@@ -203,11 +204,10 @@ def rebuild_native(model: nn.Module, config_for: Callable[[nn.Module], Any], sam
 
 
 def _run(model: nn.Module, sample: Any) -> Optional[torch.Tensor]:
-    kwargs = dict(sample) if isinstance(sample, dict) else None
-    if kwargs is not None and "use_cache" in inspect.signature(model.forward).parameters:
-        kwargs["use_cache"] = False  # one forward: a cache only adds layer-index bookkeeping
+    if isinstance(sample, Mapping) and "use_cache" in inspect.signature(model.forward).parameters:
+        sample = {**sample, "use_cache": False}  # one forward: a cache only adds layer-index bookkeeping
     with torch.no_grad():
-        out = model(**kwargs) if kwargs is not None else model(sample)
+        out = run_model(model, sample)
     return first_tensor(out)
 
 

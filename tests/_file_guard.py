@@ -9,9 +9,11 @@ and fails the test during which an outside path was opened.
 Allowed: the checkout; the temp dir (pytest's tmp_path lives there); the Python installation
 (sys.prefix, the venv, site-packages, stdlib, every sys.path entry); /proc, /sys, /dev; /etc
 (libraries' configuration); the shared libraries and fonts that installed packages load
-(/usr/lib*, /lib*, /usr/local/lib, /usr/share/fonts, /usr/share/zoneinfo). Not allowed: the
-home directory (conftest points HF_HOME, XDG_CACHE_HOME, MPLCONFIGDIR and TORCH_HOME into a
-temp dir, so no test reads a cache filled by hand) and any other data, e.g. /usr/share/datasets.
+(/usr/lib*, /lib*, /usr/local/lib, /usr/share/fonts, /usr/share/zoneinfo). Everything else is
+outside: any other data (e.g. /usr/share/datasets) and the home directory's caches (conftest
+points HF_HOME, XDG_CACHE_HOME, MPLCONFIGDIR and TORCH_HOME into a temp dir, so no test reads a
+cache filled by hand). "Outside" is decided by these roots alone, not by where HOME is: on a CI
+runner that sets HOME=/tmp/..., ~/.cache is inside the temp dir and allowed like any temp file.
 Subprocesses a test starts are not watched.
 """
 
@@ -30,7 +32,7 @@ SYSTEM_SOFTWARE = ("/proc", "/sys", "/dev", "/etc", "/usr/lib", "/usr/lib64", "/
 
 
 # Too broad to allow whole: a system Python's prefix is /usr, which holds /usr/share/datasets too.
-TOO_BROAD = ("/", "/usr", "/usr/local", "/usr/share", "/opt", "/var", "/srv", "/home", "/root", os.path.expanduser("~"))
+TOO_BROAD = ("/", "/usr", "/usr/local", "/usr/share", "/opt", "/var", "/srv", "/home", "/root")
 
 
 def default_roots(checkout: str) -> List[str]:
@@ -38,7 +40,7 @@ def default_roots(checkout: str) -> List[str]:
     (prefix, stdlib, site-packages, sys.path) unless one is as broad as /usr or home."""
     python = [sys.prefix, sys.exec_prefix, *sysconfig.get_paths().values(), *site.getsitepackages(),
               site.getusersitepackages(), *(p for p in sys.path if os.path.isabs(p))]
-    broad = {os.path.realpath(p) for p in TOO_BROAD}
+    broad = {os.path.realpath(p) for p in (*TOO_BROAD, os.path.expanduser("~"))}  # HOME as it is now
     return [checkout, tempfile.gettempdir(), *SYSTEM_SOFTWARE,
             *(p for p in python if p and os.path.realpath(p) not in broad)]
 

@@ -26,13 +26,22 @@ def test_a_read_outside_is_recorded_even_when_the_file_is_missing():
     assert FILE_GUARD.take() == []
 
 
-def test_checkout_temp_dirs_and_installed_packages_are_allowed(guard, tmp_path):
+@pytest.mark.parametrize("home_in_temp", [False, True], ids=["home-as-is", "home-under-temp"])
+def test_checkout_temp_dirs_and_installed_packages_are_allowed(tmp_path, monkeypatch, home_in_temp):
     import torch
 
-    for path in (os.path.join(CHECKOUT, "README.md"), str(tmp_path / "x"), torch.__file__, os.__file__,
-                 "/proc/self/status", "/etc/hostname"):
+    if home_in_temp:  # as on CI runners that set HOME=/tmp/...
+        monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    guard = FileAccessGuard(default_roots(CHECKOUT))
+    inside = [os.path.join(CHECKOUT, "README.md"), str(tmp_path / "x"), torch.__file__, os.__file__,
+              "/proc/self/status", "/etc/hostname"]
+    if home_in_temp:
+        inside.append(os.path.expanduser("~/.cache/x"))  # inside the temp dir: allowed like any temp file
+    for path in inside:
         assert guard.allowed(path), path
-    for path in (OUTSIDE, "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz", os.path.expanduser("~/.cache/x")):
+    # a home directory outside the allowed roots, whatever HOME says, and data outside them
+    for path in (OUTSIDE, "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz",
+                 "/home/theseus-guard-probe/.cache/x", "/root/.cache/theseus-guard-probe"):
         assert not guard.allowed(path), path
 
 

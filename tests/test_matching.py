@@ -107,6 +107,7 @@ def test_fit_chooses_starts_for_default_copies_only():
     from theseus_general import fit
     from dataclasses import replace
 
+    from theseus_general.planning import check_plan_matches
     from theseus_general.recipes import RECIPES
 
     choosing = replace(RECIPES["default"], name="choosing", choose_start=True)
@@ -121,10 +122,19 @@ def test_fit_chooses_starts_for_default_copies_only():
 
     th = run()
     assert th.successor_starts == {0: 1, 1: 3, 2: 5}
-    # print(th.plan) says so: the table keeps "copy of block i" (checkpoints compare it), a note follows
+    # print(th.plan) says so: the table shows each successor's actual start, a note says how it was chosen
     assert str(th.plan).splitlines()[-1] == ("start blocks chosen by matching error on the first batch: group 0 "
                                             "from block 1, group 1 from block 3, group 2 from block 5")
-    assert "copy of block 0" in str(th.plan)
+    rows = str(th.plan).splitlines()[3:6]
+    assert [row.split()[0] for row in rows] == ["0", "1", "2"]
+    for row, block in zip(rows, (1, 3, 5)):
+        assert f"copy of block {block} (chosen)" in row
+    assert "copy of block 0" not in str(th.plan)
+    # the plan as made, which checkpoints compare, is unchanged: a fresh engine's plan still matches it
+    fresh = Theseus(chain_with_weak_even_blocks(), successor_depth=3, adapter="generic", container="blocks",
+                    recipe=choosing)
+    assert fresh.plan.to_dict() == th.plan.to_dict()
+    check_plan_matches(fresh.plan.to_dict(), th.plan.to_dict())  # what loading a checkpoint checks
     from theseus_general.matching import _note_starts
     _note_starts(th.plan, {1: 3})  # not every group restarted: the note says the rest kept theirs
     assert str(th.plan).splitlines()[-1].endswith("group 1 from block 3; the other groups kept theirs")

@@ -23,6 +23,7 @@ from .errors import (
     CheckpointError,
     EngineStateError,
     ExportError,
+    InputError,
     NonFiniteLossError,
     PlanError,
     ScheduleError,
@@ -45,7 +46,7 @@ from . import adapters  # noqa: E402,F401  (registers the built-in adapters)
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AdapterError", "CheckpointError", "CallableScheduler", "ConstantScheduler", "EngineStateError", "ExportError", "NonFiniteLossError",
+    "Adapter", "AdapterError", "CheckpointError", "CallableScheduler", "ConstantScheduler", "EngineStateError", "ExportError", "InputError", "NonFiniteLossError",
     "Group", "LinearScheduler", "RECIPES", "Recipe", "RunLinearScheduler", "ModuleGraph", "Plan", "PlanError", "ScheduleError", "Scheduler",
     "SuccessorMismatchError", "Theseus", "TheseusError", "TrainingError", "UnknownOptionError", "fit", "match_successors", "detect_adapter", "get_adapter", "list_adapters",
     "register_adapter", "split_evenly", "count_flops", "count_parameters", "measure_latency",

@@ -46,6 +46,7 @@ import inspect
 import math
 import statistics
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple, Union
 
@@ -87,7 +88,7 @@ class Profile:
 
 def _prepared_sample(model: nn.Module, sample: Any) -> Any:
     # One pass without a KV cache: a cache would let a block's captured input grow when run again.
-    if isinstance(sample, dict) and "use_cache" in inspect.signature(model.forward).parameters:
+    if isinstance(sample, Mapping) and "use_cache" in inspect.signature(model.forward).parameters:
         return {**sample, "use_cache": False}
     return sample
 

@@ -79,7 +79,9 @@ class Theseus:
             default recipe's); `fit` passes its own ``steps``. Without it the engine warns at its first step.
         seed: seed of the replacement draws (identical on every process).
         sample: an input to check every successor against its group before any change;
-            by default the adapter makes one when it can.
+            by default the adapter makes one when it can. Passed as the forward takes it: a Mapping
+            (a dict, a BatchEncoding) as keywords, a tuple as positional arguments, anything else (a
+            tensor, a list of images) as one argument (`theseus_general.graph.model_arguments`).
         validate: set False to skip that check.
         target_flops: a budget instead of a depth: the successor model's FLOPs on the sample as a
             fraction of the predecessor's (e.g. 0.5). The planner chooses the depth per container
@@ -134,6 +136,14 @@ class Theseus:
         # before any parameter, flag or module of the caller's changes.
         if not isinstance(model, nn.Module):
             raise AdapterError(f"Theseus needs a torch.nn.Module, got {type(model).__qualname__}.")
+        if isinstance(model, (nn.DataParallel, nn.parallel.DistributedDataParallel)):
+            # Wrapping the replica wrapper's .module would leave its replicas (DataParallel) or its
+            # reducer (DDP, built for the parameters as they were) stale: refuse, and say the order.
+            raise AdapterError(
+                f"Theseus got a {type(model).__name__}; pass the model inside it, Theseus(model.module, ...), "
+                "and wrap th.model in DataParallel / DistributedDataParallel afterwards (the trainable "
+                "parameters are fixed at wrapping; see docs/training.md)."
+            )
         if any(isinstance(m, TheseusGroup) for m in model.modules()):
             raise EngineStateError(
                 "This model is already wrapped by a Theseus engine. Use that engine, or call its unwrap() first "
@@ -197,6 +207,10 @@ class Theseus:
         self._step = 0
         self._failed: Optional[str] = None
         self._warned_unattached = False
+        # whether anything trained the successors (a step, module matching, a loaded checkpoint);
+        # export() before that warns once
+        self._trained = False
+        self._warned_untrained = False
         self._wrapping = Wrapping(model, containers, self.plan, built, self._state,
                                   self.adapter.state_kwarg, self.train_rest)
 
@@ -300,6 +314,7 @@ class Theseus:
                     "the run is stopped and nothing more can be saved from it. Resume from the last good "
                     "checkpoint, e.g. with a lower learning rate."
                 )
+        self._check_training_mode()
         if self._step == 0 and self.needs_total_steps:
             warn_user(
                 "The engine does not know how many steps this run has, so its curriculum follows the paper's "
@@ -316,6 +331,7 @@ class Theseus:
                 "after creating the optimiser (fit and the integrations do it)."
             )
         self._step += 1
+        self._trained = True
         rate = self.scheduler(self._step)
         self._state.advance(self._step, rate)
         return rate
@@ -369,6 +385,7 @@ class Theseus:
                 value.copy_(tensors[name])
         self._state.seed = int(state["meta"]["seed"])
         self._step = step
+        self._trained = True
         self._state.advance(step, rate)
 
     def check_state_dict(self, state: Dict[str, Any]) -> float:
@@ -427,6 +444,14 @@ class Theseus:
                 f"Group {group.index} ({group.container} blocks {list(group.blocks)}): {reason}. "
                 "Use export(native=False) to get the model with the successor modules as they are."
             )
+        if not self._trained and not self._warned_untrained:
+            self._warned_untrained = True
+            warn_user(
+                "export() of an engine that was never trained: no th.step(), module matching or loaded checkpoint, "
+                "so the successors are their initial copies (successor i = predecessor block i by default) and the "
+                "exported model is the predecessor with blocks dropped. Train first (theseus_general.fit(th, ...), "
+                "or your loop calling th.step() after each optimiser step)."
+            )
         exported = wrapping.copy_with_successors()
         exported.eval()
         return self.adapter.finalize_export(exported, self.plan.successor_depth, native=native)
@@ -484,6 +509,11 @@ class Theseus:
         errors, self._state.match_errors = self._state.match_errors, []
         return errors
 
+    def mark_trained(self) -> None:
+        """Say that the successors were trained outside `step()` (module matching does it); `export()` of
+        an engine nothing trained warns once."""
+        self._trained = True
+
     def unwrap(self) -> nn.Module:
         """Restore the model as it was before wrapping and close the engine.
 
@@ -507,6 +537,21 @@ class Theseus:
         return f"Theseus({type(self._model).__name__}, adapter={self.adapter.name!r}, {state})"
 
     # ------------------------------------------------------------------ internals
+    def _check_training_mode(self) -> None:
+        # In eval mode every group runs its successor and nothing is drawn: a loop that never called
+        # .train() (from_pretrained returns models in eval mode) would fine-tune the successors alone.
+        # An evaluation between steps (eval mode under torch.no_grad) is not counted; nor is an
+        # evaluation beside training forwards.
+        state = self._state
+        if state.eval_grad_forwards and not state.calls:
+            raise EngineStateError(
+                f"th.step() at step {self._step}: the wrapped model ran {state.eval_grad_forwards} group "
+                "forward(s) in eval mode with gradients on, and none in training mode, since the last step. "
+                "In eval mode every group runs its successor, so no module is replaced at random and dropout "
+                "is off. Call `th.model.train()` before the training loop (from_pretrained returns models in "
+                "eval mode); evaluate under torch.no_grad() and call `th.model.train()` again afterwards."
+            )
+
     @property
     def _closed(self) -> bool:
         return self._wrapping.restored

@@ -48,6 +48,11 @@ class UnknownOptionError(TheseusError, TypeError):
     for an unexpected keyword argument."""
 
 
+class InputError(TheseusError, TypeError):
+    """An input (``sample=``, a `fit` batch's inputs) that can be read two ways, or that the model's forward
+    does not take as given; the message shows the spellings. Also a `TypeError`."""
+
+
 class TrainingError(TheseusError, ValueError):
     """`theseus_general.training.fit` was given settings it cannot train with (device, precision,
     steps, batches)."""

@@ -20,13 +20,15 @@ model family.
 from __future__ import annotations
 
 import contextlib
+import inspect
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .errors import AdapterError
+from .errors import AdapterError, InputError
 
 CONTAINER_TYPES = (nn.ModuleList, nn.Sequential)
 
@@ -96,7 +98,7 @@ def set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 
 def first_tensor(value: Any) -> Optional[torch.Tensor]:
-    """The tensor a block chain carries: the value itself, or the first tensor in a tuple/list/dict."""
+    """The tensor a block chain carries: the value itself, or the first tensor in a tuple/list/mapping."""
     if isinstance(value, torch.Tensor):
         return value
     if isinstance(value, (tuple, list)):
@@ -104,7 +106,7 @@ def first_tensor(value: Any) -> Optional[torch.Tensor]:
             t = first_tensor(v)
             if t is not None:
                 return t
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         for v in value.values():
             t = first_tensor(v)
             if t is not None:
@@ -112,13 +114,43 @@ def first_tensor(value: Any) -> Optional[torch.Tensor]:
     return None
 
 
+def model_arguments(model: nn.Module, inputs: Any) -> Tuple[tuple, Dict[str, Any]]:
+    """How `inputs` (``sample=``, a `fit` batch's inputs) are passed to the model's forward, as
+    ``(args, kwargs)``: any Mapping (a dict, a transformers BatchEncoding) as keyword arguments, a
+    tuple as positional arguments, anything else (a tensor, a list such as the images a torchvision
+    detection model takes, a named tuple such as a PackedSequence) as one positional argument.
+
+    A list the forward cannot take as one argument but could as several is ambiguous: InputError
+    shows both spellings."""
+    if isinstance(inputs, Mapping):
+        return (), dict(inputs)
+    if isinstance(inputs, tuple) and not hasattr(inputs, "_fields"):
+        return tuple(inputs), {}
+    if isinstance(inputs, list) and len(inputs) > 1 and _binds(model, inputs) and not _binds(model, [inputs]):
+        raise InputError(
+            f"The inputs are a list of {len(inputs)} items, and {type(model).__name__}.forward takes them only as "
+            f"{len(inputs)} arguments. A list is one positional argument, [a, b, ...] or ([a, b, ...],) (the list of "
+            "images a torchvision detection model takes); several positional arguments are a tuple: pass "
+            "(a, b, ...) instead of [a, b, ...]."
+        )
+    return (inputs,), {}
+
+
+def _binds(model: nn.Module, args: list) -> bool:
+    """Whether the model's forward accepts `args` as positional arguments (True when it cannot be told)."""
+    try:
+        inspect.signature(model.forward).bind(*args)
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read (a builtin): do not guess
+        return True
+    return True
+
+
 def run_model(model: nn.Module, sample: Any) -> Any:
-    """Call a model on a sample: dict -> keyword arguments, tuple/list -> positional, else one argument."""
-    if isinstance(sample, dict):
-        return model(**sample)
-    if isinstance(sample, (tuple, list)):
-        return model(*sample)
-    return model(sample)
+    """Call a model on a sample, passed as `model_arguments` says."""
+    args, kwargs = model_arguments(model, sample)
+    return model(*args, **kwargs)
 
 
 def default_logits(output: Any) -> torch.Tensor:

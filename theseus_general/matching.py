@@ -90,8 +90,10 @@ START_NOTE = "start blocks chosen by matching error on the first batch: "
 
 
 def _note_starts(plan: Any, starts: Dict[int, int]) -> None:
-    """Say in print(plan) which successors now start from another block than the table's
-    "copy of block i" (the table itself stays as planned: checkpoints compare it)."""
+    """Show in print(plan) where the successors now start: the table's successor column says "copy of
+    block j (chosen)" for each restarted one, and a note under it says how they were chosen. The plan as
+    made (`Plan.to_dict`, what checkpoints compare) keeps the init's block."""
+    plan.starts = dict(starts)
     plan.notes[:] = [note for note in plan.notes if not note.startswith(START_NOTE)]
     if starts:
         chosen = ", ".join(f"group {index} from block {block}" for index, block in sorted(starts.items()))
@@ -146,4 +148,6 @@ def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int]
         return _inputs_of(source(position)), None
 
     with engine.matching_mode():
-        return fit(model, unlabelled, steps, loss=matching_loss, params=params, lr=lr, desc=desc, **fit_options)
+        result = fit(model, unlabelled, steps, loss=matching_loss, params=params, lr=lr, desc=desc, **fit_options)
+    engine.mark_trained()
+    return result

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .graph import run_model
+from .graph import first_tensor, run_model
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -37,9 +37,8 @@ def count_flops(model: nn.Module, sample: Any) -> int:
 
 
 def _sync(sample: Any) -> None:
-    if torch.cuda.is_available() and any(
-        isinstance(v, torch.Tensor) and v.is_cuda for v in (sample.values() if isinstance(sample, dict) else [sample])
-    ):
+    tensor = first_tensor(sample)  # any input kind: a tensor, a tuple, a list, a Mapping
+    if torch.cuda.is_available() and tensor is not None and tensor.is_cuda:
         torch.cuda.synchronize()
 
 

@@ -52,6 +52,10 @@ class Plan:
     # A budget target's choice and predictions (theseus_general.budget.BudgetPlan); timings vary
     # between runs, so it takes no part in == and to_dict() (checkpoints compare those).
     budget: Optional[object] = field(default=None, compare=False, repr=False)
+    # group -> block (index in its container) its successor was restarted from by the start-block choice
+    # (theseus_general.matching.choose_starts). The table shows it; like `budget` it takes no part in == and
+    # to_dict(): a checkpoint compares the plan as made, and a resumed run's successors come from the checkpoint.
+    starts: Dict[int, int] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def successor_depth(self) -> Dict[str, int]:
@@ -88,7 +92,7 @@ class Plan:
                 str(g.index),
                 g.container,
                 _format_blocks(g.blocks),
-                g.successor,
+                f"copy of block {self.starts[g.index]} (chosen)" if g.index in self.starts else g.successor,
                 f"{g.predecessor_params:,} -> {g.successor_params:,}",
             )
             for g in self.groups

@@ -138,6 +138,9 @@ class ReplacementState:
         self.forwards: Dict[int, List[_Forward]] = {}  # group -> its training forwards since the last step
         self.last: Dict[int, bool] = {}  # group -> decision of its latest training forward (kept across steps)
         self.anchored: Set[int] = set()  # groups whose successor got the zero anchor since the last step
+        # group forwards in eval mode with gradients enabled since the last step: with no training forward
+        # beside them, the step trained a model left in eval mode (Theseus.step() refuses)
+        self.eval_grad_forwards = 0
 
     def decision(self, group: int, micro_batch: int) -> bool:
         """Whether `group` runs its successor in micro-batch `micro_batch` of the current step."""
@@ -182,10 +185,16 @@ class ReplacementState:
     def decisions(self) -> Dict[int, List[bool]]:
         return {g: [f.use_successor for f in forwards] for g, forwards in sorted(self.forwards.items())}
 
+    @torch.compiler.disable
+    def note_eval_forward(self) -> None:
+        if torch.is_grad_enabled() and not in_backward():
+            self.eval_grad_forwards += 1
+
     def advance(self, step: int, rate: float) -> None:
         self.step, self.rate = step, rate
         self.forwards.clear()  # `last` stays readable (what the step that just ended ran)
         self.anchored.clear()
+        self.eval_grad_forwards = 0
 
 
 def _carried(out: Any) -> Any:
@@ -210,7 +219,10 @@ class TheseusGroup(nn.Module):
         state = self._state
         if state.force is not None:  # validation or module matching; one test on the training path
             return self.run_predecessor(*args, **kwargs) if state.force == "predecessor" else self._match(*args, **kwargs)
-        if not self.training or state.draw(self.index, self._carried_input(args, kwargs)):
+        if not self.training:
+            state.note_eval_forward()
+            return self.successor(*args, **kwargs)
+        if state.draw(self.index, self._carried_input(args, kwargs)):
             return self.successor(*args, **kwargs)
         out = self.run_predecessor(*args, **kwargs)
         if torch.is_grad_enabled() and (state.anchor_always or ddp_waits_for_every_parameter()):

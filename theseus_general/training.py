@@ -19,9 +19,10 @@ metrics (`MetricsLogger`: loss, train_accuracy, replacement_rate, lr per step), 
 and resume (`CheckpointManager`, engines only), and a stop on a NaN or infinite loss before
 the optimiser applies it (`NonFiniteLossError`).
 
-`batches` is an iterable of ``(inputs, labels)``, inputs as the model takes them (a dict of
-keyword arguments, a tuple of positional ones, or one tensor), or a function
-``position -> (inputs, labels)``: then a resumed run reads exactly the batches an
+`batches` is an iterable of ``(inputs, labels)``, inputs as the model's forward takes them (a
+Mapping of keyword arguments such as a dict or a BatchEncoding, a tuple of positional ones, or
+one argument: a tensor, or a list such as a detection model's images), or of Mappings with
+"labels" (a Hugging Face loader's batches), or a function ``position -> batch``: then a resumed run reads exactly the batches an
 uninterrupted one would, without replaying the stream. Distributed training stays with
 `theseus_general.distributed.wrap_ddp` and the Accelerate / Trainer integrations; this loop
 runs one process on one device. It imports no model library.
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, List, Optional, Tuple, Union
 
@@ -108,16 +110,43 @@ def autocast_dtype(mixed_precision: str, device: torch.device) -> Optional[torch
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
-    """Tensors in `obj` (nested dicts, lists, tuples; objects with a `.to`, e.g. a BatchEncoding) on `device`."""
+    """Tensors in `obj` (nested mappings, lists, tuples; objects with a `.to`) on `device`. A dict keeps its
+    type; another Mapping (a transformers BatchEncoding, a UserDict) moves with its own `.to` when it has one
+    and keeps its type when that type can be built from pairs, else becomes a dict."""
     if isinstance(obj, torch.Tensor):
         return obj.to(device, non_blocking=True)
     if isinstance(obj, dict):
         return type(obj)((k, to_device(v, device)) for k, v in obj.items())
+    if isinstance(obj, Mapping):
+        if callable(getattr(obj, "to", None)):
+            return obj.to(device)
+        moved = {k: to_device(v, device) for k, v in obj.items()}
+        try:
+            return type(obj)(moved)
+        except Exception:  # a Mapping type that is not built from a dict
+            return moved
     if isinstance(obj, (list, tuple)) and not hasattr(obj, "_fields"):
         return type(obj)(to_device(v, device) for v in obj)
     if hasattr(obj, "to") and not isinstance(obj, nn.Module):
         return obj.to(device)
     return obj
+
+
+def split_batch(batch: Any) -> Batch:
+    """A batch as ``(inputs, labels)``: an ``(inputs, labels)`` pair (a tuple or a list, as a DataLoader
+    collates it), or a Mapping of the model's keyword arguments (a Hugging Face loader's dict or
+    BatchEncoding) whose "labels" are the labels (None without them). The inputs go to the model as
+    `theseus_general.graph.model_arguments` says."""
+    if isinstance(batch, Mapping):
+        return {k: v for k, v in batch.items() if k != "labels"}, batch.get("labels")
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch[0], batch[1]
+    raise TrainingError(
+        f"fit() reads each batch as (inputs, labels) or as a mapping of the model's keyword arguments with "
+        f"'labels'; got a {type(batch).__name__}{f' of {len(batch)} items' if isinstance(batch, (tuple, list)) else ''}. "
+        "Yield (inputs, labels) pairs: inputs a tensor, a tuple of positional arguments, a list (one argument) "
+        "or a mapping of keyword arguments."
+    )
 
 
 def add_device_arguments(parser: Any, device: str = "auto") -> None:
@@ -150,6 +179,9 @@ def cross_entropy_loss(model: nn.Module, logits_of: Optional[Callable[[Any], tor
         logits_of = default_logits
 
     def loss(inputs: Any, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        if labels is None:
+            raise TrainingError("The default loss (cross-entropy of the logits) needs labels: the batch has none. "
+                                "Yield (inputs, labels) pairs or mappings with 'labels', or pass loss=.")
         logits = logits_of(run_model(model, inputs))
         return F.cross_entropy(logits.float(), labels), logits
 
@@ -188,8 +220,10 @@ def fit(
 
     target: a `Theseus` engine (its wrapped model trains; one ``th.step()`` per optimiser step) or a
         plain ``nn.Module`` (a baseline student, a predecessor being fine-tuned).
-    batches: iterable of ``(inputs, labels)`` with at least ``steps * gradient_accumulation``
-        batches, or a function ``position -> (inputs, labels)`` (resumes without replaying).
+    batches: iterable of ``(inputs, labels)`` (or of Mappings of keyword arguments with "labels") with
+        at least ``steps * gradient_accumulation`` batches, or a function ``position -> batch`` (resumes
+        without replaying). Inputs: a Mapping -> keyword arguments, a tuple -> positional arguments,
+        anything else (a tensor, a list) -> one argument (`split_batch`, `graph.model_arguments`).
     loss: ``loss(inputs, labels) -> loss`` or ``-> (loss, logits)`` (logits give the batch accuracy);
         default: cross-entropy of the model's logits. Inputs and labels arrive on the device, inside
         autocast. A loss object with a ``.to(device)`` method (e.g. `DistillationStep`, whose teacher
@@ -228,6 +262,7 @@ def fit(
     if not isinstance(model, nn.Module):
         raise TrainingError(f"fit() trains a Theseus engine or a torch.nn.Module, got {type(target).__qualname__}.")
     _check_settings(steps, lr_schedule, gradient_accumulation, checkpoint_every, checkpoints, engine)
+    _check_numbers(lr=lr, weight_decay=weight_decay, warmup=warmup, max_grad_norm=max_grad_norm, match_lr=match_lr)
     planned_matching = _matching_steps(engine, steps, match_steps)
     steps -= planned_matching  # matching comes out of the same budget of optimiser steps
     if engine is not None and engine.step_count == 0 and engine.needs_total_steps:
@@ -282,7 +317,7 @@ def fit(
             lr_now = scheduler.get_last_lr()[0]
             sums = torch.zeros(3, device=run_device)  # loss, correct predictions, predictions counted
             for _ in range(gradient_accumulation):
-                inputs, labels = to_device(next_batch(position), run_device)
+                inputs, labels = to_device(split_batch(next_batch(position)), run_device)
                 position += 1
                 with autocast():
                     out = loss_fn(inputs, labels)
@@ -344,11 +379,36 @@ def _check_settings(steps: int, lr_schedule: str, accumulation: int, checkpoint_
     if isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1:
         raise TrainingError(f"gradient_accumulation must be an int >= 1 (micro-batches per optimiser step), "
                             f"got {accumulation!r}.")
-    if checkpoint_every < 0:
-        raise TrainingError(f"checkpoint_every must be >= 0 (0: only at the end), got {checkpoint_every!r}.")
+    if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
+        raise TrainingError(f"checkpoint_every must be an int >= 0 (save every N steps; 0: only at the end), "
+                            f"got {checkpoint_every!r}.")
     if checkpoints is not None and engine is None:
         raise TrainingError("checkpoints= saves and resumes a Theseus run; a plain model has no engine state. "
                             "Pass the Theseus engine as the target, or save the model yourself (save_pretrained).")
+
+
+# fit's numbers: name -> (lower bound, whether the bound itself is allowed, upper bound, what it is, an example)
+_NUMBERS = {
+    "lr": (0.0, True, None, "the learning rate", "lr=1e-4"),
+    "weight_decay": (0.0, True, None, "AdamW's decoupled weight decay", "weight_decay=0.01"),
+    "warmup": (0.0, True, 1.0, "the fraction of the steps spent warming up the learning rate", "warmup=0.1"),
+    "max_grad_norm": (0.0, False, None, "the gradient-norm clip (None: no clipping)", "max_grad_norm=1.0"),
+    "match_lr": (0.0, False, None, "module matching's learning rate (None: the recipe's)", "match_lr=1e-3"),
+}
+
+
+def _check_numbers(**values: Any) -> None:
+    """Each of fit's numbers a finite real number in its range (None where None means "not set"),
+    before module matching or the optimiser changes any weight; the message names the fix."""
+    for name, value in values.items():
+        low, low_allowed, high, what, example = _NUMBERS[name]
+        if value is None and name in ("max_grad_norm", "match_lr"):
+            continue
+        ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+              and (value >= low if low_allowed else value > low) and (high is None or value <= high))
+        if not ok:
+            bound = f"{'>=' if low_allowed else '>'} {low:g}" + (f" and <= {high:g}" if high is not None else "")
+            raise TrainingError(f"{name} ({what}) must be a finite number {bound}, got {value!r}; e.g. {example}.")
 
 
 def _matching_steps(engine: Optional[Theseus], steps: int, match_steps: Optional[int]) -> int:
@@ -410,4 +470,4 @@ def _device_of(model: nn.Module) -> Optional[torch.device]:
 
 
 __all__ = ["FitResult", "StepLog", "TrainingError", "add_device_arguments", "autocast_dtype", "cross_entropy_loss", "fit",
-           "lr_factor", "resolve_device", "to_device"]
+           "lr_factor", "resolve_device", "split_batch", "to_device"]

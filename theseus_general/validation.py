@@ -8,12 +8,13 @@ then runs on the captured input; its output must have the same structure
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Dict, List
 
 import torch
 from torch import nn
 
-from .errors import SuccessorMismatchError
+from .errors import InputError, SuccessorMismatchError
 from .graph import run_model
 from .plan import Plan
 
@@ -24,7 +25,7 @@ def describe(value: Any) -> Any:
         return ("tensor", tuple(value.shape), str(value.dtype), str(value.device))
     if isinstance(value, (tuple, list)):
         return (type(value).__name__, tuple(describe(v) for v in value))
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
         return ("dict", tuple((k, describe(v)) for k, v in value.items()))
     if value is None:
         return None
@@ -64,11 +65,14 @@ def check_successors(model: nn.Module, containers: Dict[str, nn.Module], plan: P
         model.eval()
         with torch.no_grad():
             run_model(model, sample)
+    except InputError:
+        raise  # already says how to spell the sample
     except Exception as error:
         raise SuccessorMismatchError(
             f"The model failed on the sample used to check successors ({type(error).__name__}: {error}). "
-            "Pass sample= with an input the model accepts (a dict of keyword arguments, a tuple or a tensor), "
-            "or validate=False to skip the check."
+            "Pass sample= with an input the model's forward takes: a Mapping of keyword arguments (a dict, a "
+            "BatchEncoding), a tuple of positional arguments, or one argument (a tensor, a list); or validate=False "
+            "to skip the check."
         ) from error
     finally:
         for h in hooks:
