@@ -121,12 +121,22 @@ def test_speedup_target_predicts_from_flops():
     assert th.plan.budget.predicted_speedup == pytest.approx(1 / th.plan.budget.predicted_flops_fraction)
 
 
-def test_latency_measure_plans_from_timings():
+def test_latency_measure_plans_from_timings(monkeypatch):
+    # the timings are fixed here so that the plan is a function of them alone (real timings move with
+    # the machine's load): the whole model 10 s, each of the 6 blocks 1.4 s, so 1.6 s outside them
+    from theseus_general import budget as budget_module
+
+    def timed(model, containers, sample, device):
+        return 10.0, {path: [1.4] * len(container) for path, container in containers.items()}
+
+    monkeypatch.setattr(budget_module, "_timed_in_place", timed)
     model = _bert()
     x, _ = _tokens(100, 2)(0)
     th = Theseus(model, target_speedup=1.5, measure="latency", sample=x)
     budget = th.plan.budget
-    assert budget.measure == "latency" and budget.predicted_speedup >= 1.5
+    # 1.6 + 3 x 1.4 = 5.8 s (1.72x) meets 1.5x; 4 blocks (7.2 s, 1.39x) would not
+    assert budget.measure == "latency" and th.plan.successor_depth == {"bert.encoder.layer": 3}
+    assert budget.predicted_speedup == pytest.approx(10.0 / 5.8)
     assert "latency per block" in str(th.plan)
 
 
