@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import RESULTS_DIR, conditions, write_json  # noqa: E402
 
-from theseus_general import ConstantScheduler, Theseus  # noqa: E402
+from theseus_general import ConstantScheduler, Theseus, count_parameters  # noqa: E402
 
 
 def build(layers: int, hidden: int):
@@ -78,7 +78,7 @@ def measure(layers: int, hidden: int, batch_size: int, length: int, repeats: int
         theseus_t += step_time(th.model, trained, batch, 0, 1, th.step)
     return {
         "layers": layers, "hidden": hidden, "successor_layers": sum(th.plan.successor_depth.values()),
-        "parameters": sum(p.numel() for p in plain.parameters()), "wrap_s": wrap_s,
+        "parameters": count_parameters(plain), "wrap_s": wrap_s,
         "plain_step_s": statistics.median(plain_t), "theseus_step_s": statistics.median(theseus_t),
         "step_ratio": statistics.median(theseus_t) / statistics.median(plain_t),
         "extra_mb": mb(trained) * 3,  # successor copies + AdamW's two moments

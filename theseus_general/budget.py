@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import PlanError
-from .graph import first_tensor, run_model
+from .graph import first_tensor, flops_of, run_model
 
 MEASURES = ("flops", "latency")
 AUTO_WIDTHS = (1.0, 0.75, 0.5)
@@ -99,11 +99,7 @@ def _sync(device: torch.device) -> None:
 
 
 def _flops(fn: Callable[[], Any]) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
-
-    with FlopCounterMode(display=False) as counter:
-        fn()
-    return float(counter.get_total_flops())
+    return float(flops_of(fn))
 
 
 def _seconds(fn: Callable[[], Any], device: torch.device, warmup: int = 2, repeats: int = 7) -> float:

@@ -543,7 +543,7 @@ class Theseus:
         # An evaluation between steps (eval mode under torch.no_grad) is not counted; nor is an
         # evaluation beside training forwards.
         state = self._state
-        if state.eval_grad_forwards and not state.calls:
+        if state.eval_grad_forwards and not state.forwards:
             raise EngineStateError(
                 f"th.step() at step {self._step}: the wrapped model ran {state.eval_grad_forwards} group "
                 "forward(s) in eval mode with gradients on, and none in training mode, since the last step. "

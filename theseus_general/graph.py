@@ -183,11 +183,11 @@ class ModuleGraph:
         for path, module in model.named_modules():
             if isinstance(module, CONTAINER_TYPES) and len(module) >= 2:
                 blocks = [
-                    Block(i, f"{path}.{name}" if path else name, type(child).__name__, _count(child))
+                    Block(i, f"{path}.{name}" if path else name, type(child).__name__, count_parameters(child))
                     for i, (name, child) in enumerate(module.named_children())
                 ]
                 containers.append(Container(path, type(module).__name__, blocks))
-        graph = cls(containers, total_params=_count(model))
+        graph = cls(containers, total_params=count_parameters(model))
         if sample is not None:
             graph._trace(model, sample)
         return graph
@@ -214,7 +214,7 @@ class ModuleGraph:
         for path, block in by_path.items():
             handles.append(modules[path].register_forward_hook(hook(block), with_kwargs=True))
         was_training = model.training
-        counter = _flop_counter()
+        counter = flop_counter()
         try:
             model.eval()
             try:
@@ -333,8 +333,8 @@ def _short(n: Optional[int]) -> str:
     return str(n)
 
 
-def _flop_counter():
-    """A FlopCounterMode when torch has one (torch >= 2.1), else None."""
+def flop_counter() -> Optional[Any]:
+    """The package's one FLOP counter: torch's FlopCounterMode (torch >= 2.1), else None."""
     try:
         from torch.utils.flop_counter import FlopCounterMode
     except ImportError:  # pragma: no cover
@@ -342,12 +342,19 @@ def _flop_counter():
     return FlopCounterMode(display=False)
 
 
-def _count(module: nn.Module) -> int:
+def flops_of(fn: Any) -> int:
+    """FLOPs of running ``fn()``, counted by `flop_counter`."""
+    counter = flop_counter()
+    if counter is None:  # pragma: no cover
+        raise RuntimeError("Counting FLOPs needs torch.utils.flop_counter (torch >= 2.1).")
+    with counter:
+        fn()
+    return int(counter.get_total_flops())
+
+
+def count_parameters(module: nn.Module) -> int:
+    """The package's one parameter counter: every parameter's elements, each parameter once."""
     return sum(p.numel() for p in module.parameters())
-
-
-def count_params(module: nn.Module) -> int:
-    return _count(module)
 
 
 def containers_by_path(graph: ModuleGraph) -> Dict[str, Container]:

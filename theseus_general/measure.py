@@ -15,13 +15,8 @@ from typing import Any, Dict
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from .graph import first_tensor, run_model
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+from .graph import count_parameters, first_tensor, flops_of, run_model
 
 
 def count_flops(model: nn.Module, sample: Any) -> int:
@@ -29,11 +24,10 @@ def count_flops(model: nn.Module, sample: Any) -> int:
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
-            run_model(model, sample)
+        with torch.no_grad():
+            return flops_of(lambda: run_model(model, sample))
     finally:
         model.train(was_training)
-    return int(counter.get_total_flops())
 
 
 def _sync(sample: Any) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 from .adapter import Adapter
 from .budget import plan_budget, resolve_widths
 from .errors import AdapterError, CheckpointError, PlanError, warn_user
-from .graph import CONTAINER_TYPES, count_params, get_submodule
+from .graph import CONTAINER_TYPES, count_parameters, get_submodule
 from .plan import Group, Plan, check_groups, resolve_depths, split_evenly
 from .validation import check_successors
 
@@ -156,7 +156,7 @@ def make_plan(adapter: Adapter, model: nn.Module, containers: dict, group_blocks
             module, description = built[index]
             groups.append(Group(
                 index, path, tuple(blocks), description,
-                sum(count_params(container[i]) for i in blocks), count_params(module),
+                sum(count_parameters(container[i]) for i in blocks), count_parameters(module),
             ))
             index += 1
     replaced = {id(p) for c in containers.values() for p in c.parameters()}
