@@ -28,7 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import RESULTS_DIR, conditions, finish  # noqa: E402
 
-from theseus_general import ConstantScheduler, Theseus  # noqa: E402
+from theseus_general import ConstantScheduler, Theseus, fit  # noqa: E402
 
 
 class Residual(nn.Module):
@@ -58,18 +58,18 @@ def accuracy(m: nn.Module, x, y) -> float:
         return float((m(x).argmax(1) == y).float().mean())
 
 
-def train(m: nn.Module, params, x, y, steps: int, step_fn=None, lr: float = 3e-3) -> None:
-    opt = torch.optim.AdamW(params, lr=lr)
+def train(target, x, y, steps: int, lr: float = 3e-3) -> None:
+    """`fit` on a model or an engine: AdamW at a constant lr, batches of 128 drawn from one seeded stream
+    (the same batches for every variant), no module matching (these runs compare groupings alone)."""
     g = torch.Generator().manual_seed(1)
-    m.train()
-    for _ in range(steps):
-        idx = torch.randint(0, len(x), (128,), generator=g)
-        loss = F.cross_entropy(m(x[idx]), y[idx])
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        if step_fn:
-            step_fn()
+
+    def batches():
+        for _ in range(steps):
+            idx = torch.randint(0, len(x), (128,), generator=g)
+            yield x[idx], y[idx]
+
+    fit(target, batches(), steps, lr=lr, lr_schedule="constant", weight_decay=0.01, device="cpu", progress=False,
+        **({"match_steps": 0} if isinstance(target, Theseus) else {}))
 
 
 def run(seed: int, pre_steps: int, steps: int) -> dict:
@@ -77,7 +77,7 @@ def run(seed: int, pre_steps: int, steps: int) -> dict:
     (xt, yt), (xs, ys) = (x[:20000], y[:20000]), (x[20000:], y[20000:])
     torch.manual_seed(seed)
     predecessor = model()
-    train(predecessor, predecessor.parameters(), xt, yt, pre_steps)
+    train(predecessor, xt, yt, pre_steps)
     out = {"predecessor": accuracy(predecessor, xs, ys)}
     variants = {
         "kept": dict(target_flops=0.55, sample=xt[:256]),
@@ -89,7 +89,7 @@ def run(seed: int, pre_steps: int, steps: int) -> dict:
                      seed=seed, **kwargs)
         assert th.plan.successor_depth == {"1": 4}, th.plan
         at_start = accuracy(th.export(), xs, ys)
-        train(th.model, th.trainable_parameters(), xt, yt, steps, th.step)
+        train(th, xt, yt, steps)
         out[name] = {"at_start": at_start, "after": accuracy(th.export(), xs, ys),
                      "groups": [list(g.blocks) for g in th.plan.groups], "sources": [g.successor for g in th.plan.groups]}
         th.unwrap()

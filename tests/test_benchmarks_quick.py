@@ -39,6 +39,10 @@ def check_conditions(report: dict) -> None:
     assert c["torch_threads"] == 1 and len(c["loadavg_1_5_15"]) == 3 and c["device"] == "cpu"
 
 
+def _as_list(depth):
+    return depth if isinstance(depth, list) else [depth]
+
+
 def test_speed_quick(tmp_path):
     path = tmp_path / "speed.json"
     load("speed").main(["--quick", "--threads", "1", "--output", str(path)])
@@ -46,8 +50,10 @@ def test_speed_quick(tmp_path):
     check_conditions(report)
     assert {r["model"] for r in report["rows"]} == {"BERT-tiny", "ViT-tiny", "ResNet-tiny"}
     for row in report["rows"]:
-        assert row["speedup"] == pytest.approx(row["predecessor_latency_s"] / row["successor_latency_s"])
-        assert row["flops_ratio"] > 1 and row["successor_params"] < row["predecessor_params"]
+        # the export dropped blocks and nothing else: fewer FLOPs, but no more than the blocks' share (the
+        # rest, and a stage's downsampling block that is kept, cost the same in both)
+        depth_ratio = sum(_as_list(row["predecessor_depth"])) / sum(_as_list(row["successor_depth"]))
+        assert 1 < row["flops_ratio"] < depth_ratio and row["successor_params"] < row["predecessor_params"]
     resnet = next(r for r in report["rows"] if r["model"] == "ResNet-tiny")
     assert resnet["successor_depth"] == [1, 1, 1, 1]  # ceil(2 / 2) per stage
     bert = next(r for r in report["rows"] if r["model"] == "BERT-tiny")
@@ -174,8 +180,6 @@ def test_budget_speed_quick(tmp_path):
     assert {r["model"] for r in report["rows"]} == {"BERT-tiny", "ViT-tiny", "ResNet-tiny"}
     for row in report["rows"]:
         assert row["predicted_speedup"] >= row["target_speedup"]
-        assert row["measured_speedup"] == pytest.approx(row["predecessor_latency_s"] / row["successor_latency_s"])
-        assert row["error"] == pytest.approx(row["predicted_speedup"] / row["measured_speedup"] - 1)
         # FLOPs planning predicts the export's FLOPs exactly
         assert row["measured_flops_fraction"] == pytest.approx(row["predicted_flops_fraction"], rel=1e-6)
     assert set(report["mean_abs_error"]) == {"BERT-tiny", "ViT-tiny", "ResNet-tiny"}

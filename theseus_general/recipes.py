@@ -59,16 +59,6 @@ RECIPES: Dict[str, Recipe] = {
 }
 
 
-def family_recipe(model, name=None) -> Recipe:
-    """The recipe ``Theseus(model, recipe=name)`` runs with the auto-detected adapter: `name` when given,
-    else the model family's (the adapter's ``default_recipe``). For code that sets a curriculum's
-    parts before the engine exists (the CLI, the examples)."""
-    if name is not None:
-        return get_recipe(name)
-    from .registry import detect_adapter  # registry imports the adapters; recipes must not at import time
-    return get_recipe(detect_adapter(model).default_recipe)
-
-
 def get_recipe(name: str) -> Recipe:
     if isinstance(name, Recipe):
         return name
