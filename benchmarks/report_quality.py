@@ -101,6 +101,45 @@ def shape_kind(target: Dict[str, Any]) -> str:
     return "width only"
 
 
+# Two-sided 95% quantiles of Student's t, by degrees of freedom (seeds - 1): the paired interval of the
+# quality protocol (docs/results.md#the-quality-protocol). Beyond 30 the normal quantile.
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
+         11: 2.201, 12: 2.179, 13: 2.160, 14: 2.145, 15: 2.131, 16: 2.120, 17: 2.110, 18: 2.101, 19: 2.093,
+         20: 2.086, 21: 2.080, 22: 2.074, 23: 2.069, 24: 2.064, 25: 2.060, 26: 2.056, 27: 2.052, 28: 2.048,
+         29: 2.045, 30: 2.042}
+
+
+def paired_interval(differences: List[float]) -> Dict[str, Any]:
+    """The mean of per-seed differences with its 95% t-interval, and the protocol's verdict: "ahead" when
+    the interval lies above 0, "behind" below 0, "level" otherwise (also with fewer than 2 seeds)."""
+    n = len(differences)
+    mean = sum(differences) / n
+    if n < 2:
+        return {"n": n, "mean": mean, "half_width": None, "low": None, "high": None, "verdict": "level"}
+    sd = (sum((d - mean) ** 2 for d in differences) / (n - 1)) ** 0.5
+    half = T_975.get(n - 1, 1.960) * sd / n ** 0.5
+    low, high = mean - half, mean + half
+    return {"n": n, "mean": mean, "half_width": half, "low": low, "high": high,
+            "verdict": "ahead" if low > 0 else "behind" if high < 0 else "level"}
+
+
+def paired_verdict(report: Dict[str, Any], method: str = "theseus") -> Dict[str, Any]:
+    """The protocol's verdict for one column: `method` minus the best baseline (the other method with the
+    highest test mean: the strongest competitor; Theseus variants are not baselines), paired by seed."""
+    runs = report.get("runs") or {}
+    summary = report["summary"]
+    baselines = {m: r for m, r in summary.items() if not m.startswith("theseus") and m in runs}
+    if method not in runs or not baselines:
+        return {}
+    best = max(baselines, key=lambda m: baselines[m]["test_mean"])
+    seeds = sorted(set(runs[method]) & set(runs[best]), key=int)
+    differences = [runs[method][s]["test"] - runs[best][s]["test"] for s in seeds]
+    if not differences:
+        return {}
+    return {"method": method, "best_baseline": best, "seeds": seeds, "differences": differences,
+            **paired_interval(differences)}
+
+
 def verdict(report: Dict[str, Any], method: str = "theseus") -> Dict[str, Any]:
     """Is `method` the best compressed model of this run? Its test mean against every other method's,
     and the margin over the best of them in pooled standard deviations (sqrt of the mean variance)."""
@@ -115,7 +154,8 @@ def verdict(report: Dict[str, Any], method: str = "theseus") -> Dict[str, Any]:
     return {"method": method, "best_other": best_name, "margin": margin, "pooled_std": pooled,
             "margin_in_pooled_std": margin / pooled if pooled > 0 else None,
             "at_least_as_high_as_every_other": margin >= 0,
-            "above_by_more_than_one_pooled_std": pooled > 0 and margin > pooled}
+            "above_by_more_than_one_pooled_std": pooled > 0 and margin > pooled,
+            "paired": paired_verdict(report, method)}
 
 
 def main(argv=None) -> Dict[str, Any]:
@@ -175,6 +215,11 @@ def main(argv=None) -> Dict[str, Any]:
         print(f"{column}: Theseus {'is' if v['at_least_as_high_as_every_other'] else 'is not'} the best; "
               f"{v['margin']:+.4f} against {LABELS.get(v['best_other'], v['best_other'])} "
               f"({v['margin_in_pooled_std']:+.1f} pooled std)" if v["margin_in_pooled_std"] is not None else "")
+        paired = v.get("paired")
+        if paired and paired["half_width"] is not None:
+            print(f"  paired over {paired['n']} seeds against {LABELS.get(paired['best_baseline'], paired['best_baseline'])}: "
+                  f"{100 * paired['mean']:+.2f} ± {100 * paired['half_width']:.2f} points (95% t-interval): "
+                  f"{paired['verdict']}")
     print()
     print(wide_table(rows))
     print(f"wrote {args.output} and {args.plot}")

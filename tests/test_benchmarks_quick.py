@@ -245,3 +245,24 @@ def test_quality_plans_budget_shapes_for_every_method_alike(tmp_path):
     assert report_quality.shape_kind(report["target"]) == "width only"
     assert report_quality.shape_kind({"target_speedup": 2.0, "successor_width": "auto"}) == "depth and width"
     assert report_quality.shape_kind({"ratio": 0.5}) == "depth only"
+
+
+def test_the_paired_verdict_tells_ahead_level_and_behind():
+    report_quality = load("report_quality")
+    assert report_quality.paired_interval([0.01, 0.012, 0.011, 0.009, 0.013])["verdict"] == "ahead"
+    assert report_quality.paired_interval([-0.01, -0.012, -0.011, -0.009, -0.013])["verdict"] == "behind"
+    level = report_quality.paired_interval([0.02, -0.01, 0.015, -0.02, 0.0])
+    assert level["verdict"] == "level" and level["low"] < 0 < level["high"]
+    # df = 4: t = 2.776; differences 1, 2, 3, 4, 5 points: mean 3, sd 1.581, half width 2.776 * 1.581 / sqrt(5)
+    interval = report_quality.paired_interval([0.01, 0.02, 0.03, 0.04, 0.05])
+    assert interval["half_width"] == pytest.approx(2.776 * 0.015811 / 5 ** 0.5, rel=1e-4)
+    # the verdict pairs each seed of Theseus with the same seed of the best baseline (by test mean)
+    report = {"summary": {"theseus": {"test_mean": 0.80}, "kd": {"test_mean": 0.79}, "finetune_trained": {"test_mean": 0.70},
+                          "theseus_paper": {"test_mean": 0.95}},
+              "runs": {"theseus": {"0": {"test": 0.81}, "1": {"test": 0.79}},
+                       "kd": {"0": {"test": 0.80}, "1": {"test": 0.78}},
+                       "finetune_trained": {"0": {"test": 0.7}, "1": {"test": 0.7}},
+                       "theseus_paper": {"0": {"test": 0.95}, "1": {"test": 0.95}}}}
+    paired = report_quality.paired_verdict(report)
+    assert paired["best_baseline"] == "kd" and paired["differences"] == pytest.approx([0.01, 0.01])
+    assert paired["verdict"] == "ahead"  # the same +1 point on both seeds: no spread
