@@ -31,7 +31,6 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
@@ -46,15 +45,22 @@ ORIGINALS = "theseus_originals"  # child of the first group holding the caller's
 
 # ---------------------------------------------------------------- frozen batch norm
 class _FrozenNorm:
-    """Mixed into a norm class: always normalise with the running statistics, never update them."""
+    """Mixed into a norm class: always normalise with the running statistics, never update them.
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        if isinstance(self, _InstanceNorm):
-            return F.instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                                   use_input_stats=False, momentum=0.0, eps=self.eps)
-        return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                            False, 0.0, self.eps)
+    It does so by reading as eval mode (``training`` is False whatever ``.train()`` sets; the
+    setting is kept and is the module's again after `unfreeze_norm`), and runs the class's own
+    forward. A norm whose forward does more than normalise keeps doing it: timm's BatchNormAct2d
+    applies its activation inside forward, and a forward of our own here silently dropped it, so
+    a frozen predecessor block computed another function than the trained one (issue 27).
+    """
+
+    @property
+    def training(self) -> bool:
+        return False
+
+    @training.setter
+    def training(self, mode: bool) -> None:
+        self.__dict__["training"] = mode  # shadowed by this property while frozen
 
 
 _FROZEN_CLASSES: Dict[type, type] = {}
