@@ -22,6 +22,7 @@ from .errors import (
     CheckpointError,
     EngineStateError,
     ExportError,
+    MatchingDivergedWarning,
     NonFiniteLossError,
     PlanError,
     ScheduleError,
@@ -43,7 +44,7 @@ from . import adapters  # noqa: E402,F401  (registers the built-in adapters)
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AdapterError", "CheckpointError", "CallableScheduler", "ConstantScheduler", "EngineStateError", "ExportError", "NonFiniteLossError",
+    "Adapter", "AdapterError", "CheckpointError", "CallableScheduler", "ConstantScheduler", "EngineStateError", "ExportError", "MatchingDivergedWarning", "NonFiniteLossError",
     "Group", "LinearScheduler", "RECIPES", "Recipe", "RunLinearScheduler", "ModuleGraph", "Plan", "PlanError", "ScheduleError", "Scheduler",
     "SuccessorMismatchError", "Theseus", "TheseusError", "TrainingError", "UnknownOptionError", "fit", "detect_adapter", "get_adapter", "list_adapters",
     "register_adapter", "split_evenly", "count_flops", "count_parameters", "measure_latency",

@@ -71,6 +71,7 @@ class FitResult:
     device: str = "cpu"
     resumed_from: Optional[str] = None  # the checkpoint directory a resume started from
     matching: Optional["FitResult"] = None  # the module-matching phase, when this call ran one
+    guard: Optional[Any] = None  # a matching phase's `theseus_general.matching.MatchGuard` (errors before/after)
 
     @property
     def losses(self) -> List[float]:
