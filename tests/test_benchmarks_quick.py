@@ -221,3 +221,19 @@ def test_quality_plans_budget_shapes_for_every_method_alike(tmp_path):
     assert report_quality.shape_kind(report["target"]) == "width only"
     assert report_quality.shape_kind({"target_speedup": 2.0, "successor_width": "auto"}) == "depth and width"
     assert report_quality.shape_kind({"ratio": 0.5}) == "depth only"
+
+
+def test_matching_collapse_quick(tmp_path):
+    from theseus_general import wrapping
+
+    data = write_idx_dataset(tmp_path / "fmnist", train=200, test=60)
+    path = tmp_path / "collapse.json"
+    load("matching_collapse").main(["--quick", "--data-dir", data, "--legacy-frozen-norm", "--variants",
+                                    "default,fine_tune", "--out", str(path)])
+    report = read(path)
+    check_conditions(report)
+    d = report["diagnostics"]
+    assert 0 <= d["wrapped_predecessor_test_accuracy"] <= 1 and d["match_steps"] == 2
+    assert set(report["variants"]) == {"default", "fine_tune"}
+    assert 0 <= report["variants"]["default"]["test_accuracy"] <= 1
+    assert "forward" not in wrapping._FrozenNorm.__dict__  # the legacy switch is undone
