@@ -241,19 +241,13 @@ def main(argv=None):
             torch.save({"state": predecessor.state_dict(), "evals": evals}, key)
     predecessor.train()
 
-    kept = {name: wrapping._FrozenNorm.__dict__.get(name) for name in ("forward", "training")}
+    fixed = wrapping._FrozenNorm.forward
     if args.legacy_frozen_norm:
         wrapping._FrozenNorm.forward = legacy_frozen_forward
-        wrapping._FrozenNorm.training = property(lambda self: self.__dict__["training"],
-                                                 lambda self, mode: self.__dict__.__setitem__("training", mode))
     try:
         report = run(args, data, predecessor, evals, variants)
     finally:  # the library as it was (the smoke test runs this script inside its own process)
-        for name, value in kept.items():
-            if value is not None:
-                setattr(wrapping._FrozenNorm, name, value)
-            elif name in wrapping._FrozenNorm.__dict__:
-                delattr(wrapping._FrozenNorm, name)
+        wrapping._FrozenNorm.forward = fixed
     path = args.out or os.path.join(RESULTS_DIR, "matching_collapse" + ("_legacy" if args.legacy_frozen_norm else "")
                                     + f"_s{args.seed}.json")
     finish(report, path, "matching_collapse.py", argv, started)

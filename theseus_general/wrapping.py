@@ -47,20 +47,20 @@ ORIGINALS = "theseus_originals"  # child of the first group holding the caller's
 class _FrozenNorm:
     """Mixed into a norm class: always normalise with the running statistics, never update them.
 
-    It does so by reading as eval mode (``training`` is False whatever ``.train()`` sets; the
-    setting is kept and is the module's again after `unfreeze_norm`), and runs the class's own
-    forward. A norm whose forward does more than normalise keeps doing it: timm's BatchNormAct2d
-    applies its activation inside forward, and a forward of our own here silently dropped it, so
-    a frozen predecessor block computed another function than the trained one (issue 27).
+    The class's own forward runs in eval mode for the call (``training`` is set back afterwards, so
+    the module's mode stays the one the caller set). A norm whose forward does more than normalise
+    keeps doing it: timm's BatchNormAct2d applies its activation inside forward, and a forward of
+    our own here (a plain batch_norm call) silently dropped it, so a frozen predecessor block
+    computed another function than the trained one (issue 27).
     """
 
-    @property
-    def training(self) -> bool:
-        return False
-
-    @training.setter
-    def training(self, mode: bool) -> None:
-        self.__dict__["training"] = mode  # shadowed by this property while frozen
+    def forward(self, *args, **kwargs):
+        training = self.training
+        self.training = False
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self.training = training
 
 
 _FROZEN_CLASSES: Dict[type, type] = {}
