@@ -266,3 +266,19 @@ def test_the_paired_verdict_tells_ahead_level_and_behind():
     paired = report_quality.paired_verdict(report)
     assert paired["best_baseline"] == "kd" and paired["differences"] == pytest.approx([0.01, 0.01])
     assert paired["verdict"] == "ahead"  # the same +1 point on both seeds: no spread
+
+
+def test_matching_collapse_quick(tmp_path):
+    from theseus_general import wrapping
+
+    data = write_idx_dataset(tmp_path / "fmnist", train=200, test=60)
+    path = tmp_path / "collapse.json"
+    load("matching_collapse").main(["--quick", "--data-dir", data, "--legacy-frozen-norm", "--variants",
+                                    "default,fine_tune", "--out", str(path)])
+    report = read(path)
+    check_conditions(report)
+    d = report["diagnostics"]
+    assert 0 <= d["wrapped_predecessor_test_accuracy"] <= 1 and d["match_steps"] == 2
+    assert set(report["variants"]) == {"default", "fine_tune"}
+    assert 0 <= report["variants"]["default"]["test_accuracy"] <= 1
+    assert "batch_norm" not in wrapping._FrozenNorm.forward.__code__.co_names  # the legacy switch is undone

@@ -13,6 +13,7 @@ decoders, generate() with the KV cache. A newly registered adapter fails
 
 from __future__ import annotations
 
+import itertools
 import os
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional
@@ -358,3 +359,86 @@ def test_adapter_contract(case: Case):
     th.unwrap()
     assert_same_state(before, model)
     assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+# ---------------------------------------------------------------- the default recipe does not collapse
+# Issue 27: module matching wrecked a timm mobile CNN through the generic route (frozen batch norm
+# dropped timm's in-norm activation, so successors were matched to another function). Per family: on a
+# learnable signal (the predecessor's own centred predictions, so a successor-shaped model can learn
+# it), Theseus + fit at the family's default recipe must end with a training loss no worse than
+# fine-tune-only's at equal steps by more than NO_COLLAPSE_SHARE of fine-tune-only's own loss
+# reduction: Theseus keeps at least a third of what fine-tuning gains in the same steps, where a
+# collapse gains nothing or ends above the start. (Measured when written, share of fine-tune-only's
+# reduction Theseus reached: bert 0.62, vit 0.49, resnet 0.64, hf 0.64, convnext 0.90, efficientnet 0.87.)
+NO_COLLAPSE_SHARE = 2 / 3
+NO_COLLAPSE_STEPS, NO_COLLAPSE_LR = 40, 1e-3
+
+
+def _tiny_efficientnet():
+    """A BN-heavy mobile CNN as timm builds them: depthwise convolutions, BatchNormAct2d (the
+    activation inside the norm), a stage of 4 same-shaped inverted-residual blocks."""
+    from timm.models._efficientnet_builder import decode_arch_def
+    from timm.models.efficientnet import EfficientNet
+
+    torch.manual_seed(0)
+    return EfficientNet(decode_arch_def([["ds_r1_k3_s1_e1_c8"], ["ir_r4_k3_s2_e3_c8"]]), num_classes=3, stem_size=8,
+                        num_features=32, in_chans=3)
+
+
+NO_COLLAPSE = {  # family -> a classification case of it (logits [batch, classes])
+    "bert": "bert-seqcls", "vit": "timm-deit", "resnet": "timm-resnet50-shape", "hf": "distilbert-seqcls",
+    "generic": "timm-convnext-stages",
+}
+NO_COLLAPSE_EXTRA = [  # BN-heavy CNNs through the generic route, the issue's kind of model
+    Case("timm-efficientnet-bnact", make=_tiny_efficientnet, batch=_images(3, 16, 3), loss=_ce, logits=_out,
+         rebuild=lambda d: None, target={"adapter": "generic", "container": "blocks.1", "successor_depth": 2}),
+]
+
+
+def _no_collapse_cases():
+    params = []
+    for name in ADAPTERS:
+        wanted = NO_COLLAPSE.get(name)
+        case = next((c for c in CASES.get(name, []) if c.id == wanted), (CASES.get(name) or [None])[0])
+        if case is not None:
+            params.append(pytest.param(case, id=f"{name}:{case.id}"))
+    return params + [pytest.param(c, id=f"generic:{c.id}") for c in NO_COLLAPSE_EXTRA]
+
+
+def _final_loss(model, case, pool):
+    model.eval()
+    with torch.no_grad():
+        return sum(F.cross_entropy(case.logits(model, x), y).item() for x, y in pool) / len(pool)
+
+
+@pytest.mark.parametrize("case", _no_collapse_cases())
+def test_default_recipe_does_not_collapse(case: Case):
+    from theseus_general import fit
+    from theseus_general.baselines import successor_shaped_copy
+
+    model = case.make().train()
+    inputs = [case.batch(seed)[0] for seed in range(4)]
+    model.eval()
+    with torch.no_grad():
+        logits = [case.logits(model, x) for x in inputs]
+    centred = torch.cat(logits) - torch.cat(logits).mean(0)
+    pool = [(x, y) for x, y in zip(inputs, centred.argmax(-1).split([len(l) for l in logits]))]
+    model.train()
+    sample = inputs[0] if case.target.get("adapter") == "generic" else None
+
+    def trained(target, net):
+        torch.manual_seed(0)
+        fit(target, itertools.cycle(pool), NO_COLLAPSE_STEPS, lr=NO_COLLAPSE_LR, progress=False,
+            loss=lambda x, y: F.cross_entropy(case.logits(net, x), y))
+        return _final_loss(net, case, pool)
+
+    student = successor_shaped_copy(model, sample=sample, **case.target)
+    start = _final_loss(student, case, pool)
+    fine_tune = trained(student, student)
+    th = Theseus(model, sample=sample, **case.target)  # the family's default recipe
+    theseus = trained(th, th.model)
+    th.unwrap()
+    assert fine_tune < start  # the signal is learnable: otherwise the comparison says nothing
+    assert theseus <= fine_tune + NO_COLLAPSE_SHARE * (start - fine_tune), (
+        f"{case.id}: Theseus ({th.recipe.name} recipe) ended at training loss {theseus:.4f}, fine-tune-only at "
+        f"{fine_tune:.4f}, from {start:.4f}, after {NO_COLLAPSE_STEPS} steps")

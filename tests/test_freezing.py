@@ -72,3 +72,35 @@ def test_frozen_batch_norm_statistics_are_not_updated():
     th.unwrap()
     assert_same_state(before, model)
     assert model.training and model[1].training
+
+
+class _NormAct(nn.BatchNorm2d):
+    """A batch norm whose forward also applies its activation, as timm's BatchNormAct2d does."""
+
+    def forward(self, x):
+        return torch.relu(super().forward(x) - 0.5)
+
+
+def test_frozen_norm_runs_the_norm_class_own_forward():
+    # Freezing replaced forward with a plain batch_norm call, dropping timm's in-norm activation:
+    # a frozen predecessor block computed another function than the trained one (issue 27).
+    torch.manual_seed(0)
+    block = lambda: nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), _NormAct(4))
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.Sequential(*[block() for _ in range(4)]))
+    model.train()
+    x = torch.randn(3, 1, 6, 6)
+    model(x)  # running statistics away from their init
+    model.eval()
+    with torch.no_grad():
+        hidden = model[0](x)
+        wanted = model[1][1](model[1][0](hidden))
+    model.train()
+    th = Theseus(model, adapter="generic", container="1", successor_depth=2, scheduler=0.0)
+    stats = th.groups[0].predecessor[0][1].running_mean.clone()
+    with torch.no_grad():
+        got = th.groups[0].run_predecessor(hidden)  # in train mode: frozen norm uses running stats
+    torch.testing.assert_close(got, wanted)
+    assert torch.equal(stats, th.groups[0].predecessor[0][1].running_mean)
+    assert th.groups[0].predecessor[0][1].training  # the mode stays the caller's
+    th.unwrap()
+    assert type(model[1][0][1]) is _NormAct and model[1][0][1].training

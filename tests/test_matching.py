@@ -135,10 +135,10 @@ def test_fit_chooses_starts_for_default_copies_only():
                     recipe=choosing)
     assert fresh.plan.to_dict() == th.plan.to_dict()
     check_plan_matches(fresh.plan.to_dict(), th.plan.to_dict())  # what loading a checkpoint checks
-    from theseus_general.matching import _note_starts
-    _note_starts(th.plan, {1: 3})  # not every group restarted: the note says the rest kept theirs
+    from theseus_general.matching import note_starts
+    note_starts(th.plan, {1: 3})  # not every group restarted: the note says the rest kept theirs
     assert str(th.plan).splitlines()[-1].endswith("group 1 from block 3; the other groups kept theirs")
-    _note_starts(th.plan, th.successor_starts)
+    note_starts(th.plan, th.successor_starts)
     match_successors(th, itertools.repeat(torch.randn(16, 4)), 1, choose_start=True, progress=False)
     assert sum(note.startswith("start blocks") for note in th.plan.notes) == 1  # replaced, not repeated
     assert run(init="first").successor_starts == {}  # an init the user chose is kept
@@ -157,4 +157,77 @@ def test_choose_starts_skips_successors_with_other_tensors():
     assert choose_starts(th, batch) == {}
     for saved, successor in zip(before, th.successors()):
         assert all(torch.equal(saved[k], v) for k, v in successor.state_dict().items())
+    th.unwrap()
+
+
+def bn_cnn(seed: int = 0):
+    """A tiny BN-heavy CNN: conv + batch-norm stem, 4 residual conv + batch-norm blocks (1 and 3 nearly
+    identity maps, so each group of two is reproduced well by a copy of its first block), a linear
+    head; running statistics settled on the data, as in a trained model."""
+    from torch import nn
+
+    from conftest import ConvBlock
+
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                          nn.Sequential(*[ConvBlock() for _ in range(4)]), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                          nn.Linear(4, 3))
+    with torch.no_grad():
+        for i in (1, 3):
+            model[3][i].bn.weight.mul_(0.01)
+            model[3][i].bn.bias.mul_(0.01)
+        for x, _ in itertools.islice(image_stream(seed + 100), 30):
+            model(x)
+    return model
+
+
+def image_stream(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        yield torch.randn(8, 1, 6, 6, generator=g), torch.randint(0, 3, (8,), generator=g)
+
+
+def test_matching_guard_puts_back_diverged_successors_and_names_the_option():
+    import pytest
+
+    from theseus_general import MatchingDivergedWarning
+
+    th = Theseus(bn_cnn(), adapter="generic", container="3", successor_depth=2, seed=0)
+    before = [{k: v.clone() for k, v in s.state_dict().items()} for s in th.successors()]
+    with pytest.warns(MatchingDivergedWarning, match=r"fit\(\.\.\., match_steps=0\)"):
+        result = match_successors(th, image_stream(), 20, lr=100.0, choose_start=False, progress=False)
+    guard = result.guard
+    assert guard.restored and guard.restored == guard.diverged()
+    for index in guard.restored:
+        assert guard.end[index] > guard.start[index]
+    for index, (saved, successor) in enumerate(zip(before, th.successors())):
+        same = all(torch.equal(saved[k], v) for k, v in successor.state_dict().items())
+        assert same == (index in guard.restored), index  # put back exactly; the others keep their training
+    th.unwrap()
+
+
+def test_matching_guard_stays_quiet_when_matching_helps():
+    import warnings
+
+    from theseus_general import fit
+
+    th = Theseus(bn_cnn(), adapter="generic", container="3", successor_depth=2, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any MatchingDivergedWarning fails the test
+        result = fit(th, image_stream(), 40, lr=1e-2, match_steps=20, match_lr=1e-2, progress=False)
+    guard = result.matching.guard
+    assert guard.restored == [] and set(guard.start) == {0, 1}
+    assert all(guard.end[g] < guard.start[g] for g in guard.start), guard
+
+
+def test_fit_goes_on_after_the_guard_put_successors_back():
+    import pytest
+
+    from theseus_general import MatchingDivergedWarning, fit
+
+    th = Theseus(bn_cnn(), adapter="generic", container="3", successor_depth=2, seed=0)
+    with pytest.warns(MatchingDivergedWarning, match="match_lr"):
+        result = fit(th, image_stream(), 30, lr=1e-3, match_steps=10, match_lr=100.0, progress=False)
+    assert result.matching.guard.restored and len(result.history) == 20
+    assert all(torch.isfinite(torch.tensor(result.losses)))
     th.unwrap()

@@ -24,6 +24,7 @@ from .errors import (
     EngineStateError,
     ExportError,
     InputError,
+    MatchingDivergedWarning,
     NonFiniteLossError,
     PlanError,
     ScheduleError,
@@ -38,15 +39,14 @@ from .plan import Group, Plan, split_evenly
 from .registry import detect_adapter, get_adapter, list_adapters, register_adapter
 from .recipes import RECIPES, Recipe
 from .schedulers import CallableScheduler, ConstantScheduler, LinearScheduler, RunLinearScheduler, Scheduler
-from .training import fit
-from .matching import match_successors
+from .training import fit, match_successors
 
 from . import adapters  # noqa: E402,F401  (registers the built-in adapters)
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AdapterError", "CheckpointError", "CallableScheduler", "ConstantScheduler", "EngineStateError", "ExportError", "InputError", "NonFiniteLossError",
+    "Adapter", "AdapterError", "CheckpointError", "CallableScheduler", "ConstantScheduler", "EngineStateError", "ExportError", "InputError", "MatchingDivergedWarning", "NonFiniteLossError",
     "Group", "LinearScheduler", "RECIPES", "Recipe", "RunLinearScheduler", "ModuleGraph", "Plan", "PlanError", "ScheduleError", "Scheduler",
     "SuccessorMismatchError", "Theseus", "TheseusError", "TrainingError", "UnknownOptionError", "fit", "match_successors", "detect_adapter", "get_adapter", "list_adapters",
     "register_adapter", "split_evenly", "count_flops", "count_parameters", "measure_latency",

@@ -17,6 +17,8 @@ of keyword arguments, a tuple of positional ones, or one tensor). Use the same
 
 from __future__ import annotations
 
+import warnings
+
 from typing import Any, Callable, Iterable, List, Optional, Tuple
 
 import torch
@@ -42,7 +44,9 @@ def successor_shaped_copy(model: nn.Module, native: bool = True, **theseus_kwarg
     theseus_kwargs.setdefault("validate", False)  # a copy of the model's own blocks needs no shape check
     engine = Theseus(model, **theseus_kwargs)
     try:
-        student = engine.export(native=native)
+        with warnings.catch_warnings():  # the untrained export is what this baseline wants
+            warnings.filterwarnings("ignore", message=r"export\(\) of an engine that was never trained")
+            student = engine.export(native=native)
     finally:
         engine.unwrap()
     student.train()

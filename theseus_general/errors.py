@@ -58,6 +58,11 @@ class TrainingError(TheseusError, ValueError):
     steps, batches)."""
 
 
+class MatchingDivergedWarning(UserWarning):
+    """Module matching left a successor further from its group than it started (its error on the
+    first batch rose); that successor went back to its weights from before matching."""
+
+
 def warn_user(message: str, category: type = UserWarning) -> None:
     """`warnings.warn` pointing at the first caller outside this package (theseus_general, its
     adapters and integrations), however deep inside it the warning is raised."""

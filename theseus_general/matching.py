@@ -1,4 +1,8 @@
-"""Module matching: train each successor to reproduce its group, before the mixed phase.
+"""Module matching's parts: what it measures, the start-block choice and the divergence guard.
+
+The training loop itself is `theseus_general.training.match_successors` (it trains with `fit`);
+this module sits below it and knows the engine only through its public matching mode
+(`Theseus.matching_mode`, `Theseus.match_errors`).
 
 With the engine in matching mode, a forward pass runs the predecessor blocks of every
 group (no gradient) and hands each group's input to its successor too; the successor's
@@ -8,21 +12,32 @@ the loss. Labels are not used, so unlabelled in-domain data works as well.
 Groups see the predecessor's own hidden states, so all successors learn at once from
 one forward pass, and the non-replaced parts do not change. The replacement schedule
 does not advance: ``th.step_count`` is the same afterwards.
+
+Matching is guarded: each group's error is measured on the first batch (as matching trains:
+training mode, but with the random state fixed and no running statistic updated; full precision)
+before its first step and after its last. A group whose error ended above where it
+started diverged; its successor goes back to its weights from before matching (what
+``match_steps=0`` would have trained from), and a `MatchingDivergedWarning` names the groups and
+the options (``fit(..., match_steps=0)``, ``match_lr=``). The caller's model is never touched by
+matching (the successors and the rest's copies are the engine's), so nothing of theirs needs
+undoing; the check is in ``FitResult.guard``.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Tuple, Union
+import contextlib
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Tuple
 
 import torch
 from torch import nn
 
-from .errors import TrainingError
 from .graph import run_model
-from .training import Batch, FitResult, _batch_source, fit
+from .wrapping import has_running_stats
 
 
-def _inputs_of(batch: Any) -> Any:
+def inputs_of(batch: Any) -> Any:
     """The model inputs of a batch: ``(inputs, labels)`` pairs as `fit` takes them, a dict of model
     arguments (Hugging Face style; its "labels" are dropped) or the inputs alone."""
     if isinstance(batch, Mapping):
@@ -38,6 +53,62 @@ def _same_tensors(a: nn.Module, b: nn.Module) -> bool:
     return sa.keys() == sb.keys() and all(sa[k].shape == sb[k].shape and sa[k].dtype == sb[k].dtype for k in sa)
 
 
+# A group diverged when its error on the first batch ended above (1 + tolerance) x its start
+# (+ a floor, so that a start already near 0 is not judged on noise).
+DIVERGED_TOLERANCE = 0.1
+DIVERGED_FLOOR = 1e-3
+
+
+@dataclass
+class MatchGuard:
+    """What the matching guard measured: each group's relative error on the first batch before
+    the first step and after the last, and the groups whose successors were put back."""
+
+    start: Dict[int, float] = field(default_factory=dict)
+    end: Dict[int, float] = field(default_factory=dict)
+    restored: List[int] = field(default_factory=list)
+
+    def diverged(self) -> List[int]:
+        return [g for g, e in sorted(self.end.items())
+                if not e <= self.start[g] * (1 + DIVERGED_TOLERANCE) + DIVERGED_FLOOR]  # NaN diverged too
+
+
+def full_precision(model: nn.Module) -> Any:
+    """Autocast off, whatever the caller's context: the guard compares numbers taken in and out of it."""
+    for tensor in itertools.chain(model.parameters(), model.buffers()):
+        return torch.autocast(tensor.device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def group_errors(engine: Any, inputs: Any, training: bool = False) -> Dict[int, float]:
+    """{group: its successor's relative error against the group on `inputs`}, as matching measures it,
+    all groups in one forward pass on the predecessor's own hidden states. In eval mode (no dropout,
+    norms on their running statistics), or with `training` in training mode as matching trains (batch
+    norm on the batch's statistics) with the random state fixed (the same dropout masks every call)
+    and every running statistic put back afterwards. The model's mode and the engine's switch are
+    put back."""
+    model = engine.model
+    was_training = model.training
+    model.train(training)
+    norms = [m for m in model.modules() if has_running_stats(m)] if training else []
+    kept = [{k: v.clone() for k, v in m._buffers.items() if v is not None} for m in norms]
+    devices = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
+    try:
+        with engine.matching_mode(), torch.no_grad(), torch.random.fork_rng(devices=devices, enabled=training):
+            if training:
+                torch.manual_seed(0)
+            run_model(model, inputs)
+            errors: Dict[int, float] = {}
+            for index, error in engine.match_errors():
+                errors[index] = errors.get(index, 0.0) + float(error.detach())
+        return errors
+    finally:
+        for module, buffers in zip(norms, kept):
+            for name, value in buffers.items():
+                module._buffers[name].copy_(value)
+        model.train(was_training)
+
+
 def choose_starts(engine: Any, inputs: Any) -> Dict[int, int]:
     """Start each successor from the block of its group whose weights best reproduce the group's output.
 
@@ -51,7 +122,6 @@ def choose_starts(engine: Any, inputs: Any) -> Dict[int, int]:
 
     Returns {group index: index of the block in its container} for the groups whose start changed.
     """
-    model = engine.model
     groups = {g.index: g for g in engine.groups}
     options: Dict[int, List[Tuple[Any, Dict[str, torch.Tensor]]]] = {}
     for index, group in groups.items():
@@ -62,34 +132,26 @@ def choose_starts(engine: Any, inputs: Any) -> Dict[int, int]:
             options[index] = [(None, current)] + blocks
     if not options:
         return {}
-    errors: Dict[Tuple[int, int], List[float]] = {}
-    was_training = model.training
-    model.eval()
-    try:
-        with engine.matching_mode(), torch.no_grad():
-            for round_ in range(max(len(o) for o in options.values())):
-                for index, candidates in options.items():
-                    groups[index].successor.load_state_dict(candidates[min(round_, len(candidates) - 1)][1])
-                engine.match_errors()
-                run_model(model, inputs)
-                for index, error in engine.match_errors():
-                    errors.setdefault((index, round_), []).append(float(error))
-        chosen = {}
+    errors: Dict[Tuple[int, int], float] = {}
+    for round_ in range(max(len(o) for o in options.values())):
         for index, candidates in options.items():
-            measured = [sum(errors[(index, r)]) if (index, r) in errors else float("inf") for r in range(len(candidates))]
-            best = min(range(len(candidates)), key=measured.__getitem__)
-            groups[index].successor.load_state_dict(candidates[best][1])
-            if candidates[best][0] is not None:
-                chosen[index] = engine.plan.groups[index].blocks[candidates[best][0]]
-        return chosen
-    finally:
-        model.train(was_training)
+            groups[index].successor.load_state_dict(candidates[min(round_, len(candidates) - 1)][1])
+        for index, error in group_errors(engine, inputs).items():
+            errors[(index, round_)] = error
+    chosen = {}
+    for index, candidates in options.items():
+        measured = [errors.get((index, r), float("inf")) for r in range(len(candidates))]
+        best = min(range(len(candidates)), key=measured.__getitem__)
+        groups[index].successor.load_state_dict(candidates[best][1])
+        if candidates[best][0] is not None:
+            chosen[index] = engine.plan.groups[index].blocks[candidates[best][0]]
+    return chosen
 
 
 START_NOTE = "start blocks chosen by matching error on the first batch: "
 
 
-def _note_starts(plan: Any, starts: Dict[int, int]) -> None:
+def note_starts(plan: Any, starts: Dict[int, int]) -> None:
     """Show in print(plan) where the successors now start: the table's successor column says "copy of
     block j (chosen)" for each restarted one, and a note under it says how they were chosen. The plan as
     made (`Plan.to_dict`, what checkpoints compare) keeps the init's block."""
@@ -100,54 +162,7 @@ def _note_starts(plan: Any, starts: Dict[int, int]) -> None:
         plan.notes.append(START_NOTE + chosen + ("" if len(starts) == len(plan.groups) else "; the other groups kept theirs"))
 
 
-def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int], Batch]], steps: int, *,
-                     lr: float = 1e-3, choose_start: Optional[bool] = None, desc: str = "match successors",
-                     **fit_options: Any) -> FitResult:
-    """Train the successors of `engine` for `steps` steps to reproduce their groups' outputs.
-
-    batches: ``(inputs, labels)`` pairs as for `fit` (labels are ignored; ``None`` is fine), dicts of
-        model arguments (a Hugging Face loader's batches; "labels" is dropped), or the inputs alone;
-        an iterable or a function ``position -> batch``.
-    lr and the other options (``weight_decay``, ``lr_schedule``, ``device``, ``mixed_precision``,
-    ``progress``, ...) are `fit`'s; the optimiser sees the successors' parameters only.
-    choose_start: first, on the first batch, start each successor from the block of its group whose
-        weights reproduce the group best (`choose_starts`); the choice is kept in
-        ``engine.successor_starts`` ({group: block}, the block each restarted successor last started
-        from) and named in ``print(engine.plan)``. None: the recipe's ``choose_start``, and only for successors the
-        engine copied with the default init (True overwrites any successor's weights).
-    Returns fit's `FitResult`; its losses are the mean relative errors over the groups.
-    """
-    engine.check_open("match_successors()")
-    model = engine.model
-    params = [p for successor in engine.successors() for p in successor.parameters() if p.requires_grad]
-    if not params:
-        raise TrainingError("match_successors(): the successors have no trainable parameters.")
-
-    if choose_start is None:
-        choose_start = engine.recipe.choose_start and engine.may_choose_starts
-
-    def matching_loss(inputs: Any, labels: Any) -> torch.Tensor:
-        nonlocal choose_start
-        if choose_start:  # on the first batch: here it is on the run's device, under its autocast
-            choose_start = False
-            # a later choice that keeps a successor's current weights keeps the block it came from
-            engine.successor_starts.update(choose_starts(engine, inputs))
-            _note_starts(engine.plan, engine.successor_starts)
-        engine.match_errors()
-        with torch.no_grad():  # the successors re-enable gradients for themselves
-            run_model(model, inputs)
-        errors = engine.match_errors()
-        if not errors:
-            raise TrainingError("match_successors(): the forward pass ran no Theseus group; pass the inputs "
-                                "the wrapped model takes.")
-        return torch.stack([error for _, error in errors]).mean()
-
-    source = _batch_source(batches, 0, steps)
-
-    def unlabelled(position: int) -> Tuple[Any, None]:
-        return _inputs_of(source(position)), None
-
-    with engine.matching_mode():
-        result = fit(model, unlabelled, steps, loss=matching_loss, params=params, lr=lr, desc=desc, **fit_options)
-    engine.mark_trained()
-    return result
+def put_back(engine: Any, saved: Dict[int, Dict[str, torch.Tensor]], indices: List[int]) -> None:
+    groups = {g.index: g for g in engine.groups}
+    for index in indices:
+        groups[index].successor.load_state_dict(saved[index])

@@ -34,7 +34,7 @@ import contextlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,9 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointManager
 from .engine import Theseus
-from .errors import NonFiniteLossError, TrainingError
+from .errors import MatchingDivergedWarning, NonFiniteLossError, TrainingError, warn_user
 from .graph import default_logits, run_model
+from .matching import MatchGuard, full_precision, inputs_of, note_starts, choose_starts, group_errors, put_back
 from .metrics import MetricsLogger
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -73,6 +74,7 @@ class FitResult:
     device: str = "cpu"
     resumed_from: Optional[str] = None  # the checkpoint directory a resume started from
     matching: Optional["FitResult"] = None  # the module-matching phase, when this call ran one
+    guard: Optional[Any] = None  # a matching phase's `theseus_general.matching.MatchGuard` (errors before/after)
 
     @property
     def losses(self) -> List[float]:
@@ -271,7 +273,6 @@ def fit(
     if planned_matching and engine.step_count == 0 and not _has_checkpoint(checkpoints):
         # matching reads the first batches; the mixed phase goes on from the same stream
         shared_source = _batch_source(batches, 0, (planned_matching + steps) * gradient_accumulation)
-        from .matching import match_successors  # TODO(layering): moves into this module
         matching = match_successors(
             engine, shared_source, planned_matching, lr=match_lr or engine.recipe.match_lr or lr, weight_decay=weight_decay,
             choose_start=choose_start,
@@ -409,6 +410,96 @@ def _check_numbers(**values: Any) -> None:
         if not ok:
             bound = f"{'>=' if low_allowed else '>'} {low:g}" + (f" and <= {high:g}" if high is not None else "")
             raise TrainingError(f"{name} ({what}) must be a finite number {bound}, got {value!r}; e.g. {example}.")
+
+
+def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int], Batch]], steps: int, *,
+                     lr: float = 1e-3, choose_start: Optional[bool] = None, desc: str = "match successors",
+                     **fit_options: Any) -> "FitResult":
+    """Train the successors of `engine` for `steps` steps to reproduce their groups' outputs.
+
+    batches: ``(inputs, labels)`` pairs as for `fit` (labels are ignored; ``None`` is fine), dicts of
+        model arguments (a Hugging Face loader's batches; "labels" is dropped), or the inputs alone;
+        an iterable or a function ``position -> batch``.
+    lr and the other options (``weight_decay``, ``lr_schedule``, ``device``, ``mixed_precision``,
+    ``progress``, ...) are `fit`'s; the optimiser sees the successors' parameters only.
+    choose_start: first, on the first batch, start each successor from the block of its group whose
+        weights reproduce the group best (`choose_starts`); the choice is kept in
+        ``engine.successor_starts`` ({group: block}, the block each restarted successor last started
+        from) and named in ``print(engine.plan)``. None: the recipe's ``choose_start``, and only for successors the
+        engine copied with the default init (True overwrites any successor's weights).
+    Returns fit's `FitResult`; its losses are the mean relative errors over the groups, its ``guard``
+    the `MatchGuard` (each group's error on the first batch before and after; the groups put back).
+
+    A group whose error on the first batch ends above where it started (matching diverged, e.g. at too
+    high a ``lr``) gets its successor's weights from before matching back, with a
+    `MatchingDivergedWarning`; a NaN or infinite loss stops matching with `NonFiniteLossError` and puts
+    every successor back.
+    """
+    engine.check_open("match_successors()")
+    model = engine.model
+    params = [p for successor in engine.successors() for p in successor.parameters() if p.requires_grad]
+    if not params:
+        raise TrainingError("match_successors(): the successors have no trainable parameters.")
+
+    if choose_start is None:
+        choose_start = engine.recipe.choose_start and engine.may_choose_starts
+    guard = MatchGuard()
+    first: List[Any] = []  # the first batch's inputs, on the run's device
+    saved: Dict[int, Dict[str, torch.Tensor]] = {}  # each successor's tensors before its first matching step
+
+    def matching_loss(inputs: Any, labels: Any) -> torch.Tensor:
+        if not first:  # on the first batch: here it is on the run's device, under its autocast
+            if choose_start:
+                # a later choice that keeps a successor's current weights keeps the block it came from
+                engine.successor_starts.update(choose_starts(engine, inputs))
+                note_starts(engine.plan, engine.successor_starts)
+            first.append(inputs)
+            with full_precision(model):
+                guard.start.update(group_errors(engine, inputs, training=True))
+            saved.update((g.index, {k: v.detach().clone() for k, v in g.successor.state_dict().items()})
+                         for g in engine.groups)
+        engine.match_errors()
+        with torch.no_grad():  # the successors re-enable gradients for themselves
+            run_model(model, inputs)
+        errors = engine.match_errors()
+        if not errors:
+            raise TrainingError("match_successors(): the forward pass ran no Theseus group; pass the inputs "
+                                "the wrapped model takes.")
+        return torch.stack([error for _, error in errors]).mean()
+
+    source = _batch_source(batches, 0, steps)
+    user_on_step = fit_options.pop("on_step", None)
+
+    def unlabelled(position: int) -> Tuple[Any, None]:
+        return inputs_of(source(position)), None
+
+    def on_step(record: Any) -> None:
+        if record.step == steps - 1:  # after the last optimiser step, still on the run's device
+            with full_precision(model):
+                guard.end.update(group_errors(engine, first[0], training=True))
+        if user_on_step is not None:
+            user_on_step(record)
+
+    try:
+        with engine.matching_mode():
+            result = fit(model, unlabelled, steps, loss=matching_loss, params=params, lr=lr, desc=desc,
+                         on_step=on_step, **fit_options)
+    except NonFiniteLossError as e:
+        put_back(engine, saved, list(saved))
+        raise NonFiniteLossError(f"Module matching stopped: {e} Every successor is back at its weights from before "
+                                 f"matching. Lower match_lr (it was {lr}), or turn matching off with "
+                                 "fit(..., match_steps=0).") from None
+    engine.mark_trained()
+    guard.restored = guard.diverged()
+    if guard.restored:
+        put_back(engine, saved, guard.restored)
+        detail = ", ".join(f"group {g}: {guard.start[g]:.4g} -> {guard.end[g]:.4g}" for g in guard.restored)
+        warn_user(f"Module matching diverged ({detail}: relative error on the first batch, before -> after "
+                  f"{steps} matching steps at lr {lr}); those successors are back at their weights from before "
+                  "matching, and the run goes on from there. Lower match_lr, or turn matching off with "
+                  "fit(..., match_steps=0).", MatchingDivergedWarning)
+    result.guard = guard
+    return result
 
 
 def _matching_steps(engine: Optional[Theseus], steps: int, match_steps: Optional[int]) -> int:

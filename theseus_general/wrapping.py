@@ -31,7 +31,6 @@ from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.instancenorm import _InstanceNorm
@@ -45,15 +44,22 @@ ORIGINALS = "theseus_originals"  # child of the first group holding the caller's
 
 # ---------------------------------------------------------------- frozen batch norm
 class _FrozenNorm:
-    """Mixed into a norm class: always normalise with the running statistics, never update them."""
+    """Mixed into a norm class: always normalise with the running statistics, never update them.
 
-    def forward(self, input: torch.Tensor) -> torch.Tensor:
-        self._check_input_dim(input)
-        if isinstance(self, _InstanceNorm):
-            return F.instance_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                                   use_input_stats=False, momentum=0.0, eps=self.eps)
-        return F.batch_norm(input, self.running_mean, self.running_var, self.weight, self.bias,
-                            False, 0.0, self.eps)
+    The class's own forward runs in eval mode for the call (``training`` is set back afterwards, so
+    the module's mode stays the one the caller set). A norm whose forward does more than normalise
+    keeps doing it: timm's BatchNormAct2d applies its activation inside forward, and a forward of
+    our own here (a plain batch_norm call) silently dropped it, so a frozen predecessor block
+    computed another function than the trained one (issue 27).
+    """
+
+    def forward(self, *args, **kwargs):
+        training = self.training
+        self.training = False
+        try:
+            return super().forward(*args, **kwargs)
+        finally:
+            self.training = training
 
 
 _FROZEN_CLASSES: Dict[type, type] = {}
