@@ -29,6 +29,8 @@ import quality  # noqa: E402
 VARIANTS: Dict[str, Dict[str, Any]] = {
     "finetune": dict(method="finetune_trained"),
     "default": dict(method="theseus"),  # the library's default recipe, as Theseus(...) + fit give it
+    # the default until issue 26, now recipe="matching": matching 20% at lr 1e-3 after the start-block choice
+    "matching": dict(method="theseus", match_fraction=0.2, match_lr=1e-3, choose_start=True),
     "no_matching": dict(method="theseus", match_fraction=0.0),  # no matching, hence no start-block choice
     "no_choose_start": dict(method="theseus", choose_start=False),
     "match_lr_1x_no_choose": dict(method="theseus", choose_start=False, match_lr_x=1.0),
