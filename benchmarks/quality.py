@@ -113,6 +113,8 @@ class TextTask(Task):
         model = self.auto.from_pretrained(self.model_path, num_labels=self.num_labels)
         self.tc.train(model, self.train, self.args.pretrain_steps, self.args.pretrain_lr, self.args.split_seed,
                       "fine-tune predecessor", self.args, warmup=0.1)
+        if self.args.save_predecessor:  # an HF directory, for --predecessor in the next runs
+            model.save_pretrained(self.args.save_predecessor)
         return model
 
     def initial(self, seed: int) -> nn.Module:
@@ -398,7 +400,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="plan the successor shape with the budget planner (FLOPs-predicted speed-up) instead of --ratio / --depth")
     p.add_argument("--successor-width", default=None,
                    help="narrower successors: a fraction of the MLP neurons / channels, or 'auto' with --target-speedup")
-    p.add_argument("--save-predecessor", default=None, help="vision: write the trained predecessor here (safetensors)")
+    p.add_argument("--save-predecessor", default=None, help="write the trained predecessor here (vision: safetensors; text: an HF directory)")
     p.add_argument("--quick", action="store_true", help="tiny ViT, 2,000 images, 2 seeds, a few steps (smoke test)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(DEFAULT_METHODS))

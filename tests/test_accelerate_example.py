@@ -65,8 +65,8 @@ def test_one_process_saves_a_native_successor_and_leaves_the_predecessor(tiny_di
         seen["steps"] = th.step_count
 
     result = accelerate_example.main(flags(model_dir, csv, tmp_path / "out"), on_step=record)
-    # 6 steps: the default recipe's module matching takes int(0.2 * 6) = 1, the mixed phase 5
-    assert result["processes"] == 1 and result["theseus_steps"] == seen["steps"] == 5
+    # 6 steps, all mixed: the default recipe does no module matching
+    assert result["processes"] == 1 and result["theseus_steps"] == seen["steps"] == 6
     assert result["predecessor_layers"] == 4 and result["successor_layers"] == 2
     assert result["predecessor_unchanged"] is True
     # independently: the wrapped-and-unwrapped predecessor equals the checkpoint it was loaded from
@@ -83,8 +83,8 @@ def test_fine_tunes_a_predecessor_and_steps_once_per_optimiser_step(tiny_dirs, t
                  fine_tune=True)
     rates = []
     result = accelerate_example.main(args, on_step=lambda th, acc: rates.append(th.replacement_rate))
-    # 5 mixed optimiser steps (after 1 of matching) of 2 micro-batches each: the schedule moved 5 times, not 10
-    assert result["theseus_steps"] == 5 and len(rates) == 5 and rates[-1] == 1.0
+    # 6 mixed optimiser steps of 2 micro-batches each: the schedule moved 6 times, not 12
+    assert result["theseus_steps"] == 6 and len(rates) == 6 and rates[-1] == 1.0
     assert result["successor_layers"] == 2 and result["predecessor_unchanged"] is True
 
 
@@ -111,7 +111,7 @@ def test_two_cpu_processes_draw_alike_and_end_identical(tiny_dirs, tmp_path):
     results = [json.loads((two / f"result-{r}.json").read_text()) for r in range(2)]
     assert [r["processes"] for r in results] == [2, 2]
     draws = [json.loads((two / f"draws-{r}.json").read_text()) for r in range(2)]
-    assert len(draws[0]) == 5 and draws[0] == draws[1] == json.loads((one / "draws-0.json").read_text())
+    assert len(draws[0]) == 6 and draws[0] == draws[1] == json.loads((one / "draws-0.json").read_text())
     # some group ran its predecessor while the successors trained: with find_unused_parameters=False,
     # DDP would have failed at the next step if that successor had left the graph
     assert any(not used for step in draws[0][:-1] for used in step["successor"].values())

@@ -107,8 +107,8 @@ def test_quality_quick_and_its_report(tmp_path):
         assert row["seeds"] == 2 and set(report["runs"][method]) == {"0", "1"}
         assert 0 <= row["test_mean"] <= 1 and row["test_std"] >= 0
     assert report["settings"]["steps"] == 6
-    # each Theseus run records the start blocks chosen by matching error ({group: block}; the one
-    # group's successor is a copy of block 0 or 1)
+    # each Theseus run records the start blocks chosen by matching error ({group: block}; empty with
+    # the default recipe, which does not match; else the one group's successor is a copy of block 0 or 1)
     for run in report["runs"]["theseus"].values():
         assert set(run["start_blocks"]) <= {"0"} and set(run["start_blocks"].values()) <= {1}
         assert run["recipe"] == "default"  # and which recipe ran: the ViT family's

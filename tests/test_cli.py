@@ -79,9 +79,9 @@ def test_cli_compresses_a_tiny_bert_with_checkpoints(tmp_path):
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(config))
     assert main([str(tmp_path / "c.yaml")]) == 0
     assert AutoConfig.from_pretrained(tmp_path / "out" / "successor").num_hidden_layers == 2
-    # the default recipe spends int(0.2 * 6) = 1 step on module matching (batch 0), then 5 mixed steps
-    state = json.loads((tmp_path / "out" / "checkpoints" / "step-00000005" / "state.json").read_text())
-    assert state["data_position"] == 6 and state["engine"]["step"] == 5
+    # the default recipe does no module matching: 6 mixed steps
+    state = json.loads((tmp_path / "out" / "checkpoints" / "step-00000006" / "state.json").read_text())
+    assert state["data_position"] == 6 and state["engine"]["step"] == 6
     assert json.loads((tmp_path / "out" / "results.json").read_text())["models"]["successor"]["accuracy"] is None
     assert not (tmp_path / "out" / "curriculum.png").exists()  # plots: false
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump({**config, "depth": "two"}))
@@ -171,8 +171,8 @@ def test_each_example_config_runs_end_to_end(name, tmp_path, monkeypatch):
     assert sum(succ["blocks"].values()) * 2 == sum(pred["blocks"].values())
     assert 0 <= succ["accuracy"] <= 1 and 0 <= pred["accuracy"] <= 1
     assert succ["parameters"] < pred["parameters"] and results["flops_ratio"] > 1
-    # 6 steps: the default recipe spends 1 on module matching, a ResNet's recipe none
-    assert (out / "metrics.csv").read_text().count("replacement_rate") == (6 if name == "resnet" else 5)
+    # 6 steps, all mixed: neither the default recipe nor a ResNet's does module matching
+    assert (out / "metrics.csv").read_text().count("replacement_rate") == 6
     assert results["config"]["recipe"] == ("resnet" if name == "resnet" else "default")
     for plot in ("curriculum.png", "comparison.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"

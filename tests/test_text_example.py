@@ -41,8 +41,8 @@ def test_example_runs_end_to_end(tiny_model_dir, tiny_csv, tmp_path):
     from theseus_general.metrics import read_metrics
 
     logged = read_metrics(str(out / "theseus"))
-    assert [s for s, _ in logged["replacement_rate"]] == list(range(5))  # 6 steps: 1 matching, 5 mixed
-    assert len(saved["matching_curve"]) == 1
+    assert [s for s, _ in logged["replacement_rate"]] == list(range(6))  # 6 mixed steps: the default recipe does not match
+    assert len(saved["matching_curve"]) == 0
     assert [v for _, v in logged["loss"]] == [loss for _, _, loss in saved["replacement_curve"]]
     for plot in ("curriculum.png", "comparison.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
@@ -58,7 +58,7 @@ def test_quick_runs_the_whole_job_and_explicit_flags_win(tiny_model_dir, tiny_cs
     assert text_classification.parse_args([]).steps == 600  # without --quick: the full job
     report = text_classification.main(["--quick", *args])
     assert set(report["results"]) == {"predecessor", "theseus", "baseline_paper", "baseline_stronger"}
-    assert len(report["matching_curve"]) == 4 and len(report["replacement_curve"]) == 16  # the recipe: 20% matching
+    assert len(report["matching_curve"]) == 0 and len(report["replacement_curve"]) == 20  # the recipe: no matching
     assert report["settings"]["mixed_precision"] == "bf16"
     assert not (out / "predecessor").exists()  # --quick saves no models
 

@@ -1,0 +1,109 @@
+"""The default recipe's parts at the learning rates users run, against fine-tune-only (issue 26).
+
+One text task (benchmarks/quality.py's: data, predecessor, batches, evaluation and `run_method`),
+the predecessor evaluated once, then every --variants entry at every --lrs value and seed, each
+in the same `fit` with the same batches. A variant is a quality.py method plus overrides of the
+Theseus flags; ``match_lr_x`` sets matching's lr to that multiple of the run's lr.
+
+    python benchmarks/recipe_lr.py --predecessor DIR --model DIR --depth 6 --lrs 3e-5 \
+        --variants finetune default no_matching no_choose_start paper \
+        --output benchmarks/results/recipe_lr/s12_lr3e-5.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from typing import Any, Dict
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from _common import conditions, finish, quiet_transformers, write_json  # noqa: E402
+import quality  # noqa: E402
+
+# name -> the quality.py method and the flags it overrides
+VARIANTS: Dict[str, Dict[str, Any]] = {
+    "finetune": dict(method="finetune_trained"),
+    "default": dict(method="theseus"),  # the library's default recipe, as Theseus(...) + fit give it
+    # the default until issue 26, now recipe="matching": matching 20% at lr 1e-3 after the start-block choice
+    "matching": dict(method="theseus", match_fraction=0.2, match_lr=1e-3, choose_start=True),
+    "no_matching": dict(method="theseus", match_fraction=0.0),  # no matching, hence no start-block choice
+    "no_choose_start": dict(method="theseus", choose_start=False),
+    "match_lr_1x_no_choose": dict(method="theseus", choose_start=False, match_lr_x=1.0),
+    "match_lr_10x_no_choose": dict(method="theseus", choose_start=False, match_lr_x=10.0),
+    "match_lr_10x": dict(method="theseus", match_lr_x=10.0),
+    "no_matching_rest_frozen": dict(method="theseus", match_fraction=0.0, train_rest=False),
+    "former": dict(method="theseus_paper"),  # rest frozen, linear p 0.3 -> 1 at --replace-by, no matching
+    "paper": dict(method="theseus", paper=True),  # recipe="paper": the published fixed slope, rest frozen
+}
+
+
+def variant_args(args: argparse.Namespace, name: str, lr: float, seed: int) -> argparse.Namespace:
+    spec = dict(VARIANTS[name])
+    spec.pop("method")
+    settings = dict(vars(args), lr=lr, seeds=[seed])
+    ratio = spec.pop("match_lr_x", None)
+    if ratio is not None:
+        settings["match_lr"] = ratio * lr
+    settings.update(spec)
+    return argparse.Namespace(**settings)
+
+
+def main(argv=None) -> Dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["finetune", "default", "no_matching"])
+    p.add_argument("--lrs", type=float, nargs="+", default=[3e-5])
+    p.add_argument("--output", required=True)
+    own, rest = p.parse_known_args(argv)
+    args = quality.parse_args(["--task", "text"] + rest)
+    torch.set_num_threads(args.threads)
+    quiet_transformers()
+    started = time.time()
+    task = quality.TextTask(args)
+    predecessor = task.predecessor().eval()
+    task.native = quality.native_export_possible(predecessor, task.target)
+    report: Dict[str, Any] = {
+        "benchmark": "recipe_lr", "data": task.source, "settings": dict(vars(args), variants=own.variants, lrs=own.lrs),
+        "variants": {n: VARIANTS[n] for n in own.variants}, "conditions": conditions(torch.device("cpu")),
+        "target": task.target, "depth": quality.plan_depths(predecessor, task.target),
+        "predecessor": task.evaluate(predecessor), "runs": [],
+    }
+    print(f"predecessor: {report['predecessor']}", flush=True)
+    for seed in args.seeds:
+        for lr in own.lrs:
+            for name in own.variants:
+                t = time.time()
+                run_args = variant_args(args, name, lr, seed)
+                notes: Dict[str, Any] = {}
+                if VARIANTS[name].get("paper"):
+                    model = paper_run(task, predecessor, seed, run_args)
+                else:
+                    model = quality.run_method(VARIANTS[name]["method"], task, predecessor, seed, run_args, notes)
+                row = dict(variant=name, lr=lr, seed=seed, **task.evaluate(model), train_s=round(time.time() - t, 1), **notes)
+                report["runs"].append(row)
+                print(f"  seed {seed} lr {lr:g} {name:<24} dev {row['dev']:.4f} test {row['test']:.4f} "
+                      f"({row['train_s']:.0f} s) {notes or ''}", flush=True)
+                write_json(report, own.output)
+    return finish(report, own.output, "recipe_lr.py", argv, started)
+
+
+def paper_run(task, predecessor, seed: int, args: argparse.Namespace):
+    """recipe="paper" as a user gets it: rest frozen, p = min(1, 0.3 + 6e-4 t), no matching."""
+    from theseus_general import Theseus
+    from theseus_general.training import fit
+
+    th = Theseus(predecessor, **task.target, recipe="paper", seed=seed)
+    try:
+        fit(th, task.batches(seed), args.steps, lr=args.lr, weight_decay=args.weight_decay, lr_schedule="linear",
+            device=args.device, desc="paper")
+        return th.export(native=task.native)
+    finally:
+        th.unwrap()
+
+
+if __name__ == "__main__":
+    main()
