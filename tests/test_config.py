@@ -99,3 +99,20 @@ def test_a_saved_constant_schedule_comes_back():
     th = _engine(successor_depth=3, scheduler=ConstantScheduler(0.4, replace_all_at=5))
     again = Theseus(ChainModel(depth=6), TheseusConfig.from_dict(th.config.to_dict()))
     assert [again.scheduler(t) for t in range(8)] == [th.scheduler(t) for t in range(8)]
+
+
+def test_from_checkpoint_keeps_the_chosen_start_blocks(tmp_path):
+    import itertools
+
+    from theseus_general import fit
+
+    th = _engine(successor_depth=3, recipe="matching")  # matching chooses each successor's start block
+    fit(th, itertools.repeat((torch.randn(8, 4), torch.zeros(8, dtype=torch.long))), 5, lr=1e-3,
+        checkpoints=str(tmp_path / "run"), progress=False)
+    assert th.successor_starts  # some group did restart from another block (else this shows nothing)
+    saved = sorted((tmp_path / "run").glob("step-*"))[-1]
+    rebuilt = Theseus.from_checkpoint(ChainModel(depth=6), str(saved))
+    assert rebuilt.successor_starts == th.successor_starts
+    rows = str(rebuilt.plan).splitlines()[3:6]
+    for group, block in th.successor_starts.items():
+        assert f"copy of block {block} (chosen)" in rows[group]

@@ -370,7 +370,8 @@ class Theseus:
         for i, tensor in enumerate(self._wrapping.rest_tensors()):
             tensors[f"rest.{i}"] = tensor
         meta = {"step": self._step, "seed": self._state.seed, "rate": self._state.rate,
-                "train_rest": self.train_rest, "plan": self.plan.to_dict(), "config": self.config.to_dict()}
+                "train_rest": self.train_rest, "plan": self.plan.to_dict(), "config": self.config.to_dict(),
+                "successor_starts": {str(g): block for g, block in sorted(self.successor_starts.items())}}
         return {"tensors": tensors, "meta": meta}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -384,6 +385,10 @@ class Theseus:
             for name, value in live.items():
                 value.copy_(tensors[name])
         self._state.seed = int(state["meta"]["seed"])
+        starts = {int(g): int(block) for g, block in (state["meta"].get("successor_starts") or {}).items()}
+        if starts:  # the blocks the saved successors started from, for print(th.plan)
+            self.successor_starts = starts
+            self.plan.starts = dict(starts)
         self._step = step
         self._trained = True
         self._state.advance(step, rate)
