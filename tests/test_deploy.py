@@ -121,3 +121,21 @@ def test_exported_successor_runs_in_onnxruntime_with_pytorchs_outputs(name, dyna
         expected = model(*inputs).numpy()
     assert got.shape == expected.shape and got.shape[0] == 3
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_the_same_onnx_file_runs_in_openvino(name, tmp_path, monkeypatch):
+    """OpenVINO as a second runtime: it reads the ONNX file as it is (TorchScript exporter, the fast one)."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # OpenVINO's telemetry reads and writes ~/intel
+    ov = pytest.importorskip("openvino")
+    model, text = export_successor(name)
+    path = str(tmp_path / f"{name}.onnx")
+    onnx_export(model, text_inputs(2, 10, seed=0) if text else image_inputs(2, seed=0), path, text, dynamo=False)
+    inputs = text_inputs(3, 7, seed=1) if text else image_inputs(3, seed=1)
+    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_NUM_THREADS": 1, "INFERENCE_PRECISION_HINT": "f32"})
+    names = ["input_ids", "attention_mask"] if text else ["pixel_values"]
+    got = compiled({n: x.numpy() for n, x in zip(names, inputs)})[compiled.output(0)]
+    with torch.no_grad():
+        expected = model(*inputs).numpy()
+    assert got.shape == expected.shape and got.shape[0] == 3
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
