@@ -115,14 +115,18 @@ def test_lightning_checkpoints_resume_the_run_bit_identically(tmp_path):
 
 
 def test_ddp_with_two_gloo_processes(tmp_path):
-    # each rank: 5 optimiser steps on its half of every global batch, module matching first
+    # each rank: 5 optimiser steps on its half of every global batch; one process: the whole batches
     single = run_two_ranks(WORKER, run, tmp_path, timeout=300)
-    runs = [json.loads((tmp_path / f"run-{rank}.json").read_text()) for rank in (0, 1)]
-    alone = json.loads((single / "run-0.json").read_text())
-    assert runs[0] == runs[1] == alone and alone["steps"] == alone["global_step"] == 5 and alone["matched"] == 1
-    # the ranks hold the same successors and rest: rank 0's matched successors were broadcast, and DDP
-    # averaged every later gradient
-    w0, w1 = (load_file(tmp_path / f"weights-{rank}.safetensors") for rank in (0, 1))
-    assert all(torch.equal(w0[k], w1[k]) for k in w0)
-    # only rank 0 exported
-    assert (tmp_path / "successor" / "successor.pt").exists()
+    for name, matched in (("matched", 1), ("plain", 0)):
+        runs = [json.loads((tmp_path / f"run-{name}-{rank}.json").read_text()) for rank in (0, 1)]
+        alone = json.loads((single / f"run-{name}-0.json").read_text())
+        assert runs[0] == runs[1] == alone and alone["steps"] == alone["global_step"] == 5 and alone["matched"] == matched
+        w0, w1 = (load_file(tmp_path / f"weights-{name}-{rank}.safetensors") for rank in (0, 1))
+        # the ranks hold the same successors and rest: rank 0's matched successors were broadcast, and DDP
+        # averaged every gradient
+        assert all(torch.equal(w0[k], w1[k]) for k in w0), name
+        assert (tmp_path / f"successor-{name}" / "successor.pt").exists()  # rank 0 exported
+    # without matching, DDP on two halves trains what one process trains on the whole batches
+    ws = load_file(single / "weights-plain-0.safetensors")
+    w0 = load_file(tmp_path / "weights-plain-0.safetensors")
+    assert all(torch.allclose(w0[k], ws[k], atol=1e-5) for k in ws)
