@@ -1,6 +1,7 @@
 """Integrations with training stacks and the command line, not model families.
 
   * `hf_trainer`: `TheseusTrainer` / `TheseusCallback` for the transformers Trainer;
+  * `lightning`: `TheseusCallback` for `lightning.Trainer`;
   * `cli_runner`: what every ``theseus-compress`` task shares (engine set-up, report);
   * `cli_text`, `cli_image`: the CLI's text-classification and image-classification tasks.
 

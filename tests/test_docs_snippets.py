@@ -47,6 +47,7 @@ NO_RUN_COUNTS = {
     "docs/api.md": 1,
     "docs/budget.md": 1,
     "docs/cli.md": 1,
+    "docs/deploy.md": 1,
     "docs/training.md": 2,
 }
 
