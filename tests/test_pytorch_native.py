@@ -484,3 +484,24 @@ def test_a_recompute_that_cannot_tell_its_forward_raises():
             return
         th.unwrap()
     pytest.fail("no seed drew differently for the two forwards")
+
+def test_an_attached_optimizer_stepped_with_a_closure_skips_idle_successors():
+    # Lightning and LBFGS run forward and backward inside optimizer.step(closure), after the step
+    # pre-hook: the hook drops the anchor's zeros once the closure has made them
+    model = ChainModel(depth=6)
+    th = Theseus(model, adapter="generic", container="blocks", successor_depth=3, scheduler=0.0, train_rest=False)
+    opt = torch.optim.AdamW(th.trainable_parameters(), lr=1e-2, weight_decay=0.1)
+    th.attach(opt)
+    before = [p.detach().clone() for s in th.successors() for p in s.parameters()]
+
+    def closure():
+        opt.zero_grad()
+        loss = _chain_loss(model, _chain_batches(0))
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    assert th.decisions() == {0: [False], 1: [False], 2: [False]}
+    after = [p.detach() for s in th.successors() for p in s.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(before, after))  # weight decay did not move them
+    th.unwrap()

@@ -293,7 +293,7 @@ class Wrapping:
 
 
 def _drop_idle_gradients(wrapping: "weakref.ref[Wrapping]", state: ReplacementState):
-    def hook(optimizer, args, kwargs):
+    def drop() -> None:
         # A successor idle for the whole step got only the anchor's exact zeros (kept so that DDP's
         # reducer sees every parameter): None makes the optimiser skip it, so AdamW's momentum and
         # weight decay leave it unchanged, as in the reference code. A successor whose gradient is
@@ -306,4 +306,23 @@ def _drop_idle_gradients(wrapping: "weakref.ref[Wrapping]", state: ReplacementSt
             if grads and not bool(torch.stack([g.detach().abs().amax() for g in grads]).amax() > 0):
                 for p in alive.groups[index].successor.parameters():
                     p.grad = None
+
+    def hook(optimizer, args, kwargs):
+        # torch passes the optimiser itself as args[0]; a positional closure follows it
+        closure = kwargs.get("closure", args[1] if len(args) > 1 else None)
+        if closure is None:
+            drop()
+            return None
+
+        # step(closure) (Lightning, LBFGS): forward and backward run inside the step, after this hook;
+        # drop the idle zeros once the closure has made them, before the update reads them
+        def closure_then_drop():
+            loss = closure()
+            drop()
+            return loss
+
+        if "closure" in kwargs:
+            return args, {**kwargs, "closure": closure_then_drop}
+        return (args[0], closure_then_drop) + tuple(args[2:]), kwargs
+
     return hook
