@@ -247,7 +247,7 @@ def fit(
     on_step: called with each step's `StepLog` after the optimiser step (e.g. an evaluation every N steps).
     match_steps: engines only: how many of the `steps` go to module matching before the mixed phase
         (`theseus_general.match_successors`: each successor learns its group's output, labels unused). None:
-        the engine's recipe decides (the default recipe: its ``match_fraction`` of `steps`); 0: none.
+        the engine's recipe decides (its ``match_fraction`` of `steps`: none for "default", 20% for "matching"); 0: none.
         The mixed phase then has ``steps - match_steps`` optimiser steps (``th.step_count`` ends there),
         and a resumed run skips matching (its successors come from the checkpoint).
     match_lr: the matching phase's learning rate (None: the recipe's ``match_lr``, else `lr`).
