@@ -40,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from text_data import DataError, load_splits, tokenized_rows  # noqa: E402
 
 from theseus_general import Theseus, match_successors  # noqa: E402
+from theseus_general.training import planned_match_steps  # noqa: E402
 from theseus_general.measure import state_checksum  # noqa: E402
 
 
@@ -203,7 +204,8 @@ def main(argv=None, on_step: Optional[Callable] = None) -> dict:
     # batches on every process; DDP then starts every rank from rank 0's weights), then the
     # mixed phase, whose length the curriculum is told.
     th = Theseus(predecessor, successor_depth=args.depth, seed=args.seed)
-    match_steps = th.recipe.match_steps(args.steps)
+    # the default recipe matches only a start that lost the task: the first batch decides
+    match_steps = planned_match_steps(th, args.steps, next(iter(train_loader())))
     th.set_total_steps(args.steps - match_steps)
     accelerator.print(th.plan)
     if match_steps:

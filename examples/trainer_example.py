@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from text_data import DataError, load_splits, tokenized_rows  # noqa: E402
 
 from theseus_general import Theseus, match_successors  # noqa: E402
+from theseus_general.training import planned_match_steps  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -96,11 +97,12 @@ def main(argv=None) -> dict:
     # steps, the mixed phase with the Trainer (its callback tells the curriculum max_steps), export.
     th = Theseus(predecessor, successor_depth=args.depth, seed=args.seed)
     print(th.plan)
-    match_steps = th.recipe.match_steps(args.steps)
+    loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True,
+                                         collate_fn=DataCollatorWithPadding(tokenizer),
+                                         generator=torch.Generator().manual_seed(args.seed))
+    # the default recipe matches only a start that lost the task: the first batch decides
+    match_steps = planned_match_steps(th, args.steps, next(iter(loader)))
     if match_steps:
-        loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True,
-                                             collate_fn=DataCollatorWithPadding(tokenizer),
-                                             generator=torch.Generator().manual_seed(args.seed))
         match_successors(th, itertools.cycle(loader), match_steps, lr=th.recipe.match_lr)
     TheseusTrainer(theseus=th, model=th.model, args=trainer_args("theseus", args.steps - match_steps), **common).train()
     successor = th.export()

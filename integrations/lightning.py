@@ -52,7 +52,7 @@ import torch
 
 from theseus_general.engine import Theseus
 from theseus_general.errors import EngineStateError, TrainingError
-from theseus_general.matching import match_successors
+from theseus_general.training import match_successors, planned_match_steps
 
 __all__ = ["TheseusCallback"]
 
@@ -186,8 +186,7 @@ class TheseusCallback(L.Callback):
 
     def _match(self, trainer: "L.Trainer", pl_module: "L.LightningModule", steps: int) -> None:
         th = self.theseus
-        n = self.match_steps if self.match_steps is not None else th.recipe.match_steps(steps)
-        if n <= 0:
+        if self.match_steps == 0 or not (self.match_steps or th.recipe.match_fraction):
             return
         batches = self.match_batches if self.match_batches is not None else trainer.train_dataloader
         if batches is None:
@@ -195,6 +194,13 @@ class TheseusCallback(L.Callback):
                                 "TheseusCallback(match_batches=...) or match_steps=0.")
         if not callable(batches):
             batches = _cycle(batches)
+        # the recipe may match only a start that lost the task: it asks the first batch (the stream goes
+        # on from the next one); rank 0 decides for every rank, so that all match or none does
+        n = self.match_steps if self.match_steps is not None else planned_match_steps(th, steps, batches(0))
+        if trainer.world_size > 1:
+            n = trainer.strategy.broadcast(n, src=0)
+        if n <= 0:
+            return
         match_successors(th, batches, n, lr=self.match_lr or th.recipe.match_lr or 1e-3, device=pl_module.device,
                          progress=False, restore_device=False)
         self.matched_steps = n

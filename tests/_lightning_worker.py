@@ -67,12 +67,12 @@ def trainer(callback: TheseusCallback, world_size: int = 1, **options) -> L.Trai
 
 
 def run(out: str, rank: int = 0, world_size: int = 1, max_steps: int = 5) -> None:
-    """Two runs: "matched" (the default recipe, module matching first) and "plain" (match_steps=0)."""
+    """Two runs: "matched" (recipe="matching": module matching first) and "plain" (match_steps=0)."""
     from safetensors.torch import save_file
 
     torch.set_num_threads(1)
     for name, match_steps in (("matched", None), ("plain", 0)):
-        th = engine()
+        th = engine(recipe="matching")
         callback = TheseusCallback(th, match_steps=match_steps, export_dir=os.path.join(out, f"successor-{name}"))
         task = ChainTask(th)
         # each rank reads its slice of every global batch (not Lightning's DistributedSampler, whose order

@@ -49,7 +49,7 @@ def test_length_of_the_run_reaches_the_engine():
 
 
 def test_module_matching_runs_when_the_recipe_asks_and_not_otherwise():
-    th = engine()  # the default recipe: 20% of the run's steps go to module matching first
+    th = engine(recipe="matching")  # 20% of the run's steps go to module matching first, always
     callback = TheseusCallback(th)
     trainer(callback, max_steps=10).fit(ChainTask(th), loader())
     assert th.recipe.match_steps(10) == 2 and callback.matched_steps == 2 and th.step_count == 10
@@ -93,7 +93,7 @@ def test_lightning_checkpoints_resume_the_run_bit_identically(tmp_path):
     # whose order does not depend on where it stopped resumes the same data; the engine's state is what is tested.
     data = loader(samples=8)
     # uninterrupted: 8 steps, Lightning's ModelCheckpoint saving every 2
-    th = engine()  # the default recipe: one matching step (20% of 8) first, p reaches 1 at step 4
+    th = engine(recipe="matching")  # one matching step (20% of 8) first, p reaches 1 at step 4
     callback = TheseusCallback(th)
     saver = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path, every_n_train_steps=2, save_top_k=-1, filename="{step}")
     trainer(callback, max_steps=8, enable_checkpointing=True, callbacks=[callback, saver]).fit(ChainTask(th), data)
@@ -101,11 +101,11 @@ def test_lightning_checkpoints_resume_the_run_bit_identically(tmp_path):
     checkpoint = tmp_path / "step=2.ckpt"
     saved = torch.load(checkpoint, weights_only=False)
     (state,) = [state for key, state in saved["callbacks"].items() if key.startswith("TheseusCallback")]
-    assert state["engine"]["step"] == 2 and state["engine"]["config"]["recipe"] == "default"
+    assert state["engine"]["step"] == 2 and state["engine"]["config"]["recipe"] == "matching"
     assert 0 < state["engine"]["rate"] < 1  # saved while modules were still replaced at random
 
     # resumed from there on a fresh model and engine: no matching again, the same rates and the same end
-    th2 = engine()
+    th2 = engine(recipe="matching")
     cb2 = TheseusCallback(th2)
     trainer(cb2, max_steps=8).fit(ChainTask(th2), data, ckpt_path=str(checkpoint))
     assert th2.step_count == 8 and cb2.matched_steps == callback.matched_steps == 1

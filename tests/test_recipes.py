@@ -104,7 +104,7 @@ def test_fit_runs_the_recipes_module_matching_out_of_the_same_step_budget(tmp_pa
 
     from theseus_general import RECIPES
 
-    th = chain_engine(recipe=replace(RECIPES["default"], match_fraction=0.25, match_lr=1e-2))
+    th = chain_engine(recipe=replace(RECIPES["matching"], match_fraction=0.25, match_lr=1e-2))
     result = fit(th, batches(), 8, lr=1e-2, progress=False)
     assert len(result.matching.history) == 2 and len(result.history) == 6  # 8 steps in all
     assert th.recipe.match_steps(8) == 2 and th.recipe.match_steps(3) == 0  # the examples' count, rounded down
@@ -128,7 +128,7 @@ def test_a_resumed_run_skips_matching_and_ends_where_the_uninterrupted_one_ends(
 
     from theseus_general import RECIPES
 
-    recipe = replace(RECIPES["default"], match_fraction=0.25)
+    recipe = replace(RECIPES["matching"], match_fraction=0.25)
     first = chain_engine(recipe=recipe, seed=3)
     fit(first, batches(), 8, lr=1e-2, checkpoints=str(tmp_path), checkpoint_every=2, progress=False)
     again = chain_engine(recipe=recipe, seed=3)
@@ -190,3 +190,37 @@ def test_readme_path_at_default_settings_is_not_worse_than_fine_tune_only(lr):
     th.unwrap()
     theseus, fine_tuned = held_out_accuracy(successor, test), held_out_accuracy(baseline, test)
     assert theseus >= fine_tuned - 0.02, (theseus, fine_tuned)
+
+
+def test_the_default_matches_only_a_start_that_lost_the_task():
+    # fit asks the first batch: the successors alone (eval mode) against the predecessor. A start that
+    # agrees on at least 2/3 of the predictions trains exactly as with match_steps=0; one that does not
+    # gets the recipe's module matching first
+    import itertools
+
+    from theseus_general import Theseus, fit
+    from theseus_general.matching import start_agreement
+
+    from conftest import ChainModel
+
+    def engine():
+        return Theseus(ChainModel(depth=6, seed=3), adapter="generic", container="blocks", successor_depth=3, seed=1)
+
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    batches = [(x, torch.zeros(64, dtype=torch.long))] * 20
+    th = engine()
+    agreement = start_agreement(th, x)
+    assert 0 <= agreement <= 1
+    auto = fit(th, list(batches), 10, lr=1e-2, progress=False)
+    assert auto.start_agreement == agreement
+    th_off = engine()
+    fit(th_off, list(batches), 10, lr=1e-2, match_steps=0, progress=False)
+    if agreement >= 2 / 3:
+        assert auto.matching is None
+        assert all(torch.equal(a, b) for a, b in zip(th.trainable_parameters(), th_off.trainable_parameters()))
+    else:
+        assert len(auto.matching.history) == 2
+    # the rule itself, on both sides of the threshold
+    recipe = th.recipe
+    assert recipe.match_steps(100, agreement=0.8) == 0 and recipe.match_steps(100, agreement=0.5) == 20
+    assert recipe.match_steps(100) == 20  # no agreement measured: the recipe's share

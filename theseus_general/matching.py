@@ -28,12 +28,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
 
-from .graph import run_model
+from .graph import default_logits, run_model
 from .wrapping import has_running_stats
 
 
@@ -107,6 +107,27 @@ def group_errors(engine: Any, inputs: Any, training: bool = False) -> Dict[int, 
             for name, value in buffers.items():
                 module._buffers[name].copy_(value)
         model.train(was_training)
+
+
+def start_agreement(engine: Any, inputs: Any) -> Optional[float]:
+    """The share of `inputs`' predictions (argmax of the logits: per example, or per token) on which the
+    successors alone (the truncated start: eval mode runs only successors) agree with the predecessor,
+    on the model's own device, without gradients, in eval mode. None when the output has no logits."""
+    model = engine.model
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            with engine.matching_mode():  # every group runs its predecessor blocks: the predecessor's output
+                predecessor = default_logits(run_model(model, inputs))
+            start = default_logits(run_model(model, inputs))
+    except TypeError:  # no logits in this model's output
+        return None
+    finally:
+        model.train(was_training)
+    if predecessor.shape != start.shape or predecessor.dim() < 1:
+        return None
+    return float((predecessor.argmax(-1) == start.argmax(-1)).float().mean())
 
 
 def choose_starts(engine: Any, inputs: Any) -> Dict[int, int]:

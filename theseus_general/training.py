@@ -31,6 +31,7 @@ runs one process on one device. It imports no model library.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ from .checkpoint import CheckpointManager
 from .engine import Theseus
 from .errors import MatchingDivergedWarning, NonFiniteLossError, TrainingError, warn_user
 from .graph import default_logits, run_model
-from .matching import MatchGuard, full_precision, inputs_of, note_starts, choose_starts, group_errors, put_back
+from .matching import (MatchGuard, choose_starts, full_precision, group_errors, inputs_of, note_starts, put_back,
+                       start_agreement)
 from .metrics import MetricsLogger
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -75,6 +77,9 @@ class FitResult:
     resumed_from: Optional[str] = None  # the checkpoint directory a resume started from
     matching: Optional["FitResult"] = None  # the module-matching phase, when this call ran one
     guard: Optional[Any] = None  # a matching phase's `theseus_general.matching.MatchGuard` (errors before/after)
+    # the successors' agreement with the predecessor on the first batch, when the recipe asked for it to
+    # decide whether to match (`Recipe.match_below_agreement`)
+    start_agreement: Optional[float] = None
 
     @property
     def losses(self) -> List[float]:
@@ -265,7 +270,14 @@ def fit(
         raise TrainingError(f"fit() trains a Theseus engine or a torch.nn.Module, got {type(target).__qualname__}.")
     _check_settings(steps, lr_schedule, gradient_accumulation, checkpoint_every, checkpoints, engine)
     _check_numbers(lr=lr, weight_decay=weight_decay, warmup=warmup, max_grad_norm=max_grad_norm, match_lr=match_lr)
-    planned_matching = _matching_steps(engine, steps, match_steps)
+    agreement = None
+    if engine is not None and match_steps is None and engine.step_count == 0 and engine.recipe.match_fraction \
+            and engine.recipe.match_below_agreement is not None:
+        # the recipe matches only a start that lost the task: ask the first batch (read once, then
+        # handed on as the stream's first batch, so that a resumed run decides the same)
+        batches, first = _peek(batches)
+        agreement = _agreement(engine, first)
+    planned_matching = _matching_steps(engine, steps, match_steps, agreement)
     steps -= planned_matching  # matching comes out of the same budget of optimiser steps
     if engine is not None and engine.step_count == 0 and engine.needs_total_steps:
         engine.set_total_steps(steps)  # the default curriculum reaches p = 1 at its fraction of this run
@@ -305,7 +317,8 @@ def fit(
         position = (resumed.data_position or 0) if resumed else planned_matching
         next_batch = shared_source or _batch_source(batches, position, steps * gradient_accumulation)
         logger = MetricsLogger(metrics) if isinstance(metrics, str) else metrics
-        result = FitResult(device=str(run_device), resumed_from=resumed.path if resumed else None, matching=matching)
+        result = FitResult(device=str(run_device), resumed_from=resumed.path if resumed else None, matching=matching,
+                           start_agreement=agreement)
         if resumed and progress:
             tqdm.write(f"resumed from {resumed.path} (step {resumed.step})")
 
@@ -502,14 +515,44 @@ def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int]
     return result
 
 
-def _matching_steps(engine: Optional[Theseus], steps: int, match_steps: Optional[int]) -> int:
+def planned_match_steps(engine: Theseus, steps: int, batch: Any) -> int:
+    """The module-matching steps `engine`'s recipe takes out of a run of `steps` optimiser steps, for
+    loops of your own (the HF Trainer, Accelerate, Lightning; `fit` decides the same way): the recipe's
+    share, or none when the recipe matches only a start that lost the task and the successors alone
+    agree with the predecessor on `batch` (the run's first batch: an ``(inputs, labels)`` pair, a
+    mapping with "labels", or the inputs) at least as often as it asks. Call it before training."""
+    recipe = engine.recipe
+    agreement = None
+    if recipe.match_fraction and recipe.match_below_agreement is not None:
+        agreement = _agreement(engine, batch)
+    return recipe.match_steps(steps, agreement)
+
+
+def _agreement(engine: Theseus, batch: Any) -> Optional[float]:
+    return start_agreement(engine, to_device(inputs_of(batch), _device_of(engine.model) or torch.device("cpu")))
+
+
+def _peek(batches: Any) -> Tuple[Any, Batch]:
+    """The first batch, and batches that still start with it (a function of the position as it is)."""
+    if callable(batches) and not hasattr(batches, "__iter__"):
+        return batches, batches(0)
+    stream = iter(batches)
+    try:
+        first = next(stream)
+    except StopIteration:
+        raise TrainingError("batches is empty; give at least steps x gradient_accumulation batches.") from None
+    return itertools.chain([first], stream), first
+
+
+def _matching_steps(engine: Optional[Theseus], steps: int, match_steps: Optional[int],
+                    agreement: Optional[float] = None) -> int:
     if engine is None:
         if match_steps:
             raise TrainingError("match_steps= trains successors to match their groups; it needs a Theseus engine "
                                 "as the target, not a plain model.")
         return 0
     if match_steps is None:
-        return engine.recipe.match_steps(steps) if engine.step_count == 0 else 0
+        return engine.recipe.match_steps(steps, agreement) if engine.step_count == 0 else 0
     if isinstance(match_steps, bool) or not isinstance(match_steps, int) or not 0 <= match_steps < steps:
         raise TrainingError(f"match_steps must be an int from 0 to steps - 1 (it comes out of the {steps} steps), "
                             f"got {match_steps!r}.")
@@ -561,4 +604,5 @@ def _device_of(model: nn.Module) -> Optional[torch.device]:
 
 
 __all__ = ["FitResult", "StepLog", "TrainingError", "add_device_arguments", "autocast_dtype", "cross_entropy_loss", "fit",
+           "match_successors", "planned_match_steps",
            "lr_factor", "resolve_device", "split_batch", "to_device"]
