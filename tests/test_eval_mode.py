@@ -68,7 +68,7 @@ def test_evaluation_between_steps_stays_allowed():
 
 def test_fit_puts_an_eval_mode_model_in_training_mode_and_back():
     model = tiny_bert(num_layers=4).eval()
-    th = Theseus(model, successor_depth=2)
+    th = Theseus(model, successor_depth=2, recipe="matching")
     batches = [(({k: v for k, v in b.items() if k != "labels"}), b["labels"])
                for b in (bert_batch(seed=i) for i in range(6))]
     fit(th, batches, steps=6, lr=1e-4, progress=False)

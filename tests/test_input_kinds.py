@@ -55,7 +55,7 @@ def test_a_batch_encoding_sample_is_passed_as_keywords():
 
 
 def test_fit_trains_on_batch_encodings_and_on_hugging_face_style_mappings_with_labels():
-    th = Theseus(tiny_bert(num_layers=4), successor_depth=2)
+    th = Theseus(tiny_bert(num_layers=4), successor_depth=2, recipe="matching")
     pairs = [(_encoding(i), bert_batch(seed=i)["labels"]) for i in range(5)]
     result = fit(th, pairs, steps=5, lr=1e-4, progress=False)  # matching then the mixed phase
     assert len(result.losses) + len(result.matching.losses) == 5
