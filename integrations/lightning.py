@@ -26,8 +26,8 @@ What `TheseusCallback` does, hook by hook:
     ``max_epochs``), brings a resumed engine to the checkpoint's step, and on a new run does the
     recipe's module matching (``match_successors(th, train_dataloader, th.recipe.match_steps(steps))``)
     before Lightning's first step; under DDP rank 0's matched successors are broadcast to every rank;
-  * ``on_before_optimizer_step``: a successor idle for the whole step gets no update (what
-    ``th.attach``'s hook does in a plain loop; Lightning's closure runs after that hook);
+  * a successor idle for the whole step gets no update: ``th.attach``'s hook on the optimiser drops the
+    anchor's zeros after Lightning's closure has run forward and backward;
   * ``on_train_batch_end``: one ``th.step()`` per optimiser step: it follows ``trainer.global_step``,
     which counts optimiser steps, so gradient accumulation is respected (one optimiser only);
   * ``state_dict`` / ``load_state_dict``: Lightning's own checkpoints hold the engine's step, seed, rate,
@@ -127,21 +127,6 @@ class TheseusCallback(L.Callback):
             self._match(trainer, pl_module, steps)
 
     # ------------------------------------------------------------------ training
-    def on_before_optimizer_step(self, trainer: "L.Trainer", pl_module: "L.LightningModule", optimizer: Any) -> None:
-        # Lightning runs forward and backward inside optimizer.step(closure), after the optimiser's step
-        # pre-hooks: the hook th.attach() put there sees no forward of this step yet. Here, after the
-        # closure and before the update, a successor idle for the whole step that got only the anchor's
-        # exact zeros (DDP) has them set to None, so AdamW's momentum and weight decay leave it unchanged
-        # (the rule of th.attach's hook, through the public decisions()).
-        groups = {group.index: group for group in self.theseus.groups}
-        for index, ran in self.theseus.decisions().items():
-            if ran and not any(ran):
-                params = list(groups[index].successor.parameters())
-                grads = [p.grad for p in params if p.grad is not None and p.grad.numel()]
-                if grads and not bool(torch.stack([g.detach().abs().amax() for g in grads]).amax() > 0):
-                    for p in params:
-                        p.grad = None
-
     def on_train_batch_end(self, trainer: "L.Trainer", pl_module: "L.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         # global_step counts optimiser steps: under gradient accumulation it moves on every k-th batch

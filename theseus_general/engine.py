@@ -322,7 +322,7 @@ class Theseus:
                 f"{self.scheduler.full_at:.0%} of the run. Pass Theseus(..., total_steps=N), call "
                 "th.set_total_steps(N), or train with theseus_general.fit (which does it)."
             )
-        if self._state.idle_groups() and not self._wrapping.attached and not self._warned_unattached:
+        if not self._warned_unattached and not self._wrapping.attached and self._state.idle_groups():
             self._warned_unattached = True
             warn_user(
                 f"Successors of groups {sorted(self._state.idle_groups())} sat idle this step but got zero gradients "
