@@ -276,6 +276,7 @@ def main(argv=None) -> Dict[str, Any]:
         for method in args.methods:
             t0 = time.time()
             starts = None  # Theseus: {group: block} for successors that module matching restarted from another block
+            decision = None  # Theseus: the first batch's start agreement and the matching steps it led to
             # Where the student starts: "first" (the built-in: successor i is a copy of layer i, so
             # the first `depth` layers) or "bi" (the layers Block Influence keeps, in place).
             start = "bi" if method in ("theseus_bi", "layer_removal", "kd_bi") else "first"
@@ -287,9 +288,11 @@ def main(argv=None) -> Dict[str, Any]:
                 scheduler = RunLinearScheduler(full_at=args.replace_by)  # of the mixed phase; fit tells it its length
                 th = Theseus(model, scheduler=scheduler, seed=args.seed, **kwargs)
                 match = None if args.match_fraction is None else int(args.steps * args.match_fraction)
-                fit(th, batch_at, args.steps, loss=causal_lm(th.model), desc=f"{method} {layers}->{depth}",
-                    match_steps=match, **common)
+                result = fit(th, batch_at, args.steps, loss=causal_lm(th.model), desc=f"{method} {layers}->{depth}",
+                             match_steps=match, **common)
                 starts = dict(th.successor_starts)
+                decision = {"start_agreement": result.start_agreement,
+                            "match_steps": len(result.matching.history) if result.matching else 0}
                 student = th.export()
                 th.unwrap()
             elif method in ("fine_tune_only", "layer_removal"):
@@ -312,6 +315,8 @@ def main(argv=None) -> Dict[str, Any]:
             row["flops_ratio"] = results["predecessor"]["flops"] / row["flops"]
             if starts is not None:
                 row["start_blocks"] = starts
+            if decision is not None:
+                row.update(decision)
             results["students"][name] = row
             print(f"{layers}->{depth} {method:<15} test perplexity {row['perplexity']:8.2f}   ({train_seconds:.0f} s)")
 
