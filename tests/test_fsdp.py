@@ -1,4 +1,5 @@
-"""FSDP2 (fully_shard) on CPU (gloo, 2 real processes): same draws on both ranks, same successor as one process."""
+"""FSDP2 (fully_shard) on CPU (gloo, 2 real processes): same draws on both ranks, same successor as one process,
+and th.export() of the sharded model."""
 
 import json
 import os
@@ -10,7 +11,8 @@ from safetensors.torch import load_file
 import _fsdp_worker
 from _gloo import run_two_ranks
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_fsdp_worker.py")
+HERE = os.path.dirname(os.path.abspath(__file__))
+WORKER = os.path.join(HERE, "_fsdp_worker.py")
 
 
 def test_fully_shard_ranks_match_each_other_and_one_process(tmp_path):
@@ -32,22 +34,58 @@ def test_fully_shard_ranks_match_each_other_and_one_process(tmp_path):
         assert torch.equal(w0[k], w1[k]), k
         torch.testing.assert_close(w0[k], reference[k], rtol=1e-5, atol=1e-6)
 
+    # th.export() of the sharded model: rank 0 gets the successor, rank 1 took part in the gather and got None
     exported, expected = load_file(str(tmp_path / "exported.safetensors")), load_file(str(single / "exported.safetensors"))
-    assert exported.keys() == expected.keys()
+    twin = load_file(str(tmp_path / "twin.safetensors"))
+    assert (tmp_path / "export-1.txt").read_text() == "None"
+    assert exported.keys() == expected.keys() == twin.keys()
     for k in exported:
+        assert torch.equal(exported[k], twin[k]), k  # what an unsharded twin with the gathered state exports
         torch.testing.assert_close(exported[k], expected[k], rtol=1e-5, atol=1e-6)
 
 
-def test_a_sharded_model_cannot_be_deep_copied_so_export_needs_the_twin():
-    """The reason for export_through_twin: FSDP2's own refusal, recorded (one process, world size 1)."""
+def test_export_of_a_sharded_model_is_a_plain_model_equal_to_the_unsharded_export():
+    """One process (world size 1): fully_shard, train, export; the same run unsharded exports the same weights."""
     import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
+    from torch.distributed.tensor import DTensor
 
+    def train(th, steps):
+        opt = torch.optim.SGD(th.trainable_parameters(), lr=0.1)
+        th.attach(opt)
+        th.model.train()
+        for step in range(steps):
+            g = torch.Generator().manual_seed(step)
+            x, y = torch.randn(8, 4, generator=g), torch.randint(0, 2, (8,), generator=g)
+            torch.nn.functional.cross_entropy(th.model(x), y).backward()
+            opt.step()
+            opt.zero_grad()
+            th.step()
+
+    unsharded = _fsdp_worker.engine()
+    train(unsharded, 3)
+    expected = unsharded.export()
     dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         th = _fsdp_worker.engine()
+        for group in th.groups:
+            fully_shard(group)
         fully_shard(th.model)
-        with pytest.raises(AssertionError, match="FSDP does not support deepcopy"):
-            th.export()
+        train(th, 3)
+        exported = th.export()
+        assert type(exported) is type(expected) and len(exported.blocks) == 3
+        assert not any(isinstance(m, FSDPModule) for m in exported.modules())
+        assert not any(isinstance(p, DTensor) for p in exported.parameters())
+        assert not any(hasattr(m, "_is_fsdp_managed_module") for m in exported.modules())
+        assert not any(h for m in exported.modules() for h in (m._forward_pre_hooks, m._forward_hooks))
+        assert exported.state_dict().keys() == expected.state_dict().keys()
+        for k, v in exported.state_dict().items():
+            assert torch.equal(v, expected.state_dict()[k]), k
+        x = torch.randn(5, 4)
+        assert torch.equal(exported(x), expected(x))
+        # the wrapped model is still sharded and trains on
+        assert all(isinstance(p, DTensor) for p in th.trainable_parameters())
+        train(th, 1)
+        assert th.step_count == 4
     finally:
         dist.destroy_process_group()
