@@ -1,5 +1,5 @@
 """FSDP2 (fully_shard) on CPU (gloo, 2 real processes): same draws on both ranks, same successor as one process,
-and th.export() of the sharded model."""
+th.export() of the sharded model, and a save/resume through torch.distributed.checkpoint."""
 
 import json
 import os
@@ -13,6 +13,7 @@ from _gloo import run_two_ranks
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WORKER = os.path.join(HERE, "_fsdp_worker.py")
+RESUME_WORKER = os.path.join(HERE, "_fsdp_resume_worker.py")
 
 
 def test_fully_shard_ranks_match_each_other_and_one_process(tmp_path):
@@ -87,5 +88,57 @@ def test_export_of_a_sharded_model_is_a_plain_model_equal_to_the_unsharded_expor
         assert all(isinstance(p, DTensor) for p in th.trainable_parameters())
         train(th, 1)
         assert th.step_count == 4
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_sharded_run_resumes_bit_identically_through_dcp(tmp_path):
+    """2 ranks save with DCP after step 3 and run on to step 6; 2 fresh ranks resume from the checkpoint
+    and run to step 6: the engine's tensors and AdamW's state equal the uninterrupted run's bit for bit."""
+    first, resumed = tmp_path / "first", tmp_path / "resumed"
+    first.mkdir()
+    resumed.mkdir()
+    run_two_ranks(RESUME_WORKER, None, first)
+    run_two_ranks(RESUME_WORKER, None, resumed, args=[str(first / "ckpt")])
+    for rank in range(2):
+        a = load_file(str(first / f"final-{rank}.safetensors"))
+        b = load_file(str(resumed / f"final-{rank}.safetensors"))
+        assert a.keys() == b.keys()
+        assert any(k.startswith("opt.") for k in a) and any(k.startswith("rest.") for k in a)
+        for k in a:
+            assert torch.equal(a[k], b[k]), (rank, k)
+
+
+def test_a_sharded_checkpoint_of_another_plan_is_refused_before_anything_changes(tmp_path):
+    """One process (world size 1): save with DCP, then load into an engine of another plan, and into one
+    from a directory that is not a sharded checkpoint: CheckpointError, the engine and optimiser unchanged."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from theseus_general import ConstantScheduler, Theseus
+    from theseus_general.checkpoint import load_sharded_checkpoint, save_sharded_checkpoint
+    from theseus_general.errors import CheckpointError
+
+    def sharded(depth):
+        th = Theseus(_fsdp_worker.ChainModel(depth=6, seed=0), successor_depth=depth, adapter="generic",
+                     container="blocks", scheduler=ConstantScheduler(0.5), seed=11)
+        for group in th.groups:
+            fully_shard(group)
+        fully_shard(th.model)
+        return th, torch.optim.AdamW(th.trainable_parameters(), lr=1e-2)
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        th, opt = sharded(3)
+        save_sharded_checkpoint(str(tmp_path / "ckpt"), th, opt)
+        other, other_opt = sharded(2)
+        before = {k: v.full_tensor().clone() for k, v in other.state_dict()["tensors"].items()}
+        with pytest.raises(CheckpointError, match="plan"):
+            load_sharded_checkpoint(str(tmp_path / "ckpt"), other, other_opt)
+        with pytest.raises(CheckpointError, match="no state.json"):
+            load_sharded_checkpoint(str(tmp_path), other, other_opt)
+        assert other.step_count == 0 and not other_opt.state
+        for k, v in other.state_dict()["tensors"].items():
+            assert torch.equal(v.full_tensor(), before[k]), k
     finally:
         dist.destroy_process_group()
