@@ -73,12 +73,21 @@ def test_export_of_a_sharded_model_is_a_plain_model_equal_to_the_unsharded_expor
             fully_shard(group)
         fully_shard(th.model)
         train(th, 3)
+
+        def users_hook(module, args, output):  # a hook of the user's: copied, as by an unsharded export
+            return None
+
+        th.model.head.register_forward_hook(users_hook)
         exported = th.export()
         assert type(exported) is type(expected) and len(exported.blocks) == 3
         assert not any(isinstance(m, FSDPModule) for m in exported.modules())
         assert not any(isinstance(p, DTensor) for p in exported.parameters())
         assert not any(hasattr(m, "_is_fsdp_managed_module") for m in exported.modules())
-        assert not any(h for m in exported.modules() for h in (m._forward_pre_hooks, m._forward_hooks))
+        assert list(exported.head._forward_hooks.values()) == [users_hook]
+        assert th.model._forward_pre_hooks and any(m._load_state_dict_post_hooks for m in th.model.modules())
+        assert not any(h for m in exported.modules() if m is not exported.head  # FSDP's hooks are gone
+                       for h in (m._forward_pre_hooks, m._forward_hooks, m._state_dict_pre_hooks,
+                                 m._load_state_dict_pre_hooks, m._load_state_dict_post_hooks))
         assert exported.state_dict().keys() == expected.state_dict().keys()
         for k, v in exported.state_dict().items():
             assert torch.equal(v, expected.state_dict()[k]), k
@@ -142,3 +151,44 @@ def test_a_sharded_checkpoint_of_another_plan_is_refused_before_anything_changes
             assert torch.equal(v.full_tensor(), before[k]), k
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("family", ["bert", "resnet"])
+def test_a_sharded_model_exports_the_families_native_model(family):
+    """One process: the hf and resnet adapters rebuild their own model from the sharded engine's export,
+    equal to the unsharded engine's export (same weights, same outputs)."""
+    import torch.distributed as dist
+    from conftest import bert_batch, tiny_bert, tiny_resnet
+    from torch.distributed.fsdp import fully_shard
+
+    from theseus_general import Theseus
+
+    def engine():
+        if family == "bert":
+            return Theseus(tiny_bert(num_layers=4), successor_depth=2, seed=0)
+        return Theseus(tiny_resnet(), ratio=0.5, seed=0)
+
+    unsharded = engine()
+    unsharded.mark_trained()  # the initial successors are enough for an equality
+    expected = unsharded.export()
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        th = engine()
+        for group in th.groups:
+            fully_shard(group)
+        fully_shard(th.model)
+        th.mark_trained()
+        exported = th.export()
+    finally:
+        dist.destroy_process_group()
+    assert type(exported) is type(expected)
+    assert exported.state_dict().keys() == expected.state_dict().keys()
+    for k, v in exported.state_dict().items():
+        assert torch.equal(v, expected.state_dict()[k]), k
+    if family == "bert":
+        batch = {k: v for k, v in bert_batch().items() if k != "labels"}
+        assert exported.config.num_hidden_layers == 2
+        assert torch.equal(exported(**batch).logits, expected(**batch).logits)
+    else:
+        x = torch.randn(2, 3, 32, 32)
+        assert torch.equal(exported(x), expected(x))
