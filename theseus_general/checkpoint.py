@@ -383,8 +383,10 @@ def load_sharded_checkpoint(path: str, th: Theseus, optimizer: Optional[torch.op
     A collective: **every rank calls it**. DCP reads each rank's shards of the engine's tensors and the
     optimiser's state (a fresh optimiser first gets its state made by torch's ``get_optimizer_state_dict``,
     a step at learning rate 0 that leaves the parameters bit-identical); each rank restores its own RNG
-    states, so restore_rng needs the saved number of ranks. The plan, schedule, tensor names and shapes and
-    the optimiser's parameter groups are checked first (CheckpointError) before anything changes."""
+    states, so restore_rng needs the saved number of ranks. The files, plan, schedule, tensor names and
+    shapes and the optimiser's parameter groups are checked (CheckpointError) before anything changes; the
+    names of the optimiser's state, once torch has made a fresh optimiser's state. Directories without
+    ``state.json`` are incomplete saves: pick the newest one that has it."""
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file
 
@@ -407,7 +409,12 @@ def load_sharded_checkpoint(path: str, th: Theseus, optimizer: Optional[torch.op
     if restore_rng and state["world_size"] != world:
         raise CheckpointError(f"{path} was saved by {state['world_size']} ranks, this run has {world}: each rank's RNG "
                               "state cannot be restored. Resume with as many ranks, or pass restore_rng=False.")
-    saved = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, map_location="cpu")
+    try:
+        saved = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}/optimizer.pt is missing; the checkpoint is incomplete.") from None
+    if restore_rng and not os.path.exists(os.path.join(path, f"rng-{rank}.safetensors")):
+        raise CheckpointError(f"{path} has no RNG state of rank {rank}; the checkpoint is incomplete.")
     engine_tensors = {k: torch.empty_like(v) for k, v in th.state_dict()["tensors"].items()}
     engine_state = {"tensors": engine_tensors, "meta": state["engine"]}
     th.check_state_dict(engine_state)
