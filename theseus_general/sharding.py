@@ -108,6 +108,6 @@ def plain_copy(model: nn.Module) -> Optional[nn.Module]:
     for m in modules:  # every module first: a parent's copy then finds its children's in the memo
         cls = _own_class(type(m))
         memo[id(m)] = cls.__new__(cls)
-    for m in modules:
-        memo[id(m)].__dict__.update(copy.deepcopy(_own_state(m), memo))
+    for m in modules:  # as deepcopy restores a module: its class's __setstate__ (nn.Module's fills in hook dicts)
+        memo[id(m)].__setstate__(copy.deepcopy(_own_state(m), memo))
     return memo[id(model)]
