@@ -6,8 +6,11 @@ Sharding: ``fully_shard`` on each replacement group (a TheseusGroup holds the
 group's predecessor blocks and its successor, so both are gathered for the
 group's forward) and then on the whole wrapped model. Each rank trains on its
 slice of the same global batch and writes its per-step replacement draws
-(draws-<rank>.json) and the engine's gathered tensors (weights-<rank>.safetensors);
-rank 0 also writes the exported successor model (exported.safetensors).
+(draws-<rank>.json) and the engine's gathered tensors (weights-<rank>.safetensors).
+Every rank calls th.export() (a collective on a sharded model); rank 0 writes the exported
+successor model (exported.safetensors) and, for the equality check only, the export of an
+unsharded twin loaded with the gathered state (twin.safetensors); rank 1 writes what its
+export() returned (export-<rank>.txt).
 With WORLD_SIZE unset, run(out, world_size=1) trains without sharding on the whole batch.
 """
 
@@ -38,8 +41,8 @@ def engine() -> Theseus:
 
 
 def export_through_twin(weights: dict, meta: dict):
-    """A sharded model cannot be deep-copied (FSDP refuses), so export() runs on an unsharded
-    twin: the same model and plan, with the gathered engine state loaded."""
+    """What users had to do before export() handled sharded models, kept as a check of it: an
+    unsharded twin (the same model and plan) with the gathered engine state loaded."""
     twin = engine()
     twin.load_state_dict({"tensors": weights, "meta": meta})
     return twin.export()
@@ -60,9 +63,15 @@ def run(out: str, rank: int = 0, world_size: int = 1) -> None:
     train_on_rank_slice(th, th.model, opt, out, rank, world_size, STEPS, GLOBAL_BATCH)
     weights = engine_weights(th)  # a collective under FSDP: every rank takes part
     save_file(weights, os.path.join(out, f"weights-{rank}.safetensors"))
-    if rank == 0:
-        exported = th.export() if world_size == 1 else export_through_twin(weights, th.state_dict()["meta"])
-        save_file({k: v.contiguous() for k, v in exported.state_dict().items()}, os.path.join(out, "exported.safetensors"))
+    exported = th.export()  # sharded: a collective, the model on rank 0 and None on the others
+    if rank != 0:
+        with open(os.path.join(out, f"export-{rank}.txt"), "w") as f:
+            f.write(repr(exported))
+        return
+    save_file({k: v.contiguous() for k, v in exported.state_dict().items()}, os.path.join(out, "exported.safetensors"))
+    if world_size > 1:
+        twin = export_through_twin(weights, th.state_dict()["meta"])
+        save_file({k: v.contiguous() for k, v in twin.state_dict().items()}, os.path.join(out, "twin.safetensors"))
 
 
 if __name__ == "__main__":

@@ -2,7 +2,8 @@
 
 A worker module defines ``run(out_dir, rank=0, world_size=1)`` and ends with
 ``if __name__ == "__main__": run_as_rank(run)``; a test calls
-``run_two_ranks(worker_file, run, tmp_path)``.
+``run_two_ranks(worker_file, run, tmp_path)``. Extra command-line arguments reach
+``run(out_dir, rank, world_size, *args)``.
 """
 
 import os
@@ -10,7 +11,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 
 def free_port() -> int:
@@ -19,19 +20,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_ranks(worker: str, run: Callable[..., None], out: Path, timeout: int = 120) -> Path:
-    """Start ranks 0 and 1 of `worker` writing to `out`; meanwhile run(out/"single") in this
-    process (one rank, the whole batch). Fails with a rank's output if it fails. Returns out/"single"."""
+def run_two_ranks(worker: str, run: Optional[Callable[..., None]], out: Path, timeout: int = 120,
+                  args: Sequence[str] = ()) -> Path:
+    """Start ranks 0 and 1 of `worker` writing to `out` (`args` follow `out` on their command line);
+    meanwhile run(out/"single") in this process (one rank, the whole batch) unless `run` is None.
+    Fails with a rank's output if it fails. Returns out/"single"."""
     port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, OMP_NUM_THREADS="1", RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, worker, str(out)], env=env,
+        procs.append(subprocess.Popen([sys.executable, worker, str(out), *args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     single = out / "single"
-    single.mkdir()
-    run(str(single))
+    if run is not None:
+        single.mkdir()
+        run(str(single))
     for p in procs:
         output, _ = p.communicate(timeout=timeout)
         assert p.returncode == 0, output
@@ -44,7 +48,7 @@ def run_as_rank(run: Callable[..., None]) -> None:
 
     dist.init_process_group("gloo")
     try:
-        run(sys.argv[1], dist.get_rank(), dist.get_world_size())
+        run(sys.argv[1], dist.get_rank(), dist.get_world_size(), *sys.argv[2:])
         # both ranks done before either tears gloo down: a rank that leaves while the other still
         # talks to it can die in gloo's threads at exit ("terminate called without an active exception")
         dist.barrier()

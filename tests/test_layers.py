@@ -24,7 +24,7 @@ LAYERS = {
 LAYER_OF = {
     **dict.fromkeys(["errors", "suggest", "adapter", "registry"], "core"),
     **dict.fromkeys(["graph", "plan", "budget", "width", "validation", "measure", "planning"], "planning"),
-    **dict.fromkeys(["replacement", "wrapping", "schedulers"], "runtime"),
+    **dict.fromkeys(["replacement", "wrapping", "schedulers", "sharding"], "runtime"),
     **dict.fromkeys(["engine", "recipes", "config"], "engine"),
     "checkpoint": "runtime",  # the file format; the engine rebuilds itself from one (from_checkpoint)
     **dict.fromkeys(["training", "matching", "baselines", "distributed", "metrics", "plots"], "training"),

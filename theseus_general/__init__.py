@@ -11,7 +11,8 @@ Public surface:
   * `fit` (`theseus_general.training`): one training loop for an engine or a plain model
     (device, autocast, accumulation, progress, metrics, checkpoints, NaN stops), and
     `match_successors` (module matching, the default recipe's first phase, which `fit` runs);
-  * `theseus_general.checkpoint`: save and resume a run (`CheckpointManager`, `save_checkpoint`, `load_checkpoint`).
+  * `theseus_general.checkpoint`: save and resume a run (`CheckpointManager`, `save_checkpoint`, `load_checkpoint`;
+    a sharded FSDP2 run: `save_sharded_checkpoint`, `load_sharded_checkpoint`).
 
 The engine knows no model family; ``theseus_general.adapters`` describes them.
 """

@@ -19,6 +19,10 @@ complete, so a crash mid-write leaves the previous checkpoint as the latest. Loa
 reads and checks everything first (files, hashes, plan, shapes, optimiser layout) and
 changes nothing of the model, optimiser or RNGs when any check fails.
 Under DDP, save from rank 0 only; every rank loads.
+
+A sharded run (FSDP2) saves with ``torch.distributed.checkpoint`` instead, every rank taking part:
+``save_sharded_checkpoint(dir, th, optimizer, lr_scheduler)`` and ``load_sharded_checkpoint(...)``
+(each rank writes and reads its own shards and RNG states; see their docstrings).
 """
 
 from __future__ import annotations
@@ -301,3 +305,150 @@ class CheckpointManager:
         """Load the latest checkpoint, or return None when there is none yet."""
         path = self.latest()
         return None if path is None else load_checkpoint(path, th, optimizer, lr_scheduler, restore_rng)
+
+
+# ---------------------------------------------------------------- sharded runs: torch.distributed.checkpoint
+SHARDED_FORMAT = "theseus-dcp-1"
+
+
+def _rank_and_world() -> tuple:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def save_sharded_checkpoint(path: str, th: Theseus, optimizer: Optional[torch.optim.Optimizer] = None,
+                            lr_scheduler: Any = None, data_position: Optional[int] = None,
+                            extra: Optional[Dict[str, Any]] = None) -> str:
+    """Save a sharded run (FSDP2) with ``torch.distributed.checkpoint`` (DCP) into the directory `path`.
+
+    A collective: **every rank calls it**, with the same arguments. Each rank writes its shards of the
+    engine's tensors (successors, rest copies) and of the optimiser's state (DCP's files, in
+    ``get_optimizer_state_dict``'s layout, keyed by parameter name), and its own RNG states
+    (``rng-<rank>.safetensors``, ``rng-<rank>.json``); rank 0 then writes the optimiser's parameter groups
+    and the LR scheduler (``optimizer.pt``, read with weights_only=True) and, last, ``state.json``
+    (step, seed, plan, config, data position, your ``extra``): a directory without it is incomplete.
+    `load_sharded_checkpoint` resumes it bit-identically. Unsharded runs: `save_checkpoint`."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    rank, world = _rank_and_world()
+    try:
+        extra_json = json.loads(json.dumps(extra or {}))
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"extra= must be JSON-safe (numbers, strings, lists, dicts): {e}") from None
+    path = os.path.abspath(path)
+    if rank == 0:
+        os.makedirs(path, exist_ok=True)
+        if os.path.exists(os.path.join(path, "state.json")):  # re-saving: incomplete until written again
+            os.remove(os.path.join(path, "state.json"))
+    engine = th.state_dict()
+    shards: Dict[str, Any] = {"engine": engine["tensors"]}
+    optimizer_rest: Dict[str, Any] = {}
+    if optimizer is not None:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        saved = get_optimizer_state_dict(th.model, optimizer)
+        shards["optimizer"] = {name: {k: v for k, v in s.items() if isinstance(v, torch.Tensor)}
+                               for name, s in saved["state"].items()}
+        optimizer_rest = {"param_groups": saved["param_groups"],
+                          "state_keys": {name: sorted(s) for name, s in shards["optimizer"].items()},
+                          "other_state": {name: {k: v for k, v in s.items() if not isinstance(v, torch.Tensor)}
+                                          for name, s in saved["state"].items()}}
+    dcp.save(shards, checkpoint_id=path)  # ends in a collective: every rank's shards are written
+    rng_tensors, rng_json = _capture_rng()
+    save_file(rng_tensors, os.path.join(path, f"rng-{rank}.safetensors"))
+    _write(os.path.join(path, f"rng-{rank}.json"), json.dumps(rng_json).encode())
+    if dist.is_initialized():
+        dist.barrier()  # every rank's RNG files are there before state.json says the checkpoint is complete
+    if rank == 0:
+        buffer = io.BytesIO()
+        torch.save({"optimizer": optimizer_rest or None,
+                    "lr_scheduler": lr_scheduler.state_dict() if lr_scheduler is not None else None}, buffer)
+        _write(os.path.join(path, "optimizer.pt"), buffer.getvalue())
+        state = {"format": SHARDED_FORMAT, "engine": engine["meta"], "world_size": world,
+                 "data_position": data_position, "extra": extra_json,
+                 "has_optimizer": optimizer is not None, "has_lr_scheduler": lr_scheduler is not None}
+        _write(os.path.join(path, "state.json"), json.dumps(state, indent=1).encode())
+        _fsync_dir(path)
+    return path
+
+
+def load_sharded_checkpoint(path: str, th: Theseus, optimizer: Optional[torch.optim.Optimizer] = None,
+                            lr_scheduler: Any = None, restore_rng: bool = True) -> Resumed:
+    """Resume a `save_sharded_checkpoint` directory into a sharded run built as the saved one (the same
+    model, plan, ``fully_shard`` calls, and an optimiser over ``th.trainable_parameters()``).
+
+    A collective: **every rank calls it**. DCP reads each rank's shards of the engine's tensors and the
+    optimiser's state (a fresh optimiser first gets its state made by torch's ``get_optimizer_state_dict``,
+    a step at learning rate 0 that leaves the parameters bit-identical); each rank restores its own RNG
+    states, so restore_rng needs the saved number of ranks. The files, plan, schedule, tensor names and
+    shapes and the optimiser's parameter groups are checked (CheckpointError) before anything changes; the
+    names of the optimiser's state, once torch has made a fresh optimiser's state. Directories without
+    ``state.json`` are incomplete saves: pick the newest one that has it."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file
+
+    rank, world = _rank_and_world()
+    state_path = os.path.join(path, "state.json")
+    try:
+        with open(state_path, "rb") as f:
+            state = json.loads(f.read().decode())
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} has no state.json: it is not a complete sharded checkpoint "
+                              "(save_sharded_checkpoint writes it last).") from None
+    except (ValueError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{state_path} is not valid JSON ({e}); the checkpoint is corrupted.") from None
+    if not isinstance(state, dict) or state.get("format") != SHARDED_FORMAT:
+        raise CheckpointError(f"{path} is not a sharded checkpoint (format {state.get('format') if isinstance(state, dict) else state!r}); "
+                              "load a save_checkpoint directory with load_checkpoint.")
+    for what, obj, flag in (("optimizer", optimizer, "has_optimizer"), ("lr_scheduler", lr_scheduler, "has_lr_scheduler")):
+        if obj is not None and not state.get(flag):
+            raise CheckpointError(f"{path} holds no {what} state, but one was given to restore; pass {what}=None.")
+    if restore_rng and state["world_size"] != world:
+        raise CheckpointError(f"{path} was saved by {state['world_size']} ranks, this run has {world}: each rank's RNG "
+                              "state cannot be restored. Resume with as many ranks, or pass restore_rng=False.")
+    try:
+        saved = torch.load(os.path.join(path, "optimizer.pt"), weights_only=True, map_location="cpu")
+    except FileNotFoundError:
+        raise CheckpointError(f"{path}/optimizer.pt is missing; the checkpoint is incomplete.") from None
+    if restore_rng and not os.path.exists(os.path.join(path, f"rng-{rank}.safetensors")):
+        raise CheckpointError(f"{path} has no RNG state of rank {rank}; the checkpoint is incomplete.")
+    engine_tensors = {k: torch.empty_like(v) for k, v in th.state_dict()["tensors"].items()}
+    engine_state = {"tensors": engine_tensors, "meta": state["engine"]}
+    th.check_state_dict(engine_state)
+    shards: Dict[str, Any] = {"engine": engine_tensors}
+    if optimizer is not None:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        groups = saved["optimizer"]["param_groups"]
+        sizes = [len(g["params"]) for g in optimizer.param_groups], [len(g["params"]) for g in groups]
+        if sizes[0] != sizes[1]:
+            raise CheckpointError(f"{path}: the optimiser has parameter groups of sizes {sizes[0]}, the checkpoint "
+                                  f"{sizes[1]}. Build the optimiser over th.trainable_parameters() as in the saved run.")
+        live = get_optimizer_state_dict(th.model, optimizer)["state"]
+        missing = sorted(f"{name}.{k}" for name, keys in saved["optimizer"]["state_keys"].items()
+                         for k in keys if k not in live.get(name, {}))
+        if missing:
+            raise CheckpointError(f"{path}: this optimiser has no state {missing[:3]}; build the optimiser of the saved run.")
+        shards["optimizer"] = {name: {k: torch.empty_like(live[name][k]) for k in keys}
+                               for name, keys in saved["optimizer"]["state_keys"].items()}
+    dcp.load(shards, checkpoint_id=path)
+    th.load_state_dict(engine_state)
+    if optimizer is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        other = saved["optimizer"]["other_state"]
+        # strict=False: a parameter the saved run's optimiser never stepped (a successor that had not run
+        # yet) has no state in the checkpoint and must have none after the resume, as in the saved run
+        set_optimizer_state_dict(th.model, optimizer, {
+            "state": {name: {**tensors, **other.get(name, {})} for name, tensors in shards["optimizer"].items()},
+            "param_groups": groups}, options=StateDictOptions(strict=False))
+    if lr_scheduler is not None:
+        lr_scheduler.load_state_dict(saved["lr_scheduler"])
+    if restore_rng:
+        with open(os.path.join(path, f"rng-{rank}.json"), "rb") as f:
+            rng_json = json.loads(f.read().decode())
+        _restore_rng(load_file(os.path.join(path, f"rng-{rank}.safetensors")), rng_json)
+    return Resumed(os.path.abspath(path), int(state["engine"]["step"]), state.get("data_position"), state.get("extra") or {})

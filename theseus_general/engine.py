@@ -24,6 +24,7 @@ autocast, ``.to()`` and DDP/FSDP work on ``th.model`` as on any model.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple, Union
 
@@ -40,6 +41,7 @@ from .registry import detect_adapter, get_adapter
 from .replacement import ReplacementState, TheseusGroup
 from .recipes import Recipe, get_recipe
 from .schedulers import RunLinearScheduler, SchedulerLike, as_scheduler, scheduler_from_dict
+from .sharding import is_sharded, plain_copy
 from .validation import check_successors
 from .wrapping import Wrapping
 
@@ -428,7 +430,7 @@ class Theseus:
                 )
         return rate
 
-    def export(self, native: bool = True) -> nn.Module:
+    def export(self, native: bool = True) -> Optional[nn.Module]:
         """A standalone successor model of the model's own type (in eval mode), in the
         wrapped model's current dtype and device.
 
@@ -439,6 +441,14 @@ class Theseus:
         builds the family's own model at the new depth (or raises ExportError); native=False
         returns the copy with the successor modules as they are, made as consistent with its
         depth as the adapter can (see each adapter's finalize_export).
+
+        A sharded model (FSDP2's ``fully_shard``, DTensor parameters): export() is then a
+        collective, so **every rank must call it**, at the same point of the run. It gathers the
+        full state one tensor at a time to the CPU of rank 0 (`theseus_general.sharding`) and
+        returns the successor on rank 0, on the CPU in the dtype of the sharded parameters
+        (FSDP's full-precision ones under a MixedPrecisionPolicy); every other rank gets None.
+        Called on one rank alone it waits forever for the others: this cannot be detected cheaply.
+        The sharded model stays sharded and can train on.
         """
         self.check_open("export()")
         wrapping = self._wrapping
@@ -457,7 +467,9 @@ class Theseus:
                 "exported model is the predecessor with blocks dropped. Train first (theseus_general.fit(th, ...), "
                 "or your loop calling th.step() after each optimiser step)."
             )
-        exported = wrapping.copy_with_successors()
+        exported = wrapping.copy_with_successors(plain_copy if is_sharded(self._model) else copy.deepcopy)
+        if exported is None:  # a rank other than 0 of a sharded model: it took part in the gather
+            return None
         exported.eval()
         return self.adapter.finalize_export(exported, self.plan.successor_depth, native=native)
 

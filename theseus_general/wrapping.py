@@ -28,7 +28,7 @@ import copy
 import re
 import weakref
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -245,21 +245,25 @@ class Wrapping:
                 out.append(tensor)
         return out
 
-    def copy_with_successors(self) -> nn.Module:
+    def copy_with_successors(self, copier: Callable[[nn.Module], Optional[nn.Module]] = copy.deepcopy
+                             ) -> Optional[nn.Module]:
         """A deep copy of the model with the successors in containers like the caller's, and
         none of the wrapping's parts (groups, kept originals, frozen batch norm); every
-        parameter requires gradients. The wrapped model is left as it was."""
+        parameter requires gradients. The wrapped model is left as it was. `copier` makes the
+        copy (a sharded model's: `theseus_general.sharding.plain_copy`, None on ranks other than 0)."""
         model = self.model
         ignore = model.__dict__.pop("_ddp_params_and_buffers_to_ignore", None)
         try:
             for path, wrapped in self.wrapped.items():
                 set_submodule(model, path, same_container(self.originals[path], [g.successor for g in wrapped]))
-            copied = copy.deepcopy(model)
+            copied = copier(model)
         finally:
             for path, wrapped in self.wrapped.items():
                 set_submodule(model, path, wrapped)
             if ignore is not None:
                 model._ddp_params_and_buffers_to_ignore = ignore
+        if copied is None:
+            return None
         for m in copied.modules():
             unfreeze_norm(m)  # the rest's frozen batch norm (train_rest=False) is a plain one again
         for p in copied.parameters():
