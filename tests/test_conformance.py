@@ -201,12 +201,13 @@ def _detections(model, images):  # eval: boxes and scores of every image, one te
     return torch.cat([torch.cat([d["boxes"], d["scores"][:, None]], 1) for d in model(images)])
 
 
-def _segmenter(layers):
+def _segmenter(layers, width_per_group=16):
     """DeepLabV3 as deeplabv3_resnet50 builds it (Bottleneck, dilated layer3/4), narrow and with a 1x1 head."""
     from torchvision.models._utils import IntermediateLayerGetter
     from torchvision.models.segmentation import DeepLabV3
 
-    body = _tv_body("Bottleneck", layers, width_per_group=16, replace_stride_with_dilation=[False, True, True])
+    body = _tv_body("Bottleneck", layers, width_per_group=width_per_group,
+                    replace_stride_with_dilation=[False, True, True])
     return DeepLabV3(IntermediateLayerGetter(body, {"layer4": "out"}), nn.Conv2d(2048, 3, 1))
 
 
@@ -234,6 +235,10 @@ BACKBONE = [
     Case("torchvision-deeplabv3", make=_seeded(lambda: _segmenter([1, 2, 2, 1])), batch=_masks,
          loss=lambda m, x, y: F.cross_entropy(m(x)["out"], y), logits=lambda m, x: m(x)["out"],
          rebuild=lambda d: _segmenter([1, *d, 1]), target={"ratio": 0.5}),
+    # width successors in a nested body: half the bottleneck width in every stage, width_per_group 16 -> 8
+    Case("torchvision-deeplabv3-width", make=_seeded(lambda: _segmenter([2, 2, 2, 2])), batch=_masks,
+         loss=lambda m, x, y: F.cross_entropy(m(x)["out"], y), logits=lambda m, x: m(x)["out"],
+         rebuild=lambda d: _segmenter(d, width_per_group=8), target={"ratio": 0.5, "successor_width": 0.5}),
     Case("timm-vit-in-a-wrapper", make=_seeded(lambda: _Wrapped(4)), batch=lambda s: (_images(3, 16, 2)(s)), loss=_ce,
          logits=_out, rebuild=lambda d: _Wrapped(d[0]), target={"successor_depth": 2}),
 ]

@@ -128,3 +128,9 @@ def test_a_timm_features_only_vit_is_refused_because_it_picks_blocks_by_index():
     with pytest.raises(AdapterError, match=r"FeatureGetterNet.*by index.*without features_only"):
         Theseus(model, ratio=0.5)
     assert all(p.requires_grad for p in model.parameters())  # refused before any change
+
+
+def test_a_budget_target_is_planned_on_the_detectors_own_sample():
+    torch.manual_seed(0)
+    th = Theseus(_detector([3, 3, 1, 1]), target_flops=0.95)  # measured on the adapter's sample: a list of images
+    assert sum(th.plan.successor_depth.values()) < 6 and th.plan.budget is not None
