@@ -9,7 +9,7 @@ from torch import nn
 
 from theseus_general import AdapterError, ExportError, Theseus, detect_adapter
 
-from test_conformance import _detector, _timm_vit, _Wrapped
+from test_conformance import _detector, _timm_vit, _tv_vit, _Wrapped
 
 
 def _export(th):
@@ -134,3 +134,21 @@ def test_a_budget_target_is_planned_on_the_detectors_own_sample():
     torch.manual_seed(0)
     th = Theseus(_detector([3, 3, 1, 1]), target_flops=0.95)  # measured on the adapter's sample: a list of images
     assert sum(th.plan.successor_depth.values()) < 6 and th.plan.budget is not None
+
+
+def test_a_torchvision_vit_in_a_sequential_is_found_and_rebuilt():
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(0)
+    model = nn.Sequential(_tv_vit(4), nn.Linear(3, 2))
+    x = torch.randn(2, 3, 16, 16)
+    th = Theseus(model, ratio=0.5, sample=x)
+    assert (th.adapter.path, list(th.plan.containers)) == ("0", ["0.encoder.layers"])
+    th.model.eval()
+    with torch.no_grad():
+        engine = th.model(x)
+    exported = _export(th)
+    assert type(exported) is nn.Sequential and type(exported[0]) is VisionTransformer
+    assert len(exported[0].encoder.layers) == 2
+    with torch.no_grad():
+        assert torch.equal(exported(x), engine)
