@@ -19,6 +19,15 @@ rebuild it exactly, so timm's drop-path schedule is that of the new depth. A
 ResNet whose arguments cannot be read back (a replaced head, a custom block
 argument, ...) raises ExportError naming the difference; export(native=False)
 then gives the copy.
+
+A ResNet *body* (the feature extractor a detector or segmenter holds: torchvision's
+``IntermediateLayerGetter`` over a ResNet, as in ``fasterrcnn_resnet50_fpn().backbone.body``
+or ``fcn_resnet50().backbone``, and timm's ``features_only=True`` ResNets, ``FeatureListNet`` /
+``FeatureDictNet``) is handled the same way: its stages are compressed by the same rules and
+it is rebuilt as the library builds it, ``IntermediateLayerGetter(ResNet(block, layers=[...],
+...), return_layers)`` or ``timm.create_model(name, features_only=True, out_indices=...,
+layers=[...])``, checked against the predecessor and loaded strictly. A detector or segmenter
+holding such a body goes to the backbone adapter (adapters/backbone.py), which uses this one.
 """
 
 from __future__ import annotations
@@ -40,6 +49,9 @@ from ._structure import first_mismatch, structure_difference
 
 _MODULES = ("torchvision.models.resnet", "timm.models.resnet")
 STAGES = ("layer1", "layer2", "layer3", "layer4")
+# Feature extractors that keep a ResNet's children (conv1 .. layerN) under their own names.
+_BODIES = {"torchvision": ("torchvision.models._utils", "IntermediateLayerGetter"),
+           "timm": ("timm.models._features", "FeatureDictNet")}  # FeatureListNet subclasses FeatureDictNet
 
 
 def _is_resnet(model: nn.Module) -> bool:
@@ -50,6 +62,37 @@ def _is_resnet(model: nn.Module) -> bool:
     return False
 
 
+def _block_library(block: nn.Module) -> Optional[str]:
+    """'torchvision' or 'timm' for a ResNet BasicBlock / Bottleneck of that library, else None."""
+    for library, name in zip(("torchvision", "timm"), _MODULES):
+        module = sys.modules.get(name)
+        if module is not None and isinstance(block, (module.BasicBlock, module.Bottleneck)):
+            return library
+    return None
+
+
+def body_library(model: nn.Module) -> Optional[str]:
+    """'torchvision' or 'timm' when `model` is a ResNet body (a feature extractor holding a ResNet's
+    stem and stages, see the module docstring) whose blocks come from that same library, else None."""
+    for library, (module_name, class_name) in _BODIES.items():
+        module = sys.modules.get(module_name)
+        if module is None or not isinstance(model, getattr(module, class_name)):
+            continue
+        stage = getattr(model, "layer1", None)
+        if isinstance(stage, nn.Sequential) and len(stage) and _block_library(stage[0]) == library \
+                and isinstance(getattr(model, "conv1", None), nn.Module):
+            return library
+    return None
+
+
+def _library(model: nn.Module) -> str:
+    """Which library built `model` (a ResNet or a ResNet body)."""
+    torchvision = sys.modules.get("torchvision.models.resnet")
+    if torchvision is not None and isinstance(model, torchvision.ResNet):
+        return "torchvision"
+    return body_library(model) or "timm"
+
+
 def _stages(model: nn.Module) -> List[str]:
     return [s for s in STAGES if isinstance(getattr(model, s, None), nn.Sequential)]
 
@@ -58,14 +101,16 @@ def _stages(model: nn.Module) -> List[str]:
 class ResNetAdapter(Adapter):
     supports = (
         "torchvision ResNet / ResNeXt / Wide ResNet and timm ResNet (incl. ResNet-D, SE-ResNet, ResNeXt): "
-        "stages layer1..layer4 whose blocks after the first share one structure; single-block stages are kept"
+        "stages layer1..layer4 whose blocks after the first share one structure; single-block stages are kept; "
+        "also their bodies: torchvision IntermediateLayerGetter (detection / segmentation backbones) and timm "
+        "features_only ResNets"
     )
     # rest frozen, no matching, p 0.6 -> 1 at 30%: ahead of the general default on the ResNet dev split
     default_recipe = "resnet"
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return _is_resnet(model)
+        return _is_resnet(model) or body_library(model) is not None
 
     def check(self, model: nn.Module) -> None:
         super().check(model)
@@ -86,8 +131,10 @@ class ResNetAdapter(Adapter):
         # hold successors and no longer tell the depth-dependent drop-path rates.
         self._recipe = native_recipe(model)
         self._hidden = {s: self.width_of(getattr(model, s)[0]) for s in _stages(model)}  # predecessor widths
-        self._base_width = getattr(model, "base_width", None)  # torchvision's width_per_group
-        if self._base_width is None and "timm.models.resnet" in sys.modules and isinstance(model, sys.modules["timm.models.resnet"].ResNet):
+        self._library = _library(model)
+        if self._library == "torchvision":  # the constructor's width_per_group
+            self._base_width = getattr(model, "base_width", None) or _torchvision_kwargs(model)["width_per_group"]
+        else:
             first = model.layer1[0]
             self._base_width = _timm_kwargs(model).get("base_width", 64) if hasattr(first, "conv3") else 64
         paths = [s for s in _stages(model) if len(getattr(model, s)) >= 2]
@@ -159,7 +206,7 @@ class ResNetAdapter(Adapter):
                 "The blocks' widths (middle channels) are not one fraction of the predecessor's in every stage "
                 f"(exported / predecessor: {sorted(factors, key=str)}); a ResNet constructor sets them all with one "
                 f"width_per_group / base_width. {NATIVE_FALSE}")
-        key = "width_per_group" if hasattr(model, "base_width") else "base_width"
+        key = "width_per_group" if getattr(self, "_library", _library(model)) == "torchvision" else "base_width"
         if hasattr(model, "base_width"):
             model.base_width = int(round(new_base))  # the copy says what its blocks hold
         return {key: int(round(new_base))}
@@ -192,16 +239,70 @@ def _block_out(block: nn.Module) -> int:
     return norms[-1].num_features
 
 
+def _torchvision_kwargs(model: nn.Module) -> dict:
+    """torchvision ResNet(...) arguments read off its blocks (a ResNet or a body that lost its fc)."""
+    first = model.layer1[0]
+    groups = first.conv2.groups if hasattr(first, "conv3") else 1
+    return dict(
+        block=type(first), groups=groups,
+        # Bottleneck: layer1's width = 64 * width_per_group / 64 * groups; BasicBlock needs 64.
+        width_per_group=first.conv1.out_channels // groups if hasattr(first, "conv3") else 64,
+        # A stage built with replace_stride_with_dilation starts with a stride-1 block.
+        replace_stride_with_dilation=[s in _stages(model) and _stride(getattr(model, s)[0]) == 1 for s in STAGES[1:]],
+        norm_layer=type(first.bn1),
+    )
+
+
 def _torchvision_candidates(model: nn.Module):
-    first, stages = model.layer1[0], {s: len(getattr(model, s)) for s in _stages(model)}
-    # A stage built with replace_stride_with_dilation starts with a stride-1 block.
+    stages = {s: len(getattr(model, s)) for s in _stages(model)}
     kwargs, cls = dict(
-        block=type(first), num_classes=model.fc.out_features, groups=model.groups, width_per_group=model.base_width,
-        replace_stride_with_dilation=[_stride(getattr(model, s)[0]) == 1 for s in STAGES[1:]],
-        norm_layer=model._norm_layer,
+        _torchvision_kwargs(model), num_classes=model.fc.out_features, groups=model.groups,
+        width_per_group=model.base_width, norm_layer=model._norm_layer,
     ), type(model)
     yield (f"{cls.__name__}(block, layers=[...], ...)",
            lambda depths, **over: cls(layers=_layers(stages, depths), **{**kwargs, **over}))
+
+
+def _all_stages(model: nn.Module) -> dict:
+    """Depth per stage for a constructor that always takes four: a body cut after layer3 gets a
+    one-block layer4 that the feature extractor drops again."""
+    return {s: len(getattr(model, s)) if s in _stages(model) else 1 for s in STAGES}
+
+
+def _torchvision_body_candidates(body: nn.Module):
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.resnet import ResNet
+
+    kwargs, stages, returned = _torchvision_kwargs(body), _all_stages(body), dict(body.return_layers)
+    yield ("IntermediateLayerGetter(ResNet(block, layers=[...], ...), return_layers)",
+           lambda depths, **over: IntermediateLayerGetter(ResNet(layers=_layers(stages, depths), **{**kwargs, **over}),
+                                                          return_layers=returned))
+
+
+def _timm_body_candidates(body: nn.Module):
+    import timm
+    from timm.models._features import FeatureListNet
+    from timm.models.resnet import ResNet
+
+    kwargs, stages, cls = _timm_kwargs(body), _all_stages(body), type(body)
+    wrap = dict(out_indices=tuple(body.feature_info.out_indices), output_fmt=str(body.output_fmt.value),
+                feature_concat=body.concat)
+    if not issubclass(cls, FeatureListNet):
+        wrap["out_map"] = list(body.return_layers.values())
+    arch = (getattr(body, "pretrained_cfg", None) or {}).get("architecture")
+    if arch:
+        feature_cls = "list" if cls is FeatureListNet else cls
+        named = {k: kwargs[k] for k in ("in_chans", "drop_path_rate")}
+        yield (f"timm.create_model({arch!r}, features_only=True, layers=[...], ...)",
+               lambda depths, **over: timm.create_model(arch, pretrained=False, features_only=True, feature_cls=feature_cls,
+                                                        layers=_layers(stages, depths), **wrap, **{**named, **over}))
+
+    def build(depths, **over):
+        net = cls(ResNet(layers=_layers(stages, depths), **{**kwargs, **over}), **wrap)
+        if hasattr(body, "in_chans"):
+            net.in_chans = body.in_chans  # what timm's builder records on a feature model
+        return net
+    yield f"{cls.__name__}(ResNet(block, layers=[...], ...), out_indices=...)", build
 
 
 def _timm_kwargs(model: nn.Module) -> dict:
@@ -209,9 +310,10 @@ def _timm_kwargs(model: nn.Module) -> dict:
     channels = tuple(_block_out(getattr(model, s)[0]) // type(first).expansion for s in _stages(model))
     deep = isinstance(model.conv1, nn.Sequential)  # stem_type 'deep' / 'deep_tiered': three 3x3 convolutions
     downsample = getattr(model.layer2[0], "downsample", None)
-    kwargs = dict(
-        block=type(first), num_classes=model.num_classes, in_chans=model.in_chans, drop_rate=model.drop_rate,
-        global_pool=getattr(model.global_pool, "pool_type", "avg") or "", channels=channels,
+    kwargs = dict(  # a features_only body has no head: its settings stay at the defaults
+        block=type(first), num_classes=getattr(model, "num_classes", 1000), in_chans=model.conv1.in_channels
+        if isinstance(model.conv1, nn.Conv2d) else model.conv1[0].in_channels, drop_rate=getattr(model, "drop_rate", 0.0),
+        global_pool=getattr(getattr(model, "global_pool", None), "pool_type", "avg") or "", channels=channels,
         cardinality=first.conv2.groups if hasattr(first, "conv3") else 1,
         stem_width=model.conv1[3].out_channels if deep else 64,
         stem_type=("deep_tiered" if model.conv1[0].out_channels != model.conv1[3].out_channels else "deep") if deep else "",
@@ -241,6 +343,9 @@ def _timm_candidates(model: nn.Module):
 
 def native_recipe(model: nn.Module) -> Recipe:
     """The constructor call that rebuilds `model`, read off it now and checked at first use."""
-    torchvision = sys.modules.get("torchvision.models.resnet")
-    candidates = _torchvision_candidates if torchvision and isinstance(model, torchvision.ResNet) else _timm_candidates
+    body = body_library(model)
+    if body is not None:
+        candidates = _torchvision_body_candidates if body == "torchvision" else _timm_body_candidates
+    else:
+        candidates = _torchvision_candidates if _library(model) == "torchvision" else _timm_candidates
     return read_recipe(model, {s: len(getattr(model, s)) for s in _stages(model)}, lambda: candidates(model))

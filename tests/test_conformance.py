@@ -151,6 +151,99 @@ RESNET = [
 ]
 
 
+def _timm_features(layers):
+    import timm
+
+    return timm.create_model("resnet18", pretrained=False, features_only=True, layers=layers, out_indices=(1, 2, 3))
+
+
+def _features(model, x):  # a features_only model returns one map per out_index
+    return torch.cat([f.flatten(1) for f in run_model(model, x)], 1)
+
+
+RESNET += [
+    # a timm features_only ResNet (FeatureListNet) is a ResNet body: rebuilt with features_only=True
+    Case("timm-features-only", make=_seeded(lambda: _timm_features([2, 2, 2, 1])), batch=_images(3, 32, 3),
+         loss=lambda m, x, y: _features(m, x).pow(2).mean(), logits=_features,
+         rebuild=lambda d: _timm_features(d + [1]), target={"ratio": 0.5}),
+]
+
+
+# ---------------------------------------------------------------- backbone: a family model nested in another
+def _tv_body(block: str, layers, **kwargs):
+    from torchvision.models import resnet
+
+    return resnet.ResNet(getattr(resnet, block), layers, **kwargs)
+
+
+def _detector(layers):
+    """A tiny Faster R-CNN as fasterrcnn_resnet50_fpn builds one, on a BasicBlock ResNet with a narrow FPN."""
+    from torchvision.models.detection import FasterRCNN
+    from torchvision.models.detection.backbone_utils import BackboneWithFPN
+
+    backbone = BackboneWithFPN(_tv_body("BasicBlock", layers), {f"layer{i}": str(i - 1) for i in range(1, 5)},
+                               [64, 128, 256, 512], out_channels=16)
+    return FasterRCNN(backbone, num_classes=3, min_size=32, max_size=32, rpn_pre_nms_top_n_test=50,
+                      rpn_post_nms_top_n_test=20, box_detections_per_img=10)
+
+
+def _boxes(seed: int):
+    """Two 32 x 32 images with one box each: the detector's own training targets."""
+    g = torch.Generator().manual_seed(seed)
+    images = list(torch.rand(2, 3, 32, 32, generator=g))
+    corners = torch.randint(0, 12, (2, 2), generator=g).float()
+    targets = [{"boxes": torch.cat([c, c + 16]).unsqueeze(0), "labels": torch.randint(1, 3, (1,), generator=g)}
+               for c in corners]
+    return images, targets
+
+
+def _detections(model, images):  # eval: boxes and scores of every image, one tensor
+    return torch.cat([torch.cat([d["boxes"], d["scores"][:, None]], 1) for d in model(images)])
+
+
+def _segmenter(layers, width_per_group=16):
+    """DeepLabV3 as deeplabv3_resnet50 builds it (Bottleneck, dilated layer3/4), narrow and with a 1x1 head."""
+    from torchvision.models._utils import IntermediateLayerGetter
+    from torchvision.models.segmentation import DeepLabV3
+
+    body = _tv_body("Bottleneck", layers, width_per_group=width_per_group,
+                    replace_stride_with_dilation=[False, True, True])
+    return DeepLabV3(IntermediateLayerGetter(body, {"layer4": "out"}), nn.Conv2d(2048, 3, 1))
+
+
+def _masks(seed: int):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(2, 3, 32, 32, generator=g), torch.randint(0, 3, (2, 32, 32), generator=g)
+
+
+class _Wrapped(nn.Module):
+    """A model of one's own around a ViT (a classifier on its pooled features)."""
+
+    def __init__(self, depth):
+        super().__init__()
+        self.encoder = _timm_vit(depth)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):
+        return self.head(self.encoder(x))
+
+
+BACKBONE = [
+    Case("torchvision-faster-rcnn", make=_seeded(lambda: _detector([2, 2, 1, 1])), batch=_boxes,
+         loss=lambda m, x, y: sum(m(x, y).values()), logits=_detections,
+         rebuild=lambda d: _detector(d + [1, 1]), target={"ratio": 0.5}),
+    Case("torchvision-deeplabv3", make=_seeded(lambda: _segmenter([1, 2, 2, 1])), batch=_masks,
+         loss=lambda m, x, y: F.cross_entropy(m(x)["out"], y), logits=lambda m, x: m(x)["out"],
+         rebuild=lambda d: _segmenter([1, *d, 1]), target={"ratio": 0.5}),
+    # width successors in a nested body: half the bottleneck width in every stage, width_per_group 16 -> 8
+    Case("torchvision-deeplabv3-width", make=_seeded(lambda: _segmenter([2, 2, 2, 2])), batch=_masks,
+         loss=lambda m, x, y: F.cross_entropy(m(x)["out"], y), logits=lambda m, x: m(x)["out"],
+         rebuild=lambda d: _segmenter(d, width_per_group=8), target={"ratio": 0.5, "successor_width": 0.5}),
+    Case("timm-vit-in-a-wrapper", make=_seeded(lambda: _Wrapped(4)), batch=lambda s: (_images(3, 16, 2)(s)), loss=_ce,
+         logits=_out, rebuild=lambda d: _Wrapped(d[0]), target={"successor_depth": 2}),
+]
+
+
 # ---------------------------------------------------------------- hf: any transformers model
 def _hf(config_cls: str, model_cls: str, depth_key: str = "num_hidden_layers", **config):
     """model(depth): a tiny random `model_cls` with `depth` layers (seeded), e.g. _hf("LlamaConfig", "LlamaForCausalLM")."""
@@ -282,7 +375,8 @@ GENERIC = [
          target={"adapter": "generic", "container": "model.layers", "successor_depth": 3}),
 ]
 
-CASES: Dict[str, List[Case]] = {"bert": BERT, "vit": VIT, "resnet": RESNET, "hf": HF, "generic": GENERIC}
+CASES: Dict[str, List[Case]] = {"bert": BERT, "vit": VIT, "resnet": RESNET, "hf": HF, "backbone": BACKBONE,
+                               "generic": GENERIC}
 ADAPTERS = list_adapters()  # at collection: the built-in adapters
 
 
@@ -387,7 +481,7 @@ def _tiny_efficientnet():
 
 NO_COLLAPSE = {  # family -> a classification case of it (logits [batch, classes])
     "bert": "bert-seqcls", "vit": "timm-deit", "resnet": "timm-resnet50-shape", "hf": "distilbert-seqcls",
-    "generic": "timm-convnext-stages",
+    "backbone": "timm-vit-in-a-wrapper", "generic": "timm-convnext-stages",
 }
 NO_COLLAPSE_EXTRA = [  # BN-heavy CNNs through the generic route, the issue's kind of model
     Case("timm-efficientnet-bnact", make=_tiny_efficientnet, batch=_images(3, 16, 3), loss=_ce, logits=_out,

@@ -31,7 +31,7 @@ def test_every_typo_is_listed_and_an_unrelated_name_lists_the_valid_ones():
                                                  r"\(did you mean 'scheduler'\?\)"):
         Theseus(tiny_bert(), successor_depth=3, adapter="generic", schedular=1, contianer="x")
     with pytest.raises(UnknownOptionError, match=r"'frobnicate'\. Theseus\(\) takes successor_depth, config, ratio.*"
-                                                 r"adapter options: container"):
+                                                 r"adapter options: backbone, container"):
         Theseus(tiny_bert(), successor_depth=3, frobnicate=1)
 
 
