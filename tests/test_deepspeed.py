@@ -1,0 +1,123 @@
+"""DeepSpeed ZeRO stages 2 and 3 through TheseusTrainer on the CPU (DeepSpeed's CPU accelerator, gloo):
+one process and two real processes (tests/_deepspeed_worker.py) train a tiny BERT 4 -> 2 with mixed
+draws, and ``trainer.export()`` gives the native successor, equal to an unsharded twin's export."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("deepspeed")
+pytest.importorskip("transformers")
+from safetensors.torch import load_file  # noqa: E402
+
+from conftest import tiny_bert  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import _deepspeed_worker as worker  # noqa: E402
+from _gloo import free_port  # noqa: E402
+
+from theseus_general import LinearScheduler, Theseus  # noqa: E402
+from theseus_general.errors import EngineStateError  # noqa: E402
+from theseus_general.integrations.deepspeed import ZeroExport  # noqa: E402
+
+STAGES = (2, 3)
+
+
+def launch(out, world_size: int):
+    """Start `world_size` worker processes (both stages each) writing to `out`."""
+    out.mkdir()
+    port = free_port()
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_"))}
+    procs = []
+    for rank in range(world_size):
+        env = dict(base, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", RANK=str(rank),
+                   LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "_deepspeed_worker.py"), str(out),
+                                       *map(str, STAGES)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    return procs
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """{1: one-process dir, 2: two-process dir}; the three processes run at once."""
+    root = tmp_path_factory.mktemp("deepspeed")
+    procs = {1: launch(root / "one", 1), 2: launch(root / "two", 2)}
+    try:
+        for group in procs.values():
+            for p in group:
+                output, _ = p.communicate(timeout=300)
+                assert p.returncode == 0, output[-6000:]
+    finally:
+        for group in procs.values():
+            for p in group:
+                p.kill()
+    return {1: root / "one", 2: root / "two"}
+
+
+def report(directory, stage: int, rank: int = 0) -> dict:
+    return json.loads((directory / f"zero{stage}-{rank}.json").read_text())
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_zero_run_trains_and_exports_a_plain_native_successor(runs, stage):
+    r = report(runs[1], stage)
+    assert r["engine_stage"] == stage and r["step_count"] == worker.STEPS
+    # ZeRO-3 really partitioned every parameter (and ZeRO-2 none): export had to gather them
+    assert (r["partitioned_parameters"] > 0) == (stage == 3)
+    # mixed draws: some group ran its predecessor while the successors trained
+    assert any(not ran for step in r["draws"] for ran in step.values())
+    assert r["export_type"] == "BertForSequenceClassification" and r["export_layers"] == worker.DEPTH
+    assert r["deepspeed_attributes_on_export"] == [] and r["hooks_on_export"] == 0
+    assert r["export_twice_equal"]
+    # the export set DeepSpeed's hooks and state aside and put them back: the engine computes as before
+    assert r["loss_after_export"] == r["loss_before_export"]
+    exported = load_file(str(runs[1] / f"zero{stage}-0.export.safetensors"))
+    untrained = Theseus(worker.tiny_bert_without_dropout(), successor_depth=worker.DEPTH)
+    with pytest.warns(UserWarning, match="never trained"):
+        initial = untrained.export().state_dict()
+    assert set(exported) == set(initial)
+    assert not torch.equal(exported["bert.encoder.layer.1.output.dense.weight"],
+                           initial["bert.encoder.layer.1.output.dense.weight"])  # a successor trained
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_zero_export_equals_the_unsharded_export_of_the_same_weights(runs, stage):
+    """The twin (an unsharded engine loaded with the tensors DeepSpeed's own GatheredParameters gave)
+    exports exactly what trainer.export() exported from the sharded run."""
+    r = report(runs[1], stage)
+    twin = Theseus(worker.tiny_bert_without_dropout(), successor_depth=worker.DEPTH, seed=0,
+                   scheduler=LinearScheduler(base=0.25, k=0.15))
+    twin.load_state_dict({"tensors": load_file(str(runs[1] / f"zero{stage}-0.engine.safetensors")), "meta": r["meta"]})
+    expected = twin.export().state_dict()
+    exported = load_file(str(runs[1] / f"zero{stage}-0.export.safetensors"))
+    assert set(exported) == set(expected)
+    for name, tensor in expected.items():
+        assert torch.equal(exported[name], tensor), name
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_processes_draw_alike_and_export_what_one_process_exports(runs, stage):
+    ranks = [report(runs[2], stage, rank) for rank in range(2)]
+    assert [r["world_size"] for r in ranks] == [2, 2]
+    assert ranks[0]["draws"] == ranks[1]["draws"] == report(runs[1], stage)["draws"]
+    exports = [load_file(str(runs[2] / f"zero{stage}-{rank}.export.safetensors")) for rank in range(2)]
+    one = load_file(str(runs[1] / f"zero{stage}-0.export.safetensors"))
+    assert set(exports[0]) == set(exports[1]) == set(one)
+    for name in one:
+        assert torch.equal(exports[0][name], exports[1][name]), name  # every rank exports the same model
+        # the same global batches of 4 rows, 2 per process: one process's result up to float rounding
+        torch.testing.assert_close(exports[0][name], one[name], rtol=1e-4, atol=1e-5)
+
+
+def test_zero_export_refuses_a_model_deepspeed_already_partitioned():
+    th = Theseus(tiny_bert(num_layers=4), successor_depth=2)
+    next(th.model.parameters()).ds_id = 0  # what ZeRO-3 leaves on every parameter it partitions
+    with pytest.raises(EngineStateError, match="before"):
+        ZeroExport(th)
