@@ -1,7 +1,7 @@
 """One process of a DeepSpeed ZeRO run of `TheseusTrainer` on the CPU (DeepSpeed's CPU accelerator, gloo).
 
     DS_ACCELERATOR=cpu RANK=r WORLD_SIZE=n LOCAL_RANK=r MASTER_ADDR=... MASTER_PORT=... \\
-        python tests/_deepspeed_worker.py OUT_DIR STAGE [STAGE ...]
+        python tests/_deepspeed_worker.py OUT_DIR STAGE [STAGE ...]     (a STAGE: 2, 3, or raw3)
 
 For each ZeRO stage: a 4-layer tiny BERT without dropout, wrapped 4 -> 2, trained 6 optimiser steps
 by TheseusTrainer with TrainingArguments(deepspeed={"zero_optimization": {"stage": STAGE}, ...}) on
@@ -11,6 +11,10 @@ gathered with DeepSpeed's own ``GatheredParameters`` and its meta (.engine.safet
 unsharded twin to export), and what the test checks (.json: draws of every step, step count, the
 export's type and depth, DeepSpeed attributes or hooks left on it, the run's loss on a batch through
 the DeepSpeed engine before and after the export).
+
+raw3: ``deepspeed.initialize`` itself (no Trainer) with ZeRO-3 and bf16, a client AdamW, 3 steps at
+p = 0.5, exported with ``ZeroExport``; writes raw3-<rank>.* (the export, DeepSpeed's gathered engine
+tensors and ZeroExport.state_dict()'s, the meta).
 """
 
 import json
@@ -127,6 +131,42 @@ def run_stage(out: str, stage: int, rank: int, world_size: int) -> None:
         json.dump(report, f)
 
 
+def run_raw(out: str, rank: int, world_size: int) -> None:
+    import torch
+    import deepspeed
+    from safetensors.torch import save_file
+
+    from conftest import bert_batch
+    from theseus_general import ConstantScheduler, Theseus
+    from theseus_general.integrations.deepspeed import ZeroExport
+
+    th = Theseus(tiny_bert_without_dropout(), successor_depth=DEPTH, seed=0, scheduler=ConstantScheduler(0.5))
+    zero = ZeroExport(th)  # before deepspeed.initialize
+    optimizer = torch.optim.AdamW(th.trainable_parameters(), lr=1e-3)
+    config = {"train_micro_batch_size_per_gpu": GLOBAL_BATCH // world_size, "gradient_accumulation_steps": 1,
+              "zero_optimization": {"stage": 3}, "bf16": {"enabled": True}}
+    engine, _, _, _ = deepspeed.initialize(model=th.model, optimizer=optimizer, config=config)
+    per_rank = GLOBAL_BATCH // world_size
+    for step in range(3):
+        batch = {k: v[rank * per_rank:(rank + 1) * per_rank] for k, v in bert_batch(batch=GLOBAL_BATCH, seed=step).items()}
+        loss = engine(**batch).loss
+        engine.backward(loss)
+        engine.step()
+        th.step(loss)
+    successor = zero.export()
+    full = zero.state_dict()
+    params = [p for p in th.model.parameters() if hasattr(p, "ds_id")]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):  # the reference, without ZeroExport
+        state = th.state_dict()
+        reference = {k: v.detach().clone().contiguous() for k, v in state["tensors"].items()}
+    prefix = os.path.join(out, f"raw3-{rank}")
+    save_file({k: v.contiguous() for k, v in successor.state_dict().items()}, prefix + ".export.safetensors")
+    save_file(reference, prefix + ".engine.safetensors")
+    save_file(full["tensors"], prefix + ".zero_state.safetensors")
+    with open(prefix + ".json", "w") as f:
+        json.dump({"meta": state["meta"], "partitioned_parameters": len(params), "step_count": th.step_count}, f)
+
+
 def main() -> None:
     import torch
 
@@ -137,11 +177,14 @@ def main() -> None:
     # and a half here) on creating its communication backend; training does not use it (gloo does the
     # collectives), and DeepSpeed keeps this dict for such edits.
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    out, stages = sys.argv[1], [int(s) for s in sys.argv[2:]]
+    out, stages = sys.argv[1], sys.argv[2:]
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     try:
         for stage in stages:
-            run_stage(out, stage, rank, world_size)
+            if stage == "raw3":
+                run_raw(out, rank, world_size)
+            else:
+                run_stage(out, int(stage), rank, world_size)
     finally:
         import torch.distributed as dist
 

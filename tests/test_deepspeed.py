@@ -22,7 +22,7 @@ sys.path.insert(0, HERE)
 import _deepspeed_worker as worker  # noqa: E402
 from _gloo import free_port  # noqa: E402
 
-from theseus_general import LinearScheduler, Theseus  # noqa: E402
+from theseus_general import ConstantScheduler, LinearScheduler, Theseus  # noqa: E402
 from theseus_general.errors import EngineStateError  # noqa: E402
 from theseus_general.integrations.deepspeed import ZeroExport  # noqa: E402
 
@@ -39,7 +39,7 @@ def launch(out, world_size: int):
         env = dict(base, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", RANK=str(rank),
                    LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "_deepspeed_worker.py"), str(out),
-                                       *map(str, STAGES)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       *map(str, STAGES), "raw3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     return procs
 
@@ -114,6 +114,28 @@ def test_two_processes_draw_alike_and_export_what_one_process_exports(runs, stag
         assert torch.equal(exports[0][name], exports[1][name]), name  # every rank exports the same model
         # the same global batches of 4 rows, 2 per process: one process's result up to float rounding
         torch.testing.assert_close(exports[0][name], one[name], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("processes", (1, 2))
+def test_zero_export_without_the_trainer_bf16_zero3(runs, processes):
+    """deepspeed.initialize itself, ZeRO-3 in bf16: ZeroExport(th) before it, zero.export() after; the
+    export equals the unsharded bf16 export, and zero.state_dict() holds DeepSpeed's gathered tensors."""
+    directory = runs[processes]
+    meta = json.loads((directory / "raw3-0.json").read_text())
+    assert meta["partitioned_parameters"] > 0 and meta["step_count"] == 3
+    reference = load_file(str(directory / "raw3-0.engine.safetensors"))
+    assert all(t.dtype == torch.bfloat16 for t in reference.values() if t.is_floating_point())
+    state = load_file(str(directory / "raw3-0.zero_state.safetensors"))
+    assert set(state) == set(reference) and all(torch.equal(state[k], reference[k]) for k in reference)
+    twin = Theseus(worker.tiny_bert_without_dropout().to(torch.bfloat16), successor_depth=worker.DEPTH, seed=0,
+                   scheduler=ConstantScheduler(0.5))
+    twin.load_state_dict({"tensors": reference, "meta": meta["meta"]})
+    expected = twin.export().state_dict()
+    for rank in range(processes):
+        exported = load_file(str(directory / f"raw3-{rank}.export.safetensors"))
+        assert set(exported) == set(expected)
+        for name, tensor in expected.items():
+            assert torch.equal(exported[name], tensor), (rank, name)
 
 
 def test_zero_export_refuses_a_model_deepspeed_already_partitioned():
