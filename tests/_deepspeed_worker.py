@@ -1,7 +1,7 @@
 """One process of a DeepSpeed ZeRO run of `TheseusTrainer` on the CPU (DeepSpeed's CPU accelerator, gloo).
 
     DS_ACCELERATOR=cpu RANK=r WORLD_SIZE=n LOCAL_RANK=r MASTER_ADDR=... MASTER_PORT=... \\
-        python tests/_deepspeed_worker.py OUT_DIR STAGE [STAGE ...]     (a STAGE: 2, 3, or raw3)
+        python tests/_deepspeed_worker.py OUT_DIR STAGE [STAGE ...]     (a STAGE: 2, 3, raw3 or acc3)
 
 For each ZeRO stage: a 4-layer tiny BERT without dropout, wrapped 4 -> 2, trained 6 optimiser steps
 by TheseusTrainer with TrainingArguments(deepspeed={"zero_optimization": {"stage": STAGE}, ...}) on
@@ -15,6 +15,10 @@ the DeepSpeed engine before and after the export).
 raw3: ``deepspeed.initialize`` itself (no Trainer) with ZeRO-3 and bf16, a client AdamW, 3 steps at
 p = 0.5, exported with ``ZeroExport``; writes raw3-<rank>.* (the export, DeepSpeed's gathered engine
 tensors and ZeroExport.state_dict()'s, the meta).
+
+acc3: Accelerate's own loop with a DeepSpeed plugin (ZeRO-3, fp32), 4 steps of a global batch of 4
+split over the processes, at p = 0.5, exported with ``ZeroExport``; writes acc3-<rank>.* (the export,
+DeepSpeed's gathered engine tensors, the meta and the number of processes Accelerate counted).
 """
 
 import json
@@ -167,6 +171,50 @@ def run_raw(out: str, rank: int, world_size: int) -> None:
         json.dump({"meta": state["meta"], "partitioned_parameters": len(params), "step_count": th.step_count}, f)
 
 
+def run_accelerate(out: str, rank: int, world_size: int) -> None:
+    import torch
+    import deepspeed
+    from accelerate import Accelerator, DataLoaderConfiguration, DeepSpeedPlugin, InitProcessGroupKwargs
+    from accelerate.state import AcceleratorState, GradientState
+    from safetensors.torch import save_file
+
+    from conftest import bert_batch
+    from theseus_general import ConstantScheduler, Theseus
+    from theseus_general.integrations.deepspeed import ZeroExport
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    th = Theseus(tiny_bert_without_dropout(), successor_depth=DEPTH, seed=0, scheduler=ConstantScheduler(0.5))
+    zero = ZeroExport(th)  # before accelerator.prepare
+    # backend="gloo": on the CPU, Accelerate (1.16) finds no device backend and would count one process
+    accelerator = Accelerator(deepspeed_plugin=DeepSpeedPlugin(zero_stage=3, gradient_accumulation_steps=1),
+                              dataloader_config=DataLoaderConfiguration(split_batches=True),
+                              kwargs_handlers=[InitProcessGroupKwargs(backend="gloo")])
+    batch = bert_batch(batch=16, length=10, seed=5)
+    rows = [{k: v[i] for k, v in batch.items()} for i in range(16)]
+    optimizer = torch.optim.AdamW(th.trainable_parameters(), lr=1e-3)
+    model, optimizer, loader = accelerator.prepare(th.model, optimizer,
+                                                   torch.utils.data.DataLoader(rows, batch_size=GLOBAL_BATCH))
+    model.train()
+    for inputs in loader:
+        loss = model(**inputs).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        th.step(loss)
+    successor = zero.export()
+    params = [p for p in th.model.parameters() if hasattr(p, "ds_id")]
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):  # the reference, without ZeroExport
+        state = th.state_dict()
+        reference = {k: v.detach().clone().contiguous() for k, v in state["tensors"].items()}
+    prefix = os.path.join(out, f"acc3-{rank}")
+    save_file({k: v.contiguous() for k, v in successor.state_dict().items()}, prefix + ".export.safetensors")
+    save_file(reference, prefix + ".engine.safetensors")
+    with open(prefix + ".json", "w") as f:
+        json.dump({"meta": state["meta"], "partitioned_parameters": len(params), "step_count": th.step_count,
+                   "processes": accelerator.num_processes, "engine": type(model).__name__}, f)
+
+
 def main() -> None:
     import torch
 
@@ -183,6 +231,8 @@ def main() -> None:
         for stage in stages:
             if stage == "raw3":
                 run_raw(out, rank, world_size)
+            elif stage == "acc3":
+                run_accelerate(out, rank, world_size)
             else:
                 run_stage(out, int(stage), rank, world_size)
     finally:

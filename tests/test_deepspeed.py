@@ -43,7 +43,7 @@ def launch(out, world_size: int):
         env = dict(base, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", RANK=str(rank),
                    LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "_deepspeed_worker.py"), str(out),
-                                       *map(str, STAGES), "raw3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       *map(str, STAGES), "raw3", "acc3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                       text=True))
     return procs
 
@@ -140,6 +140,31 @@ def test_zero_export_without_the_trainer_bf16_zero3(runs, processes):
         assert set(exported) == set(expected)
         for name, tensor in expected.items():
             assert torch.equal(exported[name], tensor), (rank, name)
+
+
+def test_accelerate_with_a_deepspeed_plugin_zero3(runs):
+    """Accelerate's own loop, DeepSpeedPlugin(zero_stage=3): 1 and 2 processes export the unsharded
+    export of their weights, on every rank the same, and 2 processes what 1 process exports."""
+    one = {}
+    for processes in (1, 2):
+        directory = runs[processes]
+        meta = json.loads((directory / "acc3-0.json").read_text())
+        assert meta["processes"] == processes and meta["engine"] == "DeepSpeedEngine"
+        assert meta["partitioned_parameters"] > 0 and meta["step_count"] == 4
+        twin = Theseus(worker.tiny_bert_without_dropout(), successor_depth=worker.DEPTH, seed=0,
+                       scheduler=ConstantScheduler(0.5))
+        twin.load_state_dict({"tensors": load_file(str(directory / "acc3-0.engine.safetensors")), "meta": meta["meta"]})
+        expected = twin.export().state_dict()
+        for rank in range(processes):
+            exported = load_file(str(directory / f"acc3-{rank}.export.safetensors"))
+            assert set(exported) == set(expected)
+            for name, tensor in expected.items():
+                assert torch.equal(exported[name], tensor), (processes, rank, name)
+        if processes == 1:
+            one = expected
+        else:
+            for name, tensor in expected.items():
+                torch.testing.assert_close(tensor, one[name], rtol=1e-4, atol=1e-5)
 
 
 def test_zero_export_refuses_a_model_deepspeed_already_partitioned():
