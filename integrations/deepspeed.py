@@ -47,8 +47,9 @@ def zero3_parameters(model: nn.Module) -> List[nn.Parameter]:
 
 
 def _hook_dicts(module: nn.Module) -> Dict[str, dict]:
-    """The module's hook registries (``_forward_pre_hooks``, ``_forward_hooks``, ...), by attribute name."""
-    return {name: value for name, value in vars(module).items() if name.endswith("hooks") and isinstance(value, dict)}
+    """The module's hook registries (``_forward_pre_hooks``, ``_forward_hooks``, ``_forward_hooks_with_kwargs``,
+    ...), by attribute name."""
+    return {name: value for name, value in vars(module).items() if "_hooks" in name and isinstance(value, dict)}
 
 
 class _ModuleState:

@@ -18,7 +18,7 @@ if importlib.util.find_spec("deepspeed") is None:
 pytest.importorskip("transformers")
 from safetensors.torch import load_file  # noqa: E402
 
-from conftest import tiny_bert  # noqa: E402
+from conftest import bert_batch, tiny_bert  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -27,7 +27,7 @@ import _deepspeed_worker as worker  # noqa: E402
 from _gloo import free_port  # noqa: E402
 
 from theseus_general import ConstantScheduler, LinearScheduler, Theseus  # noqa: E402
-from theseus_general.errors import EngineStateError  # noqa: E402
+from theseus_general.errors import EngineStateError, ExportError  # noqa: E402
 from theseus_general.integrations.deepspeed import ZeroExport  # noqa: E402
 
 STAGES = (2, 3)
@@ -172,3 +172,38 @@ def test_zero_export_refuses_a_model_deepspeed_already_partitioned():
     next(th.model.parameters()).ds_id = 0  # what ZeRO-3 leaves on every parameter it partitions
     with pytest.raises(EngineStateError, match="before"):
         ZeroExport(th)
+
+
+def test_zero_export_sets_aside_what_was_added_to_the_modules_and_puts_it_back():
+    """The mechanism alone, without DeepSpeed: an attribute, a hook and a _parameters dict type added
+    after ZeroExport(th), as ZeRO-3 adds them, are gone inside gathered() and back after it."""
+    from collections import OrderedDict
+
+    class OwnDict(OrderedDict):
+        pass
+
+    th = Theseus(tiny_bert(num_layers=4), successor_depth=2)
+    th.mark_trained()  # no untrained-export warning: the export itself is what is checked
+    zero = ZeroExport(th)
+    layer = th.model.bert.embeddings.LayerNorm
+    layer.ds_grads_remaining = 0
+
+    def refuse(module, args):
+        raise RuntimeError("DeepSpeed's hook ran")
+
+    handle = layer.register_forward_pre_hook(refuse)
+    layer._parameters = OwnDict(layer._parameters)
+    inputs = {k: v for k, v in bert_batch(seed=0).items() if k != "labels"}
+    with pytest.raises(ExportError, match="ds_grads_remaining"):
+        th.export()  # what th.export() alone does with the model DeepSpeed changed
+    with zero.gathered() as model:
+        assert not hasattr(layer, "ds_grads_remaining") and type(layer._parameters) is dict
+        model.eval()
+        model(**inputs)  # the hook is set aside
+    assert layer.ds_grads_remaining == 0 and type(layer._parameters) is OwnDict
+    with pytest.raises(RuntimeError, match="hook ran"):
+        th.model(**inputs)  # and back
+    successor = zero.export()
+    assert successor.config.num_hidden_layers == 2
+    assert not hasattr(successor.bert.embeddings.LayerNorm, "ds_grads_remaining")
+    handle.remove()
