@@ -31,6 +31,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import socket
 import subprocess
 import sys
 import tempfile
@@ -75,6 +76,10 @@ def deepspeed_runs(toy: bool) -> Dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "deepspeed_check.json")
         env = dict(os.environ, **({"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""} if toy else {}))
+        if "MASTER_PORT" not in env:  # its one-process group: a port nothing else holds
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                env["MASTER_PORT"] = str(s.getsockname()[1])
         command = [sys.executable, script, *(["--toy"] if toy else []), "--output", path]
         done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
         if done.returncode != 0 or not os.path.exists(path):
