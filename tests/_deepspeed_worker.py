@@ -5,7 +5,9 @@
 
 For each ZeRO stage: a 4-layer tiny BERT without dropout, wrapped 4 -> 2, trained 6 optimiser steps
 by TheseusTrainer with TrainingArguments(deepspeed={"zero_optimization": {"stage": STAGE}, ...}) on
-a global batch of 4 rows (4 / n per process), then ``trainer.export()``. Writes, per stage and rank,
+a global batch of 4 rows (4 / n per process), checkpointed at step 3, then ``trainer.export()``; then a
+new engine and Trainer resume from the step-3 checkpoint, train to step 6 and export
+(.resumed.safetensors). Writes, per stage and rank,
 to OUT_DIR/zero<STAGE>-<rank>.*: the export's state dict (.export.safetensors), the engine's tensors
 gathered with DeepSpeed's own ``GatheredParameters`` and its meta (.engine.safetensors, .json, for an
 unsharded twin to export), and what the test checks (.json: draws of every step, step count, the
@@ -64,18 +66,18 @@ def cpu_processes() -> None:
         del os.environ["ACCELERATE_USE_DEEPSPEED"]
 
 
-def run_stage(out: str, stage: int, rank: int, world_size: int) -> None:
-    import torch
-    import deepspeed
+def trainer_for_stage(out: str, stage: int, world_size: int, resume: bool = False):
+    """(th, TheseusTrainer) of the ZeRO-`stage` run: a new engine on the tiny BERT; it checkpoints at
+    half of its steps (DeepSpeed's own checkpoint, through the Trainer), and resume=True starts a new
+    engine and Trainer from that checkpoint. Returns (th, trainer, draws)."""
     from accelerate.state import AcceleratorState, GradientState
-    from safetensors.torch import save_file
     from transformers import TrainerCallback, TrainingArguments
 
     from conftest import bert_batch
     from theseus_general import LinearScheduler, Theseus
     from theseus_general.integrations.hf_trainer import TheseusTrainer
 
-    AcceleratorState._reset_state(reset_partial_state=True)  # one Trainer per stage in this process
+    AcceleratorState._reset_state(reset_partial_state=True)  # several Trainers in this process
     GradientState._reset_state()
     cpu_processes()
     batch = bert_batch(batch=16, length=10, seed=5)
@@ -88,15 +90,27 @@ def run_stage(out: str, stage: int, rank: int, world_size: int) -> None:
         def on_step_end(self, args, state, control, **kwargs):  # before TheseusCallback's th.step()
             draws.append({str(g): ran for g, ran in th.last_decisions.items()})
 
-    args = TrainingArguments(output_dir=os.path.join(out, f"trainer{stage}"), max_steps=STEPS,
+    args = TrainingArguments(output_dir=args_dir(out, stage), max_steps=STEPS,
                              per_device_train_batch_size=GLOBAL_BATCH // world_size, learning_rate=1e-3, seed=0,
-                             report_to="none", save_strategy="no", logging_strategy="no", disable_tqdm=True,
+                             report_to="none", save_strategy="no" if resume else "steps", save_steps=STEPS // 2,
+                             logging_strategy="no", disable_tqdm=True,
                              dataloader_num_workers=0, deepspeed=deepspeed_config(stage),
                              accelerator_config={"use_configured_state": True},
                              # BERT's loss is a mean over the process's rows; left True, the Trainer would
                              # multiply it by the number of processes (it expects a loss summed over rows)
                              average_tokens_across_devices=False)
     trainer = TheseusTrainer(theseus=th, model=th.model, args=args, train_dataset=rows, callbacks=[RecordDraws()])
+    return th, trainer, draws
+
+
+def run_stage(out: str, stage: int, rank: int, world_size: int) -> None:
+    import torch
+    import deepspeed
+    from safetensors.torch import save_file
+
+    from conftest import bert_batch
+
+    th, trainer, draws = trainer_for_stage(out, stage, world_size)
     trainer.train()
     engine = trainer.model_wrapped
     assert isinstance(engine, deepspeed.DeepSpeedEngine), type(engine)
@@ -128,11 +142,20 @@ def run_stage(out: str, stage: int, rank: int, world_size: int) -> None:
         "deepspeed_attributes_on_export": sorted({a for m in successor.modules() for a in vars(m) if a.startswith("ds_")}
                                                  | {a for p in successor.parameters() for a in vars(p) if a.startswith("ds_")}),
         "hooks_on_export": sum(len(h) for m in successor.modules() for n, h in vars(m).items()
-                               if n.endswith("hooks") and isinstance(h, dict)),
+                               if "_hooks" in n and isinstance(h, dict)),
         "loss_before_export": loss_before, "loss_after_export": loss_after,
     }
+    # a new engine and Trainer resumed from the DeepSpeed checkpoint of step STEPS // 2
+    resumed_th, resumed, resumed_draws = trainer_for_stage(out, stage, world_size, resume=True)
+    resumed.train(resume_from_checkpoint=os.path.join(args_dir(out, stage), f"checkpoint-{STEPS // 2}"))
+    save_file({k: v.contiguous() for k, v in resumed.export().state_dict().items()}, prefix + ".resumed.safetensors")
+    report.update(resumed_step_count=resumed_th.step_count, resumed_draws=resumed_draws)
     with open(prefix + ".json", "w") as f:
         json.dump(report, f)
+
+
+def args_dir(out: str, stage: int) -> str:
+    return os.path.join(out, f"trainer{stage}")
 
 
 def run_raw(out: str, rank: int, world_size: int) -> None:

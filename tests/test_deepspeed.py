@@ -121,6 +121,22 @@ def test_two_processes_draw_alike_and_export_what_one_process_exports(runs, stag
 
 
 @pytest.mark.parametrize("processes", (1, 2))
+@pytest.mark.parametrize("stage", STAGES)
+def test_a_run_resumed_from_its_deepspeed_checkpoint_ends_bit_identical(runs, stage, processes):
+    """A new engine and TheseusTrainer resumed from the Trainer's DeepSpeed checkpoint of step 3 (each
+    rank its ZeRO shards) draw what the uninterrupted run drew and export the same model."""
+    for rank in range(processes):
+        r = report(runs[processes], stage, rank)
+        assert r["resumed_step_count"] == worker.STEPS
+        assert r["resumed_draws"] == r["draws"][worker.STEPS // 2:]
+        resumed = load_file(str(runs[processes] / f"zero{stage}-{rank}.resumed.safetensors"))
+        uninterrupted = load_file(str(runs[processes] / f"zero{stage}-{rank}.export.safetensors"))
+        assert set(resumed) == set(uninterrupted)
+        for name, tensor in uninterrupted.items():
+            assert torch.equal(resumed[name], tensor), (rank, name)
+
+
+@pytest.mark.parametrize("processes", (1, 2))
 def test_zero_export_without_the_trainer_bf16_zero3(runs, processes):
     """deepspeed.initialize itself, ZeRO-3 in bf16: ZeroExport(th) before it, zero.export() after; the
     export equals the unsharded bf16 export, and zero.state_dict() holds DeepSpeed's gathered tensors."""
