@@ -1,6 +1,12 @@
-"""DeepSpeed ZeRO stages 2 and 3 through TheseusTrainer on the CPU (DeepSpeed's CPU accelerator, gloo):
-one process and two real processes (tests/_deepspeed_worker.py) train a tiny BERT 4 -> 2 with mixed
-draws, and ``trainer.export()`` gives the native successor, equal to an unsharded twin's export."""
+"""DeepSpeed ZeRO on the CPU (DeepSpeed's CPU accelerator, gloo), one process and two real processes
+(tests/_deepspeed_worker.py, all started at once by one fixture):
+
+  * ZeRO-2 and ZeRO-3 through TheseusTrainer: a tiny BERT 4 -> 2 with mixed draws; ``trainer.export()``
+    gives the native successor, equal to an unsharded twin's export of the same weights; two processes
+    match one; a run resumed from the Trainer's DeepSpeed checkpoint ends bit-identical;
+  * ``deepspeed.initialize`` (ZeRO-3, bf16) and Accelerate's loop with a DeepSpeed plugin, exported
+    with ``ZeroExport``;
+  * ZeroExport's mechanism and refusal, in this process, without DeepSpeed."""
 
 import importlib.util
 import json
@@ -34,7 +40,7 @@ STAGES = (2, 3)
 
 
 def launch(out, world_size: int):
-    """Start `world_size` worker processes (both stages each) writing to `out`."""
+    """Start `world_size` worker processes (every run of the worker each) writing to `out`."""
     out.mkdir()
     port = free_port()
     base = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "RANK", "WORLD_SIZE", "LOCAL_"))}
@@ -42,9 +48,8 @@ def launch(out, world_size: int):
     for rank in range(world_size):
         env = dict(base, DS_ACCELERATOR="cpu", CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS="1", RANK=str(rank),
                    LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(subprocess.Popen([sys.executable, os.path.join(HERE, "_deepspeed_worker.py"), str(out),
-                                       *map(str, STAGES), "raw3", "acc3"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True))
+        command = [sys.executable, os.path.join(HERE, "_deepspeed_worker.py"), str(out), *map(str, STAGES), "raw3", "acc3"]
+        procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     return procs
 
 
