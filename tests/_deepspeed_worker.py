@@ -7,7 +7,7 @@ For each ZeRO stage: a 4-layer tiny BERT without dropout, wrapped 4 -> 2, traine
 by TheseusTrainer with TrainingArguments(deepspeed={"zero_optimization": {"stage": STAGE}, ...}) on
 a global batch of 4 rows (4 / n per process), checkpointed at step 3, then ``trainer.export()``; then a
 new engine and Trainer resume from the step-3 checkpoint, train to step 6 and export
-(.resumed.safetensors). Writes, per stage and rank,
+(.resumed.safetensors); then a run with every successor from step 0 (p = 1) exports (.p1.safetensors). Writes, per stage and rank,
 to OUT_DIR/zero<STAGE>-<rank>.*: the export's state dict (.export.safetensors), the engine's tensors
 gathered with DeepSpeed's own ``GatheredParameters`` and its meta (.engine.safetensors, .json, for an
 unsharded twin to export), and what the test checks (.json: draws of every step, step count, the
@@ -66,40 +66,53 @@ def cpu_processes() -> None:
         del os.environ["ACCELERATE_USE_DEEPSPEED"]
 
 
-def trainer_for_stage(out: str, stage: int, world_size: int, resume: bool = False):
+def trainer_arguments(output_dir: str, world_size: int, **settings):
+    """The Trainer settings every run here shares (with DeepSpeed or, for the tests' reference, without)."""
+    from transformers import TrainingArguments
+
+    return TrainingArguments(output_dir=output_dir, max_steps=STEPS, per_device_train_batch_size=GLOBAL_BATCH // world_size,
+                             learning_rate=1e-3, seed=0, report_to="none", logging_strategy="no", disable_tqdm=True,
+                             dataloader_num_workers=0, **settings)
+
+
+def train_rows():
+    from conftest import bert_batch
+
+    batch = bert_batch(batch=16, length=10, seed=5)
+    return [{k: v[i] for k, v in batch.items()} for i in range(16)]
+
+
+def trainer_for_stage(out: str, stage: int, world_size: int, resume: bool = False, base: float = 0.25):
     """(th, TheseusTrainer) of the ZeRO-`stage` run: a new engine on the tiny BERT; it checkpoints at
     half of its steps (DeepSpeed's own checkpoint, through the Trainer), and resume=True starts a new
-    engine and Trainer from that checkpoint. Returns (th, trainer, draws)."""
+    engine and Trainer from that checkpoint; `base` is the first step's replacement rate (1.0: every
+    successor runs from step 0, no checkpoint). Returns (th, trainer, draws)."""
     from accelerate.state import AcceleratorState, GradientState
-    from transformers import TrainerCallback, TrainingArguments
+    from transformers import TrainerCallback
 
-    from conftest import bert_batch
     from theseus_general import LinearScheduler, Theseus
     from theseus_general.integrations.hf_trainer import TheseusTrainer
 
     AcceleratorState._reset_state(reset_partial_state=True)  # several Trainers in this process
     GradientState._reset_state()
     cpu_processes()
-    batch = bert_batch(batch=16, length=10, seed=5)
-    rows = [{k: v[i] for k, v in batch.items()} for i in range(16)]
     th = Theseus(tiny_bert_without_dropout(), successor_depth=DEPTH, seed=0,
-                 scheduler=LinearScheduler(base=0.25, k=0.15))  # mixed draws, p = 1 from step 5
+                 scheduler=LinearScheduler(base=base, k=0.15))  # base 0.25: mixed draws, p = 1 from step 5
     draws = []
 
     class RecordDraws(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):  # before TheseusCallback's th.step()
             draws.append({str(g): ran for g, ran in th.last_decisions.items()})
 
-    args = TrainingArguments(output_dir=args_dir(out, stage), max_steps=STEPS,
-                             per_device_train_batch_size=GLOBAL_BATCH // world_size, learning_rate=1e-3, seed=0,
-                             report_to="none", save_strategy="no" if resume else "steps", save_steps=STEPS // 2,
-                             logging_strategy="no", disable_tqdm=True,
-                             dataloader_num_workers=0, deepspeed=deepspeed_config(stage),
-                             accelerator_config={"use_configured_state": True},
+    checkpoint = not resume and base < 1.0
+    args = trainer_arguments(args_dir(out, stage) + ("" if base < 1.0 else "-p1"), world_size,
+                             save_strategy="steps" if checkpoint else "no", save_steps=STEPS // 2,
+                             deepspeed=deepspeed_config(stage), accelerator_config={"use_configured_state": True},
                              # BERT's loss is a mean over the process's rows; left True, the Trainer would
                              # multiply it by the number of processes (it expects a loss summed over rows)
                              average_tokens_across_devices=False)
-    trainer = TheseusTrainer(theseus=th, model=th.model, args=args, train_dataset=rows, callbacks=[RecordDraws()])
+    trainer = TheseusTrainer(theseus=th, model=th.model, args=args, train_dataset=train_rows(),
+                             callbacks=[RecordDraws()])
     return th, trainer, draws
 
 
@@ -152,6 +165,11 @@ def run_stage(out: str, stage: int, rank: int, world_size: int) -> None:
     report.update(resumed_step_count=resumed_th.step_count, resumed_draws=resumed_draws)
     with open(prefix + ".json", "w") as f:
         json.dump(report, f)
+
+    # every successor running from step 0: no idle successor, so the run is the one without DeepSpeed
+    _, every_step, _ = trainer_for_stage(out, stage, world_size, base=1.0)
+    every_step.train()
+    save_file({k: v.contiguous() for k, v in every_step.export().state_dict().items()}, prefix + ".p1.safetensors")
 
 
 def args_dir(out: str, stage: int) -> str:

@@ -3,7 +3,8 @@
 
   * ZeRO-2 and ZeRO-3 through TheseusTrainer: a tiny BERT 4 -> 2 with mixed draws; ``trainer.export()``
     gives the native successor, equal to an unsharded twin's export of the same weights; two processes
-    match one; a run resumed from the Trainer's DeepSpeed checkpoint ends bit-identical;
+    match one; a run resumed from the Trainer's DeepSpeed checkpoint ends bit-identical; without idle
+    successors (p = 1) the run ends where the one without DeepSpeed ends;
   * ``deepspeed.initialize`` (ZeRO-3, bf16) and Accelerate's loop with a DeepSpeed plugin, exported
     with ``ZeroExport``;
   * ZeroExport's mechanism and refusal, in this process, without DeepSpeed."""
@@ -139,6 +140,33 @@ def test_a_run_resumed_from_its_deepspeed_checkpoint_ends_bit_identical(runs, st
         assert set(resumed) == set(uninterrupted)
         for name, tensor in uninterrupted.items():
             assert torch.equal(resumed[name], tensor), (rank, name)
+
+
+@pytest.fixture(scope="module")
+def without_deepspeed(tmp_path_factory):
+    """The export of the workers' p = 1 run by TheseusTrainer without DeepSpeed (one process, this one)."""
+    from theseus_general.integrations.hf_trainer import TheseusTrainer
+
+    th = Theseus(worker.tiny_bert_without_dropout(), successor_depth=worker.DEPTH, seed=0,
+                 scheduler=LinearScheduler(base=1.0, k=0.15))
+    args = worker.trainer_arguments(str(tmp_path_factory.mktemp("plain")), 1, save_strategy="no", use_cpu=True)
+    trainer = TheseusTrainer(theseus=th, model=th.model, args=args, train_dataset=worker.train_rows())
+    trainer.train()
+    return trainer.export().state_dict()
+
+
+@pytest.mark.parametrize("processes", (1, 2))
+@pytest.mark.parametrize("stage", STAGES)
+def test_without_idle_successors_zero_trains_what_the_run_without_deepspeed_trains(runs, without_deepspeed, stage,
+                                                                                   processes):
+    """Every successor running from step 0 (p = 1): ZeRO-2/3 with 1 or 2 processes end where the same
+    TheseusTrainer run without DeepSpeed ends, up to float rounding (with idle successors they do not:
+    docs/training.md, DeepSpeed)."""
+    for rank in range(processes):
+        exported = load_file(str(runs[processes] / f"zero{stage}-{rank}.p1.safetensors"))
+        assert set(exported) == set(without_deepspeed)
+        for name, tensor in without_deepspeed.items():
+            torch.testing.assert_close(exported[name], tensor, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("processes", (1, 2))
