@@ -1,6 +1,6 @@
 """The GPU check: a BERT-base 12 -> 6 Theseus run on CUDA, bf16 autocast, eager and compiled.
 
-One script for a lent GPU machine, about 5 minutes on one H200 (random init, no
+One script for a lent GPU machine, about 6 minutes on one H200 (random init, no
 downloads: ``BertConfig()`` defaults, 12 layers, hidden 768, sequence 128):
 
   * training step time (median after warm-up) of plain fine-tuning and of a
@@ -9,7 +9,11 @@ downloads: ``BertConfig()`` defaults, 12 layers, hidden 768, sequence 128):
     for compiled runs, the graphs dynamo compiled during warm-up and after it;
   * the exported successor's inference speed-up over the predecessor at batch 1,
     8 and 64 (``measure_latency``, bf16 weights, inference mode), and its FLOPs ratio
-    (``count_flops``).
+    (``count_flops``);
+  * DeepSpeed ZeRO-2 and ZeRO-3 runs of the same model through TheseusTrainer, each
+    exported with ``trainer.export()`` and compared with the unsharded export of the same
+    weights (``benchmarks/deepspeed_check.py``, in its own process; "deepspeed" in the JSON;
+    ``--no-deepspeed`` skips it).
 
 A compiled run gets a wall-clock budget (``--compile-budget``): when compiling
 keeps going (a recompile every step) it stops there and the JSON says so.
@@ -24,8 +28,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
+import json
 import os
+import socket
+import subprocess
 import sys
+import tempfile
 import time
 from typing import Any, Dict
 
@@ -58,6 +67,27 @@ def build(config, device: torch.device) -> nn.Module:
     return BertForSequenceClassification(config).to(device)
 
 
+def deepspeed_runs(toy: bool) -> Dict[str, Any]:
+    """benchmarks/deepspeed_check.py in its own process (DeepSpeed's process group and Accelerate's
+    process-wide state stay out of this one): its report, or why there is none."""
+    if importlib.util.find_spec("deepspeed") is None:
+        return {"skipped": "deepspeed is not installed (pip install deepspeed, or the project's [deepspeed] extra)"}
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "deepspeed_check.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "deepspeed_check.json")
+        env = dict(os.environ, **({"OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""} if toy else {}))
+        if "MASTER_PORT" not in env:  # its one-process group: a port nothing else holds
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                env["MASTER_PORT"] = str(s.getsockname()[1])
+        command = [sys.executable, script, *(["--toy"] if toy else []), "--output", path]
+        done = subprocess.run(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=900)
+        if done.returncode != 0 or not os.path.exists(path):
+            return {"error": f"deepspeed_check.py exited with status {done.returncode}", "output_tail": done.stdout[-4000:]}
+        with open(path) as f:
+            return json.load(f)
+
+
 def main(argv=None) -> Dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--toy", action="store_true", help="tiny BERT on the CPU, a few steps (seconds)")
@@ -68,6 +98,7 @@ def main(argv=None) -> Dict[str, Any]:
     parser.add_argument("--steps", type=int, default=None, help="measured steps (default 20; toy 2)")
     parser.add_argument("--compile-budget", type=float, default=90.0, help="seconds per compiled training run")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (toy default 1)")
+    parser.add_argument("--no-deepspeed", action="store_true", help="skip the DeepSpeed ZeRO-2/3 runs")
     parser.add_argument("--output", default=os.path.join(RESULTS_DIR, "gpu_check.json"))
     args = parser.parse_args(argv)
     started = time.time()
@@ -130,6 +161,15 @@ def main(argv=None) -> Dict[str, Any]:
         flops = {"predecessor": count_flops(model, sample), "successor": count_flops(successor, sample)}
     report["inference"] = {"dtype": str(inference_dtype), "seq": seq, "rows": rows, "flops_batch1": flops,
                            "flops_ratio": flops["predecessor"] / flops["successor"]}
+    if not args.no_deepspeed:
+        print("DeepSpeed ZeRO-2 and ZeRO-3 through TheseusTrainer (benchmarks/deepspeed_check.py):", flush=True)
+        report["deepspeed"] = deepspeed_runs(args.toy)
+        for name, stage in report["deepspeed"].get("stages", {}).items():
+            print(f"  {name}: " + (stage["error"] if "error" in stage else
+                  f"{stage['step_s'] * 1e3:.1f} ms/step, export equal to the unsharded one: "
+                  f"{stage['export']['equals_unsharded_export']}"), flush=True)
+        if "stages" not in report["deepspeed"]:
+            print(f"  {report['deepspeed']}", flush=True)
     finish(report, args.output, "gpu_check.py", argv, started)
     print(f"wrote {args.output} ({report['total_s']:.0f} s)")
     return report

@@ -6,7 +6,10 @@
     th = Theseus(model, successor_depth=3)
     trainer = TheseusTrainer(theseus=th, model=th.model, args=args, train_dataset=train)
     trainer.train()
-    successor = th.export()
+    successor = trainer.export()   # th.export(), gathering ZeRO-3's partitioned parameters first
+
+With ``TrainingArguments(deepspeed=config)`` (ZeRO stages 0 to 3) use ``trainer.export()`` (every
+rank calls it; see `theseus_general.integrations.deepspeed`); without DeepSpeed it is ``th.export()``.
 
 `TheseusTrainer` is a `Trainer` whose optimiser covers exactly ``th.trainable_parameters()``
 (the successors and, with train_rest=True, the copies of embeddings and head; that set is
@@ -21,10 +24,12 @@ from __future__ import annotations
 
 from typing import Any, List
 
+from torch import nn
 from transformers import Trainer, TrainerCallback
 
 from theseus_general.engine import Theseus
 from theseus_general.errors import EngineStateError
+from theseus_general.integrations.deepspeed import ZeroExport
 
 
 class TheseusCallback(TrainerCallback):
@@ -68,7 +73,14 @@ class TheseusTrainer(Trainer):
         callbacks = list(kwargs.pop("callbacks", None) or [])
         if not any(isinstance(c, TheseusCallback) for c in callbacks):
             callbacks.append(TheseusCallback(theseus))
+        # DeepSpeed changes the model in train(); record the model's own module state before that
+        self.zero_export = ZeroExport(theseus)
         super().__init__(*args, callbacks=callbacks, **kwargs)
+
+    def export(self, native: bool = True) -> nn.Module:
+        """The successor, ``th.export(native)``; under DeepSpeed ZeRO-3 from the gathered parameters
+        (a collective: every rank calls it)."""
+        return self.zero_export.export(native=native)
 
     def create_optimizer(self, model=None):
         if self.optimizer is None:

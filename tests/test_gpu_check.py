@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -40,6 +41,26 @@ def test_gpu_check_toy(tmp_path):
         assert r["speedup"] == pytest.approx(r["predecessor_s"] / r["successor_s"])
     assert report["inference"]["flops_ratio"] > 1.5  # 4 -> 2 layers of a model that is mostly layers
     assert report["command"].startswith("python benchmarks/gpu_check.py --toy")
+    _check_deepspeed(report["deepspeed"])
+
+
+def _check_deepspeed(deepspeed: dict) -> None:
+    """The DeepSpeed part (benchmarks/deepspeed_check.py --toy, DeepSpeed's CPU accelerator): ZeRO-2 and
+    ZeRO-3 trained and exported the successor the unsharded engine exports."""
+    if importlib.util.find_spec("deepspeed") is None:  # CI installs it (the [test] extra)
+        assert "deepspeed is not installed" in deepspeed["skipped"]
+        return
+    assert deepspeed["conditions"]["deepspeed_accelerator"] == "cpu", deepspeed
+    assert set(deepspeed["stages"]) == {"zero2", "zero3"}
+    for name, stage in deepspeed["stages"].items():
+        assert "error" not in stage, (name, stage.get("traceback"))
+        assert stage["engine_stage"] == int(name[-1]) and stage["theseus_steps"] == stage["steps_run"]
+        assert (stage["partitioned_parameters"] > 0) == (name == "zero3")  # ZeRO-3 really partitioned
+        assert stage["step_s"] > 0 and stage["loss_last"] is not None
+        export = stage["export"]
+        assert export["type"] == "BertForSequenceClassification" and export["layers"] == 2 and export["runs"]
+        assert export["equals_unsharded_export"] and export["max_abs_diff_to_unsharded"] == 0.0
+        assert export["params"] < export["predecessor_params"]
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")

@@ -47,6 +47,9 @@ def test_trainer_steps_the_schedule_and_trains_only_successors(tmp_path):
     optimised = {id(p) for g in trainer.optimizer.param_groups for p in g["params"]}
     assert optimised == {id(p) for p in th.trainable_parameters()}
     assert any(not torch.equal(a, b) for a, b in zip(successors_before, th.trainable_parameters()))
+    # without DeepSpeed, trainer.export() is th.export() (tests/test_deepspeed.py: with ZeRO-2/3)
+    exported, direct = trainer.export().state_dict(), th.export().state_dict()
+    assert set(exported) == set(direct) and all(torch.equal(exported[k], direct[k]) for k in direct)
     th.unwrap()
     assert_same_state(frozen, model)  # the predecessor was never written
 
