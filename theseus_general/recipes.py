@@ -11,7 +11,7 @@ from the block of its group that reproduces the group best (`choose_start`). Mea
 (docs/results.md#the-default-recipe-at-usual-learning-rates): a 12-layer encoder's bottom 6 layers
 agree on 81% (no matching: matching there cost 3.3-3.5 test points at lr 3e-5; without it the
 default is within a point of fine-tune-only, 95% paired interval over 3-5 seeds, at lr 2e-5 and
-3e-5, unresolved at 5e-5), MiniLM-L6's bottom 3 on 50% (matching: 0.74-0.76 test where
+3e-5, unresolved at 5e-5: 0.5 points lower on average over 5 seeds), MiniLM-L6's bottom 3 on 50% (matching: 0.74-0.76 test where
 fine-tune-only and no matching stay at the majority class). Matching's lr is fixed, not a multiple
 of the run's: 10x and 30x the run's lr scored lower on dev at run lr 2e-5 (3 seeds).
 
