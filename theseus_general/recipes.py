@@ -53,6 +53,12 @@ class Recipe:
     # predecessor on at least this share of the first batch's predictions (None: always match)
     match_below_agreement: Optional[float] = None
 
+    @property
+    def asks_agreement(self) -> bool:
+        """Whether this recipe's matching depends on the start's agreement with the predecessor
+        (measured on the run's first batch before training)."""
+        return bool(self.match_fraction) and self.match_below_agreement is not None
+
     def match_steps(self, steps: int, agreement: Optional[float] = None) -> int:
         """The module-matching steps this recipe takes out of a run of `steps` optimiser steps; with
         `match_below_agreement`, none when the successors' `agreement` with the predecessor (on the

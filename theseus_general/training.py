@@ -271,8 +271,7 @@ def fit(
     _check_settings(steps, lr_schedule, gradient_accumulation, checkpoint_every, checkpoints, engine)
     _check_numbers(lr=lr, weight_decay=weight_decay, warmup=warmup, max_grad_norm=max_grad_norm, match_lr=match_lr)
     agreement = None
-    if engine is not None and match_steps is None and engine.step_count == 0 and engine.recipe.match_fraction \
-            and engine.recipe.match_below_agreement is not None:
+    if engine is not None and match_steps is None and engine.step_count == 0 and engine.recipe.asks_agreement:
         # the recipe matches only a start that lost the task: ask the first batch (read once, then
         # handed on as the stream's first batch, so that a resumed run decides the same)
         batches, first = _peek(batches)
@@ -521,11 +520,8 @@ def planned_match_steps(engine: Theseus, steps: int, batch: Any) -> int:
     share, or none when the recipe matches only a start that lost the task and the successors alone
     agree with the predecessor on `batch` (the run's first batch: an ``(inputs, labels)`` pair, a
     mapping with "labels", or the inputs) at least as often as it asks. Call it before training."""
-    recipe = engine.recipe
-    agreement = None
-    if recipe.match_fraction and recipe.match_below_agreement is not None:
-        agreement = _agreement(engine, batch)
-    return recipe.match_steps(steps, agreement)
+    agreement = _agreement(engine, batch) if engine.recipe.asks_agreement else None
+    return engine.recipe.match_steps(steps, agreement)
 
 
 def _agreement(engine: Theseus, batch: Any) -> Optional[float]:
