@@ -222,13 +222,27 @@ def run_method(method: str, task: Task, predecessor: nn.Module, seed: int, args:
     return student
 
 
-def grid_points(method: str, args: argparse.Namespace) -> List[Dict[str, float]]:
-    """The dev grid of one method: every --lr-grid value (KD: times every --kd-grid pair)."""
-    lrs = args.lr_grid or [args.lr]
+def grid_points(method: str, args: argparse.Namespace, lrs: Optional[List[float]] = None) -> List[Dict[str, float]]:
+    """The dev grid of one method: every --lr-grid value, or `lrs` (KD: times every --kd-grid pair)."""
+    lrs = lrs or args.lr_grid or [args.lr]
     if method not in KD_METHODS or not args.kd_grid:
         return [{"lr": lr} for lr in lrs]
     pairs = [tuple(float(v) for v in pair.split(":")) for pair in args.kd_grid]
     return [{"lr": lr, "temperature": t, "alpha": a} for lr in lrs for t, a in pairs]
+
+
+def grid_extension(runs: List[Dict[str, float]]) -> Optional[float]:
+    """The next learning rate to try when the best dev run sits on an edge of the lrs tried (one step
+    of the grid's own ratio beyond it), else None. Needs at least two lrs."""
+    lrs = sorted({r["lr"] for r in runs})
+    if len(lrs) < 2:
+        return None
+    best = max(runs, key=lambda r: r["dev"])["lr"]  # first best on ties, as the choice itself
+    if best == lrs[0]:
+        return lrs[0] * lrs[0] / lrs[1]
+    if best == lrs[-1]:
+        return lrs[-1] * lrs[-1] / lrs[-2]
+    return None
 
 
 def native_export_possible(predecessor: nn.Module, target: Dict[str, Any]) -> bool:
@@ -354,11 +368,19 @@ def run(args: argparse.Namespace, path: str) -> Dict[str, Any]:
         # test accuracies of the grid are recorded but play no part in the choice.
         report["grid"] = {"seed": args.seeds[0], "lr": args.lr_grid, "kd": args.kd_grid, "runs": {}, "chosen": chosen}
         for method in methods:
-            for settings in grid_points(method, args):
-                result = timed_or_reused(method, args.seeds[0], settings)
-                report["grid"]["runs"].setdefault(method, []).append(dict(settings, **result))
-                report["total_s"] = time.time() - started
-                write_json(report, path)
+            points, extensions = grid_points(method, args), 0
+            while points:
+                for settings in points:
+                    result = timed_or_reused(method, args.seeds[0], settings)
+                    report["grid"]["runs"].setdefault(method, []).append(dict(settings, **result))
+                    report["total_s"] = time.time() - started
+                    write_json(report, path)
+                # --extend-grid: one more lr beyond an edge the choice sits on, until it sits inside
+                beyond = grid_extension(report["grid"]["runs"][method]) if extensions < args.extend_grid else None
+                points, extensions = (grid_points(method, args, [beyond]) if beyond else []), extensions + 1
+                if beyond:
+                    report["grid"].setdefault("extended", {}).setdefault(method, []).append(beyond)
+                    print(f"  {method}: the best dev lr sits on the grid's edge; extending to {beyond:g}", flush=True)
             best = max(report["grid"]["runs"][method], key=lambda r: r["dev"])  # first best on ties
             chosen[method] = {k: best[k] for k in GRID_KEYS if k in best}
             report["runs"].setdefault(method, {})[str(args.seeds[0])] = {k: best[k] for k in best if k not in GRID_KEYS}
@@ -414,6 +436,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--replace-by", type=float, default=None, help="fraction of --steps after which p = 1 (resnet 0.3, else 0.5)")
     p.add_argument("--lr-grid", type=float, nargs="+", default=None,
                    help="choose each method's lr from these on dev with the first seed, then run the other seeds")
+    p.add_argument("--extend-grid", type=int, default=0, metavar="N",
+                   help="while a method's best dev lr sits on an edge of the lrs it tried, try one more lr beyond "
+                        "it (the grid's ratio), at most N times per method (default 0: the grid as given)")
     p.add_argument("--kd-grid", nargs="+", default=None, metavar="T:ALPHA",
                    help="KD's (temperature, alpha) pairs, searched with --lr-grid (e.g. 2:0.5 4:0.9)")
     p.add_argument("--match-fraction", type=float, default=None,

@@ -203,6 +203,38 @@ def test_quality_dev_grid_chooses_each_methods_settings_on_the_first_seed_only(t
     assert (grid["chosen"]["kd"]["temperature"], grid["chosen"]["kd"]["alpha"]) in {(2.0, 0.5), (4.0, 0.9)}
 
 
+def test_grid_extension_steps_beyond_the_edge_the_best_dev_run_sits_on():
+    extension = load("quality").grid_extension
+    runs = [{"lr": 1e-3, "dev": 0.5}, {"lr": 2e-3, "dev": 0.6}, {"lr": 4e-3, "dev": 0.7}]
+    assert extension(runs) == pytest.approx(8e-3)  # best at the top: one grid ratio above it
+    runs[0]["dev"] = 0.9
+    assert extension(runs) == pytest.approx(5e-4)  # best at the bottom
+    runs[1]["dev"] = 0.95
+    assert extension(runs) is None  # inside: the grid is done
+    # KD's pairs share an lr: the edge is judged on lrs, over every pair
+    kd = [{"lr": 1e-3, "dev": 0.5}, {"lr": 1e-3, "dev": 0.8}, {"lr": 2e-3, "dev": 0.7}, {"lr": 2e-3, "dev": 0.6}]
+    assert extension(kd) == pytest.approx(5e-4)
+    assert extension([{"lr": 1e-3, "dev": 0.5}]) is None  # one point has no ratio to extend by
+
+
+def test_quality_extend_grid_runs_until_the_choice_is_inside_or_the_limit(tmp_path):
+    path = tmp_path / "extended.json"
+    data = write_idx_dataset(tmp_path / "fashion-mnist")
+    quality = load("quality")
+    quality.main(["--quick", "--data-dir", data, "--methods", "finetune_trained", "kd", "--seeds", "0",
+                  "--lr-grid", "1e-3", "4e-3", "--kd-grid", "2:0.5", "4:0.9", "--extend-grid", "2",
+                  "--output", str(path)])
+    grid = read(path)["grid"]
+    for method, per_lr in (("finetune_trained", 1), ("kd", 2)):
+        runs, added = grid["runs"][method], grid.get("extended", {}).get(method, [])
+        assert len(runs) == per_lr * (2 + len(added)) and len(added) <= 2
+        tried = sorted({r["lr"] for r in runs})
+        assert all(lr in tried for lr in added)
+        if len(added) < 2:  # stopped early: the choice sits inside what was tried
+            assert quality.grid_extension(runs) is None
+        assert grid["chosen"][method]["lr"] == max(runs, key=lambda r: r["dev"])["lr"]
+
+
 def test_quality_reuse_extends_a_grid_without_rerunning_its_points(tmp_path):
     data = write_idx_dataset(tmp_path / "fashion-mnist")
     quality = load("quality")
