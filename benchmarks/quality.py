@@ -553,9 +553,10 @@ def merge(specs: List[str], output: str) -> Dict[str, Any]:
                 raise SystemExit(f"error: seed(s) {sorted(clash)} of {method} appear in more than one part ({path})")
             merged["runs"].setdefault(method, {}).update(by_seed)
         if "grid" in part:  # parts may split the methods too: each brings its methods' grid
-            grid = merged.setdefault("grid", dict(part["grid"], runs={}, chosen={}))
+            grid = merged.setdefault("grid", dict(part["grid"], runs={}, chosen={}, extended={}))
             grid["runs"].update(part["grid"]["runs"])
             grid["chosen"].update(part["grid"]["chosen"])
+            grid["extended"].update({m: lrs for m, lrs in part["grid"].get("extended", {}).items() if m in part["grid"]["runs"]})
     merged["settings"] = dict(first["settings"], seeds=sorted({int(s) for r in merged["runs"].values() for s in r}),
                               methods=[m for m in METHODS if m in merged["runs"]])
     merged["runs"] = {m: merged["runs"][m] for m in METHODS if m in merged["runs"]}  # the usual order

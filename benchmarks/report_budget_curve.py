@@ -112,10 +112,10 @@ def plot(curve: Dict[str, Any], path: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for m, label in LABELS.items():
+    for i, (m, label) in enumerate(LABELS.items()):
         points = [(b["steps"], b["methods"][m]["test"]) for b in curve["budgets"] if m in b["methods"]]
-        if points:
-            ax.errorbar([s for s, _ in points], [r["mean"] for _, r in points], yerr=[r["half_width"] for _, r in points],
+        if points:  # each method a little to the side, so that the intervals do not hide each other
+            ax.errorbar([s * 1.04 ** (i - 1.5) for s, _ in points], [r["mean"] for _, r in points], yerr=[r["half_width"] for _, r in points],
                         marker="o", capsize=3, label=label)
     ax.axhline(curve["budgets"][0]["predecessor"]["test"], color="grey", linestyle="--", label="predecessor")
     ax.set_xscale("log")

@@ -235,6 +235,53 @@ def test_quality_extend_grid_runs_until_the_choice_is_inside_or_the_limit(tmp_pa
         assert grid["chosen"][method]["lr"] == max(runs, key=lambda r: r["dev"])["lr"]
 
 
+def test_converge_predecessor_keeps_the_best_dev_weights_and_applies_its_stopping_rule(tmp_path):
+    from safetensors.torch import load_model
+
+    data = write_idx_dataset(tmp_path / "fashion-mnist")
+    path = tmp_path / "vit.safetensors"
+    converge = load("converge_predecessor")
+    report = converge.main(["--arch", "vit", "--quick", "--data-dir", data, "--save-to", str(path)])
+    curve = report["curve"]
+    assert [p["step"] for p in curve] == list(range(5, report["steps_run"] + 1, 5))
+    best = max(curve, key=lambda p: p["dev"])  # first best on ties, as the run keeps it
+    assert report["best_step"] == best["step"]
+    if report["converged"]:  # the rule: the best is older than 20% of the steps, and the minimum is reached
+        assert report["steps_run"] >= 10 and report["steps_run"] - best["step"] > 0.2 * report["steps_run"]
+    else:
+        assert report["stopped_by"] == "max_steps" and report["steps_run"] == 60
+    # the saved weights are the best-on-dev ones: they score the best dev accuracy again
+    quality = load("quality")
+    args = quality.parse_args(["--task", "vision", "--quick", "--data-dir", data])
+    task = quality.VisionTask(args)
+    model = task._build(0)
+    load_model(model, str(path))
+    assert task.evaluate(model)["dev"] == pytest.approx(best["dev"]) == pytest.approx(report["dev"])
+    assert read(tmp_path / "vit.json")["test"] == report["test"]
+
+
+def test_budget_curve_report_pairs_seeds_per_budget_and_reads_equal_compute_off_the_curves():
+    curve_module = load("report_budget_curve")
+
+    def report(steps, theseus, finetune, seconds):
+        runs = {"theseus": {str(s): {"test": t, "dev": t, "train_s": seconds[0]} for s, t in enumerate(theseus)},
+                "finetune_trained": {str(s): {"test": t, "dev": t, "train_s": seconds[1]} for s, t in enumerate(finetune)}}
+        summary = {m: {"test_mean": sum(r["test"] for r in by.values()) / len(by)} for m, by in runs.items()}
+        return {"task": "vit", "target": {"ratio": 0.25}, "depth": {"predecessor": {"blocks": 8}, "successor": {"blocks": 2}},
+                "settings": {"steps": steps, "seeds": [0, 1, 2]}, "predecessor": {"dev": 0.9, "test": 0.9},
+                "runs": runs, "summary": summary, "grid": {"chosen": {"theseus": {"lr": 1e-3}, "finetune_trained": {"lr": 2e-3}}}}
+
+    curve = curve_module.build([report(400, [0.80, 0.81, 0.82], [0.79, 0.80, 0.81], (40.0, 20.0)),
+                                report(100, [0.70, 0.71, 0.70], [0.72, 0.73, 0.72], (10.0, 5.0))])
+    low, high = curve["budgets"]  # sorted by steps
+    assert low["steps"] == 100 and low["verdict"]["verdict"] == "behind"
+    assert high["verdict"]["verdict"] == "ahead" and high["verdict"]["mean"] == pytest.approx(0.01)
+    # fine-tune-only at Theseus's 10 s (100 steps): between its 5 s and 20 s points, linear in log time
+    assert low["equal_compute"]["finetune_trained"] == pytest.approx((0.7233333 + 0.80) / 2, abs=1e-6)
+    assert high["equal_compute"]["finetune_trained"] is None  # 40 s is past what it was measured at
+    assert curve_module.advice(curve)[1].startswith("400 steps: Theseus;")
+
+
 def test_quality_reuse_extends_a_grid_without_rerunning_its_points(tmp_path):
     data = write_idx_dataset(tmp_path / "fashion-mnist")
     quality = load("quality")
