@@ -286,7 +286,7 @@ class Reused:
     def __init__(self, paths: List[str], report: Dict[str, Any], args: argparse.Namespace):
         self.paths, self.runs = list(paths), []
         # what may differ: the bookkeeping of a part, and the grid (each run carries its own lr, temperature, alpha)
-        ignore = (_PER_PART - set(THESEUS_OVERRIDES)) | {"lr_grid", *GRID_KEYS}
+        ignore = (_PER_PART - set(THESEUS_OVERRIDES)) | {"lr_grid", "extend_grid", *GRID_KEYS}
         wanted = {k: v for k, v in vars(args).items() if k not in ignore}
         for path in paths:
             with open(path) as f:
