@@ -516,6 +516,14 @@ def part_spec(spec: str) -> Tuple[str, Optional[List[str]]]:
     return spec, None
 
 
+def _same_run(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
+    """Whether two parts' results of one seed are one run, one of them taken over from the other (--reuse)."""
+    if "reused_from" not in a and "reused_from" not in b:
+        return False
+    strip = lambda r: {k: v for k, v in r.items() if k != "reused_from"}  # noqa: E731
+    return strip(a) == strip(b)
+
+
 def merge(specs: List[str], output: str) -> Dict[str, Any]:
     """One report from runs of the same benchmark split by seed (e.g. --seeds 0 1 and --seeds 2 in two
     processes) or by method. 'PATH:METHOD,...' takes only those methods of a part (e.g. the baselines
@@ -548,7 +556,10 @@ def merge(specs: List[str], output: str) -> Dict[str, Any]:
             raise SystemExit(f"error: {path} is not a part of the same run as {paths[0]} "
                              f"(settings {differs or 'equal'}; predecessor {part['predecessor']} vs {first['predecessor']})")
         for method, by_seed in part["runs"].items():
-            clash = set(by_seed) & set(merged["runs"].get(method, {}))
+            earlier = merged["runs"].get(method, {})
+            # a seed one part took over from another (--reuse) is the same run, not a clash
+            by_seed = {s: r for s, r in by_seed.items() if not (s in earlier and _same_run(r, earlier[s]))}
+            clash = set(by_seed) & set(earlier)
             if clash:
                 raise SystemExit(f"error: seed(s) {sorted(clash)} of {method} appear in more than one part ({path})")
             merged["runs"].setdefault(method, {}).update(by_seed)

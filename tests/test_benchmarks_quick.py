@@ -129,6 +129,20 @@ def test_quality_quick_and_its_report(tmp_path):
     with pytest.raises(SystemExit, match="more than one part"):
         quality.main(["--merge", str(tmp_path / "parts" / "0.json"), str(tmp_path / "parts" / "0.json"),
                       "--output", str(tmp_path / "bad.json")])
+    # ...unless one part took that seed over from the other (--reuse): then it is one run, kept once
+    taken_over = json.loads((tmp_path / "parts" / "1.json").read_text())
+    for method, by_seed in taken_over["runs"].items():
+        by_seed["0"] = dict(report["runs"][method]["0"], reused_from="parts/0.json")
+    (tmp_path / "parts" / "1b.json").write_text(json.dumps(taken_over))
+    again = quality.main(["--merge", str(tmp_path / "parts" / "0.json"), str(tmp_path / "parts" / "1b.json"),
+                          "--output", str(tmp_path / "merged_b.json")])
+    assert again["runs"] == merged["runs"]
+    changed = dict(taken_over)
+    changed["runs"] = {m: dict(r, **{"0": dict(r["0"], test=r["0"]["test"] + 0.01)}) for m, r in taken_over["runs"].items()}
+    (tmp_path / "parts" / "1c.json").write_text(json.dumps(changed))
+    with pytest.raises(SystemExit, match="more than one part"):  # a different result is still a clash
+        quality.main(["--merge", str(tmp_path / "parts" / "0.json"), str(tmp_path / "parts" / "1c.json"),
+                      "--output", str(tmp_path / "bad_c.json")])
 
     # A part may give only some of its methods (one run's baselines, another's Theseus)
     whole = tmp_path / "whole.json"
