@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
@@ -38,16 +37,6 @@ from theseus_general.training import fit, resolve_device  # noqa: E402
 
 class Converged(Exception):
     """Raised from the step callback to end fit() when the stopping rule holds."""
-
-
-@torch.no_grad()
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int = 2000) -> float:
-    was_training = model.training
-    model.eval()
-    correct = sum((model(x[i:i + batch_size]).argmax(-1) == y[i:i + batch_size]).sum().item()
-                  for i in range(0, len(x), batch_size))
-    model.train(was_training)
-    return correct / len(x)
 
 
 def parse_args(argv=None):
@@ -85,7 +74,8 @@ def main(argv=None) -> Dict[str, Any]:
         step = record.step + 1  # steps done
         if step % own.eval_every:
             return
-        score = accuracy(model, *dev)
+        score = task.vc.accuracy(model, *dev)  # the example's own evaluation (it leaves the model in eval mode)
+        model.train()  # fit() set train mode once, before its first step
         curve.append({"step": step, "dev": score, "loss": float(record.loss), "seconds": time.time() - started})
         if score > best["dev"]:
             best.update(dev=score, step=step, state=copy.deepcopy(model.state_dict()))

@@ -368,8 +368,8 @@ def run(args: argparse.Namespace, path: str) -> Dict[str, Any]:
         # test accuracies of the grid are recorded but play no part in the choice.
         report["grid"] = {"seed": args.seeds[0], "lr": args.lr_grid, "kd": args.kd_grid, "runs": {}, "chosen": chosen}
         for method in methods:
-            points, extensions = grid_points(method, args), 0
-            while points:
+            points = grid_points(method, args)
+            for extensions in range(args.extend_grid + 1):
                 for settings in points:
                     result = timed_or_reused(method, args.seeds[0], settings)
                     report["grid"]["runs"].setdefault(method, []).append(dict(settings, **result))
@@ -377,10 +377,11 @@ def run(args: argparse.Namespace, path: str) -> Dict[str, Any]:
                     write_json(report, path)
                 # --extend-grid: one more lr beyond an edge the choice sits on, until it sits inside
                 beyond = grid_extension(report["grid"]["runs"][method]) if extensions < args.extend_grid else None
-                points, extensions = (grid_points(method, args, [beyond]) if beyond else []), extensions + 1
-                if beyond:
-                    report["grid"].setdefault("extended", {}).setdefault(method, []).append(beyond)
-                    print(f"  {method}: the best dev lr sits on the grid's edge; extending to {beyond:g}", flush=True)
+                if beyond is None:
+                    break
+                report["grid"].setdefault("extended", {}).setdefault(method, []).append(beyond)
+                print(f"  {method}: the best dev lr sits on the grid's edge; extending to {beyond:g}", flush=True)
+                points = grid_points(method, args, [beyond])
             best = max(report["grid"]["runs"][method], key=lambda r: r["dev"])  # first best on ties
             chosen[method] = {k: best[k] for k in GRID_KEYS if k in best}
             report["runs"].setdefault(method, {})[str(args.seeds[0])] = {k: best[k] for k in best if k not in GRID_KEYS}

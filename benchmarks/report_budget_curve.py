@@ -25,16 +25,16 @@ from typing import Any, Dict, List, Optional
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import write_json  # noqa: E402
-from report_quality import T_975, paired_verdict  # noqa: E402
+from report_quality import paired_interval, paired_verdict  # noqa: E402
 
 LABELS = {"theseus": "Theseus (default)", "finetune_trained": "fine-tune-only (trained blocks)",
           "finetune_initial": "fine-tune-only (pre-task model)", "kd": "knowledge distillation"}
 
 
 def interval(values: List[float]) -> Dict[str, float]:
-    mean = statistics.mean(values)
-    half = T_975.get(len(values) - 1, 1.960) * statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else 0.0
-    return {"mean": mean, "half_width": half, "n": len(values)}
+    """Mean and 95% t half-width over seeds: the protocol's own interval, on the values themselves."""
+    p = paired_interval(values)
+    return {"mean": p["mean"], "half_width": p["half_width"] or 0.0, "n": p["n"]}
 
 
 def at_time(curve: List[Dict[str, float]], seconds: float) -> Optional[float]:
