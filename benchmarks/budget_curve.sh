@@ -18,7 +18,7 @@ python=${PYTHON:-python}
 out=${OUT_DIR:-benchmarks/results/budget_curve}
 logs=${LOG_DIR:-/tmp}
 mkdir -p "$out/parts"
-export OMP_NUM_THREADS=1 TQDM_DISABLE=1
+export OMP_NUM_THREADS=1  # fit() draws its own progress bars: the logs are long
 
 grid() { case $1 in 100|400) echo "2e-3 4e-3 8e-3" ;; *) echo "1e-3 2e-3 4e-3" ;; esac; }
 queue() {  # queue NAME METHODS...: every budget in turn
