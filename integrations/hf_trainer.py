@@ -39,6 +39,7 @@ class TheseusCallback(TrainerCallback):
     def __init__(self, theseus: Theseus):
         if not isinstance(theseus, Theseus):
             raise EngineStateError(f"TheseusCallback needs a Theseus engine, got {type(theseus).__qualname__}.")
+        theseus.recipe.require_fit_loop("the Hugging Face Trainer integration")
         self.theseus = theseus
         self.rates: List[float] = []
 

@@ -77,6 +77,7 @@ class TheseusCallback(L.Callback):
             raise EngineStateError(f"TheseusCallback needs a Theseus engine, got {type(theseus).__qualname__}.")
         if match_steps is not None and (isinstance(match_steps, bool) or not isinstance(match_steps, int) or match_steps < 0):
             raise TrainingError(f"match_steps must be an int >= 0 (0: no module matching), got {match_steps!r}.")
+        theseus.recipe.require_fit_loop("the Lightning integration")
         self.theseus = theseus
         self.match_steps = match_steps
         self.match_lr = match_lr

@@ -205,6 +205,8 @@ class Theseus:
         self.may_choose_starts = init is None and successors is None
         self.successor_starts: Dict[int, int] = {}
         self._state = ReplacementState(seed, anchor_always=not self.train_rest)
+        recipe = self.recipe
+        self._state.mixing, self._state.mixed_matching = recipe.mixing, recipe.mixed_matching > 0
         self._state.advance(0, first_rate)
         self._step = 0
         self._failed: Optional[str] = None
@@ -525,6 +527,16 @@ class Theseus:
         """The (group, error) pairs recorded in matching mode since the last call, and clears them."""
         errors, self._state.match_errors = self._state.match_errors, []
         return errors
+
+    def auxiliary_loss(self) -> Optional[torch.Tensor]:
+        """The recipe's mixed-phase matching term (``mixed_matching`` times the mean relative squared error
+        of the successors against their groups, recorded by the training forwards since the last call),
+        to add to the task loss before backward; None when the recipe has none or nothing was recorded.
+        `fit` adds it; a loop of yours adds it the same way. Clears what it read."""
+        errors, self._state.mixed_errors = self._state.mixed_errors, []
+        if not errors:
+            return None
+        return self.recipe.mixed_matching * torch.stack([e for _, e in errors]).mean()
 
     def mark_trained(self) -> None:
         """Say that the successors were trained outside `step()` (module matching does it); `export()` of

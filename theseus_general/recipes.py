@@ -27,6 +27,18 @@ slower curriculum each measured at or below it there.
 frozen, task loss only, the linear curriculum p = min(1, 0.3 + 6e-4 t) whatever the run's length.
 
 Settings given explicitly (``scheduler=``, ``train_rest=``) win over the recipe's.
+
+Three mechanisms of issue 23 are options of a `Recipe`, off in every named recipe; they stay options
+until they win on dev (measured in docs/results.md#mechanisms-on-dev-issue-23). Give them as
+``Theseus(model, ..., recipe=dataclasses.replace(get_recipe("default"), mixing="blend"))``:
+
+* ``lr_compensation=c``: while p < 1 a successor runs in about p of the steps, so `fit` scales the
+  successors' learning rate by min(c, 1/p) (the paper's effective-lr argument); the rest keeps `lr`.
+* ``mixed_matching=w``: through the mixed phase, each group also measures its successor's relative
+  squared error against the group's output on the same (detached) input, and `fit` adds w times
+  their mean to the task loss (module matching that goes on while the task trains).
+* ``mixing="blend"``: instead of a random draw per group, each group outputs
+  (1 - p) * predecessor blocks + p * successor while p < 1 (a deterministic annealed blend, as DCR).
 """
 
 from __future__ import annotations
@@ -34,8 +46,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Dict, Optional
 
-from .errors import ScheduleError
+from .errors import ScheduleError, TrainingError
 from .schedulers import LinearScheduler, RunLinearScheduler, Scheduler
+
+MIXINGS = ("random", "blend")
 
 
 @dataclass(frozen=True)
@@ -52,6 +66,36 @@ class Recipe:
     # match only a start that lost the task: skip matching when the successors alone agree with the
     # predecessor on at least this share of the first batch's predictions (None: always match)
     match_below_agreement: Optional[float] = None
+    # issue 23's mechanisms (see the module docstring); off here and in every named recipe
+    lr_compensation: Optional[float] = None  # cap c of the successors' lr factor min(c, 1/p) while p < 1
+    mixed_matching: float = 0.0  # weight of the mixed phase's local matching loss
+    mixing: str = "random"  # "random": the paper's draws; "blend": (1 - p) * group + p * successor
+
+    def __post_init__(self) -> None:
+        if self.mixing not in MIXINGS:
+            raise ScheduleError(f"Recipe mixing must be one of {MIXINGS}, got {self.mixing!r}.")
+        if self.lr_compensation is not None and not (isinstance(self.lr_compensation, (int, float))
+                                                     and self.lr_compensation >= 1):
+            raise ScheduleError(f"Recipe lr_compensation caps the successors' lr factor 1/p: a number >= 1 "
+                                f"(or None for none), got {self.lr_compensation!r}.")
+        if not isinstance(self.mixed_matching, (int, float)) or not self.mixed_matching >= 0:
+            raise ScheduleError(f"Recipe mixed_matching is a loss weight >= 0 (0: off), got {self.mixed_matching!r}.")
+
+    def require_fit_loop(self, where: str) -> None:
+        """Raise when this recipe has an option that only `theseus_general.fit` applies (the successors'
+        lr factor, the matching term added to the loss): `where` (an integration) would drop it silently."""
+        options = [name for name, on in (("lr_compensation", self.lr_compensation is not None),
+                                         ("mixed_matching", self.mixed_matching > 0)) if on]
+        if options:
+            raise TrainingError(f"The recipe's {' and '.join(options)} take effect in theseus_general.fit only; "
+                                f"{where} would train without them. Train with fit(th, ...), or use a recipe "
+                                "without them (they are off in every named recipe).")
+
+    def lr_factor(self, rate: float) -> float:
+        """The successors' lr factor at replacement rate `rate` (`lr_compensation`; 1 when off)."""
+        if self.lr_compensation is None:
+            return 1.0
+        return min(float(self.lr_compensation), 1.0 / max(rate, 1e-12))
 
     @property
     def asks_agreement(self) -> bool:

@@ -135,6 +135,12 @@ class ReplacementState:
         # force == "match": module matching (matching.py); each group's successor sees the group's
         # input, its error against the predecessor blocks' output is collected here as (group, error)
         self.match_errors: List[Tuple[int, torch.Tensor]] = []
+        # issue 23's options (theseus_general.recipes): "blend" mixes both paths by p instead of drawing;
+        # mixed_matching: each training forward while p < 1 also records (group, error) of its successor
+        # against the group on the same detached input, for the loss (`Theseus.auxiliary_loss`)
+        self.mixing = "random"
+        self.mixed_matching = False
+        self.mixed_errors: List[Tuple[int, torch.Tensor]] = []
         self.forwards: Dict[int, List[_Forward]] = {}  # group -> its training forwards since the last step
         self.last: Dict[int, bool] = {}  # group -> decision of its latest training forward (kept across steps)
         self.anchored: Set[int] = set()  # groups whose successor got the zero anchor since the last step
@@ -193,6 +199,7 @@ class ReplacementState:
     def advance(self, step: int, rate: float) -> None:
         self.step, self.rate = step, rate
         self.forwards.clear()  # `last` stays readable (what the step that just ended ran)
+        self.mixed_errors.clear()  # a loss that did not take them (`Theseus.auxiliary_loss`) drops them here
         self.anchored.clear()
         self.eval_grad_forwards = 0
 
@@ -200,6 +207,15 @@ class ReplacementState:
 def _carried(out: Any) -> Any:
     """What a block hands the next one: its output, or the first element of a tuple/list output."""
     return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def _with_carried(out: Any, carried: Any) -> Any:
+    """`out` with its carried part (itself, or the first element of a tuple/list) replaced."""
+    if isinstance(out, tuple):
+        return (carried,) + tuple(out[1:])
+    if isinstance(out, list):
+        return [carried] + list(out[1:])
+    return carried
 
 
 class TheseusGroup(nn.Module):
@@ -222,7 +238,12 @@ class TheseusGroup(nn.Module):
         if not self.training:
             state.note_eval_forward()
             return self.successor(*args, **kwargs)
-        if state.draw(self.index, self._carried_input(args, kwargs)):
+        if state.mixing == "blend" and state.rate < 1.0:
+            return self._blend(*args, **kwargs)
+        use_successor = state.draw(self.index, self._carried_input(args, kwargs))
+        if state.mixed_matching and state.rate < 1.0 and torch.is_grad_enabled() and not in_backward():
+            return self._run_and_match(use_successor, *args, **kwargs)
+        if use_successor:
             return self.successor(*args, **kwargs)
         out = self.run_predecessor(*args, **kwargs)
         if torch.is_grad_enabled() and (state.anchor_always or ddp_waits_for_every_parameter()):
@@ -264,6 +285,35 @@ class TheseusGroup(nn.Module):
         self._state.match_errors.append((self.index, error))
         return target
 
+    def _blend(self, *args: Any, **kwargs: Any) -> Any:
+        # the deterministic annealed blend: both paths run, their carried outputs mix by p
+        rate = self._state.rate
+        before = self.run_predecessor(*args, **kwargs)
+        after = self.successor(*args, **kwargs)
+        return _with_carried(after, (1.0 - rate) * _carried(before) + rate * _carried(after))
+
+    def _run_and_match(self, use_successor: bool, *args: Any, **kwargs: Any) -> Any:
+        # the drawn path as usual, plus the successor's error against the group on the same input,
+        # detached so that the matching term trains this successor only (module matching's error)
+        out = self.successor(*args, **kwargs) if use_successor else self.run_predecessor(*args, **kwargs)
+        args, kwargs = self._detached_input(args, kwargs)
+        if use_successor:
+            with torch.no_grad():
+                wanted = _carried(self.run_predecessor(*args, **kwargs)).float()
+        else:
+            wanted = _carried(out).detach().float()
+        got = _carried(self.successor(*args, **kwargs)).float()
+        error = (got - wanted).pow(2).mean() / wanted.pow(2).mean().clamp_min(1e-12)
+        self._state.mixed_errors.append((self.index, error))
+        return out
+
+    def _detached_input(self, args: tuple, kwargs: dict) -> Tuple[tuple, dict]:
+        if args and isinstance(args[0], torch.Tensor):
+            return (args[0].detach(),) + tuple(args[1:]), kwargs
+        if isinstance(kwargs.get(self._state_kwarg), torch.Tensor):
+            return args, dict(kwargs, **{self._state_kwarg: kwargs[self._state_kwarg].detach()})
+        return args, kwargs
+
     def _keep_successor_in_graph(self, out: Any) -> Any:
         # The zero anchor (see the module docstring): only when DDP's reducer or a loss with
         # nothing else trainable needs it; the run's optimiser hook drops its zero gradients.
@@ -278,12 +328,7 @@ class TheseusGroup(nn.Module):
             return out
         anchor = torch.stack([p.sum() for p in params]).sum().to(carried.dtype) * 0.0
         self._state.anchored.add(self.index)
-        carried = carried + anchor
-        if isinstance(out, tuple):
-            return (carried,) + tuple(out[1:])
-        if isinstance(out, list):
-            return [carried] + list(out[1:])
-        return carried
+        return _with_carried(out, carried + anchor)
 
     def extra_repr(self) -> str:
         return f"index={self.index}, predecessor_blocks={len(self.predecessor)}"

@@ -303,10 +303,11 @@ def fit(
     try:
         for thing in movable:  # moves parameters in place: `params` and the engine keep pointing at them
             thing.to(run_device)
-        optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        groups, factors = _param_groups(engine, params, lambda s: lr_factor(s, steps, lr_schedule, warmup))
+        optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=weight_decay)
         if engine is not None:
             engine.attach(optimizer)  # idle successors' zero gradients are skipped by this optimiser only
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, steps, lr_schedule, warmup))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factors)
         scaler = torch.amp.GradScaler(run_device.type, enabled=mixed_precision == "fp16")
         autocast = ((lambda: torch.autocast(run_device.type, dtype=dtype)) if dtype is not None
                     else contextlib.nullcontext)
@@ -335,6 +336,9 @@ def fit(
                 with autocast():
                     out = loss_fn(inputs, labels)
                 value, logits = out if isinstance(out, tuple) else (out, None)
+                extra = engine.auxiliary_loss() if engine is not None else None
+                if extra is not None:  # the recipe's mixed-phase matching term (off by default)
+                    value = value + extra.to(value.dtype)
                 scaler.scale(value / gradient_accumulation).backward()
                 sums[0] += value.detach().float()
                 if logits is not None and isinstance(labels, torch.Tensor):
@@ -381,6 +385,27 @@ def fit(
             for thing in movable:
                 thing.to(home)
     return result
+
+
+def _param_groups(engine: Optional[Theseus], params: List[nn.Parameter],
+                  factor: Callable[[int], float]) -> Tuple[list, Any]:
+    """AdamW's parameter groups and LambdaLR's factor(s): one group, unless the engine's recipe
+    compensates the successors' learning rate for the steps they sit out (``lr_compensation``: their
+    factor is also multiplied by min(cap, 1/p) at the step's replacement rate)."""
+    if engine is None or engine.recipe.lr_compensation is None:
+        return params, factor
+    recipe, scheduler = engine.recipe, engine.scheduler
+    theirs = {id(p) for s in engine.successors() for p in s.parameters()}
+    successors = [p for p in params if id(p) in theirs]
+    rest = [p for p in params if id(p) not in theirs]
+    groups, factors = [], []
+    if successors:  # LambdaLR's step count is the engine's (resumed runs restore both)
+        groups.append({"params": successors})
+        factors.append(lambda s: factor(s) * recipe.lr_factor(scheduler(s)))
+    if rest:
+        groups.append({"params": rest})
+        factors.append(factor)
+    return groups, factors
 
 
 def _check_settings(steps: int, lr_schedule: str, accumulation: int, checkpoint_every: int,
