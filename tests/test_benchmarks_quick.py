@@ -375,3 +375,27 @@ def test_matching_collapse_quick(tmp_path):
     assert set(report["variants"]) == {"default", "fine_tune"}
     assert 0 <= report["variants"]["default"]["test_accuracy"] <= 1
     assert "batch_norm" not in wrapping._FrozenNorm.forward.__code__.co_names  # the legacy switch is undone
+
+
+def test_mechanisms_quick_pairs_each_variant_with_the_default_and_merges_parts(tmp_path):
+    mechanisms = load("mechanisms")
+    data = write_idx_dataset(tmp_path / "fashion-mnist")
+    base = ["--quick", "--data-dir", data, "--steps", "4"]
+    a, b, merged = (str(tmp_path / f"{n}.json") for n in ("a", "b", "merged"))
+    mechanisms.main(base + ["--variants", "default", "blend", "--output", a])
+    mechanisms.main(base + ["--variants", "importance_groups", "lr_compensation", "--output", b])
+    report = mechanisms.main(["--merge", a, b, "--output", merged])
+    assert set(report["runs"]) == {"default", "blend", "importance_groups", "lr_compensation"}
+    seeds = set(report["runs"]["default"])
+    assert len(seeds) >= 2
+    for variant in ("blend", "importance_groups", "lr_compensation"):
+        assert set(report["runs"][variant]) == seeds
+        pair = report["paired_dev_points"][variant]["default"]
+        differences = [100 * (report["runs"][variant][s]["dev"] - report["runs"]["default"][s]["dev"]) for s in seeds]
+        assert pair["n"] == len(seeds) and pair["mean"] == pytest.approx(sum(differences) / len(differences))
+    planned = report["runs"]["importance_groups"]["0"]
+    assert len(planned["block_influence"]) == sum(len(g) for g in planned["groups"])  # every block in one group
+    with open(merged) as f:
+        assert json.load(f)["complete"]
+    with pytest.raises(SystemExit, match="in two parts"):  # a run in two parts is a clash, not a merge
+        mechanisms.main(["--merge", a, a, "--output", str(tmp_path / "clash.json")])

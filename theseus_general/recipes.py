@@ -30,7 +30,7 @@ Settings given explicitly (``scheduler=``, ``train_rest=``) win over the recipe'
 
 Three mechanisms of issue 23 are options of a `Recipe`, off in every named recipe; they stay options
 until they win on dev (measured in docs/results.md#mechanisms-on-dev-issue-23). Give them as
-``Theseus(model, ..., recipe=dataclasses.replace(get_recipe("default"), mixing="blend"))``:
+``Theseus(model, ..., recipe=dataclasses.replace(RECIPES["default"], mixing="blend"))``:
 
 * ``lr_compensation=c``: while p < 1 a successor runs in about p of the steps, so `fit` scales the
   successors' learning rate by min(c, 1/p) (the paper's effective-lr argument); the rest keeps `lr`.
