@@ -231,3 +231,34 @@ def test_fit_goes_on_after_the_guard_put_successors_back():
     assert result.matching.guard.restored and len(result.history) == 20
     assert all(torch.isfinite(torch.tensor(result.losses)))
     th.unwrap()
+
+
+class _Flat(torch.nn.Module):
+    """A successor that has lost its input: the same output for every example."""
+
+    def __init__(self):
+        super().__init__()
+        self.level = torch.nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        return torch.zeros_like(x) + self.level
+
+
+def test_check_start_tells_a_collapsed_start_from_one_that_kept_the_task():
+    from theseus_general.matching import StartCheck, check_start
+
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    kept = Theseus(ChainModel(depth=4, seed=0), adapter="generic", container="blocks", successor_depth=2)
+    check = check_start(kept, x)
+    assert check.start_classes == 2 and check.predecessor_classes == 2 and not check.collapsed
+    kept.unwrap()
+    lost = Theseus(ChainModel(depth=4, seed=0), adapter="generic", container="blocks", successor_depth=2,
+                   successors=[_Flat(), _Flat()])
+    check = check_start(lost, x)
+    assert check.start_classes == 1 and check.predecessor_classes == 2 and check.collapsed
+    lost.unwrap()
+    # a predecessor that answers one class on the batch too is no evidence of a lost start
+    assert not StartCheck(agreement=1.0, start_classes=1, predecessor_classes=1).collapsed
+    # many classes (a language model's tokens): at most half of the predecessor's distinct answers
+    assert StartCheck(agreement=0.2, start_classes=16, predecessor_classes=121).collapsed
+    assert not StartCheck(agreement=0.5, start_classes=8, predecessor_classes=10).collapsed

@@ -109,10 +109,27 @@ def group_errors(engine: Any, inputs: Any, training: bool = False) -> Dict[int, 
         model.train(was_training)
 
 
-def start_agreement(engine: Any, inputs: Any) -> Optional[float]:
-    """The share of `inputs`' predictions (argmax of the logits: per example, or per token) on which the
-    successors alone (the truncated start: eval mode runs only successors) agree with the predecessor,
-    on the model's own device, without gradients, in eval mode. None when the output has no logits."""
+@dataclass(frozen=True)
+class StartCheck:
+    """What one batch says about the truncated start (the successors alone) against the predecessor:
+    predictions are the logits' argmax, per example (a classifier) or per token (a language model)."""
+
+    agreement: float  # the share of predictions on which the start and the predecessor agree
+    start_classes: int  # how many distinct classes (tokens) the start predicts on the batch
+    predecessor_classes: int  # how many the predecessor predicts
+
+    @property
+    def collapsed(self) -> bool:
+        """The start has lost the task: it answers at most half as many distinct classes (tokens) on the
+        batch as the predecessor, which answers several. For a binary classifier: one class for the whole
+        batch (MiniLM-L6 truncated to 3 layers; fine-tuning it stays at the majority class)."""
+        return self.predecessor_classes > 1 and 2 * self.start_classes <= self.predecessor_classes
+
+
+def check_start(engine: Any, inputs: Any) -> Optional[StartCheck]:
+    """`StartCheck` of the successors alone (the truncated start: eval mode runs only successors) against
+    the predecessor on `inputs`, on the model's own device, without gradients, in eval mode. None when
+    the output has no logits."""
     model = engine.model
     was_training = model.training
     model.eval()
@@ -127,7 +144,16 @@ def start_agreement(engine: Any, inputs: Any) -> Optional[float]:
         model.train(was_training)
     if predecessor.shape != start.shape or predecessor.dim() < 1:
         return None
-    return float((predecessor.argmax(-1) == start.argmax(-1)).float().mean())
+    wanted, got = predecessor.argmax(-1), start.argmax(-1)
+    return StartCheck(agreement=float((wanted == got).float().mean()), start_classes=int(got.unique().numel()),
+                      predecessor_classes=int(wanted.unique().numel()))
+
+
+def start_agreement(engine: Any, inputs: Any) -> Optional[float]:
+    """The share of `inputs`' predictions on which the successors alone agree with the predecessor
+    (`check_start`'s ``agreement``); None when the output has no logits."""
+    check = check_start(engine, inputs)
+    return None if check is None else check.agreement
 
 
 def choose_starts(engine: Any, inputs: Any) -> Dict[int, int]:

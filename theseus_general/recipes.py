@@ -66,6 +66,9 @@ class Recipe:
     # match only a start that lost the task: skip matching when the successors alone agree with the
     # predecessor on at least this share of the first batch's predictions (None: always match)
     match_below_agreement: Optional[float] = None
+    # match only a start that has collapsed: skip matching unless the successors alone answer one class
+    # for the whole first batch where the predecessor answers several (`theseus_general.matching.StartCheck`)
+    match_if_collapsed: bool = False
     # issue 23's mechanisms (see the module docstring); off here and in every named recipe
     lr_compensation: Optional[float] = None  # cap c of the successors' lr factor min(c, 1/p) while p < 1
     mixed_matching: float = 0.0  # weight of the mixed phase's local matching loss
@@ -98,16 +101,19 @@ class Recipe:
         return min(float(self.lr_compensation), 1.0 / max(rate, 1e-12))
 
     @property
-    def asks_agreement(self) -> bool:
-        """Whether this recipe's matching depends on the start's agreement with the predecessor
-        (measured on the run's first batch before training)."""
-        return bool(self.match_fraction) and self.match_below_agreement is not None
+    def asks_start(self) -> bool:
+        """Whether this recipe's matching depends on what the run's first batch says about the start
+        (`theseus_general.matching.check_start`: its agreement with the predecessor, whether it collapsed)."""
+        return bool(self.match_fraction) and (self.match_below_agreement is not None or self.match_if_collapsed)
 
-    def match_steps(self, steps: int, agreement: Optional[float] = None) -> int:
-        """The module-matching steps this recipe takes out of a run of `steps` optimiser steps; with
-        `match_below_agreement`, none when the successors' `agreement` with the predecessor (on the
-        first batch, `theseus_general.matching.start_agreement`) reaches it."""
+    def match_steps(self, steps: int, agreement: Optional[float] = None, collapsed: Optional[bool] = None) -> int:
+        """The module-matching steps this recipe takes out of a run of `steps` optimiser steps. With
+        `match_below_agreement`, none when the successors' `agreement` with the predecessor on the first
+        batch reaches it; with `match_if_collapsed`, none unless the start `collapsed` on it. A check not
+        measured (None) does not veto."""
         if self.match_below_agreement is not None and agreement is not None and agreement >= self.match_below_agreement:
+            return 0
+        if self.match_if_collapsed and collapsed is not None and not collapsed:
             return 0
         return int(steps * self.match_fraction)
 

@@ -46,8 +46,8 @@ from .checkpoint import CheckpointManager
 from .engine import Theseus
 from .errors import MatchingDivergedWarning, NonFiniteLossError, TrainingError, warn_user
 from .graph import default_logits, run_model
-from .matching import (MatchGuard, choose_starts, full_precision, group_errors, inputs_of, note_starts, put_back,
-                       start_agreement)
+from .matching import (MatchGuard, StartCheck, check_start, choose_starts, full_precision, group_errors, inputs_of,
+                       note_starts, put_back)
 from .metrics import MetricsLogger
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -77,9 +77,11 @@ class FitResult:
     resumed_from: Optional[str] = None  # the checkpoint directory a resume started from
     matching: Optional["FitResult"] = None  # the module-matching phase, when this call ran one
     guard: Optional[Any] = None  # a matching phase's `theseus_general.matching.MatchGuard` (errors before/after)
-    # the successors' agreement with the predecessor on the first batch, when the recipe asked for it to
-    # decide whether to match (`Recipe.match_below_agreement`)
+    # what the first batch said about the start, when the recipe asked it whether to match
+    # (`theseus_general.matching.check_start`): the successors' agreement with the predecessor, and
+    # whether the start collapsed to one class
     start_agreement: Optional[float] = None
+    start_collapsed: Optional[bool] = None
 
     @property
     def losses(self) -> List[float]:
@@ -270,13 +272,13 @@ def fit(
         raise TrainingError(f"fit() trains a Theseus engine or a torch.nn.Module, got {type(target).__qualname__}.")
     _check_settings(steps, lr_schedule, gradient_accumulation, checkpoint_every, checkpoints, engine)
     _check_numbers(lr=lr, weight_decay=weight_decay, warmup=warmup, max_grad_norm=max_grad_norm, match_lr=match_lr)
-    agreement = None
-    if engine is not None and match_steps is None and engine.step_count == 0 and engine.recipe.asks_agreement:
+    start = None
+    if engine is not None and match_steps is None and engine.step_count == 0 and engine.recipe.asks_start:
         # the recipe matches only a start that lost the task: ask the first batch (read once, then
         # handed on as the stream's first batch, so that a resumed run decides the same)
         batches, first = _peek(batches)
-        agreement = _agreement(engine, first)
-    planned_matching = _matching_steps(engine, steps, match_steps, agreement)
+        start = _check_start(engine, first)
+    planned_matching = _matching_steps(engine, steps, match_steps, start)
     steps -= planned_matching  # matching comes out of the same budget of optimiser steps
     if engine is not None and engine.step_count == 0 and engine.needs_total_steps:
         engine.set_total_steps(steps)  # the default curriculum reaches p = 1 at its fraction of this run
@@ -318,7 +320,8 @@ def fit(
         next_batch = shared_source or _batch_source(batches, position, steps * gradient_accumulation)
         logger = MetricsLogger(metrics) if isinstance(metrics, str) else metrics
         result = FitResult(device=str(run_device), resumed_from=resumed.path if resumed else None, matching=matching,
-                           start_agreement=agreement)
+                           start_agreement=start.agreement if start else None,
+                           start_collapsed=start.collapsed if start else None)
         if resumed and progress:
             tqdm.write(f"resumed from {resumed.path} (step {resumed.step})")
 
@@ -542,15 +545,18 @@ def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int]
 def planned_match_steps(engine: Theseus, steps: int, batch: Any) -> int:
     """The module-matching steps `engine`'s recipe takes out of a run of `steps` optimiser steps, for
     loops of your own (the HF Trainer, Accelerate, Lightning; `fit` decides the same way): the recipe's
-    share, or none when the recipe matches only a start that lost the task and the successors alone
-    agree with the predecessor on `batch` (the run's first batch: an ``(inputs, labels)`` pair, a
-    mapping with "labels", or the inputs) at least as often as it asks. Call it before training."""
-    agreement = _agreement(engine, batch) if engine.recipe.asks_agreement else None
-    return engine.recipe.match_steps(steps, agreement)
+    share, or none when the recipe matches only a start that lost the task and `batch` (the run's first
+    batch: an ``(inputs, labels)`` pair, a mapping with "labels", or the inputs) says the start has not
+    (`theseus_general.matching.check_start`). Call it before training."""
+    return engine.recipe.match_steps(steps, *_decision(_check_start(engine, batch) if engine.recipe.asks_start else None))
 
 
-def _agreement(engine: Theseus, batch: Any) -> Optional[float]:
-    return start_agreement(engine, to_device(inputs_of(batch), _device_of(engine.model) or torch.device("cpu")))
+def _check_start(engine: Theseus, batch: Any) -> Optional[StartCheck]:
+    return check_start(engine, to_device(inputs_of(batch), _device_of(engine.model) or torch.device("cpu")))
+
+
+def _decision(start: Optional[StartCheck]) -> Tuple[Optional[float], Optional[bool]]:
+    return (start.agreement, start.collapsed) if start is not None else (None, None)
 
 
 def _peek(batches: Any) -> Tuple[Any, Batch]:
@@ -566,14 +572,14 @@ def _peek(batches: Any) -> Tuple[Any, Batch]:
 
 
 def _matching_steps(engine: Optional[Theseus], steps: int, match_steps: Optional[int],
-                    agreement: Optional[float] = None) -> int:
+                    start: Optional[StartCheck] = None) -> int:
     if engine is None:
         if match_steps:
             raise TrainingError("match_steps= trains successors to match their groups; it needs a Theseus engine "
                                 "as the target, not a plain model.")
         return 0
     if match_steps is None:
-        return engine.recipe.match_steps(steps, agreement) if engine.step_count == 0 else 0
+        return engine.recipe.match_steps(steps, *_decision(start)) if engine.step_count == 0 else 0
     if isinstance(match_steps, bool) or not isinstance(match_steps, int) or not 0 <= match_steps < steps:
         raise TrainingError(f"match_steps must be an int from 0 to steps - 1 (it comes out of the {steps} steps), "
                             f"got {match_steps!r}.")
