@@ -70,8 +70,8 @@ class Recipe:
     # match only a start that lost the task: skip matching when the successors alone agree with the
     # predecessor on at least this share of the first batch's predictions (None: always match)
     match_below_agreement: Optional[float] = None
-    # match only a start that has collapsed: skip matching unless the successors alone answer one class
-    # for the whole first batch where the predecessor answers several (`theseus_general.matching.StartCheck`)
+    # match only a start that has collapsed: skip matching unless the successors alone answer at most half
+    # as many distinct classes on the first batch as the predecessor (`theseus_general.matching.StartCheck`)
     match_if_collapsed: bool = False
     # issue 23's mechanisms (see the module docstring); off here and in every named recipe
     lr_compensation: Optional[float] = None  # cap c of the successors' lr factor min(c, 1/p) while p < 1

@@ -79,7 +79,7 @@ class FitResult:
     guard: Optional[Any] = None  # a matching phase's `theseus_general.matching.MatchGuard` (errors before/after)
     # what the first batch said about the start, when the recipe asked it whether to match
     # (`theseus_general.matching.check_start`): the successors' agreement with the predecessor, and
-    # whether the start collapsed to one class
+    # whether the start collapsed (`StartCheck.collapsed`)
     start_agreement: Optional[float] = None
     start_collapsed: Optional[bool] = None
 
