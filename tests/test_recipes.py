@@ -224,3 +224,34 @@ def test_the_default_matches_only_a_start_that_lost_the_task():
     recipe = th.recipe
     assert recipe.match_steps(100, agreement=0.8) == 0 and recipe.match_steps(100, agreement=0.5) == 20
     assert recipe.match_steps(100) == 20  # no agreement measured: the recipe's share
+
+
+def test_match_if_collapsed_matches_only_a_start_that_lost_its_classes():
+    import dataclasses
+
+    from theseus_general import RECIPES, Theseus, fit
+
+    from conftest import ChainModel
+
+    recipe = dataclasses.replace(RECIPES["default"], match_below_agreement=None, match_if_collapsed=True)
+    assert recipe.asks_start
+    assert recipe.match_steps(100, collapsed=False) == 0 and recipe.match_steps(100, collapsed=True) == 20
+    assert recipe.match_steps(100) == 20  # nothing measured: the recipe's share
+
+    class Flat(torch.nn.Module):  # a successor that lost its input: one answer for every example
+        def __init__(self):
+            super().__init__()
+            self.level = torch.nn.Parameter(torch.ones(8))
+
+        def forward(self, x):
+            return torch.zeros_like(x) + self.level
+
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    batches = [(x, (x.sum(1) > 0).long())] * 20
+    for successors, collapsed in ((None, False), ([Flat(), Flat()], True)):
+        th = Theseus(ChainModel(depth=4, seed=0), adapter="generic", container="blocks", successor_depth=2,
+                     recipe=recipe, successors=successors)
+        result = fit(th, list(batches), 10, lr=1e-2, progress=False)
+        assert result.start_collapsed is collapsed
+        assert (result.matching is not None) is collapsed and th.step_count == (8 if collapsed else 10)
+        th.unwrap()
