@@ -38,6 +38,7 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "match_lr_10x": dict(method="theseus", match_lr_x=10.0),
     "match_lr_30x": dict(method="theseus", match_lr_x=30.0),
     "no_matching_rest_frozen": dict(method="theseus", match_fraction=0.0, train_rest=False),
+    "rest_frozen": dict(method="theseus", train_rest=False),  # the default with embeddings and head frozen
     "former": dict(method="theseus_paper"),  # rest frozen, linear p 0.3 -> 1 at --replace-by, no matching
     "paper": dict(method="theseus", paper=True),  # recipe="paper": the published fixed slope, rest frozen
 }
