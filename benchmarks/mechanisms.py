@@ -39,11 +39,12 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import RESULTS_DIR, conditions, finish, write_json  # noqa: E402
-from quality import TextTask, VisionTask, native_export_possible, parse_args as quality_args  # noqa: E402
+from quality import TextTask, VisionTask, native_export_possible, parse_args as quality_args, plan_depths  # noqa: E402
 from report_quality import paired_interval  # noqa: E402
 
 from theseus_general import Theseus  # noqa: E402
 from theseus_general.budget import profile_blocks  # noqa: E402
+from theseus_general.planning import container_at  # noqa: E402
 from theseus_general.recipes import get_recipe  # noqa: E402
 from theseus_general.training import fit, resolve_device  # noqa: E402
 
@@ -63,16 +64,9 @@ def first_inputs(task: Any, seed: int) -> Any:
     return inputs
 
 
-def importance_target(task: Any, predecessor: torch.nn.Module, depth: int, sample: Any) -> Dict[str, Any]:
-    """Budget-planner arguments that keep exactly `depth` blocks of the one container: a FLOPs target
-    half a block above the rest plus `depth` blocks (the planner keeps the most important ones)."""
-    th = Theseus(predecessor, **task.target, validate=False)
-    try:
-        (container,) = {g.container for g in th.plan.groups}
-    finally:
-        th.unwrap()
-    from theseus_general.planning import container_at
-
+def importance_target(predecessor: torch.nn.Module, container: str, depth: int, sample: Any) -> Dict[str, Any]:
+    """Budget-planner arguments that keep exactly `depth` blocks of `container`: a FLOPs target half a
+    block above the rest plus `depth` blocks (the planner keeps the most important ones)."""
     profile = profile_blocks(predecessor, {container: container_at(predecessor, container)}, sample)
     costs = profile.costs[container]
     kept = sorted(costs)[:depth]  # equal blocks in the models measured here; the cheapest bound otherwise
@@ -82,7 +76,7 @@ def importance_target(task: Any, predecessor: torch.nn.Module, depth: int, sampl
 
 
 def run_variant(name: str, task: Any, predecessor: torch.nn.Module, seed: int, args: argparse.Namespace,
-                depth: int) -> Dict[str, Any]:
+                depths: Dict[str, int]) -> Dict[str, Any]:
     started = time.time()
     default = get_recipe("default")
     recipe = {"lr_compensation": dataclasses.replace(default, lr_compensation=args.compensation_cap),
@@ -91,14 +85,15 @@ def run_variant(name: str, task: Any, predecessor: torch.nn.Module, seed: int, a
     target: Dict[str, Any] = dict(task.target)
     notes: Dict[str, Any] = {}
     if name == "importance_groups":
-        planned = importance_target(task, predecessor, depth, first_inputs(task, 0))
+        (container, depth), = depths.items()  # one container in the models measured here
+        planned = importance_target(predecessor, container, depth, first_inputs(task, 0))
         notes["block_influence"] = planned.pop("importance")
         target = planned
     th = Theseus(predecessor, **target, recipe=recipe, seed=seed,
                  init="group_first" if name == "group_first" else None)
     try:
-        if th.plan.successor_depth != {g.container: depth for g in th.plan.groups}:
-            raise RuntimeError(f"{name}: the plan has depths {th.plan.successor_depth}, not {depth}")
+        if th.plan.successor_depth != depths:
+            raise RuntimeError(f"{name}: the plan has depths {th.plan.successor_depth}, not {depths}")
         result = fit(th, task.batches(seed), args.steps, lr=args.lr, weight_decay=args.weight_decay,
                      device=args.device, progress=False, desc=name,
                      **({"match_steps": 0} if name == "no_matching" else {}))
@@ -154,19 +149,17 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     task = TextTask(args) if args.task == "text" else VisionTask(args)
     predecessor = task.predecessor().eval()
     task.native = native_export_possible(predecessor, task.target)
-    probe = Theseus(predecessor, **task.target, validate=False)
-    depth = next(iter(probe.plan.successor_depth.values()))
-    probe.unwrap()
+    depths = plan_depths(predecessor, task.target)["successor"]
     name = f"{task.name}_{'r' + str(args.ratio) if args.task == 'vision' else 'd' + str(args.depth)}_s{args.steps}"
     path = args.output or os.path.join(RESULTS_DIR, "mechanisms", f"{name}.json")
     report: Dict[str, Any] = {
         "benchmark": "mechanisms", "task": task.name, "data": task.source, "steps": args.steps, "lr": args.lr,
-        "depth": depth, "settings": vars(args), "conditions": conditions(resolve_device(args.device)),
+        "depth": next(iter(depths.values())), "settings": vars(args), "conditions": conditions(resolve_device(args.device)),
         "predecessor_dev": dev_accuracy(task, predecessor), "runs": {}, "complete": False,
     }
     for seed in args.seeds:
         for variant in mine.variants:
-            result = run_variant(variant, task, predecessor, seed, args, depth)
+            result = run_variant(variant, task, predecessor, seed, args, depths)
             report["runs"].setdefault(variant, {})[str(seed)] = result
             print(f"  seed {seed} {variant}: dev {result['dev']:.4f} ({result['train_s']:.0f} s, "
                   f"matching {result['match_steps']} steps, groups {result['groups']})", flush=True)

@@ -5,7 +5,7 @@ Methods (each trains a successor of the same shape for --steps optimiser steps i
 
   theseus               the library's default, as `Theseus(model, ...)` + `fit` give it: the family's
                         recipe (theseus_general/recipes.py; "resnet" for ResNets, else "default");
-                        --match-fraction / --match-lr / --init / --choose-start / --train-rest /
+                        --match-fraction / --match-lr / --init / --choose-start / --train-rest
                         override parts
   theseus_kd            the default recipe with a distillation term against a frozen copy of the
                         predecessor's logits (--temperature, --alpha; --kd-grid chooses them as for kd)

@@ -206,7 +206,7 @@ class Theseus:
         self.successor_starts: Dict[int, int] = {}
         self._state = ReplacementState(seed, anchor_always=not self.train_rest)
         recipe = self.recipe
-        self._state.mixing, self._state.mixed_matching = recipe.mixing, recipe.mixed_matching > 0
+        self._state.mixing, self._state.mixed_matching = recipe.mixing, float(recipe.mixed_matching)
         self._state.advance(0, first_rate)
         self._step = 0
         self._failed: Optional[str] = None
@@ -536,7 +536,7 @@ class Theseus:
         errors, self._state.mixed_errors = self._state.mixed_errors, []
         if not errors:
             return None
-        return self.recipe.mixed_matching * torch.stack([e for _, e in errors]).mean()
+        return self._state.mixed_matching * torch.stack([e for _, e in errors]).mean()
 
     def mark_trained(self) -> None:
         """Say that the successors were trained outside `step()` (module matching does it); `export()` of

@@ -98,7 +98,7 @@ class Recipe:
                                 f"{where} would train without them. Train with fit(th, ...), or use a recipe "
                                 "without them (they are off in every named recipe).")
 
-    def lr_factor(self, rate: float) -> float:
+    def successor_lr_factor(self, rate: float) -> float:
         """The successors' lr factor at replacement rate `rate` (`lr_compensation`; 1 when off)."""
         if self.lr_compensation is None:
             return 1.0

@@ -136,10 +136,10 @@ class ReplacementState:
         # input, its error against the predecessor blocks' output is collected here as (group, error)
         self.match_errors: List[Tuple[int, torch.Tensor]] = []
         # issue 23's options (theseus_general.recipes): "blend" mixes both paths by p instead of drawing;
-        # mixed_matching: each training forward while p < 1 also records (group, error) of its successor
-        # against the group on the same detached input, for the loss (`Theseus.auxiliary_loss`)
+        # mixed_matching (its loss weight; 0: off): each training forward while p < 1 also records (group,
+        # error) of its successor against the group on the same detached input (`Theseus.auxiliary_loss`)
         self.mixing = "random"
-        self.mixed_matching = False
+        self.mixed_matching = 0.0
         self.mixed_errors: List[Tuple[int, torch.Tensor]] = []
         self.forwards: Dict[int, List[_Forward]] = {}  # group -> its training forwards since the last step
         self.last: Dict[int, bool] = {}  # group -> decision of its latest training forward (kept across steps)

@@ -404,7 +404,7 @@ def _param_groups(engine: Optional[Theseus], params: List[nn.Parameter],
     groups, factors = [], []
     if successors:  # LambdaLR's step count is the engine's (resumed runs restore both)
         groups.append({"params": successors})
-        factors.append(lambda s: factor(s) * recipe.lr_factor(scheduler(s)))
+        factors.append(lambda s: factor(s) * recipe.successor_lr_factor(scheduler(s)))
     if rest:
         groups.append({"params": rest})
         factors.append(factor)

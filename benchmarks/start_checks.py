@@ -1,0 +1,52 @@
+"""What the first batches say about a truncated start (`theseus_general.matching.check_start`).
+
+For each of the first --batches training batches of --seed, the successors alone (the default init)
+against the predecessor: their agreement, and how many distinct classes each answers. Task, data and
+predecessor flags are quality.py's. Prints one line per batch and writes nothing.
+
+    python benchmarks/start_checks.py --task text --model MPNET_DIR --predecessor preds/mpnet_rt --depth 6 \\
+        --max-length 32 --batch-size 16 --dev-size 500 --test-size 1500 --batches 8
+    python benchmarks/start_checks.py --task vision --arch vit --ratio 0.25 --predecessor PRED --data-dir DATA
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+from typing import List, Optional
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from quality import TextTask, VisionTask, parse_args as quality_args  # noqa: E402
+
+from theseus_general import Theseus  # noqa: E402
+from theseus_general.matching import StartCheck, check_start  # noqa: E402
+
+
+def main(argv: Optional[List[str]] = None) -> List[StartCheck]:
+    own = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                  add_help=False)
+    own.add_argument("--batches", type=int, default=1, help="how many of the first training batches")
+    own.add_argument("--seed", type=int, default=0, help="the batch order's seed")
+    mine, rest = own.parse_known_args(argv)
+    args = quality_args(rest)
+    torch.set_num_threads(args.threads)
+    task = TextTask(args) if args.task == "text" else VisionTask(args)
+    predecessor = task.predecessor().eval()
+    th = Theseus(predecessor, **task.target, validate=False)
+    try:
+        checks = [check_start(th, inputs) for inputs, _ in itertools.islice(task.batches(mine.seed), mine.batches)]
+    finally:
+        th.unwrap()
+    for i, c in enumerate(checks):
+        print(f"batch {i}: agreement {c.agreement:.3f}, classes start {c.start_classes} / predecessor "
+              f"{c.predecessor_classes}, collapsed {c.collapsed}")
+    return checks
+
+
+if __name__ == "__main__":
+    main()
