@@ -6,7 +6,7 @@ merged with quality.py --merge first). Per budget: each method's test mean and 9
 seeds, Theseus minus the best baseline paired by seed (report_quality.paired_verdict), and the mean
 training time per run. Equal compute: each baseline's test accuracy at Theseus's mean training time
 of that budget, interpolated along the baseline's own curve (linear in log time; only inside the
-times it was measured at, else blank).
+times it was measured at, and only between budgets trained on the same device, else blank).
 
     python benchmarks/report_budget_curve.py benchmarks/results/budget_curve/vit_r0.25_s*.json \\
         --output benchmarks/results/budget_curve/vit_r0.25.json --plot docs/images/budget_curve_vit.png
@@ -58,12 +58,16 @@ def build(reports: List[Dict[str, Any]]) -> Dict[str, Any]:
                                "lr": report.get("grid", {}).get("chosen", {}).get(method, {}).get("lr"),
                                "settings": report.get("grid", {}).get("chosen", {}).get(method)}
         budgets.append({"steps": report["settings"]["steps"], "seeds": report["settings"]["seeds"],
+                        "device": report["settings"].get("device", "cpu"),
                         "predecessor": report["predecessor"], "methods": methods,
                         "verdict": paired_verdict(report), "complete": report.get("complete", False)})
-    curves = {m: [{"train_s": b["methods"][m]["train_s"], "test": b["methods"][m]["test"]["mean"]}
-                  for b in budgets if m in b["methods"]] for m in {m for b in budgets for m in b["methods"]}}
     for b in budgets:
         if "theseus" in b["methods"]:
+            # seconds on a GPU and on a CPU are not one time axis: read each baseline's curve only
+            # along the budgets measured on the same device as this one
+            same = [o for o in budgets if o["device"] == b["device"]]
+            curves = {m: [{"train_s": o["methods"][m]["train_s"], "test": o["methods"][m]["test"]["mean"]}
+                          for o in same if m in o["methods"]] for m in {m for o in same for m in o["methods"]}}
             t = b["methods"]["theseus"]["train_s"]
             b["equal_compute"] = {"theseus_train_s": t, **{m: at_time(c, t) for m, c in curves.items() if m != "theseus"}}
     return {"task": reports[0]["task"], "target": reports[0]["target"], "depth": reports[0]["depth"],
@@ -94,8 +98,9 @@ def table(curve: Dict[str, Any]) -> str:
         cells = []
         for b in budgets:
             r = b["methods"].get(m)
+            on = "" if b["device"] == "cpu" else f" on {b['device']}"
             cells.append("" if r is None else f"{r['test']['mean']:.4f} ± {r['test']['half_width']:.4f} "
-                         f"(lr {r['lr']:g}, {r['train_s']:.0f} s)")
+                         f"(lr {r['lr']:g}, {r['train_s']:.0f} s{on})")
         rows.append(f"| {LABELS[m]} | " + " | ".join(cells) + " |")
     cells = []
     for b in budgets:

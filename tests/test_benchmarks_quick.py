@@ -296,6 +296,25 @@ def test_budget_curve_report_pairs_seeds_per_budget_and_reads_equal_compute_off_
     assert curve_module.advice(curve)[1].startswith("400 steps: Theseus;")
 
 
+def test_budget_curve_equal_compute_never_mixes_devices():
+    curve_module = load("report_budget_curve")
+
+    def report(steps, seconds, device):
+        runs = {m: {str(s): {"test": 0.8 + 0.01 * s, "dev": 0.8, "train_s": t} for s in range(3)}
+                for m, t in (("theseus", seconds[0]), ("finetune_trained", seconds[1]))}
+        return {"task": "vit", "target": {"ratio": 0.25}, "depth": {"predecessor": {"blocks": 8}, "successor": {"blocks": 2}},
+                "settings": {"steps": steps, "seeds": [0, 1, 2], "device": device}, "predecessor": {"dev": 0.9, "test": 0.9},
+                "runs": runs, "summary": {m: {"test_mean": 0.81} for m in runs},
+                "grid": {"chosen": {"theseus": {"lr": 1e-3}, "finetune_trained": {"lr": 2e-3}}}}
+
+    # on one time axis, Theseus's 30 s at 400 steps would sit between fine-tune-only's 20 s and 40 s
+    curve = curve_module.build([report(400, (30.0, 20.0), "cpu"), report(6400, (35.0, 40.0), "cuda")])
+    cpu, gpu = curve["budgets"]
+    assert (cpu["device"], gpu["device"]) == ("cpu", "cuda")
+    assert cpu["equal_compute"]["finetune_trained"] is None and gpu["equal_compute"]["finetune_trained"] is None
+    assert "on cuda" in curve_module.table(curve) and "on cpu" not in curve_module.table(curve)
+
+
 def test_quality_reuse_extends_a_grid_without_rerunning_its_points(tmp_path):
     data = write_idx_dataset(tmp_path / "fashion-mnist")
     quality = load("quality")
