@@ -418,3 +418,24 @@ def test_mechanisms_quick_pairs_each_variant_with_the_default_and_merges_parts(t
         assert json.load(f)["complete"]
     with pytest.raises(SystemExit, match="in two parts"):  # a run in two parts is a clash, not a merge
         mechanisms.main(["--merge", a, a, "--output", str(tmp_path / "clash.json")])
+
+
+def test_budget_curve_parallel_makes_the_choice_one_quality_run_makes(tmp_path):
+    data = write_idx_dataset(tmp_path / "fashion-mnist")
+    parallel = load("budget_curve_parallel")
+    assert parallel.extension_points([1e-3, 4e-3], 2) == [1e-3 * 1e-3 / 4e-3, 4e-3 * 4e-3 / 1e-3,
+                                                           2.5e-4 * 2.5e-4 / 1e-3, 1.6e-2 * 1.6e-2 / 4e-3]
+    grid = ["--steps", "6", "--lr-grid", "1e-3", "4e-3", "--extend-grid", "1"]
+    task = ["--quick", "--data-dir", data]
+    status = parallel.main([*grid, "--methods", "finetune_trained", "--seeds", "0", "1", "--workers", "2",
+                            "--out-dir", str(tmp_path / "curve"), "--name", "merged.json", "--", *task])
+    assert status["complete_methods"] == ["finetune_trained"]
+    assert all(p["returncode"] == 0 for p in status["processes"])
+    single = tmp_path / "single.json"
+    load("quality").main([*task, *grid, "--methods", "finetune_trained", "--output", str(single)])
+    merged, one = read(status["merged"]), read(single)
+    assert merged["grid"]["chosen"] == one["grid"]["chosen"]
+    assert merged["grid"].get("extended", {}) == one["grid"].get("extended", {})
+    for seed in ("0", "1"):
+        ours, theirs = merged["runs"]["finetune_trained"][seed], one["runs"]["finetune_trained"][seed]
+        assert (ours["dev"], ours["test"]) == (theirs["dev"], theirs["test"])
