@@ -3,6 +3,8 @@
 # carried wheels, then (1) trains the ViT predecessor to convergence, (2) times quality.py's methods
 # alone and 8 processes at once (to size the budget-curve call), (3) the GPU check, (4) DeepSpeed.
 # Each part has its own time limit; everything lands in $OUT.
+# Never ran (refused), and would have failed: PYTHONPATH alone does not give theseus_general.adapters /
+# .integrations from a source checkout. Superseded by call2.sh, which copies them into place first.
 set -u
 export PYTHONUNBUFFERED=1 TQDM_DISABLE=1 PYTHONPATH="$PWD:/tmp/site" OMP_NUM_THREADS=1
 log="$OUT/log.txt"
