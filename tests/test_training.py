@@ -2,6 +2,9 @@
 
 import itertools
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -140,3 +143,20 @@ def test_lr_schedules():
     assert lr_factor(0, 4, "cosine") == 1.0 and lr_factor(2, 4, "cosine") == pytest.approx(0.5)
 
 
+
+
+def test_the_progress_bar_shows_unless_the_run_or_the_environment_turns_it_off(capsys):
+    def run(**kwargs):
+        fit(ChainModel(), stream(), 2, lr=1e-2, match_steps=0, **kwargs)
+        return capsys.readouterr().err
+
+    assert "0/2" in run(progress=True)  # the bar draws on stderr
+    assert run(progress=False) == ""
+    # tqdm reads TQDM_DISABLE when it is imported: a fresh process, as a user's job would start
+    script = ("import torch; from theseus_general.training import fit\n"
+              "x = torch.randn(8, 4); fit(torch.nn.Linear(4, 2), iter([(x, (x.sum(1) > 0).long())] * 2), 2, lr=1e-2)\n")
+    for env, shown in (({}, True), ({"TQDM_DISABLE": "1"}, False)):
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                              env={k: v for k, v in os.environ.items() if k != "TQDM_DISABLE"} | env)
+        assert done.returncode == 0, done.stderr
+        assert ("0/2" in done.stderr) == shown

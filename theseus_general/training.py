@@ -327,7 +327,8 @@ def fit(
 
         step = engine.step_count if engine is not None else 0
         model.train()
-        bar = tqdm(total=steps, initial=step, desc=desc, leave=False, dynamic_ncols=True, disable=not progress)
+        # progress=True leaves `disable` to tqdm, so that TQDM_DISABLE=1 in the environment still silences the bar
+        bar = tqdm(total=steps, initial=step, desc=desc, leave=False, dynamic_ncols=True, **({} if progress else {"disable": True}))
         recent: List[float] = []  # batch accuracies of the last 20 steps: the bar's running mean
         while step < steps:
             rate = engine.replacement_rate if engine is not None else None  # the rate this step's draws use
