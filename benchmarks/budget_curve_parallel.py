@@ -33,7 +33,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -95,8 +95,8 @@ class Runner:
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {note} ({seconds:.0f} s)", flush=True)
 
 
-def method_chain(runner: Runner, method: str, args: argparse.Namespace, base: List[str], parts: str) -> List[str]:
-    """Steps 1-3 for one method; returns its step-3 part files that completed."""
+def method_chain(runner: Runner, method: str, args: argparse.Namespace, base: List[str], parts: str) -> Tuple[List[str], bool]:
+    """Steps 1-3 for one method: the part files to merge, and whether every seed finished."""
     pairs = args.kd_grid if method in KD_METHODS and args.kd_grid else [None]
     grid_flags = ["--lr-grid", *map(repr, args.lr_grid), "--extend-grid", str(args.extend_grid)]
     kd_flags = ["--kd-grid", *args.kd_grid] if method in KD_METHODS and args.kd_grid else []
@@ -113,14 +113,15 @@ def method_chain(runner: Runner, method: str, args: argparse.Namespace, base: Li
     reuse = ["--reuse", *done] if done else []
     if not runner.submit(f"{method}_choice", [*base, "--seeds", "0", "--methods", method, *grid_flags, *kd_flags,
                                               *reuse, "--output", choice]).result():
-        return []
+        return [], False
     seeds = []
     for seed in args.seeds[1:]:
         out = os.path.join(parts, f"{method}_s{seed}.json")
         seeds.append((out, runner.submit(f"{method}_s{seed}", [*base, "--seeds", str(args.seeds[0]), str(seed),
                                                                "--methods", method, *grid_flags, *kd_flags,
                                                                "--reuse", choice, "--output", out])))
-    return [out for out, future in seeds if future.result()] or [choice]
+    finished = [out for out, future in seeds if future.result()]
+    return finished or [choice], len(finished) == len(seeds)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
@@ -135,8 +136,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--workers", type=int, default=os.cpu_count())
     p.add_argument("--deadline", type=float, default=None, help="seconds; stop what still runs then, merge what is done")
     p.add_argument("--out-dir", required=True)
-    p.add_argument("--name", default=None, help="the merged report's file name (default vit_r0.25_s<STEPS>.json style: "
-                                               "<task>_s<STEPS>.json)")
+    p.add_argument("--name", default=None, help="the merged report's file name in --out-dir (default budget_s<STEPS>.json)")
     p.add_argument("quality_args", nargs=argparse.REMAINDER, help="after --: quality.py's task flags")
     args = p.parse_args(argv)
     rest = [a for a in args.quality_args if a != "--"]
@@ -157,7 +157,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     runner.pool.shutdown()
     name = args.name or f"budget_s{args.steps}.json"
     output = os.path.join(args.out_dir, name)
-    files = [f for m in methods for f in finished[m]]
+    files = [f for m in methods for f in finished[m][0]]
     merged_ok = False
     if files:
         try:
@@ -166,7 +166,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
         except SystemExit as error:  # quality.merge refuses parts that do not belong together
             print(f"merge failed: {error}", flush=True)
     status = {"steps": args.steps, "seconds": round(time.time() - started, 1), "merged": output if merged_ok else None,
-              "complete_methods": [m for m in methods if len(finished[m]) == len(args.seeds) - 1],
+              "complete_methods": [m for m in methods if finished[m][1]],
               "command": "python benchmarks/budget_curve_parallel.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "processes": runner.records}
     with open(os.path.join(args.out_dir, f"status_s{args.steps}.json"), "w") as f:
