@@ -41,6 +41,9 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "rest_frozen": dict(method="theseus", train_rest=False),  # the default with embeddings and head frozen
     "former": dict(method="theseus_paper"),  # rest frozen, linear p 0.3 -> 1 at --replace-by, no matching
     "paper": dict(method="theseus", paper=True),  # recipe="paper": the published fixed slope, rest frozen
+    # the default with p reaching 1 at 10% of the run instead of 50% (a short mixed phase), with or without matching
+    "early_full": dict(method="theseus", full_at=0.1),
+    "early_full_no_matching": dict(method="theseus", full_at=0.1, match_steps=0),
 }
 
 
@@ -83,6 +86,8 @@ def main(argv=None) -> Dict[str, Any]:
                 notes: Dict[str, Any] = {}
                 if VARIANTS[name].get("paper"):
                     model = paper_run(task, predecessor, seed, run_args)
+                elif "full_at" in VARIANTS[name]:
+                    model = full_at_run(task, predecessor, seed, run_args, VARIANTS[name], notes)
                 else:
                     model = quality.run_method(VARIANTS[name]["method"], task, predecessor, seed, run_args, notes)
                 row = dict(variant=name, lr=lr, seed=seed, **task.evaluate(model), train_s=round(time.time() - t, 1), **notes)
@@ -102,6 +107,25 @@ def paper_run(task, predecessor, seed: int, args: argparse.Namespace):
     try:
         fit(th, task.batches(seed), args.steps, lr=args.lr, weight_decay=args.weight_decay, lr_schedule="linear",
             device=args.device, desc="paper")
+        return th.export(native=task.native)
+    finally:
+        th.unwrap()
+
+
+def full_at_run(task, predecessor, seed: int, args: argparse.Namespace, spec: Dict[str, Any], notes: Dict[str, Any]):
+    """The family's default recipe with its curriculum reaching p = 1 at `full_at` of the run (the config's
+    `replace_by`), and with `match_steps` if the variant sets it (else the recipe decides)."""
+    from theseus_general import Theseus
+    from theseus_general.config import TheseusConfig
+    from theseus_general.training import fit
+
+    th = Theseus(predecessor, **task.target, config=TheseusConfig(replace_by=spec["full_at"]), seed=seed)
+    extra = {"match_steps": spec["match_steps"]} if "match_steps" in spec else {}
+    try:
+        fit(th, task.batches(seed), args.steps, lr=args.lr, weight_decay=args.weight_decay, lr_schedule="linear",
+            device=args.device, desc="theseus", **extra)
+        notes["start_blocks"] = {str(g): b for g, b in sorted(th.successor_starts.items())}
+        notes["full_at"] = th.recipe.full_at
         return th.export(native=task.native)
     finally:
         th.unwrap()
