@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import math
@@ -10,7 +11,7 @@ import os
 import pytest
 import torch
 
-from conftest import write_idx_dataset
+from conftest import ChainModel, write_idx_dataset
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
@@ -439,3 +440,29 @@ def test_budget_curve_parallel_makes_the_choice_one_quality_run_makes(tmp_path):
     for seed in ("0", "1"):
         ours, theirs = merged["runs"]["finetune_trained"][seed], one["runs"]["finetune_trained"][seed]
         assert (ours["dev"], ours["test"]) == (theirs["dev"], theirs["test"])
+
+
+def test_recipe_lr_early_full_runs_the_default_with_a_short_mixed_phase():
+    recipe_lr = load("recipe_lr")
+
+    class Task:  # the slice of quality.py's task that a recipe_lr run reads
+        target = {"successor_depth": 3, "adapter": "generic", "container": "blocks"}
+        native = False
+
+        @staticmethod
+        def batches(seed):
+            g = torch.Generator().manual_seed(seed)
+            while True:
+                x = torch.randn(8, 4, generator=g)
+                yield x, (x.sum(1) > 0).long()
+
+    args = argparse.Namespace(steps=10, lr=1e-2, weight_decay=0.0, device="cpu")
+    predecessor = ChainModel(depth=6)
+    before = {k: v.clone() for k, v in predecessor.state_dict().items()}
+    for name, matched in (("early_full_no_matching", False), ("early_full", None)):
+        notes = {}
+        model = recipe_lr.full_at_run(Task, predecessor, 0, args, recipe_lr.VARIANTS[name], notes)
+        assert notes["full_at"] == 0.1 and len(model.blocks) == 3
+        if matched is False:
+            assert notes["start_blocks"] == {}  # no matching, so no start chosen: successor i is block i
+    assert all(torch.equal(v, before[k]) for k, v in predecessor.state_dict().items())
