@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 import time
-from typing import Any, Dict
+from typing import Any, Dict, Optional
 
 import torch
 
@@ -98,37 +98,38 @@ def main(argv=None) -> Dict[str, Any]:
     return finish(report, own.output, "recipe_lr.py", argv, started)
 
 
-def paper_run(task, predecessor, seed: int, args: argparse.Namespace):
-    """recipe="paper" as a user gets it: rest frozen, p = min(1, 0.3 + 6e-4 t), no matching."""
+def theseus_run(task, predecessor, seed: int, args: argparse.Namespace, desc: str, fit_options: Dict[str, Any],
+                notes: Optional[Dict[str, Any]] = None, **theseus_options):
+    """One Theseus run as a user writes it, `Theseus(...)` + `fit(...)`, for the variants quality.py's
+    methods do not express; `notes` (if given) receives the start blocks and the curriculum's end."""
     from theseus_general import Theseus
     from theseus_general.training import fit
 
-    th = Theseus(predecessor, **task.target, recipe="paper", seed=seed)
+    th = Theseus(predecessor, **task.target, seed=seed, **theseus_options)
     try:
         fit(th, task.batches(seed), args.steps, lr=args.lr, weight_decay=args.weight_decay, lr_schedule="linear",
-            device=args.device, desc="paper")
+            device=args.device, desc=desc, **fit_options)
+        if notes is not None:
+            notes["start_blocks"] = {str(g): b for g, b in sorted(th.successor_starts.items())}
+            notes["full_at"] = th.recipe.full_at
         return th.export(native=task.native)
     finally:
         th.unwrap()
+
+
+def paper_run(task, predecessor, seed: int, args: argparse.Namespace):
+    """recipe="paper" as a user gets it: rest frozen, p = min(1, 0.3 + 6e-4 t), no matching."""
+    return theseus_run(task, predecessor, seed, args, "paper", {}, recipe="paper")
 
 
 def full_at_run(task, predecessor, seed: int, args: argparse.Namespace, spec: Dict[str, Any], notes: Dict[str, Any]):
     """The family's default recipe with its curriculum reaching p = 1 at `full_at` of the run (the config's
     `replace_by`), and with `match_steps` if the variant sets it (else the recipe decides)."""
-    from theseus_general import Theseus
     from theseus_general.config import TheseusConfig
-    from theseus_general.training import fit
 
-    th = Theseus(predecessor, **task.target, config=TheseusConfig(replace_by=spec["full_at"]), seed=seed)
-    extra = {"match_steps": spec["match_steps"]} if "match_steps" in spec else {}
-    try:
-        fit(th, task.batches(seed), args.steps, lr=args.lr, weight_decay=args.weight_decay, lr_schedule="linear",
-            device=args.device, desc="theseus", **extra)
-        notes["start_blocks"] = {str(g): b for g, b in sorted(th.successor_starts.items())}
-        notes["full_at"] = th.recipe.full_at
-        return th.export(native=task.native)
-    finally:
-        th.unwrap()
+    fit_options = {"match_steps": spec["match_steps"]} if "match_steps" in spec else {}
+    return theseus_run(task, predecessor, seed, args, "theseus", fit_options, notes,
+                       config=TheseusConfig(replace_by=spec["full_at"]))
 
 
 if __name__ == "__main__":

@@ -14,8 +14,10 @@ default is within a point of fine-tune-only, 95% paired interval over 3-5 seeds,
 3e-5, unresolved at 5e-5: 0.5 points lower on average over 5 seeds), MiniLM-L6's bottom 3 on 50% (matching: 0.74-0.76 test where
 fine-tune-only and no matching stay at the majority class). Matching's lr is fixed, not a multiple
 of the run's: 10x and 30x the run's lr scored lower on dev at run lr 2e-5 (3 seeds). Not fixed:
-all-mpnet-base-v2 (12 layers, 768 wide) 12 -> 6 at lr 3e-5 agrees on 62.5% and matches, 3.0 test
-points below truncation over 3 seeds (interval -12.3 to +6.2; seed 0: 4.3 below, 6.5 without matching) (docs/results.md#a-real-12-layer-768-wide-encoder-all-mpnet-base-v2-found-offline-in-round-4).
+all-mpnet-base-v2 (12 layers, 768 wide) 12 -> 6 at lr 3e-5 agrees on 62.5% and matches, and at 300
+steps is 3.96 test points behind truncation over 3 seeds (interval -4.95 to -2.96); no matching with
+p = 1 at 10% of the run is level with truncation there, not yet measured elsewhere
+(docs/results.md#a-real-12-layer-768-wide-encoder-all-mpnet-base-v2-found-offline-in-round-4).
 ``match_if_collapsed`` (match only a start that answers at most half of the predecessor's distinct
 classes on the first batch) was measured there and not adopted.
 
