@@ -60,3 +60,15 @@ def finish(report: Dict[str, Any], path: str, script: str, argv, started: float)
     report["command"] = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
     write_json(report, path)
     return report
+
+
+def candidate_recipe():
+    """Issue 26's candidate default (round 6, docs/results.md#a-candidate-default-round-6): the default
+    recipe with the mixed phase ending at 10% of the run (p = 1 there) and module matching only for a start
+    that collapsed (`match_if_collapsed`) instead of one that agrees on under 2/3 of the first batch."""
+    import dataclasses
+
+    from theseus_general.recipes import get_recipe
+
+    return dataclasses.replace(get_recipe("default"), name="candidate", full_at=0.1, match_below_agreement=None,
+                               match_if_collapsed=True)

@@ -15,6 +15,8 @@ each student is exported natively and its held-out perplexity measured on --test
   rest_frozen        the default with train_rest=False
   former             rest frozen, p from 0.3 to 1 at half the run, no matching (the recipe before matching)
   paper              recipe="paper": rest frozen, p = min(1, 0.3 + 6e-4 t), no matching
+  candidate          issue 26's candidate default (round 6): p = 1 at 10% of the run, matching only a
+                     collapsed start (benchmarks/_common.candidate_recipe)
   fine_tune_only     the first d layers, fine-tuned (truncation)
 
     python benchmarks/llm_recipe_ablation.py --depth 20 --steps 100 --lr 1e-4 --threads 1
@@ -33,7 +35,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import REPO_ROOT, RESULTS_DIR, conditions, finish, quiet_transformers, write_json  # noqa: E402
+from _common import REPO_ROOT, RESULTS_DIR, candidate_recipe, conditions, finish, quiet_transformers, write_json  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
 
@@ -52,6 +54,7 @@ VARIANTS: Dict[str, tuple] = {
     "rest_frozen": ({"train_rest": False}, {}),
     "former": ({"recipe": "default", "train_rest": False}, {"match_steps": 0}),
     "paper": ({"recipe": "paper"}, {}),
+    "candidate": ({"recipe": candidate_recipe()}, {}),
 }
 METHODS = tuple(VARIANTS) + ("fine_tune_only",)
 

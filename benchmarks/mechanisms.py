@@ -6,6 +6,8 @@ seed, the same steps and the same lr (the default recipe's lr chosen on dev for 
 
   default             Theseus(model, ...) + fit as a user gets it (module matching runs when the
                       start's agreement with the predecessor is below 2/3, from the chosen start blocks)
+  candidate           issue 26's candidate default (round 6): p = 1 at 10% of the run, matching only a
+                      collapsed start (benchmarks/_common.candidate_recipe)
   no_matching         fit(..., match_steps=0)
   lr_compensation     the successors' lr times min(--compensation-cap, 1/p) while p < 1
   mixed_matching      + --matching-weight x the successors' local relative squared error against their
@@ -38,7 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import RESULTS_DIR, conditions, finish, write_json  # noqa: E402
+from _common import RESULTS_DIR, candidate_recipe, conditions, finish, write_json  # noqa: E402
 from quality import TextTask, VisionTask, native_export_possible, parse_args as quality_args, plan_depths  # noqa: E402
 from report_quality import paired_interval  # noqa: E402
 
@@ -48,7 +50,7 @@ from theseus_general.planning import container_at  # noqa: E402
 from theseus_general.recipes import get_recipe  # noqa: E402
 from theseus_general.training import fit, resolve_device  # noqa: E402
 
-VARIANTS = ("default", "no_matching", "lr_compensation", "mixed_matching", "blend", "importance_groups", "group_first")
+VARIANTS = ("default", "candidate", "no_matching", "lr_compensation", "mixed_matching", "blend", "importance_groups", "group_first")
 BASELINES = ("finetune_trained", "kd")
 
 
@@ -81,7 +83,7 @@ def run_variant(name: str, task: Any, predecessor: torch.nn.Module, seed: int, a
     default = get_recipe("default")
     recipe = {"lr_compensation": dataclasses.replace(default, lr_compensation=args.compensation_cap),
               "mixed_matching": dataclasses.replace(default, mixed_matching=args.matching_weight),
-              "blend": dataclasses.replace(default, mixing="blend")}.get(name)
+              "blend": dataclasses.replace(default, mixing="blend"), "candidate": candidate_recipe()}.get(name)
     target: Dict[str, Any] = dict(task.target)
     notes: Dict[str, Any] = {}
     if name == "importance_groups":

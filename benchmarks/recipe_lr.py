@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import conditions, finish, quiet_transformers, write_json  # noqa: E402
+from _common import candidate_recipe, conditions, finish, quiet_transformers, write_json  # noqa: E402
 import quality  # noqa: E402
 
 # name -> the quality.py method and the flags it overrides
@@ -44,6 +44,8 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     # the default with p reaching 1 at 10% of the run instead of 50% (a short mixed phase), with or without matching
     "early_full": dict(method="theseus", full_at=0.1),
     "early_full_no_matching": dict(method="theseus", full_at=0.1, match_steps=0),
+    # issue 26's candidate default of round 6 (benchmarks/_common.candidate_recipe): both changes together
+    "candidate": dict(method="theseus", candidate=True),
 }
 
 
@@ -86,6 +88,9 @@ def main(argv=None) -> Dict[str, Any]:
                 notes: Dict[str, Any] = {}
                 if VARIANTS[name].get("paper"):
                     model = paper_run(task, predecessor, seed, run_args)
+                elif VARIANTS[name].get("candidate"):
+                    model = theseus_run(task, predecessor, seed, run_args, "candidate", {}, notes,
+                                        recipe=candidate_recipe())
                 elif "full_at" in VARIANTS[name]:
                     model = full_at_run(task, predecessor, seed, run_args, VARIANTS[name], notes)
                 else:
@@ -107,9 +112,10 @@ def theseus_run(task, predecessor, seed: int, args: argparse.Namespace, desc: st
 
     th = Theseus(predecessor, **task.target, seed=seed, **theseus_options)
     try:
-        fit(th, task.batches(seed), args.steps, lr=args.lr, weight_decay=args.weight_decay, lr_schedule="linear",
-            device=args.device, desc=desc, **fit_options)
+        result = fit(th, task.batches(seed), args.steps, lr=args.lr, weight_decay=args.weight_decay,
+                     lr_schedule="linear", device=args.device, desc=desc, **fit_options)
         if notes is not None:
+            notes["match_steps"] = len(result.matching.history) if result.matching is not None else 0
             notes["start_blocks"] = {str(g): b for g, b in sorted(th.successor_starts.items())}
             notes["full_at"] = th.recipe.full_at
         return th.export(native=task.native)

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from conftest import ChainModel, write_idx_dataset
+from theseus_general.recipes import get_recipe
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
 
@@ -466,3 +467,31 @@ def test_recipe_lr_early_full_runs_the_default_with_a_short_mixed_phase():
         if matched is False:
             assert notes["start_blocks"] == {}  # no matching, so no start chosen: successor i is block i
     assert all(torch.equal(v, before[k]) for k, v in predecessor.state_dict().items())
+
+
+def test_recipe_lr_candidate_is_the_default_with_a_short_phase_matching_only_a_collapsed_start():
+    common = load("_common")
+    candidate, default = common.candidate_recipe(), get_recipe("default")
+    assert (candidate.full_at, default.full_at) == (0.1, 0.5)
+    # MPNet's start (agreement 0.625, both classes answered): the default matches, the candidate does not
+    assert default.match_steps(300, agreement=0.625, collapsed=False) == 60
+    assert candidate.match_steps(300, agreement=0.625, collapsed=False) == 0
+    # MiniLM 6 -> 3's start (one class for the whole batch): both match
+    assert candidate.match_steps(300, agreement=0.5, collapsed=True) == default.match_steps(300, 0.5, True) == 60
+    recipe_lr = load("recipe_lr")
+
+    class Task:
+        target = {"successor_depth": 3, "adapter": "generic", "container": "blocks"}
+        native = False
+
+        @staticmethod
+        def batches(seed):
+            g = torch.Generator().manual_seed(seed)
+            while True:
+                x = torch.randn(8, 4, generator=g)
+                yield x, (x.sum(1) > 0).long()
+
+    notes = {}
+    args = argparse.Namespace(steps=10, lr=1e-2, weight_decay=0.0, device="cpu")
+    model = recipe_lr.theseus_run(Task, ChainModel(depth=6), 0, args, "candidate", {}, notes, recipe=candidate)
+    assert notes["full_at"] == 0.1 and len(model.blocks) == 3
