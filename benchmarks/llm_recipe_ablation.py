@@ -61,6 +61,7 @@ METHODS = tuple(VARIANTS) + ("fine_tune_only",)
 
 def train(name: str, model, depth: int, batch_at, args: argparse.Namespace) -> tuple:
     """The student of `name` (exported, native) and what the run decided."""
+    torch.manual_seed(args.seed)  # dropout's generator, as quality.run_method seeds it
     common = dict(lr=args.lr, device="cpu", lr_schedule="linear")
     if name == "fine_tune_only":
         return fine_tune_only(model, batch_at, args.steps, task_loss=llm.lm_loss, successor_depth=depth,

@@ -80,6 +80,7 @@ def importance_target(predecessor: torch.nn.Module, container: str, depth: int, 
 def run_variant(name: str, task: Any, predecessor: torch.nn.Module, seed: int, args: argparse.Namespace,
                 depths: Dict[str, int]) -> Dict[str, Any]:
     started = time.time()
+    torch.manual_seed(seed)  # dropout's generator, as quality.run_method seeds it
     default = get_recipe("default")
     recipe = {"lr_compensation": dataclasses.replace(default, lr_compensation=args.compensation_cap),
               "mixed_matching": dataclasses.replace(default, mixed_matching=args.matching_weight),

@@ -183,6 +183,9 @@ def run_method(method: str, task: Task, predecessor: nn.Module, seed: int, args:
     """Train `method`'s successor and return it; `notes` receives what the run chose (Theseus's recipe and
     start blocks)."""
     notes = {} if notes is None else notes
+    # dropout draws from torch's global generator, whose seed is random per process: seeded per run, a
+    # run is the same whatever ran before it, and methods paired by seed see the same dropout stream
+    torch.manual_seed(seed)
     common = dict(lr=args.lr, weight_decay=args.weight_decay, lr_schedule="linear", device=args.device,
                   max_grad_norm=args.max_grad_norm,
                   mixed_precision=args.mixed_precision, desc=method)  # the loss: cross-entropy unless KD

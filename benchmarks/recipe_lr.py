@@ -110,6 +110,7 @@ def theseus_run(task, predecessor, seed: int, args: argparse.Namespace, desc: st
     from theseus_general import Theseus
     from theseus_general.training import fit
 
+    torch.manual_seed(seed)  # dropout's generator, as quality.run_method seeds it
     th = Theseus(predecessor, **task.target, seed=seed, **theseus_options)
     try:
         result = fit(th, task.batches(seed), args.steps, lr=args.lr, weight_decay=args.weight_decay,
