@@ -4,6 +4,7 @@ fine-tune-only (the trained model's bottom layers), at several learning rates.
   default                 Theseus(model, successor_depth=2) + fit, as a user gets it
   candidate               benchmarks/_common.candidate_recipe: p = 1 at 10%, matching a collapsed start only
   group_last_no_matching  each successor starts as its group's last block, no matching (a screen)
+  finetune_group_last     fine-tune-only from that same start (the predecessor with blocks dropped)
 
 `tests/test_recipes.py::test_readme_path_at_default_settings_is_not_worse_than_fine_tune_only` runs one
 seed; this runs --seeds of the Theseus draws (and of dropout's generator) on the same task, so that one
@@ -41,7 +42,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     p.add_argument("--steps", type=int, default=40, help="the test's steps")
     p.add_argument("--variants", nargs="+", default=["default", "candidate"],
-                   choices=["default", "candidate", "group_last_no_matching"])
+                   choices=["default", "candidate", "group_last_no_matching", "finetune_group_last"])
     p.add_argument("--output", default=os.path.join(RESULTS_DIR, "recipe_lr", "readme_path_seeds.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -59,7 +60,12 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             baseline = successor_shaped_copy(teacher, successor_depth=2)
             fit(baseline, train, args.steps, lr=lr, progress=False)
             runs.setdefault("finetune", []).append(held_out_accuracy(baseline, test))
-            for name in args.variants:
+            if "finetune_group_last" in args.variants:
+                torch.manual_seed(seed)
+                dropped = successor_shaped_copy(teacher, successor_depth=2, init="group_last")
+                fit(dropped, train, args.steps, lr=lr, progress=False)
+                runs.setdefault("finetune_group_last", []).append(held_out_accuracy(dropped, test))
+            for name in [v for v in args.variants if v != "finetune_group_last"]:
                 engine_options, fit_options = variants[name]
                 torch.manual_seed(seed)
                 th = Theseus(teacher, successor_depth=2, seed=seed, **engine_options)

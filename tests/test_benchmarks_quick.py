@@ -524,3 +524,12 @@ def test_a_benchmark_run_is_the_same_whatever_ran_before_it_in_the_process(metho
     torch.rand(7)  # whatever else the process does between two runs
     second = quality.run_method(method, Task, predecessor, 0, args)
     assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
+def test_readme_path_seeds_runs_every_variant_on_the_readme_tests_task(tmp_path):
+    report = load("readme_path_seeds").main(["--lrs", "1e-4", "--seeds", "0", "1", "--steps", "4", "--variants",
+                                             "default", "finetune_group_last", "--output", str(tmp_path / "r.json")])
+    runs = report["runs"]["0.0001"]
+    assert set(runs) == {"finetune", "default", "finetune_group_last"}
+    assert all(len(accuracies) == 2 and all(0 <= a <= 1 for a in accuracies) for accuracies in runs.values())
+    assert json.loads((tmp_path / "r.json").read_text())["runs"] == report["runs"]
