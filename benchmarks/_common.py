@@ -63,7 +63,7 @@ def finish(report: Dict[str, Any], path: str, script: str, argv, started: float)
 
 
 def candidate_recipe():
-    """Issue 26's candidate default (round 6, docs/results.md#a-candidate-default-round-6): the default
+    """Issue 26's candidate default (round 6, docs/results.md, "A candidate default (round 6)"): the default
     recipe with the mixed phase ending at 10% of the run (p = 1 there) and module matching only for a start
     that collapsed (`match_if_collapsed`) instead of one that agrees on under 2/3 of the first batch."""
     import dataclasses

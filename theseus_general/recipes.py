@@ -16,8 +16,11 @@ fine-tune-only and no matching stay at the majority class). Matching's lr is fix
 of the run's: 10x and 30x the run's lr scored lower on dev at run lr 2e-5 (3 seeds). Not fixed:
 all-mpnet-base-v2 (12 layers, 768 wide) 12 -> 6 at lr 3e-5 agrees on 62.5% and matches, and at 300
 steps is 3.96 test points behind truncation over 3 seeds (interval -4.95 to -2.96); no matching with
-p = 1 at 10% of the run is level with truncation there, not yet measured elsewhere
-(docs/results.md#a-real-12-layer-768-wide-encoder-all-mpnet-base-v2-found-offline-in-round-4).
+p = 1 at 10% of the run is level with truncation there
+(docs/results.md#a-real-12-layer-768-wide-encoder-all-mpnet-base-v2-found-offline-in-round-4). As a
+candidate default (p = 1 at 10% + `match_if_collapsed`) it was not adopted in round 6: level or better on
+the other models, but behind truncation on the README-path test's task at lr 1e-4, and 0.59 points below
+the usual phase on the ViT at 1,600 steps (docs/results.md#a-candidate-default-round-6-what-came-out).
 ``match_if_collapsed`` (match only a start that answers at most half of the predecessor's distinct
 classes on the first batch) was measured there and not adopted.
 
