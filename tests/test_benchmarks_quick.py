@@ -443,26 +443,26 @@ def test_budget_curve_parallel_makes_the_choice_one_quality_run_makes(tmp_path):
         assert (ours["dev"], ours["test"]) == (theirs["dev"], theirs["test"])
 
 
+class ChainTask:  # the slice of quality.py's task that a recipe_lr run reads, on a tiny chain model
+    target = {"successor_depth": 3, "adapter": "generic", "container": "blocks"}
+    native = False
+
+    @staticmethod
+    def batches(seed):
+        g = torch.Generator().manual_seed(seed)
+        while True:
+            x = torch.randn(8, 4, generator=g)
+            yield x, (x.sum(1) > 0).long()
+
+
 def test_recipe_lr_early_full_runs_the_default_with_a_short_mixed_phase():
     recipe_lr = load("recipe_lr")
-
-    class Task:  # the slice of quality.py's task that a recipe_lr run reads
-        target = {"successor_depth": 3, "adapter": "generic", "container": "blocks"}
-        native = False
-
-        @staticmethod
-        def batches(seed):
-            g = torch.Generator().manual_seed(seed)
-            while True:
-                x = torch.randn(8, 4, generator=g)
-                yield x, (x.sum(1) > 0).long()
-
     args = argparse.Namespace(steps=10, lr=1e-2, weight_decay=0.0, device="cpu")
     predecessor = ChainModel(depth=6)
     before = {k: v.clone() for k, v in predecessor.state_dict().items()}
     for name, matched in (("early_full_no_matching", False), ("early_full", None)):
         notes = {}
-        model = recipe_lr.full_at_run(Task, predecessor, 0, args, recipe_lr.VARIANTS[name], notes)
+        model = recipe_lr.full_at_run(ChainTask, predecessor, 0, args, recipe_lr.VARIANTS[name], notes)
         assert notes["full_at"] == 0.1 and len(model.blocks) == 3
         if matched is False:
             assert notes["start_blocks"] == {}  # no matching, so no start chosen: successor i is block i
@@ -479,21 +479,9 @@ def test_recipe_lr_candidate_is_the_default_with_a_short_phase_matching_only_a_c
     # MiniLM 6 -> 3's start (one class for the whole batch): both match
     assert candidate.match_steps(300, agreement=0.5, collapsed=True) == default.match_steps(300, 0.5, True) == 60
     recipe_lr = load("recipe_lr")
-
-    class Task:
-        target = {"successor_depth": 3, "adapter": "generic", "container": "blocks"}
-        native = False
-
-        @staticmethod
-        def batches(seed):
-            g = torch.Generator().manual_seed(seed)
-            while True:
-                x = torch.randn(8, 4, generator=g)
-                yield x, (x.sum(1) > 0).long()
-
     notes = {}
     args = argparse.Namespace(steps=10, lr=1e-2, weight_decay=0.0, device="cpu")
-    model = recipe_lr.theseus_run(Task, ChainModel(depth=6), 0, args, "candidate", {}, notes, recipe=candidate)
+    model = recipe_lr.theseus_run(ChainTask, ChainModel(depth=6), 0, args, "candidate", {}, notes, recipe=candidate)
     assert notes["full_at"] == 0.1 and len(model.blocks) == 3
 
 
