@@ -35,7 +35,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import REPO_ROOT, RESULTS_DIR, candidate_recipe, conditions, finish, quiet_transformers, write_json  # noqa: E402
+from _common import (REPO_ROOT, RESULTS_DIR, candidate_recipe, conditions, finish, quiet_transformers,  # noqa: E402
+                     seed_run, write_json)
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
 
@@ -61,7 +62,7 @@ METHODS = tuple(VARIANTS) + ("fine_tune_only",)
 
 def train(name: str, model, depth: int, batch_at, args: argparse.Namespace) -> tuple:
     """The student of `name` (exported, native) and what the run decided."""
-    torch.manual_seed(args.seed)  # dropout's generator, as quality.run_method seeds it
+    seed_run(args.seed)
     common = dict(lr=args.lr, device="cpu", lr_schedule="linear")
     if name == "fine_tune_only":
         return fine_tune_only(model, batch_at, args.steps, task_loss=llm.lm_loss, successor_depth=depth,

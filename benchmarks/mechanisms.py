@@ -40,7 +40,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import RESULTS_DIR, candidate_recipe, conditions, finish, write_json  # noqa: E402
+from _common import RESULTS_DIR, candidate_recipe, conditions, finish, seed_run, write_json  # noqa: E402
 from quality import TextTask, VisionTask, native_export_possible, parse_args as quality_args, plan_depths  # noqa: E402
 from report_quality import paired_interval  # noqa: E402
 
@@ -80,7 +80,7 @@ def importance_target(predecessor: torch.nn.Module, container: str, depth: int, 
 def run_variant(name: str, task: Any, predecessor: torch.nn.Module, seed: int, args: argparse.Namespace,
                 depths: Dict[str, int]) -> Dict[str, Any]:
     started = time.time()
-    torch.manual_seed(seed)  # dropout's generator, as quality.run_method seeds it
+    seed_run(seed)
     default = get_recipe("default")
     recipe = {"lr_compensation": dataclasses.replace(default, lr_compensation=args.compensation_cap),
               "mixed_matching": dataclasses.replace(default, mixed_matching=args.matching_weight),

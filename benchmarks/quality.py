@@ -52,7 +52,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import REPO_ROOT, RESULTS_DIR, conditions, finish, quiet_transformers, write_json  # noqa: E402
+from _common import REPO_ROOT, RESULTS_DIR, conditions, finish, quiet_transformers, seed_run, write_json  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
 
@@ -183,9 +183,7 @@ def run_method(method: str, task: Task, predecessor: nn.Module, seed: int, args:
     """Train `method`'s successor and return it; `notes` receives what the run chose (Theseus's recipe and
     start blocks)."""
     notes = {} if notes is None else notes
-    # dropout draws from torch's global generator, whose seed is random per process: seeded per run, a
-    # run is the same whatever ran before it, and methods paired by seed see the same dropout stream
-    torch.manual_seed(seed)
+    seed_run(seed)
     common = dict(lr=args.lr, weight_decay=args.weight_decay, lr_schedule="linear", device=args.device,
                   max_grad_norm=args.max_grad_norm,
                   mixed_precision=args.mixed_precision, desc=method)  # the loss: cross-entropy unless KD

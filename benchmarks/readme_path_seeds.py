@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import REPO_ROOT, RESULTS_DIR, candidate_recipe, conditions, finish, write_json  # noqa: E402
+from _common import REPO_ROOT, RESULTS_DIR, candidate_recipe, conditions, finish, seed_run, write_json  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "tests"))
 
@@ -51,23 +51,23 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     # name -> (Theseus keyword arguments, fit keyword arguments)
     variants = {"default": ({}, {}), "candidate": ({"recipe": candidate_recipe()}, {}),
                 "group_last_no_matching": ({"init": "group_last"}, {"match_steps": 0})}
+    # fine-tune-only: name -> the start (`init`; None: the bottom blocks, truncation), always "finetune" first
+    baselines = {"finetune": None}
+    if "finetune_group_last" in args.variants:
+        baselines["finetune_group_last"] = "group_last"
     report: Dict[str, Any] = {"benchmark": "readme_path_seeds", "settings": vars(args),
                               "conditions": conditions(torch.device("cpu")), "runs": {}}
     for lr in args.lrs:
         runs = report["runs"].setdefault(f"{lr:g}", {})
         for seed in args.seeds:
-            torch.manual_seed(seed)
-            baseline = successor_shaped_copy(teacher, successor_depth=2)
-            fit(baseline, train, args.steps, lr=lr, progress=False)
-            runs.setdefault("finetune", []).append(held_out_accuracy(baseline, test))
-            if "finetune_group_last" in args.variants:
-                torch.manual_seed(seed)
-                dropped = successor_shaped_copy(teacher, successor_depth=2, init="group_last")
-                fit(dropped, train, args.steps, lr=lr, progress=False)
-                runs.setdefault("finetune_group_last", []).append(held_out_accuracy(dropped, test))
-            for name in [v for v in args.variants if v != "finetune_group_last"]:
+            for name, init in baselines.items():
+                seed_run(seed)
+                student = successor_shaped_copy(teacher, successor_depth=2, init=init)
+                fit(student, train, args.steps, lr=lr, progress=False)
+                runs.setdefault(name, []).append(held_out_accuracy(student, test))
+            for name in [v for v in args.variants if v in variants]:
                 engine_options, fit_options = variants[name]
-                torch.manual_seed(seed)
+                seed_run(seed)
                 th = Theseus(teacher, successor_depth=2, seed=seed, **engine_options)
                 fit(th, train, args.steps, lr=lr, progress=False, **fit_options)
                 successor = th.export()

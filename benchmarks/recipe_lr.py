@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import candidate_recipe, conditions, finish, quiet_transformers, write_json  # noqa: E402
+from _common import candidate_recipe, conditions, seed_run, finish, quiet_transformers, write_json  # noqa: E402
 import quality  # noqa: E402
 
 # name -> the quality.py method and the flags it overrides
@@ -112,7 +112,7 @@ def theseus_run(task, predecessor, seed: int, args: argparse.Namespace, desc: st
     from theseus_general import Theseus
     from theseus_general.training import fit
 
-    torch.manual_seed(seed)  # dropout's generator, as quality.run_method seeds it
+    seed_run(seed)
     th = Theseus(predecessor, **task.target, seed=seed, **theseus_options)
     try:
         result = fit(th, task.batches(seed), args.steps, lr=args.lr, weight_decay=args.weight_decay,
