@@ -79,3 +79,15 @@ def candidate_recipe():
 
     return dataclasses.replace(get_recipe("default"), name="candidate", full_at=0.1, match_below_agreement=None,
                                match_if_collapsed=True)
+
+
+def collapsed_trigger_recipe():
+    """Issue 26's candidate of round 7 (docs/results.md, "Round 7, the start check alone"): the default recipe
+    with one change, module matching only for a start that collapsed (`match_if_collapsed`) instead of one that
+    agrees on under 2/3 of the first batch; the curriculum is the default's (p = 1 at 50%)."""
+    import dataclasses
+
+    from theseus_general.recipes import get_recipe
+
+    return dataclasses.replace(get_recipe("default"), name="collapsed_trigger", match_below_agreement=None,
+                               match_if_collapsed=True)

@@ -22,7 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import candidate_recipe, conditions, seed_run, finish, quiet_transformers, write_json  # noqa: E402
+from _common import candidate_recipe, collapsed_trigger_recipe, conditions, seed_run, finish, quiet_transformers, write_json  # noqa: E402
 import quality  # noqa: E402
 
 # name -> the quality.py method and the flags it overrides
@@ -48,12 +48,15 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "group_last_no_matching": dict(method="theseus", init="group_last", match_fraction=0.0),
     # issue 26's candidate default of round 6 (benchmarks/_common.candidate_recipe): both changes together
     "candidate": dict(method="theseus", candidate=True),
+    # round 7's candidate (benchmarks/_common.collapsed_trigger_recipe): only the matching trigger changed
+    "collapsed_trigger": dict(method="theseus", recipe_factory="collapsed_trigger"),
 }
 
 
 def variant_args(args: argparse.Namespace, name: str, lr: float, seed: int) -> argparse.Namespace:
     spec = dict(VARIANTS[name])
     spec.pop("method")
+    spec.pop("recipe_factory", None)
     settings = dict(vars(args), lr=lr, seeds=[seed])
     ratio = spec.pop("match_lr_x", None)
     if ratio is not None:
@@ -93,6 +96,9 @@ def main(argv=None) -> Dict[str, Any]:
                 elif VARIANTS[name].get("candidate"):
                     model = theseus_run(task, predecessor, seed, run_args, "candidate", {}, notes,
                                         recipe=candidate_recipe())
+                elif VARIANTS[name].get("recipe_factory") == "collapsed_trigger":
+                    model = theseus_run(task, predecessor, seed, run_args, "collapsed_trigger", {}, notes,
+                                        recipe=collapsed_trigger_recipe())
                 elif "full_at" in VARIANTS[name]:
                     model = full_at_run(task, predecessor, seed, run_args, VARIANTS[name], notes)
                 else:
@@ -121,6 +127,7 @@ def theseus_run(task, predecessor, seed: int, args: argparse.Namespace, desc: st
             notes["match_steps"] = len(result.matching.history) if result.matching is not None else 0
             notes["start_blocks"] = {str(g): b for g, b in sorted(th.successor_starts.items())}
             notes["full_at"] = th.recipe.full_at
+            notes["start_agreement"], notes["start_collapsed"] = result.start_agreement, result.start_collapsed
         return th.export(native=task.native)
     finally:
         th.unwrap()
