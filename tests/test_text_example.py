@@ -43,6 +43,8 @@ def test_example_runs_end_to_end(tiny_model_dir, tiny_csv, tmp_path):
     logged = read_metrics(str(out / "theseus"))
     assert [s for s, _ in logged["replacement_rate"]] == list(range(6))  # 6 mixed steps: the default recipe does not match
     assert len(saved["matching_curve"]) == 0
+    check = saved["start_check"]  # what decided it, for the user to read
+    assert 0 <= check["agreement"] <= 1 and isinstance(check["collapsed"], bool)
     assert [v for _, v in logged["loss"]] == [loss for _, _, loss in saved["replacement_curve"]]
     for plot in ("curriculum.png", "comparison.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"

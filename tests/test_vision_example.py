@@ -74,6 +74,8 @@ def test_example_runs_end_to_end(idx_dir, tmp_path, family, extra):
     assert [2 * b for b in succ["blocks"]] == pred["blocks"]
     assert succ["parameters"] < pred["parameters"] and succ["flops_per_image"] < pred["flops_per_image"]
     assert json.loads((out / "results.json").read_text())["family"] == family
+    # the ViT's default recipe asks the first batch whether to match; the ResNet's recipe never matches
+    assert (report["start_check"]["agreement"] is None) == (family == "resnet")
     assert (out / "theseus" / "metrics.csv").read_text().count("replacement_rate") == 4
     for plot in ("curriculum.png", "comparison.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
