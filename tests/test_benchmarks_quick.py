@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import json
 import math
@@ -472,17 +473,25 @@ def test_recipe_lr_early_full_runs_the_default_with_a_short_mixed_phase():
 def test_recipe_lr_candidate_is_the_default_with_a_short_phase_matching_only_a_collapsed_start():
     common = load("_common")
     candidate, default = common.candidate_recipe(), get_recipe("default")
+    round6_default = dataclasses.replace(default, match_below_agreement=2 / 3, match_if_collapsed=False)
     assert (candidate.full_at, default.full_at) == (0.1, 0.5)
-    # MPNet's start (agreement 0.625, both classes answered): the default matches, the candidate does not
-    assert default.match_steps(300, agreement=0.625, collapsed=False) == 60
+    # MPNet's start (agreement 0.625, both classes answered): the round-6 default matched, the candidate and
+    # today's default (round 7's collapsed_trigger) do not
+    assert round6_default.match_steps(300, agreement=0.625, collapsed=False) == 60
     assert candidate.match_steps(300, agreement=0.625, collapsed=False) == 0
-    # MiniLM 6 -> 3's start (one class for the whole batch): both match
+    assert default.match_steps(300, agreement=0.625, collapsed=False) == 0
+    assert common.collapsed_trigger_recipe() == dataclasses.replace(default, name="collapsed_trigger")
+    # MiniLM 6 -> 3's start (one class for the whole batch): all match
     assert candidate.match_steps(300, agreement=0.5, collapsed=True) == default.match_steps(300, 0.5, True) == 60
+    assert round6_default.match_steps(300, agreement=0.5, collapsed=True) == 60
     recipe_lr = load("recipe_lr")
     notes = {}
     args = argparse.Namespace(steps=10, lr=1e-2, weight_decay=0.0, device="cpu")
     model = recipe_lr.theseus_run(ChainTask, ChainModel(depth=6), 0, args, "candidate", {}, notes, recipe=candidate)
     assert notes["full_at"] == 0.1 and len(model.blocks) == 3
+    assert isinstance(notes["start_collapsed"], bool) and 0 <= notes["start_agreement"] <= 1  # what decided it
+    # the variant's recipe is built by main, not passed on as a flag
+    assert not hasattr(recipe_lr.variant_args(args, "collapsed_trigger", 1e-4, 0), "recipe_factory")
 
 
 @pytest.mark.parametrize("method", ["finetune_trained", "theseus"])

@@ -192,19 +192,22 @@ def test_readme_path_at_default_settings_is_not_worse_than_fine_tune_only(lr):
     assert theseus >= fine_tuned - 0.02, (theseus, fine_tuned)
 
 
-def test_the_default_matches_only_a_start_that_lost_the_task():
-    # fit asks the first batch: the successors alone (eval mode) against the predecessor. A start that
-    # agrees on at least 2/3 of the predictions trains exactly as with match_steps=0; one that does not
-    # gets the recipe's module matching first
-    import itertools
+def test_match_below_agreement_matches_only_a_start_that_disagrees_with_the_predecessor():
+    # the default's trigger before round 7 (issue 26), an option since: fit asks the first batch, the successors
+    # alone (eval mode) against the predecessor. A start that agrees on at least 2/3 of the predictions trains
+    # exactly as with match_steps=0; one that does not gets the recipe's module matching first
+    import dataclasses
 
-    from theseus_general import Theseus, fit
+    from theseus_general import RECIPES, Theseus, fit
     from theseus_general.matching import start_agreement
 
     from conftest import ChainModel
 
+    recipe = dataclasses.replace(RECIPES["default"], match_below_agreement=2 / 3, match_if_collapsed=False)
+
     def engine():
-        return Theseus(ChainModel(depth=6, seed=3), adapter="generic", container="blocks", successor_depth=3, seed=1)
+        return Theseus(ChainModel(depth=6, seed=3), adapter="generic", container="blocks", successor_depth=3, seed=1,
+                       recipe=recipe)
 
     x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
     batches = [(x, torch.zeros(64, dtype=torch.long))] * 20
@@ -221,20 +224,19 @@ def test_the_default_matches_only_a_start_that_lost_the_task():
     else:
         assert len(auto.matching.history) == 2
     # the rule itself, on both sides of the threshold
-    recipe = th.recipe
     assert recipe.match_steps(100, agreement=0.8) == 0 and recipe.match_steps(100, agreement=0.5) == 20
     assert recipe.match_steps(100) == 20  # no agreement measured: the recipe's share
 
 
-def test_match_if_collapsed_matches_only_a_start_that_lost_its_classes():
-    import dataclasses
-
+def test_the_default_matches_only_a_start_that_collapsed():
+    # fit asks the first batch: a start (the successors alone) that still answers as many classes as the
+    # predecessor trains exactly as with match_steps=0; one that lost its classes gets module matching first
     from theseus_general import RECIPES, Theseus, fit
 
     from conftest import ChainModel
 
-    recipe = dataclasses.replace(RECIPES["default"], match_below_agreement=None, match_if_collapsed=True)
-    assert recipe.asks_start
+    recipe = RECIPES["default"]
+    assert recipe.match_if_collapsed and recipe.match_below_agreement is None and recipe.asks_start
     assert recipe.match_steps(100, collapsed=False) == 0 and recipe.match_steps(100, collapsed=True) == 20
     assert recipe.match_steps(100) == 20  # nothing measured: the recipe's share
 
@@ -254,4 +256,10 @@ def test_match_if_collapsed_matches_only_a_start_that_lost_its_classes():
         result = fit(th, list(batches), 10, lr=1e-2, progress=False)
         assert result.start_collapsed is collapsed
         assert (result.matching is not None) is collapsed and th.step_count == (8 if collapsed else 10)
+        if not collapsed:  # the check reads the first batch without changing the stream: as if never asked
+            off = Theseus(ChainModel(depth=4, seed=0), adapter="generic", container="blocks", successor_depth=2,
+                          recipe=recipe)
+            fit(off, list(batches), 10, lr=1e-2, match_steps=0, progress=False)
+            assert all(torch.equal(a, b) for a, b in zip(th.trainable_parameters(), off.trainable_parameters()))
+            off.unwrap()
         th.unwrap()
