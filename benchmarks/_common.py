@@ -82,9 +82,10 @@ def candidate_recipe():
 
 
 def collapsed_trigger_recipe():
-    """Issue 26's candidate of round 7 (docs/results.md, "Round 7, the start check alone"): the default recipe
-    with one change, module matching only for a start that collapsed (`match_if_collapsed`) instead of one that
-    agrees on under 2/3 of the first batch; the curriculum is the default's (p = 1 at 50%)."""
+    """Issue 26's candidate of round 7 (docs/results.md, "Round 7, the start check alone"): the default recipe of
+    that time with one change, module matching only for a start that collapsed (`match_if_collapsed`) instead of
+    one that agrees on under 2/3 of the first batch; the curriculum is the default's (p = 1 at 50%). Adopted: it is
+    the default since, under its own name, kept so that round 7's commands rerun as they were."""
     import dataclasses
 
     from theseus_general.recipes import get_recipe

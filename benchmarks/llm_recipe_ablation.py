@@ -8,7 +8,7 @@ fine-tune-only baseline (the first d layers, fine-tuned) read the same batches i
 each student is exported natively and its held-out perplexity measured on --test-rows rows.
 
   default            Theseus(model, successor_depth=d) + fit, as a user gets it (module matching only
-                     when the start's agreement with the predecessor is below 2/3)
+                     when the start collapsed; before round 7: agreement below 2/3)
   matching           recipe="matching": always match (20% of the steps, lr 1e-3, start-block choice)
   no_matching        fit(..., match_steps=0)
   matching_no_choose recipe="matching" without the start-block choice

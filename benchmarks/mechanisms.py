@@ -4,8 +4,10 @@ Every variant trains the same successor shape from the same predecessor, with th
 seed, the same steps and the same lr (the default recipe's lr chosen on dev for that budget), in
 `theseus_general.fit`. Only dev accuracy is computed: the test split stays for the protocol's runs.
 
-  default             Theseus(model, ...) + fit as a user gets it (module matching runs when the
-                      start's agreement with the predecessor is below 2/3, from the chosen start blocks)
+  default             Theseus(model, ...) + fit as a user gets it (module matching runs when the start
+                      collapsed, from the chosen start blocks; before round 7: agreement below 2/3)
+  agreement_trigger   the default before round 7: module matching when the start's agreement with the
+                      predecessor is below 2/3 (instead of when it collapsed)
   candidate           issue 26's candidate default (round 6): p = 1 at 10% of the run, matching only a
                       collapsed start (benchmarks/_common.candidate_recipe)
   no_matching         fit(..., match_steps=0)
@@ -50,7 +52,7 @@ from theseus_general.planning import container_at  # noqa: E402
 from theseus_general.recipes import get_recipe  # noqa: E402
 from theseus_general.training import fit, resolve_device  # noqa: E402
 
-VARIANTS = ("default", "candidate", "no_matching", "lr_compensation", "mixed_matching", "blend", "importance_groups", "group_first")
+VARIANTS = ("default", "agreement_trigger", "candidate", "no_matching", "lr_compensation", "mixed_matching", "blend", "importance_groups", "group_first")
 BASELINES = ("finetune_trained", "kd")
 
 
@@ -84,7 +86,9 @@ def run_variant(name: str, task: Any, predecessor: torch.nn.Module, seed: int, a
     default = get_recipe("default")
     recipe = {"lr_compensation": dataclasses.replace(default, lr_compensation=args.compensation_cap),
               "mixed_matching": dataclasses.replace(default, mixed_matching=args.matching_weight),
-              "blend": dataclasses.replace(default, mixing="blend"), "candidate": candidate_recipe()}.get(name)
+              "blend": dataclasses.replace(default, mixing="blend"), "candidate": candidate_recipe(),
+              "agreement_trigger": dataclasses.replace(default, match_below_agreement=2 / 3,
+                                                       match_if_collapsed=False)}.get(name)
     target: Dict[str, Any] = dict(task.target)
     notes: Dict[str, Any] = {}
     if name == "importance_groups":

@@ -291,7 +291,7 @@ def main(argv=None) -> Dict[str, Any]:
                 result = fit(th, batch_at, args.steps, loss=causal_lm(th.model), desc=f"{method} {layers}->{depth}",
                              match_steps=match, **common)
                 starts = dict(th.successor_starts)
-                decision = {"start_agreement": result.start_agreement,
+                decision = {"start_agreement": result.start_agreement, "start_collapsed": result.start_collapsed,
                             "match_steps": len(result.matching.history) if result.matching else 0}
                 student = th.export()
                 th.unwrap()

@@ -405,12 +405,12 @@ def test_mechanisms_quick_pairs_each_variant_with_the_default_and_merges_parts(t
     base = ["--quick", "--data-dir", data, "--steps", "4"]
     a, b, merged = (str(tmp_path / f"{n}.json") for n in ("a", "b", "merged"))
     mechanisms.main(base + ["--variants", "default", "blend", "--output", a])
-    mechanisms.main(base + ["--variants", "importance_groups", "lr_compensation", "--output", b])
+    mechanisms.main(base + ["--variants", "importance_groups", "lr_compensation", "agreement_trigger", "--output", b])
     report = mechanisms.main(["--merge", a, b, "--output", merged])
-    assert set(report["runs"]) == {"default", "blend", "importance_groups", "lr_compensation"}
+    assert set(report["runs"]) == {"default", "blend", "importance_groups", "lr_compensation", "agreement_trigger"}
     seeds = set(report["runs"]["default"])
     assert len(seeds) >= 2
-    for variant in ("blend", "importance_groups", "lr_compensation"):
+    for variant in ("blend", "importance_groups", "lr_compensation", "agreement_trigger"):
         assert set(report["runs"][variant]) == seeds
         pair = report["paired_dev_points"][variant]["default"]
         differences = [100 * (report["runs"][variant][s]["dev"] - report["runs"]["default"][s]["dev"]) for s in seeds]

@@ -16,7 +16,8 @@ classes and skip it (matching there cost 3.3-3.5 test points at lr 3e-5). Until 
 agreement below 2/3 (`match_below_agreement`, an option since). It matched all-mpnet-base-v2 12 -> 6 and
 the ViT 8 -> 2, where matching cost: on MPNet at lr 3e-5 and 300 steps the collapse trigger is 3.1-3.3
 test points above it on the two seeds where the triggers differ, and on the ViT's dev +0.71 / +0.76 at
-400 / 1,600 steps (docs/results.md#round-7-the-start-check-alone-what-came-out). Not fixed: on MPNet it is
+400 / 1,600 steps (docs/results.md#round-7-the-start-check-alone-what-came-out). It costs on the ViT 8 -> 4
+from an under-trained predecessor: -0.55 [-1.23, +0.12] dev points (3 seeds). Not fixed: on MPNet it is
 still below truncation on every seed (level by the 95% interval over 3 seeds), and the check reads one batch:
 on one seed of three MPNet's start answered one class on its first 16 examples, so it matched. A short
 mixed phase (p = 1 at 10%, no matching) was level with truncation on MPNet, but behind it on the
