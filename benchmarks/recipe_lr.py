@@ -22,7 +22,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import candidate_recipe, collapsed_trigger_recipe, conditions, seed_run, finish, quiet_transformers, write_json  # noqa: E402
+from _common import (candidate_recipe, collapsed_trigger_recipe, conditions, finish, quiet_transformers,  # noqa: E402
+                     seed_run, write_json)
 import quality  # noqa: E402
 
 # name -> the quality.py method and the flags it overrides
