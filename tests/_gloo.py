@@ -11,7 +11,7 @@ import socket
 import subprocess
 import sys
 from pathlib import Path
-from typing import Callable, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 
 def free_port() -> int:
@@ -20,11 +20,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two_ranks(worker: str, run: Optional[Callable[..., None]], out: Path, timeout: int = 120,
-                  args: Sequence[str] = ()) -> Path:
-    """Start ranks 0 and 1 of `worker` writing to `out` (`args` follow `out` on their command line);
-    meanwhile run(out/"single") in this process (one rank, the whole batch) unless `run` is None.
-    Fails with a rank's output if it fails. Returns out/"single"."""
+def start_ranks(worker: str, out: Path, args: Sequence[str]) -> List[subprocess.Popen]:
     port = free_port()
     procs = []
     for rank in range(2):
@@ -32,13 +28,43 @@ def run_two_ranks(worker: str, run: Optional[Callable[..., None]], out: Path, ti
                    MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         procs.append(subprocess.Popen([sys.executable, worker, str(out), *args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+    return procs
+
+
+def finish_ranks(procs: List[subprocess.Popen], timeout: int) -> Optional[List[str]]:
+    """Each rank's output once both have exited (asserting they succeeded); None if a rank hung past
+    `timeout`, after killing both."""
+    outputs = []
+    for p in procs:
+        try:
+            output, _ = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+                q.communicate()
+            return None
+        assert p.returncode == 0, output
+        outputs.append(output)
+    return outputs
+
+
+def run_two_ranks(worker: str, run: Optional[Callable[..., None]], out: Path, timeout: int = 120,
+                  args: Sequence[str] = ()) -> Path:
+    """Start ranks 0 and 1 of `worker` writing to `out` (`args` follow `out` on their command line);
+    meanwhile run(out/"single") in this process (one rank, the whole batch) unless `run` is None.
+    Fails with a rank's output if it fails. Returns out/"single".
+
+    A pair that hangs past `timeout` is killed and started once more on a fresh port: on a loaded
+    2-core CI machine gloo's start-up has hung once in many runs (the same test takes about 10 s).
+    A second hang fails the test, so a deadlock of our own still shows."""
+    procs = start_ranks(worker, out, args)
     single = out / "single"
     if run is not None:
         single.mkdir()
         run(str(single))
-    for p in procs:
-        output, _ = p.communicate(timeout=timeout)
-        assert p.returncode == 0, output
+    if finish_ranks(procs, timeout) is None:
+        if finish_ranks(start_ranks(worker, out, args), timeout) is None:
+            raise AssertionError(f"{worker}: both ranks still running after {timeout} s, twice on fresh ports")
     return single
 
 

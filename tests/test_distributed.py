@@ -3,6 +3,7 @@
 import json
 import os
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -29,3 +30,18 @@ def test_two_ranks_match_each_other_and_one_process(tmp_path):
     for k in w0:
         assert torch.equal(w0[k], w1[k]), k
         torch.testing.assert_close(w0[k], reference[k], rtol=1e-5, atol=1e-6)
+
+
+def test_a_pair_of_ranks_that_hangs_is_started_once_more_and_a_second_hang_fails(tmp_path):
+    once = tmp_path / "hang_once.py"  # each rank hangs on its first start only
+    once.write_text("import os, sys, time\n"
+                    "marker = os.path.join(sys.argv[1], 'tried-' + os.environ['RANK'])\n"
+                    "if not os.path.exists(marker):\n"
+                    "    open(marker, 'w').close()\n"
+                    "    time.sleep(60)\n")
+    run_two_ranks(str(once), None, tmp_path, timeout=3)
+    assert sorted(p.name for p in tmp_path.glob("tried-*")) == ["tried-0", "tried-1"]
+    always = tmp_path / "hang_always.py"
+    always.write_text("import time\ntime.sleep(60)\n")
+    with pytest.raises(AssertionError, match="twice on fresh ports"):
+        run_two_ranks(str(always), None, tmp_path, timeout=3)
