@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import RESULTS_DIR, candidate_recipe, conditions, finish, seed_run, write_json  # noqa: E402
+from _common import RESULTS_DIR, agreement_trigger_recipe, candidate_recipe, conditions, finish, seed_run, write_json  # noqa: E402
 from quality import TextTask, VisionTask, native_export_possible, parse_args as quality_args, plan_depths  # noqa: E402
 from report_quality import paired_interval  # noqa: E402
 
@@ -87,8 +87,7 @@ def run_variant(name: str, task: Any, predecessor: torch.nn.Module, seed: int, a
     recipe = {"lr_compensation": dataclasses.replace(default, lr_compensation=args.compensation_cap),
               "mixed_matching": dataclasses.replace(default, mixed_matching=args.matching_weight),
               "blend": dataclasses.replace(default, mixing="blend"), "candidate": candidate_recipe(),
-              "agreement_trigger": dataclasses.replace(default, match_below_agreement=2 / 3,
-                                                       match_if_collapsed=False)}.get(name)
+              "agreement_trigger": agreement_trigger_recipe()}.get(name)
     target: Dict[str, Any] = dict(task.target)
     notes: Dict[str, Any] = {}
     if name == "importance_groups":

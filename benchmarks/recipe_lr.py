@@ -22,8 +22,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import (candidate_recipe, collapsed_trigger_recipe, conditions, finish, quiet_transformers,  # noqa: E402
-                     seed_run, write_json)
+from _common import RECIPE_FACTORIES, conditions, finish, quiet_transformers, seed_run, write_json  # noqa: E402
 import quality  # noqa: E402
 
 # name -> the quality.py method and the flags it overrides
@@ -48,7 +47,7 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     # each successor from its group's last block (a coherent mix: the all-successor model drops blocks), no matching
     "group_last_no_matching": dict(method="theseus", init="group_last", match_fraction=0.0),
     # issue 26's candidate default of round 6 (benchmarks/_common.candidate_recipe): both changes together
-    "candidate": dict(method="theseus", candidate=True),
+    "candidate": dict(method="theseus", recipe_factory="candidate"),
     # round 7's candidate (benchmarks/_common.collapsed_trigger_recipe): only the matching trigger changed
     "collapsed_trigger": dict(method="theseus", recipe_factory="collapsed_trigger"),
 }
@@ -94,12 +93,9 @@ def main(argv=None) -> Dict[str, Any]:
                 notes: Dict[str, Any] = {}
                 if VARIANTS[name].get("paper"):
                     model = paper_run(task, predecessor, seed, run_args)
-                elif VARIANTS[name].get("candidate"):
-                    model = theseus_run(task, predecessor, seed, run_args, "candidate", {}, notes,
-                                        recipe=candidate_recipe())
-                elif VARIANTS[name].get("recipe_factory") == "collapsed_trigger":
-                    model = theseus_run(task, predecessor, seed, run_args, "collapsed_trigger", {}, notes,
-                                        recipe=collapsed_trigger_recipe())
+                elif "recipe_factory" in VARIANTS[name]:  # a named recipe of benchmarks/_common
+                    recipe = RECIPE_FACTORIES[VARIANTS[name]["recipe_factory"]]()
+                    model = theseus_run(task, predecessor, seed, run_args, name, {}, notes, recipe=recipe)
                 elif "full_at" in VARIANTS[name]:
                     model = full_at_run(task, predecessor, seed, run_args, VARIANTS[name], notes)
                 else:

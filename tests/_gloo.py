@@ -31,10 +31,9 @@ def start_ranks(worker: str, out: Path, args: Sequence[str]) -> List[subprocess.
     return procs
 
 
-def finish_ranks(procs: List[subprocess.Popen], timeout: int) -> Optional[List[str]]:
-    """Each rank's output once both have exited (asserting they succeeded); None if a rank hung past
+def finish_ranks(procs: List[subprocess.Popen], timeout: int) -> bool:
+    """Wait for both ranks, asserting each succeeded (with its output); False if a rank hung past
     `timeout`, after killing both."""
-    outputs = []
     for p in procs:
         try:
             output, _ = p.communicate(timeout=timeout)
@@ -42,10 +41,9 @@ def finish_ranks(procs: List[subprocess.Popen], timeout: int) -> Optional[List[s
             for q in procs:
                 q.kill()
                 q.communicate()
-            return None
+            return False
         assert p.returncode == 0, output
-        outputs.append(output)
-    return outputs
+    return True
 
 
 def run_two_ranks(worker: str, run: Optional[Callable[..., None]], out: Path, timeout: int = 120,
@@ -62,8 +60,8 @@ def run_two_ranks(worker: str, run: Optional[Callable[..., None]], out: Path, ti
     if run is not None:
         single.mkdir()
         run(str(single))
-    if finish_ranks(procs, timeout) is None:
-        if finish_ranks(start_ranks(worker, out, args), timeout) is None:
+    if not finish_ranks(procs, timeout):
+        if not finish_ranks(start_ranks(worker, out, args), timeout):
             raise AssertionError(f"{worker}: both ranks still running after {timeout} s, twice on fresh ports")
     return single
 

@@ -473,7 +473,7 @@ def test_recipe_lr_early_full_runs_the_default_with_a_short_mixed_phase():
 def test_recipe_lr_candidate_is_the_default_with_a_short_phase_matching_only_a_collapsed_start():
     common = load("_common")
     candidate, default = common.candidate_recipe(), get_recipe("default")
-    round6_default = dataclasses.replace(default, match_below_agreement=2 / 3, match_if_collapsed=False)
+    round6_default = common.agreement_trigger_recipe()
     assert (candidate.full_at, default.full_at) == (0.1, 0.5)
     # MPNet's start (agreement 0.625, both classes answered): the round-6 default matched, the candidate and
     # today's default (round 7's collapsed_trigger) do not
