@@ -79,8 +79,9 @@ def _default_with(name: str, **changes):
 
 def agreement_trigger_recipe():
     """The default recipe before round 7 (issue 26): module matching when the successors alone agree with the
-    predecessor on under 2/3 of the first batch, instead of when they collapsed."""
-    return _default_with("agreement_trigger", match_below_agreement=2 / 3, match_if_collapsed=False)
+    predecessor on under 2/3 of the first batch, instead of when they collapsed (the check reads that batch only)."""
+    return _default_with("agreement_trigger", match_below_agreement=2 / 3, match_if_collapsed=False,
+                         start_check_predictions=1)
 
 
 def collapsed_trigger_recipe():
@@ -88,16 +89,26 @@ def collapsed_trigger_recipe():
     that time with one change, module matching only for a start that collapsed (`match_if_collapsed`) instead of
     one that agrees on under 2/3 of the first batch; the curriculum is the default's (p = 1 at 50%). Adopted: it is
     the default since, under its own name, kept so that round 7's commands rerun as they were."""
-    return _default_with("collapsed_trigger", match_below_agreement=None, match_if_collapsed=True)
+    return _default_with("collapsed_trigger", match_below_agreement=None, match_if_collapsed=True,
+                         start_check_predictions=1)
 
 
 def candidate_recipe():
     """Issue 26's candidate default (round 6, docs/results.md, "A candidate default (round 6)"): round 7's
     `collapsed_trigger_recipe` (matching only a collapsed start) with the mixed phase ending at 10% of the run
     (p = 1 there) instead of 50%."""
-    return _default_with("candidate", full_at=0.1, match_below_agreement=None, match_if_collapsed=True)
+    return _default_with("candidate", full_at=0.1, match_below_agreement=None, match_if_collapsed=True,
+                         start_check_predictions=1)
+
+
+def pooled_check_recipe():
+    """Issue 26's candidate of round 8 (docs/results.md, "Round 8, the start check over more examples"): round 7's
+    default (`collapsed_trigger_recipe`) with the start check pooled over the first batches until 128 predictions,
+    instead of the first batch alone."""
+    return _default_with("pooled_check", match_below_agreement=None, match_if_collapsed=True,
+                         start_check_predictions=128)
 
 
 # the named recipes a benchmark variant can ask for (recipe_lr's `recipe_factory`)
 RECIPE_FACTORIES = {"candidate": candidate_recipe, "collapsed_trigger": collapsed_trigger_recipe,
-                    "agreement_trigger": agreement_trigger_recipe}
+                    "agreement_trigger": agreement_trigger_recipe, "pooled_check": pooled_check_recipe}

@@ -91,7 +91,7 @@ def main(argv=None) -> Dict[str, Any]:
     th = Theseus(model, successor_depth=args.depth, seed=args.seed)
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True, collate_fn=collate,
                                          generator=torch.Generator().manual_seed(args.seed))
-    match_steps = planned_match_steps(th, args.steps, next(iter(loader)))
+    match_steps = planned_match_steps(th, args.steps, batches=loader)
     if match_steps:
         match_successors(th, itertools.cycle(loader), match_steps, lr=th.recipe.match_lr, progress=False)
     deepspeed_config = None

@@ -50,6 +50,8 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "candidate": dict(method="theseus", recipe_factory="candidate"),
     # round 7's candidate (benchmarks/_common.collapsed_trigger_recipe): only the matching trigger changed
     "collapsed_trigger": dict(method="theseus", recipe_factory="collapsed_trigger"),
+    # round 8's candidate (benchmarks/_common.pooled_check_recipe): the start check pooled over 128 predictions
+    "pooled_check": dict(method="theseus", recipe_factory="pooled_check"),
 }
 
 
@@ -125,6 +127,7 @@ def theseus_run(task, predecessor, seed: int, args: argparse.Namespace, desc: st
             notes["start_blocks"] = {str(g): b for g, b in sorted(th.successor_starts.items())}
             notes["full_at"] = th.recipe.full_at
             notes["start_agreement"], notes["start_collapsed"] = result.start_agreement, result.start_collapsed
+            notes["start_predictions"] = result.start_predictions
         return th.export(native=task.native)
     finally:
         th.unwrap()

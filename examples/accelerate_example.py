@@ -204,8 +204,8 @@ def main(argv=None, on_step: Optional[Callable] = None) -> dict:
     # batches on every process; DDP then starts every rank from rank 0's weights), then the
     # mixed phase, whose length the curriculum is told.
     th = Theseus(predecessor, successor_depth=args.depth, seed=args.seed)
-    # the default recipe matches only a start that lost the task: the first batch decides
-    match_steps = planned_match_steps(th, args.steps, next(iter(train_loader())))
+    # the default recipe matches only a start that lost the task: the first batches decide
+    match_steps = planned_match_steps(th, args.steps, batches=train_loader())
     th.set_total_steps(args.steps - match_steps)
     accelerator.print(th.plan)
     if match_steps:

@@ -100,8 +100,8 @@ def main(argv=None) -> dict:
     loader = torch.utils.data.DataLoader(train, batch_size=args.batch_size, shuffle=True,
                                          collate_fn=DataCollatorWithPadding(tokenizer),
                                          generator=torch.Generator().manual_seed(args.seed))
-    # the default recipe matches only a start that lost the task: the first batch decides
-    match_steps = planned_match_steps(th, args.steps, next(iter(loader)))
+    # the default recipe matches only a start that lost the task: the first batches decide
+    match_steps = planned_match_steps(th, args.steps, batches=loader)
     if match_steps:
         match_successors(th, itertools.cycle(loader), match_steps, lr=th.recipe.match_lr)
     TheseusTrainer(theseus=th, model=th.model, args=trainer_args("theseus", args.steps - match_steps), **common).train()

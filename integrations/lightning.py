@@ -180,9 +180,9 @@ class TheseusCallback(L.Callback):
                                 "TheseusCallback(match_batches=...) or match_steps=0.")
         if not callable(batches):
             batches = _cycle(batches)
-        # the recipe may match only a start that lost the task: it asks the first batch (the stream goes
+        # the recipe may match only a start that lost the task: it asks the first batches (the stream goes
         # on from the next one); rank 0 decides for every rank, so that all match or none does
-        n = self.match_steps if self.match_steps is not None else planned_match_steps(th, steps, batches(0))
+        n = self.match_steps if self.match_steps is not None else planned_match_steps(th, steps, batches=batches)
         if trainer.world_size > 1:
             n = trainer.strategy.broadcast(n, src=0)
         if n <= 0:

@@ -251,6 +251,8 @@ def test_check_start_tells_a_collapsed_start_from_one_that_kept_the_task():
     kept = Theseus(ChainModel(depth=4, seed=0), adapter="generic", container="blocks", successor_depth=2)
     check = check_start(kept, x)
     assert check.start_classes == 2 and check.predecessor_classes == 2 and not check.collapsed
+    assert check.predictions == 64
+    assert check_start(kept, x[:40], x[40:]) == check  # several batches' predictions pool into one check
     kept.unwrap()
     lost = Theseus(ChainModel(depth=4, seed=0), adapter="generic", container="blocks", successor_depth=2,
                    successors=[_Flat(), _Flat()])

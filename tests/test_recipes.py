@@ -263,3 +263,78 @@ def test_the_default_matches_only_a_start_that_collapsed():
             assert all(torch.equal(a, b) for a, b in zip(th.trainable_parameters(), off.trainable_parameters()))
             off.unwrap()
         th.unwrap()
+
+
+class _BatchMean(torch.nn.Module):
+    """A successor that answers with the batch's mean for every example: one class within a batch, which
+    may differ between batches (a start that looks collapsed on one batch and not over several)."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        return x.mean(0, keepdim=True).expand_as(x) * self.scale
+
+
+def test_the_start_check_pools_the_first_batches_and_hands_them_all_on():
+    import dataclasses
+
+    from theseus_general import RECIPES
+    from theseus_general.recipes import START_CHECK_MAX_BATCHES
+
+    from conftest import ChainModel
+
+    g = torch.Generator().manual_seed(1)
+    stream = []
+    for _ in range(20):
+        x = torch.randn(4, 4, generator=g)
+        stream.append((x, (x.sum(1) > 0).long()))
+
+    def engine(predictions):
+        recipe = dataclasses.replace(RECIPES["default"], start_check_predictions=predictions)
+        return Theseus(ChainModel(depth=4, seed=0), adapter="generic", container="blocks", successor_depth=2,
+                       recipe=recipe, successors=[_BatchMean(), _BatchMean()])
+
+    one = engine(1)
+    read_one = fit(one, iter(stream), 10, lr=1e-2, progress=False)
+    assert read_one.start_predictions == 4 and read_one.start_collapsed  # batch 0: one answer for all 4
+    assert read_one.matching is not None
+    pooled = engine(16)
+    read_four = fit(pooled, iter(stream), 10, lr=1e-2, progress=False)  # a generator: read once, then chained
+    assert read_four.start_predictions == 16 and not read_four.start_collapsed  # batches 0-3: both classes
+    assert read_four.matching is None
+    # the 4 batches read went on to train, in order: the run equals one that never asked
+    off = engine(16)
+    fit(off, iter(stream), 10, lr=1e-2, match_steps=0, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(pooled.trainable_parameters(), off.trainable_parameters()))
+    # a function of the position is read at positions 0, 1, ... and used as it is; no more than the cap
+    asked = []
+    many = engine(10_000)
+    fit(many, lambda i: asked.append(i) or stream[i % len(stream)], 2, lr=1e-2, match_steps=None, progress=False)
+    assert asked[:START_CHECK_MAX_BATCHES] == list(range(START_CHECK_MAX_BATCHES))
+    for th in (one, pooled, off, many):
+        th.unwrap()
+    with pytest.raises(ScheduleError, match="start_check_predictions"):
+        dataclasses.replace(RECIPES["default"], start_check_predictions=0)
+
+
+def test_planned_match_steps_reads_the_batches_fit_would():
+    import dataclasses
+
+    from theseus_general import RECIPES, TrainingError, planned_match_steps
+
+    from conftest import ChainModel
+
+    g = torch.Generator().manual_seed(1)
+    stream = [(x, (x.sum(1) > 0).long()) for x in (torch.randn(4, 4, generator=g) for _ in range(8))]
+    recipe = dataclasses.replace(RECIPES["default"], start_check_predictions=16)
+    th = Theseus(ChainModel(depth=4, seed=0), adapter="generic", container="blocks", successor_depth=2,
+                 recipe=recipe, successors=[_BatchMean(), _BatchMean()])
+    assert planned_match_steps(th, 100, batches=stream) == 0  # 4 batches: both classes, as fit reads them
+    assert planned_match_steps(th, 100, stream[0]) == 20  # one batch: one class, so it matches
+    with pytest.raises(TrainingError, match="batches="):
+        planned_match_steps(th, 100)
+    with pytest.raises(TrainingError, match="not both"):
+        planned_match_steps(th, 100, stream[0], batches=stream)
+    th.unwrap()

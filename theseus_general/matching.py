@@ -111,25 +111,33 @@ def group_errors(engine: Any, inputs: Any, training: bool = False) -> Dict[int, 
 
 @dataclass(frozen=True)
 class StartCheck:
-    """What one batch says about the truncated start (the successors alone) against the predecessor:
+    """What the first batches say about the truncated start (the successors alone) against the predecessor:
     predictions are the logits' argmax, per example (a classifier) or per token (a language model)."""
 
     agreement: float  # the share of predictions on which the start and the predecessor agree
     start_classes: int  # how many distinct classes (tokens) the start predicts on the batch
     predecessor_classes: int  # how many the predecessor predicts
 
+    predictions: int = 0  # how many predictions it pooled
+
+    @classmethod
+    def of(cls, wanted: torch.Tensor, got: torch.Tensor) -> "StartCheck":
+        """From the predecessor's (`wanted`) and the start's (`got`) flattened predictions."""
+        return cls(agreement=float((wanted == got).float().mean()), start_classes=int(got.unique().numel()),
+                   predecessor_classes=int(wanted.unique().numel()), predictions=int(wanted.numel()))
+
     @property
     def collapsed(self) -> bool:
         """The start has lost the task: it answers at most half as many distinct classes (tokens) on the
-        batch as the predecessor, which answers several. For a binary classifier: one class for the whole
+        predictions read as the predecessor, which answers several. For a binary classifier: one class for the whole
         batch (MiniLM-L6 truncated to 3 layers; fine-tuning it stays at the majority class)."""
         return self.predecessor_classes > 1 and 2 * self.start_classes <= self.predecessor_classes
 
 
-def check_start(engine: Any, inputs: Any) -> Optional[StartCheck]:
-    """`StartCheck` of the successors alone (the truncated start: eval mode runs only successors) against
-    the predecessor on `inputs`, on the model's own device, without gradients, in eval mode. None when
-    the output has no logits."""
+def start_predictions(engine: Any, inputs: Any) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+    """(the predecessor's, the successors' alone) predictions on `inputs`, flattened: the logits' argmax per
+    example (a classifier) or per token (a language model). On the model's own device, without gradients,
+    in eval mode (so only the successors run outside matching mode). None when the output has no logits."""
     model = engine.model
     was_training = model.training
     model.eval()
@@ -144,9 +152,17 @@ def check_start(engine: Any, inputs: Any) -> Optional[StartCheck]:
         model.train(was_training)
     if predecessor.shape != start.shape or predecessor.dim() < 1:
         return None
-    wanted, got = predecessor.argmax(-1), start.argmax(-1)
-    return StartCheck(agreement=float((wanted == got).float().mean()), start_classes=int(got.unique().numel()),
-                      predecessor_classes=int(wanted.unique().numel()))
+    return predecessor.argmax(-1).flatten(), start.argmax(-1).flatten()
+
+
+def check_start(engine: Any, *inputs: Any) -> Optional[StartCheck]:
+    """`StartCheck` of the successors alone (the truncated start) against the predecessor, on the
+    predictions of all `inputs` (batches' model inputs) pooled (`start_predictions`). None when the
+    output has no logits."""
+    pairs = [start_predictions(engine, one) for one in inputs]
+    if not pairs or any(pair is None for pair in pairs):
+        return None
+    return StartCheck.of(torch.cat([w for w, _ in pairs]), torch.cat([g.to(w.device) for w, g in pairs]))
 
 
 def start_agreement(engine: Any, inputs: Any) -> Optional[float]:

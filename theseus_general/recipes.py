@@ -59,6 +59,7 @@ from .errors import ScheduleError, TrainingError
 from .schedulers import LinearScheduler, RunLinearScheduler, Scheduler
 
 MIXINGS = ("random", "blend")
+START_CHECK_MAX_BATCHES = 16  # the start check reads no more batches than this, however small they are
 
 
 @dataclass(frozen=True)
@@ -73,11 +74,15 @@ class Recipe:
     # reproduces the group best on the first batch (theseus_general.matching.choose_starts)
     choose_start: bool = False
     # match only a start that lost the task: skip matching when the successors alone agree with the
-    # predecessor on at least this share of the first batch's predictions (None: always match)
+    # predecessor on at least this share of the start check's predictions (None: always match)
     match_below_agreement: Optional[float] = None
     # match only a start that has collapsed: skip matching unless the successors alone answer at most half
-    # as many distinct classes on the first batch as the predecessor (`theseus_general.matching.StartCheck`)
+    # as many distinct classes in the start check as the predecessor (`theseus_general.matching.StartCheck`)
     match_if_collapsed: bool = False
+    # how many predictions the start check pools: it reads the run's first batches until it has at least
+    # this many (examples of a classifier, tokens of a language model; at most START_CHECK_MAX_BATCHES
+    # batches). 1: the first batch alone
+    start_check_predictions: int = 1
     # issue 23's mechanisms (see the module docstring); off here and in every named recipe
     lr_compensation: Optional[float] = None  # cap c of the successors' lr factor min(c, 1/p) while p < 1
     mixed_matching: float = 0.0  # weight of the mixed phase's local matching loss
@@ -90,6 +95,10 @@ class Recipe:
                                                      and self.lr_compensation >= 1):
             raise ScheduleError(f"Recipe lr_compensation caps the successors' lr factor 1/p: a number >= 1 "
                                 f"(or None for none), got {self.lr_compensation!r}.")
+        if isinstance(self.start_check_predictions, bool) or not isinstance(self.start_check_predictions, int) \
+                or self.start_check_predictions < 1:
+            raise ScheduleError(f"Recipe start_check_predictions is how many predictions the start check reads: "
+                                f"an int >= 1, got {self.start_check_predictions!r}.")
         if not isinstance(self.mixed_matching, (int, float)) or not self.mixed_matching >= 0:
             raise ScheduleError(f"Recipe mixed_matching is a loss weight >= 0 (0: off), got {self.mixed_matching!r}.")
 
@@ -111,7 +120,7 @@ class Recipe:
 
     @property
     def asks_start(self) -> bool:
-        """Whether this recipe's matching depends on what the run's first batch says about the start
+        """Whether this recipe's matching depends on what the run's first batches say about the start
         (`theseus_general.matching.check_start`: its agreement with the predecessor, whether it collapsed)."""
         return bool(self.match_fraction) and (self.match_below_agreement is not None or self.match_if_collapsed)
 

@@ -46,9 +46,10 @@ from .checkpoint import CheckpointManager
 from .engine import Theseus
 from .errors import MatchingDivergedWarning, NonFiniteLossError, TrainingError, warn_user
 from .graph import default_logits, run_model
-from .matching import (MatchGuard, StartCheck, check_start, choose_starts, full_precision, group_errors, inputs_of,
-                       note_starts, put_back)
+from .matching import (MatchGuard, StartCheck, choose_starts, full_precision, group_errors, inputs_of,
+                       note_starts, put_back, start_predictions)
 from .metrics import MetricsLogger
+from .recipes import START_CHECK_MAX_BATCHES
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LR_SCHEDULES = ("linear", "constant", "cosine")
@@ -77,11 +78,12 @@ class FitResult:
     resumed_from: Optional[str] = None  # the checkpoint directory a resume started from
     matching: Optional["FitResult"] = None  # the module-matching phase, when this call ran one
     guard: Optional[Any] = None  # a matching phase's `theseus_general.matching.MatchGuard` (errors before/after)
-    # what the first batch said about the start, when the recipe asked it whether to match
+    # what the first batches said about the start, when the recipe asked them whether to match
     # (`theseus_general.matching.check_start`): the successors' agreement with the predecessor, and
     # whether the start collapsed (`StartCheck.collapsed`)
     start_agreement: Optional[float] = None
     start_collapsed: Optional[bool] = None
+    start_predictions: Optional[int] = None  # how many predictions that check pooled
 
     @property
     def losses(self) -> List[float]:
@@ -274,10 +276,9 @@ def fit(
     _check_numbers(lr=lr, weight_decay=weight_decay, warmup=warmup, max_grad_norm=max_grad_norm, match_lr=match_lr)
     start = None
     if engine is not None and match_steps is None and engine.step_count == 0 and engine.recipe.asks_start:
-        # the recipe matches only a start that lost the task: ask the first batch (read once, then
-        # handed on as the stream's first batch, so that a resumed run decides the same)
-        batches, first = _peek(batches)
-        start = _check_start(engine, first)
+        # the recipe matches only a start that lost the task: ask the first batches (read once, then
+        # handed on as the stream's first batches, so that a resumed run decides the same)
+        batches, start = _read_start(engine, batches)
     planned_matching = _matching_steps(engine, steps, match_steps, start)
     steps -= planned_matching  # matching comes out of the same budget of optimiser steps
     if engine is not None and engine.step_count == 0 and engine.needs_total_steps:
@@ -321,7 +322,8 @@ def fit(
         logger = MetricsLogger(metrics) if isinstance(metrics, str) else metrics
         result = FitResult(device=str(run_device), resumed_from=resumed.path if resumed else None, matching=matching,
                            start_agreement=start.agreement if start else None,
-                           start_collapsed=start.collapsed if start else None)
+                           start_collapsed=start.collapsed if start else None,
+                           start_predictions=start.predictions if start else None)
         if resumed and progress:
             tqdm.write(f"resumed from {resumed.path} (step {resumed.step})")
 
@@ -543,33 +545,61 @@ def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int]
     return result
 
 
-def planned_match_steps(engine: Theseus, steps: int, batch: Any) -> int:
+def planned_match_steps(engine: Theseus, steps: int, batch: Any = None, *, batches: Any = None) -> int:
     """The module-matching steps `engine`'s recipe takes out of a run of `steps` optimiser steps, for
     loops of your own (the HF Trainer, Accelerate, Lightning; `fit` decides the same way): the recipe's
-    share, or none when the recipe matches only a start that lost the task and `batch` (the run's first
-    batch: an ``(inputs, labels)`` pair, a mapping with "labels", or the inputs) says the start has not
-    (`theseus_general.matching.check_start`). Call it before training."""
-    return engine.recipe.match_steps(steps, *_decision(_check_start(engine, batch) if engine.recipe.asks_start else None))
+    share, or none when the recipe matches only a start that lost the task and the run's first batches
+    say the start has not (`theseus_general.matching.check_start`). Give `batches`, the run's batches
+    (an iterable such as your DataLoader, or a function ``position -> batch``): the check reads as many
+    as the recipe's ``start_check_predictions`` needs, as `fit` does. Or give `batch`, one batch (an
+    ``(inputs, labels)`` pair, a mapping with "labels", or the inputs), when one is all you have. Call it
+    before training."""
+    if (batch is None) == (batches is None):
+        raise TrainingError("planned_match_steps needs the run's first batches: give batches= (your DataLoader "
+                            "or batch stream) or batch= (one batch), not both.")
+    if not engine.recipe.asks_start:
+        return engine.recipe.match_steps(steps)
+    _, start = _read_start(engine, batches if batches is not None else [batch])
+    return engine.recipe.match_steps(steps, *_decision(start))
 
 
-def _check_start(engine: Theseus, batch: Any) -> Optional[StartCheck]:
-    return check_start(engine, to_device(inputs_of(batch), _device_of(engine.model) or torch.device("cpu")))
+def _read_start(engine: Theseus, batches: Any) -> Tuple[Any, Optional[StartCheck]]:
+    """What the run's first batches say about the start (`theseus_general.matching.check_start`, pooled over
+    batches until the recipe's ``start_check_predictions``, at most START_CHECK_MAX_BATCHES), and batches that
+    still start with the ones read (a function of the position as it is): so a resumed run decides the same."""
+    device = _device_of(engine.model) or torch.device("cpu")
+    function = callable(batches) and not hasattr(batches, "__iter__")
+    stream = None if function else iter(batches)
+    read: List[Batch] = []
+    pairs = []
+    while len(read) < START_CHECK_MAX_BATCHES:
+        if function:
+            batch = batches(len(read))
+        else:
+            batch = next(stream, _END)
+            if batch is _END:
+                break
+        read.append(batch)
+        pair = start_predictions(engine, to_device(inputs_of(batch), device))
+        if pair is None:  # no logits: nothing to decide on
+            pairs = []
+            break
+        pairs.append(pair)
+        if sum(int(w.numel()) for w, _ in pairs) >= engine.recipe.start_check_predictions:
+            break
+    if not read:
+        raise TrainingError("batches is empty; give at least steps x gradient_accumulation batches.")
+    rest = batches if function else itertools.chain(read, stream)
+    if not pairs:
+        return rest, None
+    return rest, StartCheck.of(torch.cat([w for w, _ in pairs]), torch.cat([g for _, g in pairs]))
+
+
+_END = object()
 
 
 def _decision(start: Optional[StartCheck]) -> Tuple[Optional[float], Optional[bool]]:
     return (start.agreement, start.collapsed) if start is not None else (None, None)
-
-
-def _peek(batches: Any) -> Tuple[Any, Batch]:
-    """The first batch, and batches that still start with it (a function of the position as it is)."""
-    if callable(batches) and not hasattr(batches, "__iter__"):
-        return batches, batches(0)
-    stream = iter(batches)
-    try:
-        first = next(stream)
-    except StopIteration:
-        raise TrainingError("batches is empty; give at least steps x gradient_accumulation batches.") from None
-    return itertools.chain([first], stream), first
 
 
 def _matching_steps(engine: Optional[Theseus], steps: int, match_steps: Optional[int],
