@@ -45,6 +45,7 @@ def test_example_runs_end_to_end(tiny_model_dir, tiny_csv, tmp_path):
     assert len(saved["matching_curve"]) == 0
     check = saved["start_check"]  # what decided it, for the user to read
     assert 0 <= check["agreement"] <= 1 and isinstance(check["collapsed"], bool)
+    assert check["predictions"] >= 128  # the default pools its first batches until 128 predictions
     assert [v for _, v in logged["loss"]] == [loss for _, _, loss in saved["replacement_curve"]]
     for plot in ("curriculum.png", "comparison.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
