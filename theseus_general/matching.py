@@ -115,9 +115,8 @@ class StartCheck:
     predictions are the logits' argmax, per example (a classifier) or per token (a language model)."""
 
     agreement: float  # the share of predictions on which the start and the predecessor agree
-    start_classes: int  # how many distinct classes (tokens) the start predicts on the batch
+    start_classes: int  # how many distinct classes (tokens) the start predicts on them
     predecessor_classes: int  # how many the predecessor predicts
-
     predictions: int = 0  # how many predictions it pooled
 
     @classmethod
@@ -129,8 +128,8 @@ class StartCheck:
     @property
     def collapsed(self) -> bool:
         """The start has lost the task: it answers at most half as many distinct classes (tokens) on the
-        predictions read as the predecessor, which answers several. For a binary classifier: one class for the whole
-        batch (MiniLM-L6 truncated to 3 layers; fine-tuning it stays at the majority class)."""
+        predictions read as the predecessor, which answers several. For a binary classifier: one class for
+        all of them (MiniLM-L6 truncated to 3 layers; fine-tuning it stays at the majority class)."""
         return self.predecessor_classes > 1 and 2 * self.start_classes <= self.predecessor_classes
 
 

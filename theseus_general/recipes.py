@@ -7,8 +7,8 @@ starts as a copy of block i. Module matching runs only when the truncated start 
 (`match_if_collapsed`): when the successors alone answer at most half as many distinct classes (tokens)
 as the predecessor on `fit`'s first batches, pooled until 128 predictions (`start_check_predictions`; a
 binary classifier: one class on all of them), `fit` first spends 20% of the steps on module matching at
-lr 1e-3 (each successor learns its group's output from the group's input), after restarting each successor from the block of its group that reproduces
-the group best (`choose_start`). Measured (docs/results.md#the-default-recipe-at-usual-learning-rates
+lr 1e-3 (each successor learns its group's output from the group's input), after restarting each
+successor from the block of its group that reproduces the group best (`choose_start`). Measured (docs/results.md#the-default-recipe-at-usual-learning-rates
 and the sections after it): MiniLM-L6's bottom 3 layers answer one class (matching: 0.74-0.76 test
 where fine-tune-only and no matching stay at the majority class), SmolLM2's first 20 layers 16 of 121
 tokens (matching: perplexity 303 against 44,386 without); a 12-layer encoder's bottom 6 answer both
