@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import RESULTS_DIR, agreement_trigger_recipe, candidate_recipe, conditions, finish, seed_run, write_json  # noqa: E402
+from _common import RECIPE_FACTORIES, RESULTS_DIR, conditions, finish, seed_run, write_json  # noqa: E402
 from quality import TextTask, VisionTask, native_export_possible, parse_args as quality_args, plan_depths  # noqa: E402
 from report_quality import paired_interval  # noqa: E402
 
@@ -86,8 +86,9 @@ def run_variant(name: str, task: Any, predecessor: torch.nn.Module, seed: int, a
     default = get_recipe("default")
     recipe = {"lr_compensation": dataclasses.replace(default, lr_compensation=args.compensation_cap),
               "mixed_matching": dataclasses.replace(default, mixed_matching=args.matching_weight),
-              "blend": dataclasses.replace(default, mixing="blend"), "candidate": candidate_recipe(),
-              "agreement_trigger": agreement_trigger_recipe()}.get(name)
+              "blend": dataclasses.replace(default, mixing="blend")}.get(name)
+    if name in RECIPE_FACTORIES:  # a named recipe of benchmarks/_common (candidate, agreement_trigger)
+        recipe = RECIPE_FACTORIES[name]()
     target: Dict[str, Any] = dict(task.target)
     notes: Dict[str, Any] = {}
     if name == "importance_groups":

@@ -120,8 +120,12 @@ class StartCheck:
     predictions: int = 0  # how many predictions it pooled
 
     @classmethod
-    def of(cls, wanted: torch.Tensor, got: torch.Tensor) -> "StartCheck":
-        """From the predecessor's (`wanted`) and the start's (`got`) flattened predictions."""
+    def pooled(cls, pairs: List[Optional[Tuple[torch.Tensor, torch.Tensor]]]) -> Optional["StartCheck"]:
+        """From `start_predictions` pairs (the predecessor's, the start's), pooled; None when there are none
+        or one had no logits."""
+        if not pairs or any(pair is None for pair in pairs):
+            return None
+        wanted, got = torch.cat([w for w, _ in pairs]), torch.cat([g for _, g in pairs])
         return cls(agreement=float((wanted == got).float().mean()), start_classes=int(got.unique().numel()),
                    predecessor_classes=int(wanted.unique().numel()), predictions=int(wanted.numel()))
 
@@ -158,10 +162,7 @@ def check_start(engine: Any, *inputs: Any) -> Optional[StartCheck]:
     """`StartCheck` of the successors alone (the truncated start) against the predecessor, on the
     predictions of all `inputs` (batches' model inputs) pooled (`start_predictions`). None when the
     output has no logits."""
-    pairs = [start_predictions(engine, one) for one in inputs]
-    if not pairs or any(pair is None for pair in pairs):
-        return None
-    return StartCheck.of(torch.cat([w for w, _ in pairs]), torch.cat([g.to(w.device) for w, g in pairs]))
+    return StartCheck.pooled([start_predictions(engine, one) for one in inputs])
 
 
 def start_agreement(engine: Any, inputs: Any) -> Optional[float]:

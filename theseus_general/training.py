@@ -572,30 +572,19 @@ def _read_start(engine: Theseus, batches: Any) -> Tuple[Any, Optional[StartCheck
     stream = None if function else iter(batches)
     read: List[Batch] = []
     pairs = []
-    while len(read) < START_CHECK_MAX_BATCHES:
-        if function:
-            batch = batches(len(read))
-        else:
-            batch = next(stream, _END)
-            if batch is _END:
-                break
+    counted = 0
+    # islice asks the stream for one batch at a time: none is read past the last one checked
+    for batch in itertools.islice(map(batches, itertools.count()) if function else stream, START_CHECK_MAX_BATCHES):
         read.append(batch)
-        pair = start_predictions(engine, to_device(inputs_of(batch), device))
-        if pair is None:  # no logits: nothing to decide on
-            pairs = []
+        pairs.append(start_predictions(engine, to_device(inputs_of(batch), device)))
+        if pairs[-1] is None:  # no logits: nothing to decide on
             break
-        pairs.append(pair)
-        if sum(int(w.numel()) for w, _ in pairs) >= engine.recipe.start_check_predictions:
+        counted += pairs[-1][0].numel()
+        if counted >= engine.recipe.start_check_predictions:
             break
     if not read:
         raise TrainingError("batches is empty; give at least steps x gradient_accumulation batches.")
-    rest = batches if function else itertools.chain(read, stream)
-    if not pairs:
-        return rest, None
-    return rest, StartCheck.of(torch.cat([w for w, _ in pairs]), torch.cat([g for _, g in pairs]))
-
-
-_END = object()
+    return (batches if function else itertools.chain(read, stream)), StartCheck.pooled(pairs)
 
 
 def _decision(start: Optional[StartCheck]) -> Tuple[Optional[float], Optional[bool]]:
