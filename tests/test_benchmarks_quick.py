@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from conftest import ChainModel, write_idx_dataset
+from conftest import ChainModel, save_tiny_classifier, write_idx_dataset
 from theseus_general.recipes import get_recipe
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
@@ -275,6 +275,27 @@ def test_converge_predecessor_keeps_the_best_dev_weights_and_applies_its_stoppin
     load_model(model, str(path))
     assert task.evaluate(model)["dev"] == pytest.approx(best["dev"]) == pytest.approx(report["dev"])
     assert read(tmp_path / "vit.json")["test"] == report["test"]
+
+
+def test_converge_predecessor_text_saves_the_best_dev_encoder_as_an_hf_directory(tmp_path):
+    model_dir = save_tiny_classifier(tmp_path / "tiny")
+    out = tmp_path / "pred"
+    converge = load("converge_predecessor")
+    report = converge.main(["--task", "text", "--model", model_dir, "--pretrain-lr", "1e-3", "--batch-size", "8",
+                            "--max-length", "16", "--dev-size", "100", "--test-size", "100", "--eval-every", "5",
+                            "--min-steps", "10", "--max-steps", "30", "--warmup-steps", "5", "--save-to", str(out)])
+    curve = report["curve"]
+    assert [p["step"] for p in curve] == list(range(5, report["steps_run"] + 1, 5))
+    best = max(curve, key=lambda p: p["dev"])
+    assert report["best_step"] == best["step"] and report["task"] == "text" and report["weight_decay"] == 0.01
+    # what quality.py / recipe_lr.py --predecessor load is the best-on-dev encoder
+    quality = load("quality")
+    task = quality.TextTask(quality.parse_args(["--task", "text", "--model", model_dir, "--max-length", "16",
+                                                "--dev-size", "100", "--test-size", "100", "--predecessor", str(out)]))
+    scores = task.evaluate(task.predecessor())
+    assert scores["dev"] == pytest.approx(best["dev"]) == pytest.approx(report["dev"])
+    assert scores["test"] == pytest.approx(report["test"])
+    assert read(tmp_path / "pred.json")["steps_run"] == report["steps_run"]
 
 
 def test_budget_curve_report_pairs_seeds_per_budget_and_reads_equal_compute_off_the_curves():
