@@ -109,6 +109,15 @@ def pooled_check_recipe():
                          start_check_predictions=128)
 
 
+def offset_aware_recipe():
+    """Issue 26's candidate of round 9 (docs/results.md, "Round 9, a collapse that is only an offset"): round 8's
+    default, where a binary start that answers one class counts as collapsed only if its logits' spread is also
+    below 1/1,000 of the predecessor's (`Recipe.collapse_spread`)."""
+    return _default_with("offset_aware", match_below_agreement=None, match_if_collapsed=True,
+                         start_check_predictions=128, collapse_spread=1e-3)
+
+
 # the named recipes a benchmark variant can ask for (recipe_lr's `recipe_factory`)
 RECIPE_FACTORIES = {"candidate": candidate_recipe, "collapsed_trigger": collapsed_trigger_recipe,
-                    "agreement_trigger": agreement_trigger_recipe, "pooled_check": pooled_check_recipe}
+                    "agreement_trigger": agreement_trigger_recipe, "pooled_check": pooled_check_recipe,
+                    "offset_aware": offset_aware_recipe}

@@ -52,6 +52,9 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "collapsed_trigger": dict(method="theseus", recipe_factory="collapsed_trigger"),
     # round 8's candidate (benchmarks/_common.pooled_check_recipe): the start check pooled over 128 predictions
     "pooled_check": dict(method="theseus", recipe_factory="pooled_check"),
+    # round 9's candidate (benchmarks/_common.offset_aware_recipe): a one-class binary start collapsed only if its
+    # logits no longer vary (spread below 1e-3 of the predecessor's)
+    "offset_aware": dict(method="theseus", recipe_factory="offset_aware"),
 }
 
 
@@ -127,7 +130,7 @@ def theseus_run(task, predecessor, seed: int, args: argparse.Namespace, desc: st
             notes["start_blocks"] = {str(g): b for g, b in sorted(th.successor_starts.items())}
             notes["full_at"] = th.recipe.full_at
             notes["start_agreement"], notes["start_collapsed"] = result.start_agreement, result.start_collapsed
-            notes["start_predictions"] = result.start_predictions
+            notes["start_predictions"], notes["start_spread"] = result.start_predictions, result.start_spread
         return th.export(native=task.native)
     finally:
         th.unwrap()

@@ -54,10 +54,12 @@ def main(argv: Optional[List[str]] = None) -> List[StartCheck]:
         th.unwrap()
     for i, c in enumerate(checks):
         print(f"batch {i}: agreement {c.agreement:.3f}, classes start {c.start_classes} / predecessor "
-              f"{c.predecessor_classes}, collapsed {c.collapsed}")
+              f"{c.predecessor_classes}, spread ratio {c.spread_ratio}, collapsed {c.collapsed} "
+              f"(under the recipe: {c.collapsed_under(recipe.collapse_spread)})")
     if mine.pooled:
         print(f"pooled over {pooled.predictions} predictions: agreement {pooled.agreement:.3f}, classes start "
-              f"{pooled.start_classes} / predecessor {pooled.predecessor_classes}, collapsed {pooled.collapsed}")
+              f"{pooled.start_classes} / predecessor {pooled.predecessor_classes}, spread ratio {pooled.spread_ratio}, "
+              f"collapsed {pooled.collapsed} (under the recipe: {pooled.collapsed_under(recipe.collapse_spread)})")
         checks.append(pooled)
     return checks
 

@@ -292,7 +292,7 @@ def main(argv=None) -> Dict[str, Any]:
                              match_steps=match, **common)
                 starts = dict(th.successor_starts)
                 decision = {"start_agreement": result.start_agreement, "start_collapsed": result.start_collapsed,
-                            "start_predictions": result.start_predictions,
+                            "start_predictions": result.start_predictions, "start_spread": result.start_spread,
                             "match_steps": len(result.matching.history) if result.matching else 0}
                 student = th.export()
                 th.unwrap()

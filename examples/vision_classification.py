@@ -253,7 +253,7 @@ def main(argv=None) -> dict:
         "retention_dev": share(results["theseus"]["dev_accuracy"], results["predecessor"]["dev_accuracy"]),
         # what fit's first batches said about the truncated start, which decides whether the recipe matched
         "start_check": {"agreement": fitted.start_agreement, "collapsed": fitted.start_collapsed,
-                        "predictions": fitted.start_predictions},
+                        "predictions": fitted.start_predictions, "spread": fitted.start_spread},
         "matching_curve": [h.loss for h in fitted.matching.history] if fitted.matching else [],
         "replacement_curve": [(h.step, h.replacement_rate, h.loss) for h in fitted.history],
         "timings_s": timings, "total_s": time.time() - started, "torch": torch.__version__,

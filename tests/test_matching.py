@@ -252,7 +252,9 @@ def test_check_start_tells_a_collapsed_start_from_one_that_kept_the_task():
     check = check_start(kept, x)
     assert check.start_classes == 2 and check.predecessor_classes == 2 and not check.collapsed
     assert check.predictions == 64
-    assert check_start(kept, x[:40], x[40:]) == check  # several batches' predictions pool into one check
+    pooled = check_start(kept, x[:40], x[40:])  # several batches' predictions pool into one check
+    assert dataclasses.replace(pooled, spread_ratio=None) == dataclasses.replace(check, spread_ratio=None)
+    assert pooled.spread_ratio == pytest.approx(check.spread_ratio, rel=1e-9) and check.spread_ratio > 0.05
     kept.unwrap()
     lost = Theseus(ChainModel(depth=4, seed=0), adapter="generic", container="blocks", successor_depth=2,
                    successors=[_Flat(), _Flat()])
@@ -264,3 +266,34 @@ def test_check_start_tells_a_collapsed_start_from_one_that_kept_the_task():
     # many classes (a language model's tokens): at most half of the predecessor's distinct answers
     assert StartCheck(agreement=0.2, start_classes=16, predecessor_classes=121).collapsed
     assert not StartCheck(agreement=0.5, start_classes=8, predecessor_classes=10).collapsed
+
+
+class _Offset(torch.nn.Module):
+    """A successor whose output still follows its input, shifted far to one side: one class for every example."""
+
+    def forward(self, x):
+        return x + 100.0
+
+
+def test_a_binary_start_that_answers_one_class_through_an_offset_is_not_collapsed_under_a_spread_limit():
+    from theseus_general.matching import StartCheck, check_start
+
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    checks = {}
+    for name, successors in (("flat", [_Flat(), _Flat()]), ("offset", [_Offset(), _Offset()])):
+        th = Theseus(ChainModel(depth=4, seed=0), adapter="generic", container="blocks", successor_depth=2,
+                     successors=successors)
+        checks[name] = check_start(th, x)
+        th.unwrap()
+    flat, offset = checks["flat"], checks["offset"]
+    assert flat.start_classes == offset.start_classes == 1 and flat.collapsed and offset.collapsed
+    # the flat start's logits do not move with the input; the offset one's move as much as a real start's
+    assert flat.spread_ratio == pytest.approx(0.0, abs=1e-9) and offset.spread_ratio > 0.05
+    assert flat.collapsed_under(1e-3) and not offset.collapsed_under(1e-3)
+    assert offset.collapsed_under(None)  # no limit: the class count alone, as before
+    # many classes (a language model's tokens): the count alone, whatever the spread
+    many = StartCheck(agreement=0.2, start_classes=16, predecessor_classes=121, predictions=256, spread_ratio=0.9)
+    assert many.collapsed_under(1e-3)
+    # a start that kept its classes is never collapsed; a check without a spread falls back to the count
+    assert not StartCheck(agreement=0.8, start_classes=2, predecessor_classes=2, spread_ratio=0.0).collapsed_under(1e-3)
+    assert StartCheck(agreement=0.5, start_classes=1, predecessor_classes=2).collapsed_under(1e-3)

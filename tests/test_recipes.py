@@ -6,7 +6,7 @@ import warnings
 import pytest
 import torch
 
-from theseus_general import LinearScheduler, RunLinearScheduler, ScheduleError, Theseus, fit
+from theseus_general import LinearScheduler, RunLinearScheduler, ScheduleError, Theseus, fit, planned_match_steps
 
 from conftest import ChainModel, tiny_resnet
 
@@ -185,7 +185,9 @@ def test_readme_path_at_default_settings_is_not_worse_than_fine_tune_only(lr):
     fit(baseline, train, steps, lr=lr, progress=False)
     th = Theseus(teacher, successor_depth=2, seed=0)
     assert th.recipe.name == "default"
-    fit(th, train, steps, lr=lr, progress=False)
+    result = fit(th, train, steps, lr=lr, progress=False)
+    # the start keeps both classes (its bottom 2 layers score about 0.89), so the default does not match
+    assert result.start_collapsed is False and result.matching is None and result.start_spread > 0.05
     successor = th.export()
     th.unwrap()
     theseus, fine_tuned = held_out_accuracy(successor, test), held_out_accuracy(baseline, test)
@@ -264,6 +266,33 @@ def test_the_default_matches_only_a_start_that_collapsed():
             assert all(torch.equal(a, b) for a, b in zip(th.trainable_parameters(), off.trainable_parameters()))
             off.unwrap()
         th.unwrap()
+
+
+def test_a_recipe_with_a_collapse_spread_does_not_match_a_binary_start_whose_one_class_is_an_offset():
+    import dataclasses
+
+    from theseus_general import RECIPES
+
+    from conftest import ChainModel
+
+    class Offset(torch.nn.Module):  # follows its input, shifted to one side: one class, logits that still vary
+        def forward(self, x):
+            return x + 100.0
+
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    batches = [(x, (x.sum(1) > 0).long())] * 20
+    for limit, matched in ((None, True), (1e-3, False)):
+        recipe = dataclasses.replace(RECIPES["default"], collapse_spread=limit)
+        th = Theseus(ChainModel(depth=4, seed=0), adapter="generic", container="blocks", successor_depth=2,
+                     recipe=recipe, successors=[Offset(), Offset()])
+        result = fit(th, list(batches), 10, lr=1e-2, progress=False)
+        assert result.start_collapsed is matched and (result.matching is not None) is matched
+        assert result.start_spread > 0.05  # recorded whatever the recipe
+        assert planned_match_steps(th, 10, batches=list(batches)) == (2 if matched else 0)
+        th.unwrap()
+    for bad in (0, -1e-3, 2.0, True, "1e-3"):
+        with pytest.raises(ScheduleError, match="collapse_spread"):
+            dataclasses.replace(RECIPES["default"], collapse_spread=bad)
 
 
 class _BatchMean(torch.nn.Module):

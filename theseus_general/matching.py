@@ -110,6 +110,30 @@ def group_errors(engine: Any, inputs: Any, training: bool = False) -> Dict[int, 
 
 
 @dataclass(frozen=True)
+class StartSample:
+    """What one batch says about the start: the predictions of the predecessor and of the successors alone
+    (the logits' argmax, flattened), and the first two moments of each one's logits over those predictions
+    (per class, float64 on the CPU), so that batches pool into one spread (`StartCheck.spread_ratio`)."""
+
+    predecessor: torch.Tensor
+    start: torch.Tensor
+    predecessor_moments: Tuple[torch.Tensor, torch.Tensor]  # (sum, sum of squares) over predictions, per class
+    start_moments: Tuple[torch.Tensor, torch.Tensor]
+
+
+def _moments(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    flat = logits.detach().reshape(-1, logits.shape[-1]).to("cpu", torch.float64)
+    return flat.sum(0), (flat * flat).sum(0)
+
+
+def _spread(moments: List[Tuple[torch.Tensor, torch.Tensor]], count: int) -> float:
+    """Each class's logit standard deviation over `count` predictions, averaged over classes."""
+    total, squares = (sum(m[i] for m in moments) for i in (0, 1))
+    mean = total / count
+    return float((squares / count - mean * mean).clamp(min=0).sqrt().mean())
+
+
+@dataclass(frozen=True)
 class StartCheck:
     """What the first batches say about the truncated start (the successors alone) against the predecessor:
     predictions are the logits' argmax, per example (a classifier) or per token (a language model)."""
@@ -118,16 +142,21 @@ class StartCheck:
     start_classes: int  # how many distinct classes (tokens) the start predicts on them
     predecessor_classes: int  # how many the predecessor predicts
     predictions: int = 0  # how many predictions it pooled
+    # how much the start's logits vary over the predictions, as a share of how much the predecessor's do
+    # (each class's standard deviation, averaged over classes); None when not measured or the predecessor's is 0
+    spread_ratio: Optional[float] = None
 
     @classmethod
-    def pooled(cls, pairs: List[Optional[Tuple[torch.Tensor, torch.Tensor]]]) -> Optional["StartCheck"]:
-        """From `start_predictions` pairs (the predecessor's, the start's), pooled; None when there are none
-        or one had no logits."""
-        if not pairs or any(pair is None for pair in pairs):
+    def pooled(cls, samples: List[Optional[StartSample]]) -> Optional["StartCheck"]:
+        """From `start_predictions` samples, pooled; None when there are none or one had no logits."""
+        if not samples or any(sample is None for sample in samples):
             return None
-        wanted, got = torch.cat([w for w, _ in pairs]), torch.cat([g for _, g in pairs])
+        wanted, got = torch.cat([s.predecessor for s in samples]), torch.cat([s.start for s in samples])
+        count = wanted.numel()
+        reference = _spread([s.predecessor_moments for s in samples], count)
+        ratio = _spread([s.start_moments for s in samples], count) / reference if reference > 0 else None
         return cls(agreement=float((wanted == got).float().mean()), start_classes=int(got.unique().numel()),
-                   predecessor_classes=int(wanted.unique().numel()), predictions=int(wanted.numel()))
+                   predecessor_classes=int(wanted.unique().numel()), predictions=count, spread_ratio=ratio)
 
     @property
     def collapsed(self) -> bool:
@@ -136,11 +165,25 @@ class StartCheck:
         all of them (MiniLM-L6 truncated to 3 layers; fine-tuning it stays at the majority class)."""
         return self.predecessor_classes > 1 and 2 * self.start_classes <= self.predecessor_classes
 
+    def collapsed_under(self, spread_limit: Optional[float] = None) -> bool:
+        """`collapsed`, where for a binary classifier (the predecessor answers 2 classes) with `spread_limit`
+        one class on every prediction counts only when the start's logits also no longer vary with the input:
+        `spread_ratio` below `spread_limit`. One class is also what a start whose logits vary but carry an
+        offset answers (all-mpnet-base-v2 12 -> 6: spread 0.087 of the predecessor's; fine-tuning fixes it in
+        a few steps), where MiniLM-L6 6 -> 3's answer does not depend on its input (7e-5). Not measured
+        (None): the class count alone. Many classes (tokens): the count alone."""
+        if not self.collapsed:
+            return False
+        if spread_limit is None or self.predecessor_classes != 2 or self.spread_ratio is None:
+            return True
+        return self.spread_ratio < spread_limit
 
-def start_predictions(engine: Any, inputs: Any) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-    """(the predecessor's, the successors' alone) predictions on `inputs`, flattened: the logits' argmax per
-    example (a classifier) or per token (a language model). On the model's own device, without gradients,
-    in eval mode (so only the successors run outside matching mode). None when the output has no logits."""
+
+def start_predictions(engine: Any, inputs: Any) -> Optional[StartSample]:
+    """The predecessor's and the successors' alone predictions on `inputs` (`StartSample`): the logits'
+    argmax per example (a classifier) or per token (a language model), and their logits' moments. On the
+    model's own device, without gradients, in eval mode (so only the successors run outside matching mode).
+    None when the output has no logits."""
     model = engine.model
     was_training = model.training
     model.eval()
@@ -155,7 +198,8 @@ def start_predictions(engine: Any, inputs: Any) -> Optional[Tuple[torch.Tensor, 
         model.train(was_training)
     if predecessor.shape != start.shape or predecessor.dim() < 1:
         return None
-    return predecessor.argmax(-1).flatten(), start.argmax(-1).flatten()
+    return StartSample(predecessor.argmax(-1).flatten(), start.argmax(-1).flatten(),
+                       _moments(predecessor), _moments(start))
 
 
 def check_start(engine: Any, *inputs: Any) -> Optional[StartCheck]:

@@ -85,6 +85,10 @@ class Recipe:
     # this many (examples of a classifier, tokens of a language model; at most START_CHECK_MAX_BATCHES
     # batches). 1: the first batch alone
     start_check_predictions: int = 1
+    # for a binary classifier, a start answering one class counts as collapsed only if its logits' spread over the
+    # check's predictions is also below this share of the predecessor's (`StartCheck.collapsed_under`; None: the
+    # class count alone)
+    collapse_spread: Optional[float] = None
     # issue 23's mechanisms (see the module docstring); off here and in every named recipe
     lr_compensation: Optional[float] = None  # cap c of the successors' lr factor min(c, 1/p) while p < 1
     mixed_matching: float = 0.0  # weight of the mixed phase's local matching loss
@@ -101,6 +105,10 @@ class Recipe:
                 or self.start_check_predictions < 1:
             raise ScheduleError(f"Recipe start_check_predictions is how many predictions the start check reads: "
                                 f"an int >= 1, got {self.start_check_predictions!r}.")
+        if self.collapse_spread is not None and (isinstance(self.collapse_spread, bool) or not isinstance(
+                self.collapse_spread, (int, float)) or not 0 < self.collapse_spread <= 1):
+            raise ScheduleError(f"Recipe collapse_spread is a share of the predecessor's logit spread, in (0, 1] "
+                                f"(or None for the class count alone), got {self.collapse_spread!r}.")
         if not isinstance(self.mixed_matching, (int, float)) or not self.mixed_matching >= 0:
             raise ScheduleError(f"Recipe mixed_matching is a loss weight >= 0 (0: off), got {self.mixed_matching!r}.")
 

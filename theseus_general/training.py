@@ -80,10 +80,11 @@ class FitResult:
     guard: Optional[Any] = None  # a matching phase's `theseus_general.matching.MatchGuard` (errors before/after)
     # what the first batches said about the start, when the recipe asked them whether to match
     # (`theseus_general.matching.check_start`): the successors' agreement with the predecessor, and
-    # whether the start collapsed (`StartCheck.collapsed`)
+    # whether the start collapsed, as the recipe judges it (`StartCheck.collapsed_under`)
     start_agreement: Optional[float] = None
     start_collapsed: Optional[bool] = None
     start_predictions: Optional[int] = None  # how many predictions that check pooled
+    start_spread: Optional[float] = None  # the start's logit spread over the predecessor's (`StartCheck.spread_ratio`)
 
     @property
     def losses(self) -> List[float]:
@@ -322,8 +323,9 @@ def fit(
         logger = MetricsLogger(metrics) if isinstance(metrics, str) else metrics
         result = FitResult(device=str(run_device), resumed_from=resumed.path if resumed else None, matching=matching,
                            start_agreement=start.agreement if start else None,
-                           start_collapsed=start.collapsed if start else None,
-                           start_predictions=start.predictions if start else None)
+                           start_collapsed=_decision(engine, start)[1] if start else None,
+                           start_predictions=start.predictions if start else None,
+                           start_spread=start.spread_ratio if start else None)
         if resumed and progress:
             tqdm.write(f"resumed from {resumed.path} (step {resumed.step})")
 
@@ -560,7 +562,7 @@ def planned_match_steps(engine: Theseus, steps: int, batch: Any = None, *, batch
     if not engine.recipe.asks_start:
         return engine.recipe.match_steps(steps)
     _, start = _read_start(engine, batches if batches is not None else [batch])
-    return engine.recipe.match_steps(steps, *_decision(start))
+    return engine.recipe.match_steps(steps, *_decision(engine, start))
 
 
 def _read_start(engine: Theseus, batches: Any) -> Tuple[Any, Optional[StartCheck]]:
@@ -571,24 +573,27 @@ def _read_start(engine: Theseus, batches: Any) -> Tuple[Any, Optional[StartCheck
     function = callable(batches) and not hasattr(batches, "__iter__")
     stream = None if function else iter(batches)
     read: List[Batch] = []
-    pairs = []
+    samples = []
     counted = 0
     # islice asks the stream for one batch at a time: none is read past the last one checked
     for batch in itertools.islice(map(batches, itertools.count()) if function else stream, START_CHECK_MAX_BATCHES):
         read.append(batch)
-        pairs.append(start_predictions(engine, to_device(inputs_of(batch), device)))
-        if pairs[-1] is None:  # no logits: nothing to decide on
+        samples.append(start_predictions(engine, to_device(inputs_of(batch), device)))
+        if samples[-1] is None:  # no logits: nothing to decide on
             break
-        counted += pairs[-1][0].numel()
+        counted += samples[-1].predecessor.numel()
         if counted >= engine.recipe.start_check_predictions:
             break
     if not read:
         raise TrainingError("batches is empty; give at least steps x gradient_accumulation batches.")
-    return (batches if function else itertools.chain(read, stream)), StartCheck.pooled(pairs)
+    return (batches if function else itertools.chain(read, stream)), StartCheck.pooled(samples)
 
 
-def _decision(start: Optional[StartCheck]) -> Tuple[Optional[float], Optional[bool]]:
-    return (start.agreement, start.collapsed) if start is not None else (None, None)
+def _decision(engine: Theseus, start: Optional[StartCheck]) -> Tuple[Optional[float], Optional[bool]]:
+    """(agreement, collapsed) of the start check, collapsed as the engine's recipe judges it."""
+    if start is None:
+        return None, None
+    return start.agreement, start.collapsed_under(engine.recipe.collapse_spread)
 
 
 def _matching_steps(engine: Optional[Theseus], steps: int, match_steps: Optional[int],
@@ -599,7 +604,7 @@ def _matching_steps(engine: Optional[Theseus], steps: int, match_steps: Optional
                                 "as the target, not a plain model.")
         return 0
     if match_steps is None:
-        return engine.recipe.match_steps(steps, *_decision(start)) if engine.step_count == 0 else 0
+        return engine.recipe.match_steps(steps, *_decision(engine, start)) if engine.step_count == 0 else 0
     if isinstance(match_steps, bool) or not isinstance(match_steps, int) or not 0 <= match_steps < steps:
         raise TrainingError(f"match_steps must be an int from 0 to steps - 1 (it comes out of the {steps} steps), "
                             f"got {match_steps!r}.")
