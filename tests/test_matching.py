@@ -1,7 +1,9 @@
 """Module matching (`Theseus.match_successors`): successors learn their groups' outputs, nothing else moves."""
 
+import dataclasses
 import itertools
 
+import pytest
 import torch
 
 from theseus_general import Theseus, match_successors
@@ -271,8 +273,12 @@ def test_check_start_tells_a_collapsed_start_from_one_that_kept_the_task():
 class _Offset(torch.nn.Module):
     """A successor whose output still follows its input, shifted far to one side: one class for every example."""
 
+    def __init__(self):
+        super().__init__()
+        self.shift = torch.nn.Parameter(torch.full((8,), 100.0))
+
     def forward(self, x):
-        return x + 100.0
+        return x + self.shift
 
 
 def test_a_binary_start_that_answers_one_class_through_an_offset_is_not_collapsed_under_a_spread_limit():

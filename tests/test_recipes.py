@@ -276,8 +276,12 @@ def test_a_recipe_with_a_collapse_spread_does_not_match_a_binary_start_whose_one
     from conftest import ChainModel
 
     class Offset(torch.nn.Module):  # follows its input, shifted to one side: one class, logits that still vary
+        def __init__(self):
+            super().__init__()
+            self.shift = torch.nn.Parameter(torch.full((8,), 100.0))
+
         def forward(self, x):
-            return x + 100.0
+            return x + self.shift
 
     x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
     batches = [(x, (x.sum(1) > 0).long())] * 20
