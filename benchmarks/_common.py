@@ -81,7 +81,7 @@ def agreement_trigger_recipe():
     """The default recipe before round 7 (issue 26): module matching when the successors alone agree with the
     predecessor on under 2/3 of the first batch, instead of when they collapsed (the check reads that batch only)."""
     return _default_with("agreement_trigger", match_below_agreement=2 / 3, match_if_collapsed=False,
-                         start_check_predictions=1)
+                         start_check_predictions=1, collapse_spread=None)
 
 
 def collapsed_trigger_recipe():
@@ -90,7 +90,7 @@ def collapsed_trigger_recipe():
     one that agrees on under 2/3 of the first batch; the curriculum is the default's (p = 1 at 50%). Adopted: it is
     the default since, under its own name, kept so that round 7's commands rerun as they were."""
     return _default_with("collapsed_trigger", match_below_agreement=None, match_if_collapsed=True,
-                         start_check_predictions=1)
+                         start_check_predictions=1, collapse_spread=None)
 
 
 def candidate_recipe():
@@ -98,21 +98,23 @@ def candidate_recipe():
     `collapsed_trigger_recipe` (matching only a collapsed start) with the mixed phase ending at 10% of the run
     (p = 1 there) instead of 50%."""
     return _default_with("candidate", full_at=0.1, match_below_agreement=None, match_if_collapsed=True,
-                         start_check_predictions=1)
+                         start_check_predictions=1, collapse_spread=None)
 
 
 def pooled_check_recipe():
     """Issue 26's candidate of round 8 (docs/results.md, "Round 8, the start check over more examples"): round 7's
     default (`collapsed_trigger_recipe`) with the start check pooled over the first batches until 128 predictions,
-    instead of the first batch alone."""
+    instead of the first batch alone. Adopted in round 8; round 9's default also judges a binary start's one class
+    by its spread, which this recipe, as it ran, does not (collapse_spread=None)."""
     return _default_with("pooled_check", match_below_agreement=None, match_if_collapsed=True,
-                         start_check_predictions=128)
+                         start_check_predictions=128, collapse_spread=None)
 
 
 def offset_aware_recipe():
     """Issue 26's candidate of round 9 (docs/results.md, "Round 9, a collapse that is only an offset"): round 8's
     default, where a binary start that answers one class counts as collapsed only if its logits' spread is also
-    below 1/1,000 of the predecessor's (`Recipe.collapse_spread`)."""
+    below 1/1,000 of the predecessor's (`Recipe.collapse_spread`). Adopted: it is the default since, under its own
+    name, kept so that round 9's commands rerun as they were."""
     return _default_with("offset_aware", match_below_agreement=None, match_if_collapsed=True,
                          start_check_predictions=128, collapse_spread=1e-3)
 

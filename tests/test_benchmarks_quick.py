@@ -501,10 +501,11 @@ def test_recipe_lr_candidate_is_the_default_with_a_short_phase_matching_only_a_c
     assert round6_default.match_steps(300, agreement=0.625, collapsed=False) == 60
     assert candidate.match_steps(300, agreement=0.625, collapsed=False) == 0
     assert default.match_steps(300, agreement=0.625, collapsed=False) == 0
-    # round 7's recipe as it ran (one batch read); round 8's candidate is today's default
+    # round 7's and round 8's recipes as they ran (one batch read; no spread limit); round 9's candidate is today's default
     assert common.collapsed_trigger_recipe() == dataclasses.replace(default, name="collapsed_trigger",
-                                                                    start_check_predictions=1)
-    assert common.pooled_check_recipe() == dataclasses.replace(default, name="pooled_check")
+                                                                    start_check_predictions=1, collapse_spread=None)
+    assert common.pooled_check_recipe() == dataclasses.replace(default, name="pooled_check", collapse_spread=None)
+    assert common.offset_aware_recipe() == dataclasses.replace(default, name="offset_aware")
     # MiniLM 6 -> 3's start (one class for the whole batch): all match
     assert candidate.match_steps(300, agreement=0.5, collapsed=True) == default.match_steps(300, 0.5, True) == 60
     assert round6_default.match_steps(300, agreement=0.5, collapsed=True) == 60

@@ -240,6 +240,7 @@ def test_the_default_matches_only_a_start_that_collapsed():
     recipe = RECIPES["default"]
     assert recipe.match_if_collapsed and recipe.match_below_agreement is None and recipe.asks_start
     assert recipe.start_check_predictions == 128  # pooled over the first batches (round 8)
+    assert recipe.collapse_spread == 1e-3  # a binary start's one class counts only if its logits no longer vary (round 9)
     assert recipe.match_steps(100, collapsed=False) == 0 and recipe.match_steps(100, collapsed=True) == 20
     assert recipe.match_steps(100) == 20  # nothing measured: the recipe's share
 
