@@ -256,7 +256,7 @@ def test_check_start_tells_a_collapsed_start_from_one_that_kept_the_task():
     assert check.predictions == 64
     pooled = check_start(kept, x[:40], x[40:])  # several batches' predictions pool into one check
     assert dataclasses.replace(pooled, spread_ratio=None) == dataclasses.replace(check, spread_ratio=None)
-    assert pooled.spread_ratio == pytest.approx(check.spread_ratio, rel=1e-9) and check.spread_ratio > 0.05
+    assert pooled.spread_ratio == pytest.approx(check.spread_ratio, rel=1e-6) and check.spread_ratio > 0.05
     kept.unwrap()
     lost = Theseus(ChainModel(depth=4, seed=0), adapter="generic", container="blocks", successor_depth=2,
                    successors=[_Flat(), _Flat()])
@@ -281,6 +281,18 @@ class _Offset(torch.nn.Module):
         return x + self.shift
 
 
+def test_the_start_spread_pools_batches_and_survives_a_large_offset():
+    from theseus_general.matching import _moments, _spread
+
+    # logits near 10 that vary by 1e-4 (MiniLM 6 -> 3's start varies 7e-5 of its predecessor's): a raw sum of
+    # squares in float32 would cancel to noise; the centred, pooled moments give the spread over all rows
+    x = 10.0 + 1e-4 * torch.randn(300, 5, generator=torch.Generator().manual_seed(0))
+    direct = x.double().std(0, unbiased=False).mean().item()
+    assert _spread([_moments(x[:7]), _moments(x[7:100]), _moments(x[100:])]) == pytest.approx(direct, rel=1e-3)
+    assert _spread([_moments(x)]) == pytest.approx(direct, rel=1e-3)
+    assert _spread([_moments(torch.zeros(4, 3)), _moments(torch.zeros(2, 3))]) == 0.0
+
+
 def test_a_binary_start_that_answers_one_class_through_an_offset_is_not_collapsed_under_a_spread_limit():
     from theseus_general.matching import StartCheck, check_start
 
@@ -294,7 +306,7 @@ def test_a_binary_start_that_answers_one_class_through_an_offset_is_not_collapse
     flat, offset = checks["flat"], checks["offset"]
     assert flat.start_classes == offset.start_classes == 1 and flat.collapsed and offset.collapsed
     # the flat start's logits do not move with the input; the offset one's move as much as a real start's
-    assert flat.spread_ratio == pytest.approx(0.0, abs=1e-9) and offset.spread_ratio > 0.05
+    assert flat.spread_ratio < 1e-5 and offset.spread_ratio > 0.05  # (float32 rounding: not exactly 0)
     assert flat.collapsed_under(1e-3) and not offset.collapsed_under(1e-3)
     assert offset.collapsed_under(None)  # no limit: the class count alone, as before
     # many classes (a language model's tokens): the count alone, whatever the spread

@@ -112,25 +112,35 @@ def group_errors(engine: Any, inputs: Any, training: bool = False) -> Dict[int, 
 @dataclass(frozen=True)
 class StartSample:
     """What one batch says about the start: the predictions of the predecessor and of the successors alone
-    (the logits' argmax, flattened), and the first two moments of each one's logits over those predictions
-    (per class, float64 on the CPU), so that batches pool into one spread (`StartCheck.spread_ratio`)."""
+    (the logits' argmax, flattened), and each one's logit moments over those predictions (`_moments`), so
+    that batches pool into one spread (`StartCheck.spread_ratio`)."""
 
     predecessor: torch.Tensor
     start: torch.Tensor
-    predecessor_moments: Tuple[torch.Tensor, torch.Tensor]  # (sum, sum of squares) over predictions, per class
-    start_moments: Tuple[torch.Tensor, torch.Tensor]
+    predecessor_moments: Tuple[int, torch.Tensor, torch.Tensor]  # (count, mean, sum of squared deviations) per class
+    start_moments: Tuple[int, torch.Tensor, torch.Tensor]
 
 
-def _moments(logits: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    flat = logits.detach().reshape(-1, logits.shape[-1]).to("cpu", torch.float64)
-    return flat.sum(0), (flat * flat).sum(0)
+def _moments(logits: torch.Tensor) -> Tuple[int, torch.Tensor, torch.Tensor]:
+    """(count, per-class mean, per-class sum of squared deviations from it) of `logits`' predictions. Centred
+    on the model's device in its dtype (no cancellation: a spread 1e-4 of a logit's size survives float32), and
+    only the per-class vectors go to the CPU, as float64."""
+    flat = logits.detach().reshape(-1, logits.shape[-1]).float()
+    mean = flat.mean(0)
+    return flat.shape[0], mean.to("cpu", torch.float64), ((flat - mean) ** 2).sum(0).to("cpu", torch.float64)
 
 
-def _spread(moments: List[Tuple[torch.Tensor, torch.Tensor]], count: int) -> float:
-    """Each class's logit standard deviation over `count` predictions, averaged over classes."""
-    total, squares = (sum(m[i] for m in moments) for i in (0, 1))
-    mean = total / count
-    return float((squares / count - mean * mean).clamp(min=0).sqrt().mean())
+def _spread(moments: List[Tuple[int, torch.Tensor, torch.Tensor]]) -> float:
+    """Each class's logit standard deviation over all the predictions of `moments`, averaged over classes
+    (batches pooled with Chan et al.'s parallel update)."""
+    count, mean, deviations = moments[0]
+    for n, m, d in moments[1:]:
+        delta = m - mean
+        total = count + n
+        mean = mean + delta * n / total
+        deviations = deviations + d + delta * delta * count * n / total
+        count = total
+    return float((deviations / count).sqrt().mean())
 
 
 @dataclass(frozen=True)
@@ -152,11 +162,11 @@ class StartCheck:
         if not samples or any(sample is None for sample in samples):
             return None
         wanted, got = torch.cat([s.predecessor for s in samples]), torch.cat([s.start for s in samples])
-        count = wanted.numel()
-        reference = _spread([s.predecessor_moments for s in samples], count)
-        ratio = _spread([s.start_moments for s in samples], count) / reference if reference > 0 else None
+        reference = _spread([s.predecessor_moments for s in samples])
+        ratio = _spread([s.start_moments for s in samples]) / reference if reference > 0 else None
         return cls(agreement=float((wanted == got).float().mean()), start_classes=int(got.unique().numel()),
-                   predecessor_classes=int(wanted.unique().numel()), predictions=count, spread_ratio=ratio)
+                   predecessor_classes=int(wanted.unique().numel()), predictions=int(wanted.numel()),
+                   spread_ratio=ratio)
 
     @property
     def collapsed(self) -> bool:
