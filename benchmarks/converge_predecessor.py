@@ -56,7 +56,11 @@ def parse_args(argv=None):
     p.add_argument("--patience", type=float, default=0.2, help="stop when the best dev score is older than this share of the steps")
     p.add_argument("--warmup-steps", type=int, default=500)
     own, rest = p.parse_known_args(argv)
+    if own.task == "text" and "--quick" in rest:
+        p.error("--quick is the vision task's smoke run; for text give small --max-steps / --min-steps instead")
     args = quality.parse_args(["--task", own.task, *rest])
+    if own.task == "text" and args.device != "cpu":
+        p.error("--task text evaluates on the CPU (the text example's accuracy); drop --device")
     if own.task == "vision" and "--pretrain-lr" not in rest and not args.quick:
         args.pretrain_lr = 1e-3  # constant lr: half the examples' peak of their cosine schedule
     if args.quick:

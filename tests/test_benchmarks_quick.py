@@ -296,6 +296,9 @@ def test_converge_predecessor_text_saves_the_best_dev_encoder_as_an_hf_directory
     assert scores["dev"] == pytest.approx(best["dev"]) == pytest.approx(report["dev"])
     assert scores["test"] == pytest.approx(report["test"])
     assert read(tmp_path / "pred.json")["steps_run"] == report["steps_run"]
+    for wrong in (["--quick"], ["--device", "cuda"]):  # vision-only settings are refused before any training
+        with pytest.raises(SystemExit):
+            converge.main(["--task", "text", "--model", model_dir, "--save-to", str(tmp_path / "x"), *wrong])
 
 
 def test_budget_curve_report_pairs_seeds_per_budget_and_reads_equal_compute_off_the_curves():
