@@ -25,7 +25,8 @@ matched (3.1 points lower at lr 3e-5); over 128 predictions it answers both on e
 start answers one class on all 128 (its margin's offset exceeds its spread; spread 0.087 of the predecessor's, where
 MiniLM 6 -> 3's is 7e-5), so until round 9 the default matched it and was about 4 points behind truncation
 (docs/results.md#round-9-mpnet-from-a-converged-predecessor-what-came-out); `collapse_spread` skips it. Not fixed:
-on MPNet the default is still below truncation on most seeds (docs/results.md#round-9-a-collapse-that-is-only-an-offset-what-came-out). A short mixed phase (p = 1 at 10%, no matching) was level with truncation on MPNet, but behind it on the
+on MPNet the default is still below truncation on every seed, behind it at lr 3e-5 and 5e-5 by 0.7-0.8 points
+(docs/results.md#round-9-a-collapse-that-is-only-an-offset-what-came-out). A short mixed phase (p = 1 at 10%, no matching) was level with truncation on MPNet, but behind it on the
 README-path test's task at lr 1e-4 and 0.59 points below the usual phase on the ViT at 1,600 steps
 (docs/results.md#a-candidate-default-round-6-what-came-out).
 
