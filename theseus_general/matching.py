@@ -123,8 +123,8 @@ class StartSample:
 
 def _moments(logits: torch.Tensor) -> Tuple[int, torch.Tensor, torch.Tensor]:
     """(count, per-class mean, per-class sum of squared deviations from it) of `logits`' predictions. Centred
-    on the model's device in its dtype (no cancellation: a spread 1e-4 of a logit's size survives float32), and
-    only the per-class vectors go to the CPU, as float64."""
+    on the model's device in float32 (no cancellation: a spread 1e-4 of a logit's size survives it; MPS has no
+    float64), and only the per-class vectors go to the CPU, as float64."""
     flat = logits.detach().reshape(-1, logits.shape[-1]).float()
     mean = flat.mean(0)
     return flat.shape[0], mean.to("cpu", torch.float64), ((flat - mean) ** 2).sum(0).to("cpu", torch.float64)

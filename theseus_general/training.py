@@ -321,9 +321,9 @@ def fit(
         position = (resumed.data_position or 0) if resumed else planned_matching
         next_batch = shared_source or _batch_source(batches, position, steps * gradient_accumulation)
         logger = MetricsLogger(metrics) if isinstance(metrics, str) else metrics
+        agreement, collapsed = _decision(engine, start)  # the judgement _matching_steps acted on
         result = FitResult(device=str(run_device), resumed_from=resumed.path if resumed else None, matching=matching,
-                           start_agreement=start.agreement if start else None,
-                           start_collapsed=_decision(engine, start)[1] if start else None,
+                           start_agreement=agreement, start_collapsed=collapsed,
                            start_predictions=start.predictions if start else None,
                            start_spread=start.spread_ratio if start else None)
         if resumed and progress:
