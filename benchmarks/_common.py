@@ -119,7 +119,15 @@ def offset_aware_recipe():
                          start_check_predictions=128, collapse_spread=1e-3)
 
 
+def rest_after_mixing_recipe():
+    """Issue 26's candidate of round 10 (docs/results.md, "Round 10, the rest frozen while the successors mix in"):
+    round 9's default, with the rest's copies (embeddings, pooler, head) taking no step until the replacement rate
+    reaches 1 (`Recipe.rest_after_mixing`)."""
+    return _default_with("rest_after_mixing", match_below_agreement=None, match_if_collapsed=True,
+                         start_check_predictions=128, collapse_spread=1e-3, rest_after_mixing=True)
+
+
 # the named recipes a benchmark variant can ask for (recipe_lr's `recipe_factory`)
 RECIPE_FACTORIES = {"candidate": candidate_recipe, "collapsed_trigger": collapsed_trigger_recipe,
                     "agreement_trigger": agreement_trigger_recipe, "pooled_check": pooled_check_recipe,
-                    "offset_aware": offset_aware_recipe}
+                    "offset_aware": offset_aware_recipe, "rest_after_mixing": rest_after_mixing_recipe}

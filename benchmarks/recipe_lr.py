@@ -55,6 +55,8 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     # round 9's candidate (benchmarks/_common.offset_aware_recipe): a one-class binary start collapsed only if its
     # logits no longer vary (spread below 1e-3 of the predecessor's)
     "offset_aware": dict(method="theseus", recipe_factory="offset_aware"),
+    # round 10's candidates: `rest_frozen` above, and the rest's copies training only once p reaches 1
+    "rest_after_mixing": dict(method="theseus", recipe_factory="rest_after_mixing"),
 }
 
 

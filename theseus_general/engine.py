@@ -207,6 +207,7 @@ class Theseus:
         self._state = ReplacementState(seed, anchor_always=not self.train_rest)
         recipe = self.recipe
         self._state.mixing, self._state.mixed_matching = recipe.mixing, float(recipe.mixed_matching)
+        self._state.rest_waits = bool(recipe.rest_after_mixing) and self.train_rest
         self._state.advance(0, first_rate)
         self._step = 0
         self._failed: Optional[str] = None
@@ -325,6 +326,14 @@ class Theseus:
                 f"fixed slope (p = 1 at step {self.scheduler.full_replacement_step}) instead of reaching 1 at "
                 f"{self.scheduler.full_at:.0%} of the run. Pass Theseus(..., total_steps=N), call "
                 "th.set_total_steps(N), or train with theseus_general.fit (which does it)."
+            )
+        if not self._warned_unattached and not self._wrapping.attached and self._state.rest_idle:
+            self._warned_unattached = True
+            warn_user(
+                "The recipe trains the embeddings/stem and head only once the replacement rate reaches 1 "
+                "(rest_after_mixing), and this engine's optimiser hook drops their gradients until then; no "
+                "optimiser is attached, so yours updates them now. Call th.attach(optimizer) once after creating "
+                "the optimiser (fit and the integrations do it)."
             )
         if not self._warned_unattached and not self._wrapping.attached and self._state.idle_groups():
             self._warned_unattached = True

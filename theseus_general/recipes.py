@@ -97,6 +97,10 @@ class Recipe:
     lr_compensation: Optional[float] = None  # cap c of the successors' lr factor min(c, 1/p) while p < 1
     mixed_matching: float = 0.0  # weight of the mixed phase's local matching loss
     mixing: str = "random"  # "random": the paper's draws; "blend": (1 - p) * group + p * successor
+    # with train_rest, the rest's copies take no optimiser step while p < 1 (the engine's optimiser hook drops
+    # their gradients, so AdamW starts their state at p = 1): the successors learn their place under the
+    # predecessor's own embeddings and head, which then adapt to the all-successor model (issue 26, round 10)
+    rest_after_mixing: bool = False
 
     def __post_init__(self) -> None:
         if self.mixing not in MIXINGS:
@@ -113,6 +117,8 @@ class Recipe:
                 self.collapse_spread, (int, float)) or not 0 < self.collapse_spread <= 1):
             raise ScheduleError(f"Recipe collapse_spread is a share of the predecessor's logit spread, in (0, 1] "
                                 f"(or None for the class count alone), got {self.collapse_spread!r}.")
+        if not isinstance(self.rest_after_mixing, bool):
+            raise ScheduleError(f"Recipe rest_after_mixing is True or False, got {self.rest_after_mixing!r}.")
         if not isinstance(self.mixed_matching, (int, float)) or not self.mixed_matching >= 0:
             raise ScheduleError(f"Recipe mixed_matching is a loss weight >= 0 (0: off), got {self.mixed_matching!r}.")
 

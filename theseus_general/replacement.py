@@ -140,6 +140,8 @@ class ReplacementState:
         # error) of its successor against the group on the same detached input (`Theseus.auxiliary_loss`)
         self.mixing = "random"
         self.mixed_matching = 0.0
+        # the recipe's rest_after_mixing (with train_rest): the rest's copies take no step while rate < 1
+        self.rest_waits = False
         self.mixed_errors: List[Tuple[int, torch.Tensor]] = []
         self.forwards: Dict[int, List[_Forward]] = {}  # group -> its training forwards since the last step
         self.last: Dict[int, bool] = {}  # group -> decision of its latest training forward (kept across steps)
@@ -195,6 +197,11 @@ class ReplacementState:
     def note_eval_forward(self) -> None:
         if torch.is_grad_enabled() and not in_backward():
             self.eval_grad_forwards += 1
+
+    @property
+    def rest_idle(self) -> bool:
+        """Whether the rest's copies sit this step out (`rest_waits` and p < 1)."""
+        return self.rest_waits and self.rate < 1.0
 
     def advance(self, step: int, rate: float) -> None:
         self.step, self.rate = step, rate

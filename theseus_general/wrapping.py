@@ -203,7 +203,8 @@ class Wrapping:
         self._state = state
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
-        """Hook `optimizer` (the run's own, once) so that it skips idle successors' zero gradients."""
+        """Hook `optimizer` (the run's own, once) so that it skips idle successors' zero gradients (and the
+        rest's while the recipe's rest_after_mixing holds them back)."""
         if optimizer not in self._hooks:
             self._hooks[optimizer] = optimizer.register_step_pre_hook(
                 _drop_idle_gradients(weakref.ref(self), self._state))
@@ -305,6 +306,10 @@ def _drop_idle_gradients(wrapping: "weakref.ref[Wrapping]", state: ReplacementSt
         alive = wrapping()
         if alive is None:
             return
+        if state.rest_idle:  # the recipe's rest_after_mixing: the rest's copies wait for p = 1
+            for tensor in alive.rest_tensors():
+                if isinstance(tensor, nn.Parameter):
+                    tensor.grad = None
         for index in state.idle_groups():
             grads = [p.grad for p in alive.groups[index].successor.parameters() if p.grad is not None and p.grad.numel()]
             if grads and not bool(torch.stack([g.detach().abs().amax() for g in grads]).amax() > 0):
