@@ -127,7 +127,16 @@ def rest_after_mixing_recipe():
                          start_check_predictions=128, collapse_spread=1e-3, rest_after_mixing=True)
 
 
+def prefix_mixing_recipe():
+    """Issue 26's second candidate of round 10 (docs/results.md, "Round 10 ..."): round 9's default with
+    `mixing="prefix"`: the paper's draws count how many groups, from the first, run their successors, so a
+    successor always reads a successor's output, as it will in the compressed model."""
+    return _default_with("prefix_mixing", match_below_agreement=None, match_if_collapsed=True,
+                         start_check_predictions=128, collapse_spread=1e-3, mixing="prefix")
+
+
 # the named recipes a benchmark variant can ask for (recipe_lr's `recipe_factory`)
 RECIPE_FACTORIES = {"candidate": candidate_recipe, "collapsed_trigger": collapsed_trigger_recipe,
                     "agreement_trigger": agreement_trigger_recipe, "pooled_check": pooled_check_recipe,
-                    "offset_aware": offset_aware_recipe, "rest_after_mixing": rest_after_mixing_recipe}
+                    "offset_aware": offset_aware_recipe, "rest_after_mixing": rest_after_mixing_recipe,
+                    "prefix_mixing": prefix_mixing_recipe}

@@ -57,6 +57,8 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "offset_aware": dict(method="theseus", recipe_factory="offset_aware"),
     # round 10's candidates: `rest_frozen` above, and the rest's copies training only once p reaches 1
     "rest_after_mixing": dict(method="theseus", recipe_factory="rest_after_mixing"),
+    # round 10's second candidate: the successors replace a prefix of the groups (mixing="prefix")
+    "prefix_mixing": dict(method="theseus", recipe_factory="prefix_mixing"),
 }
 
 

@@ -124,3 +124,27 @@ def test_integrations_refuse_options_they_would_drop():
     th = chain_engine(with_options(mixing="blend"))  # the blend needs no loop of its own
     TheseusCallback(th)
     th.unwrap()
+
+
+def test_prefix_mixing_runs_the_successors_of_a_prefix_of_the_groups():
+    # round 10 (issue 26): the paper's draws count how many groups, from the first, run their successors
+    from theseus_general.replacement import ReplacementState
+
+    state = ReplacementState(seed=3)
+    state.mixing, state.group_count = "prefix", 6
+    shares = []
+    for step in range(400):
+        state.advance(step, 0.4)
+        decisions = [state.decision(g, 0) for g in range(6)]
+        k = sum(decisions)
+        assert decisions == [True] * k + [False] * (6 - k), decisions  # a prefix, never a gap
+        shares.append(k / 6)
+    assert abs(sum(shares) / len(shares) - 0.4) < 0.03  # the paper's share of successors, on average
+    state.mixing = "random"  # the paper's draws do leave gaps
+    assert any([state.decision(g, 0) for g in range(6)] != sorted([state.decision(g, 0) for g in range(6)], reverse=True)
+               for step in range(50) if not state.advance(step, 0.4))
+
+    th = chain_engine(with_options(mixing="prefix"))
+    assert th._state.group_count == 2
+    fit(th, batches(), 10, lr=1e-2, progress=False, match_steps=0)
+    th.unwrap()

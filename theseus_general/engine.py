@@ -208,6 +208,7 @@ class Theseus:
         recipe = self.recipe
         self._state.mixing, self._state.mixed_matching = recipe.mixing, float(recipe.mixed_matching)
         self._state.rest_waits = bool(recipe.rest_after_mixing) and self.train_rest
+        self._state.group_count = len(self.plan.groups)
         self._state.advance(0, first_rate)
         self._step = 0
         self._failed: Optional[str] = None

@@ -64,7 +64,7 @@ from typing import Dict, Optional
 from .errors import ScheduleError, TrainingError
 from .schedulers import LinearScheduler, RunLinearScheduler, Scheduler
 
-MIXINGS = ("random", "blend")
+MIXINGS = ("random", "blend", "prefix")
 START_CHECK_MAX_BATCHES = 16  # the start check reads no more batches than this, however small they are
 
 
@@ -96,7 +96,9 @@ class Recipe:
     # issue 23's mechanisms (see the module docstring); off here and in every named recipe
     lr_compensation: Optional[float] = None  # cap c of the successors' lr factor min(c, 1/p) while p < 1
     mixed_matching: float = 0.0  # weight of the mixed phase's local matching loss
-    mixing: str = "random"  # "random": the paper's draws; "blend": (1 - p) * group + p * successor
+    # "random": the paper's draws; "blend": (1 - p) * group + p * successor; "prefix": the paper's draws count how
+    # many groups, from the first, run their successors (`ReplacementState.decision`; issue 26, round 10)
+    mixing: str = "random"
     # with train_rest, the rest's copies take no optimiser step while p < 1 (the engine's optimiser hook drops
     # their gradients, so AdamW starts their state at p = 1): the successors learn their place under the
     # predecessor's own embeddings and head, which then adapt to the all-successor model (issue 26, round 10)

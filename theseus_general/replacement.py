@@ -139,6 +139,7 @@ class ReplacementState:
         # mixed_matching (its loss weight; 0: off): each training forward while p < 1 also records (group,
         # error) of its successor against the group on the same detached input (`Theseus.auxiliary_loss`)
         self.mixing = "random"
+        self.group_count = 0  # the engine's groups, in plan order ("prefix" mixing counts the draws of all of them)
         self.mixed_matching = 0.0
         # the recipe's rest_after_mixing (with train_rest): the rest's copies take no step while rate < 1
         self.rest_waits = False
@@ -151,7 +152,13 @@ class ReplacementState:
         self.eval_grad_forwards = 0
 
     def decision(self, group: int, micro_batch: int) -> bool:
-        """Whether `group` runs its successor in micro-batch `micro_batch` of the current step."""
+        """Whether `group` runs its successor in micro-batch `micro_batch` of the current step. "prefix"
+        mixing: the successors replace the first k groups, k the number of the paper's draws (one per
+        group) that picked a successor, so every successor reads a successor's output, as in the
+        compressed model, and the predecessor's blocks above the cut read the last successor's."""
+        if self.mixing == "prefix":
+            picked = sum(uniform(self.seed, self.step, g, micro_batch) < self.rate for g in range(self.group_count))
+            return group < picked
         return uniform(self.seed, self.step, group, micro_batch) < self.rate
 
     @torch.compiler.disable  # plain Python bookkeeping: never traced, never guarded on
