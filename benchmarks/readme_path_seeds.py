@@ -8,6 +8,7 @@ fine-tune-only (the trained model's bottom layers), at several learning rates.
   rest_frozen             the default with train_rest=False (round 10)
   rest_after_mixing       benchmarks/_common.rest_after_mixing_recipe: the rest trains once p = 1 (round 10)
   prefix_mixing           benchmarks/_common.prefix_mixing_recipe: successors replace a prefix of the groups (round 10)
+  quarter_full            the default with p reaching 1 at 25% of the run (`replace_by=0.25`, round 10)
 
 `tests/test_recipes.py::test_readme_path_at_default_settings_is_not_worse_than_fine_tune_only` runs one
 seed; this runs --seeds of the Theseus draws (and of dropout's generator) on the same task, so that one
@@ -47,7 +48,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--steps", type=int, default=40, help="the test's steps")
     p.add_argument("--variants", nargs="+", default=["default", "candidate"],
                    choices=["default", "candidate", "group_last_no_matching", "finetune_group_last", "rest_frozen",
-                            "rest_after_mixing", "prefix_mixing"])
+                            "rest_after_mixing", "prefix_mixing", "quarter_full"])
     p.add_argument("--output", default=os.path.join(RESULTS_DIR, "recipe_lr", "readme_path_seeds.json"))
     args = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -57,7 +58,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     variants = {"default": ({}, {}), "candidate": ({"recipe": candidate_recipe()}, {}),
                 "group_last_no_matching": ({"init": "group_last"}, {"match_steps": 0}),
                 "rest_frozen": ({"train_rest": False}, {}), "rest_after_mixing": ({"recipe": rest_after_mixing_recipe()}, {}),
-                "prefix_mixing": ({"recipe": prefix_mixing_recipe()}, {})}
+                "prefix_mixing": ({"recipe": prefix_mixing_recipe()}, {}),
+                "quarter_full": ({"replace_by": 0.25}, {})}
     # fine-tune-only: name -> the start (`init`; None: the bottom blocks, truncation), always "finetune" first
     baselines = {"finetune": None}
     if "finetune_group_last" in args.variants:

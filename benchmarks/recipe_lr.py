@@ -44,6 +44,8 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     # the default with p reaching 1 at 10% of the run instead of 50% (a short mixed phase), with or without matching
     "early_full": dict(method="theseus", full_at=0.1),
     "early_full_no_matching": dict(method="theseus", full_at=0.1, match_steps=0),
+    # round 10's third candidate: p reaching 1 at a quarter of the run (the recipe's matching decision kept)
+    "quarter_full": dict(method="theseus", full_at=0.25),
     # each successor from its group's last block (a coherent mix: the all-successor model drops blocks), no matching
     "group_last_no_matching": dict(method="theseus", init="group_last", match_fraction=0.0),
     # issue 26's candidate default of round 6 (benchmarks/_common.candidate_recipe): both changes together

@@ -54,6 +54,14 @@ until they win on dev (measured in docs/results.md#mechanisms-on-dev-issue-23). 
   their mean to the task loss (module matching that goes on while the task trains).
 * ``mixing="blend"``: instead of a random draw per group, each group outputs
   (1 - p) * predecessor blocks + p * successor while p < 1 (a deterministic annealed blend, as DCR).
+
+Two more of issue 26 (round 10, docs/results.md#round-10-stage-1-what-came-out-and-a-second-candidate-written-2026-12-05-0728-utc),
+off in every named recipe as well:
+
+* ``mixing="prefix"``: the paper's draws count how many groups, from the first, run their successors, so
+  a successor always reads a successor's output, as in the compressed model.
+* ``rest_after_mixing=True``: with train_rest, the rest's copies take no optimiser step while p < 1 (the
+  engine's optimiser hook drops their gradients), then train with the successors.
 """
 
 from __future__ import annotations
