@@ -522,6 +522,21 @@ def test_recipe_lr_candidate_is_the_default_with_a_short_phase_matching_only_a_c
     assert not hasattr(recipe_lr.variant_args(args, "collapsed_trigger", 1e-4, 0), "recipe_factory")
 
 
+def test_recipe_lr_round_10_candidates_are_the_default_with_one_change_each():
+    common, recipe_lr = load("_common"), load("recipe_lr")
+    default = get_recipe("default")
+    assert common.rest_after_mixing_recipe() == dataclasses.replace(default, name="rest_after_mixing",
+                                                                    rest_after_mixing=True)
+    assert common.prefix_mixing_recipe() == dataclasses.replace(default, name="prefix_mixing", mixing="prefix")
+    assert recipe_lr.VARIANTS["quarter_full"] == dict(method="theseus", full_at=0.25)
+    args = argparse.Namespace(steps=6, lr=1e-2, weight_decay=0.0, device="cpu")
+    for name in ("rest_after_mixing", "prefix_mixing"):
+        notes = {}
+        recipe = common.RECIPE_FACTORIES[name]()
+        model = recipe_lr.theseus_run(ChainTask, ChainModel(depth=6), 0, args, name, {}, notes, recipe=recipe)
+        assert len(model.blocks) == 3 and notes["full_at"] == 0.5
+
+
 @pytest.mark.parametrize("method", ["finetune_trained", "theseus"])
 def test_a_benchmark_run_is_the_same_whatever_ran_before_it_in_the_process(method):
     """Dropout draws from torch's global generator, whose seed differs per process: unseeded, a text run
