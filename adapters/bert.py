@@ -42,6 +42,8 @@ class BertAdapter(Adapter):
         "a PreTrainedModel whose base model has encoder.layer (nn.ModuleList) and config.num_hidden_layers"
     )
 
+    default_recipe = "bert"  # the default with a short mixed phase for a start that disagrees (issue 26, round 10)
+
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
         if not is_pretrained_model(model):

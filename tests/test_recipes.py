@@ -184,10 +184,12 @@ def test_readme_path_at_default_settings_is_not_worse_than_fine_tune_only(lr):
     assert held_out_accuracy(baseline, test) < 0.95  # truncation loses: there is something to recover
     fit(baseline, train, steps, lr=lr, progress=False)
     th = Theseus(teacher, successor_depth=2, seed=0)
-    assert th.recipe.name == "default"
+    assert th.recipe.name == "bert"  # the bert adapter's family recipe: the default, short phase if the start disagrees
     result = fit(th, train, steps, lr=lr, progress=False)
-    # the start keeps both classes (its bottom 2 layers score about 0.89), so the default does not match
+    # the start keeps both classes (its bottom 2 layers score about 0.89), so the default does not match;
+    # it agrees with the predecessor on at least 2/3, so the mixed phase keeps the default's length
     assert result.start_collapsed is False and result.matching is None and result.start_spread > 0.05
+    assert result.start_agreement >= 2 / 3 and th.scheduler.full_at == 0.5
     successor = th.export()
     th.unwrap()
     theseus, fine_tuned = held_out_accuracy(successor, test), held_out_accuracy(baseline, test)

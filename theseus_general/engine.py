@@ -175,6 +175,7 @@ class Theseus:
         self.adapter = _resolve_adapter(model, adapter if isinstance(adapter, Adapter) else config.adapter,
                                         dict(config.adapter_options))
         # no recipe named: the family's (the adapter's default_recipe; "default" unless the dev splits chose another)
+        resolved_before = config.resolved or config.schedule is not None
         config = config.resolve(self.adapter.default_recipe, recipe=recipe_given,
                                 scheduler=as_scheduler(scheduler) if scheduler is not None else None)
         self.scheduler = (as_scheduler(scheduler) if scheduler is not None
@@ -183,6 +184,10 @@ class Theseus:
         if config.total_steps is not None and self.needs_total_steps:
             self.scheduler.for_run(config.total_steps)
         self._config = config
+        # whether the curriculum is the recipe's own (no scheduler=, schedule or replace_by given, not a saved
+        # run's): only then may `fit_phase_to_start` move where p reaches 1
+        self._phase_from_recipe = (scheduler is None and not resolved_before and config.replace_by is None
+                                   and isinstance(self.scheduler, RunLinearScheduler))
         first_rate = self.scheduler(0)
         self._model = model
         successor_depth, ratio, groups = config.successor_depth, config.ratio, config.groups
@@ -355,6 +360,22 @@ class Theseus:
         """True while the schedule is relative to the run's length (`RunLinearScheduler`) and does not
         know it yet: `fit` and the Trainer integration then call `set_total_steps`."""
         return isinstance(self.scheduler, RunLinearScheduler) and not self.scheduler.knows_run
+
+    def fit_phase_to_start(self, agreement: Optional[float]) -> None:
+        """Apply the recipe's short mixed phase for a start that disagrees with its predecessor
+        (`Recipe.full_at_for`, from the start check's `agreement`): p then reaches 1 at the recipe's
+        ``short_full_at`` of the run. Before the first step, and only to the recipe's own curriculum (a
+        schedule or ``replace_by`` you gave wins); the config records it, so a resumed run keeps it."""
+        self.check_open("fit_phase_to_start()")
+        full_at = self.recipe.full_at_for(agreement)
+        if (self._step > 0 or not self._phase_from_recipe or full_at is None
+                or full_at == self.scheduler.full_at):
+            return
+        total = self.scheduler.total_steps
+        self.scheduler = RunLinearScheduler(full_at=full_at, base=self.scheduler.base, total_steps=total)
+        parts = dict(self._config.recipe_parts, full_at=full_at)
+        self._config = self._config.replace(schedule=self.scheduler.to_dict(), recipe_parts=parts)
+        self._state.advance(self._step, self.scheduler(self._step))
 
     def set_total_steps(self, total_steps: int) -> None:
         """Tell the default curriculum (`RunLinearScheduler`) how many optimiser steps the run has,

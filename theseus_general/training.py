@@ -280,6 +280,8 @@ def fit(
         # the recipe matches only a start that lost the task: ask the first batches (read once, then
         # handed on as the stream's first batches, so that a resumed run decides the same)
         batches, start = _read_start(engine, batches)
+    if start is not None:
+        engine.fit_phase_to_start(start.agreement)  # the recipe's short phase for a start that disagrees
     planned_matching = _matching_steps(engine, steps, match_steps, start)
     steps -= planned_matching  # matching comes out of the same budget of optimiser steps
     if engine is not None and engine.step_count == 0 and engine.needs_total_steps:
@@ -551,7 +553,8 @@ def planned_match_steps(engine: Theseus, steps: int, batch: Any = None, *, batch
     """The module-matching steps `engine`'s recipe takes out of a run of `steps` optimiser steps, for
     loops of your own (the HF Trainer, Accelerate, Lightning; `fit` decides the same way): the recipe's
     share, or none when the recipe matches only a start that lost the task and the run's first batches
-    say the start has not (`theseus_general.matching.check_start`). Give `batches`, the run's batches
+    say the start has not (`theseus_general.matching.check_start`); like `fit`, it also applies the recipe's
+    short mixed phase to a start that disagrees (`Theseus.fit_phase_to_start`). Give `batches`, the run's batches
     (an iterable such as your DataLoader, or a function ``position -> batch``): the check reads as many
     as the recipe's ``start_check_predictions`` needs, as `fit` does. Or give `batch`, one batch (an
     ``(inputs, labels)`` pair, a mapping with "labels", or the inputs), when one is all you have. Call it
@@ -562,6 +565,7 @@ def planned_match_steps(engine: Theseus, steps: int, batch: Any = None, *, batch
     if not engine.recipe.asks_start:
         return engine.recipe.match_steps(steps)
     _, start = _read_start(engine, batches if batches is not None else [batch])
+    engine.fit_phase_to_start(start.agreement)  # as fit: the recipe's short phase for a start that disagrees
     return engine.recipe.match_steps(steps, *_decision(engine, start))
 
 

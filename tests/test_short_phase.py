@@ -1,0 +1,75 @@
+"""The recipe's short mixed phase for a start that disagrees with its predecessor (issue 26, round 10): the
+bert adapter's family recipe, "bert", moves p = 1 from 50% to 10% of the run when the start check's pooled
+agreement is below 2/3; every other recipe leaves it where it is."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from theseus_general import RECIPES, ScheduleError, Theseus, fit
+from theseus_general.recipes import get_recipe
+
+from conftest import ChainModel
+
+
+def test_the_recipe_picks_the_phase_from_the_agreement():
+    bert = get_recipe("bert")
+    assert bert.full_at_for(0.5) == 0.1 and bert.full_at_for(0.9) == 0.5 and bert.full_at_for(None) == 0.5
+    assert bert.asks_start
+    default = get_recipe("default")
+    assert default.full_at_for(0.1) == 0.5
+    # "bert" is the default with the one change
+    assert bert == dataclasses.replace(default, name="bert", short_phase_below_agreement=2 / 3, short_full_at=0.1)
+    with pytest.raises(ScheduleError, match="short_full_at is a share"):
+        dataclasses.replace(default, short_full_at=0.0)
+
+
+def engine(recipe, **options):
+    return Theseus(ChainModel(depth=6, seed=3), adapter="generic", container="blocks", successor_depth=3, seed=1,
+                   recipe=recipe, **options)
+
+
+def batches():
+    g = torch.Generator().manual_seed(0)
+    while True:
+        x = torch.randn(16, 4, generator=g)
+        yield x, (x.sum(1) > 0).long()
+
+
+def always_short():
+    # a threshold above any agreement: this chain's start always counts as disagreeing
+    return dataclasses.replace(get_recipe("default"), name="always_short", short_phase_below_agreement=1.0,
+                               match_if_collapsed=False, match_fraction=0.0)
+
+
+def test_fit_moves_the_recipes_curriculum_for_a_start_that_disagrees_and_records_it(tmp_path):
+    th = engine(always_short())
+    result = fit(th, batches(), 20, lr=1e-2, progress=False)
+    assert result.start_agreement is not None and result.matching is None
+    assert th.scheduler.full_at == 0.1 and th.recipe.full_at == 0.1
+    rates = [record.replacement_rate for record in result.history]
+    assert rates[0] < 1 and rates[2] == 1.0  # p = 1 at 10% of 20 steps
+    assert th.config.schedule["full_at"] == 0.1  # what a checkpoint saves, so a resumed run keeps it
+    rebuilt = Theseus(ChainModel(depth=6, seed=3), th.config)
+    assert rebuilt.scheduler.full_at == 0.1
+    rebuilt.unwrap()
+    th.unwrap()
+
+
+def test_a_curriculum_given_by_the_user_wins():
+    th = engine(always_short(), replace_by=0.5)
+    fit(th, batches(), 20, lr=1e-2, progress=False)
+    assert th.scheduler.full_at == 0.5
+    th.unwrap()
+    th = engine(get_recipe("default"))  # no short phase in the default recipe
+    fit(th, batches(), 20, lr=1e-2, progress=False)
+    assert th.scheduler.full_at == 0.5
+    th.unwrap()
+
+
+def test_the_bert_adapter_names_the_bert_recipe():
+    from theseus_general import get_adapter
+
+    assert get_adapter("bert").default_recipe == "bert" and "bert" in RECIPES
+    assert get_adapter("vit").default_recipe == "default" and get_adapter("resnet").default_recipe == "resnet"
