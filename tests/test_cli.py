@@ -173,7 +173,7 @@ def test_each_example_config_runs_end_to_end(name, tmp_path, monkeypatch):
     assert succ["parameters"] < pred["parameters"] and results["flops_ratio"] > 1
     # 6 steps, all mixed: neither the default recipe nor a ResNet's does module matching
     assert (out / "metrics.csv").read_text().count("replacement_rate") == 6
-    assert results["config"]["recipe"] == ("resnet" if name == "resnet" else "default")
+    assert results["config"]["recipe"] == {"resnet": "resnet", "text": "bert"}.get(name, "default")  # the family's
     for plot in ("curriculum.png", "comparison.png"):
         assert (out / plot).read_bytes()[:4] == b"\x89PNG"
     if name == "text":
