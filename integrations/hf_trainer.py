@@ -18,6 +18,11 @@ processes), which adds `TheseusCallback` (one ``th.step()`` per optimiser step) 
 the replacement rate as ``theseus_rate``.
 With a plain Trainer instead: ``opt = AdamW(th.trainable_parameters()); th.attach(opt)``, then
 ``Trainer(..., optimizers=(opt, None), callbacks=[TheseusCallback(th)])``.
+
+The callback does not read the run's first batches. So the recipe's start check (module matching of a collapsed
+start; the bert recipe's short mixed phase for a start that disagrees) happens only if you ask for it before
+``trainer.train()``: ``n = planned_match_steps(th, max_steps, batches=trainer.get_train_dataloader())``, then
+``match_successors(th, ..., n)`` when n > 0 (`theseus_general.training`).
 """
 
 from __future__ import annotations

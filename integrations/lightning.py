@@ -52,6 +52,7 @@ import torch
 
 from theseus_general.engine import Theseus
 from theseus_general.errors import EngineStateError, TrainingError
+from theseus_general.schedulers import RunLinearScheduler
 from theseus_general.training import match_successors, planned_match_steps
 
 __all__ = ["TheseusCallback"]
@@ -185,6 +186,8 @@ class TheseusCallback(L.Callback):
         n = self.match_steps if self.match_steps is not None else planned_match_steps(th, steps, batches=batches)
         if trainer.world_size > 1:
             n = trainer.strategy.broadcast(n, src=0)
+            if isinstance(th.scheduler, RunLinearScheduler):  # the recipe's phase for this start: rank 0's too
+                th.fit_phase_to_start(None, full_at=trainer.strategy.broadcast(th.scheduler.full_at, src=0))
         if n <= 0:
             return
         match_successors(th, batches, n, lr=self.match_lr or th.recipe.match_lr or 1e-3, device=pl_module.device,

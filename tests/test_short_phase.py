@@ -73,3 +73,18 @@ def test_the_bert_adapter_names_the_bert_recipe():
 
     assert get_adapter("bert").default_recipe == "bert" and "bert" in RECIPES
     assert get_adapter("vit").default_recipe == "default" and get_adapter("resnet").default_recipe == "resnet"
+
+
+def test_another_ranks_phase_can_be_applied_and_a_started_run_keeps_its_own():
+    th = engine(always_short())
+    th.fit_phase_to_start(None, full_at=0.1)  # what rank 0 decided, as the Lightning callback passes it on
+    assert th.scheduler.full_at == 0.1 and th.config.schedule["full_at"] == 0.1
+    th.unwrap()
+    th = engine(always_short(), total_steps=20)
+    th.model.train()
+    x, y = next(batches())
+    torch.nn.functional.cross_entropy(th.model(x), y).backward()
+    th.step()
+    th.fit_phase_to_start(0.0)  # after the first step the curriculum is fixed
+    assert th.scheduler.full_at == 0.5
+    th.unwrap()
