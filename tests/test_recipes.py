@@ -376,3 +376,25 @@ def test_planned_match_steps_reads_the_batches_fit_would():
     with pytest.raises(TrainingError, match="not both"):
         planned_match_steps(th, 100, stream[0], batches=stream)
     th.unwrap()
+
+
+class _NoLogits(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        from conftest import ChainModel
+
+        self.inner = ChainModel(depth=4, seed=0)
+        self.blocks = self.inner.blocks
+
+    def forward(self, x):
+        return {"features": self.inner(x)}  # no logits: the start check has nothing to read
+
+
+def test_planned_match_steps_without_logits_keeps_the_recipes_share_and_phase():
+    from theseus_general import RECIPES, planned_match_steps
+
+    recipe = RECIPES["bert"]  # it asks the start about matching and about its phase
+    th = Theseus(_NoLogits(), adapter="generic", container="blocks", successor_depth=2, recipe=recipe)
+    assert planned_match_steps(th, 100, (torch.randn(4, 4), None)) == 20
+    assert th.scheduler.full_at == recipe.full_at
+    th.unwrap()

@@ -565,7 +565,8 @@ def planned_match_steps(engine: Theseus, steps: int, batch: Any = None, *, batch
     if not engine.recipe.asks_start:
         return engine.recipe.match_steps(steps)
     _, start = _read_start(engine, batches if batches is not None else [batch])
-    engine.fit_phase_to_start(start.agreement)  # as fit: the recipe's short phase for a start that disagrees
+    if start is not None:  # as fit: the recipe's short phase for a start that disagrees
+        engine.fit_phase_to_start(start.agreement)
     return engine.recipe.match_steps(steps, *_decision(engine, start))
 
 
