@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -70,8 +71,6 @@ def seed_run(seed: int) -> None:
 
 
 def _default_with(name: str, **changes):
-    import dataclasses
-
     from theseus_general.recipes import get_recipe
 
     return dataclasses.replace(get_recipe("default"), name=name, **changes)
@@ -123,16 +122,14 @@ def rest_after_mixing_recipe():
     """Issue 26's candidate of round 10 (docs/results.md, "Round 10, the rest frozen while the successors mix in"):
     round 9's default, with the rest's copies (embeddings, pooler, head) taking no step until the replacement rate
     reaches 1 (`Recipe.rest_after_mixing`)."""
-    return _default_with("rest_after_mixing", match_below_agreement=None, match_if_collapsed=True,
-                         start_check_predictions=128, collapse_spread=1e-3, rest_after_mixing=True)
+    return dataclasses.replace(offset_aware_recipe(), name="rest_after_mixing", rest_after_mixing=True)
 
 
 def prefix_mixing_recipe():
     """Issue 26's second candidate of round 10 (docs/results.md, "Round 10 ..."): round 9's default with
     `mixing="prefix"`: the paper's draws count how many groups, from the first, run their successors, so a
     successor always reads a successor's output, as it will in the compressed model."""
-    return _default_with("prefix_mixing", match_below_agreement=None, match_if_collapsed=True,
-                         start_check_predictions=128, collapse_spread=1e-3, mixing="prefix")
+    return dataclasses.replace(offset_aware_recipe(), name="prefix_mixing", mixing="prefix")
 
 
 # the named recipes a benchmark variant can ask for (recipe_lr's `recipe_factory`)

@@ -112,6 +112,14 @@ def write_idx_dataset(directory, train: int = 300, test: int = 100, classes: int
     return str(directory)
 
 
+def sign_batches(size: int = 8, seed: int = 0):
+    """An endless stream of (x, label) for ChainModel: 4 random features, label = whether they sum above 0."""
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        x = torch.randn(size, 4, generator=g)
+        yield x, (x.sum(1) > 0).long()
+
+
 def bert_batch(batch: int = 4, length: int = 10, seed: int = 1):
     g = torch.Generator().manual_seed(seed)
     return {

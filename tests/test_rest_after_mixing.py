@@ -10,7 +10,7 @@ import torch
 from theseus_general import ScheduleError, Theseus, fit
 from theseus_general.recipes import get_recipe
 
-from conftest import ChainModel
+from conftest import ChainModel, sign_batches
 
 
 def recipe(**options):
@@ -23,10 +23,7 @@ def engine(rest_recipe, **options) -> Theseus:
 
 
 def batches():
-    g = torch.Generator().manual_seed(0)
-    while True:
-        x = torch.randn(8, 4, generator=g)
-        yield x, (x.sum(1) > 0).long()
+    return sign_batches()
 
 
 def snapshot(tensors):

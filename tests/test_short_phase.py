@@ -10,7 +10,7 @@ import torch
 from theseus_general import RECIPES, ScheduleError, Theseus, fit
 from theseus_general.recipes import get_recipe
 
-from conftest import ChainModel
+from conftest import ChainModel, sign_batches
 
 
 def test_the_recipe_picks_the_phase_from_the_agreement():
@@ -31,10 +31,7 @@ def engine(recipe, **options):
 
 
 def batches():
-    g = torch.Generator().manual_seed(0)
-    while True:
-        x = torch.randn(16, 4, generator=g)
-        yield x, (x.sum(1) > 0).long()
+    return sign_batches(16)
 
 
 def always_short():

@@ -333,27 +333,30 @@ class Theseus:
                 f"{self.scheduler.full_at:.0%} of the run. Pass Theseus(..., total_steps=N), call "
                 "th.set_total_steps(N), or train with theseus_general.fit (which does it)."
             )
-        if not self._warned_unattached and not self._wrapping.attached and self._state.rest_idle:
-            self._warned_unattached = True
-            warn_user(
-                "The recipe trains the embeddings/stem and head only once the replacement rate reaches 1 "
-                "(rest_after_mixing), and this engine's optimiser hook drops their gradients until then; no "
-                "optimiser is attached, so yours updates them now. Call th.attach(optimizer) once after creating "
-                "the optimiser (fit and the integrations do it)."
-            )
-        if not self._warned_unattached and not self._wrapping.attached and self._state.idle_groups():
-            self._warned_unattached = True
-            warn_user(
-                f"Successors of groups {sorted(self._state.idle_groups())} sat idle this step but got zero gradients "
-                "(kept in the graph for DDP, or because nothing else trains with train_rest=False); an optimiser "
-                "that does not know them applies momentum and weight decay to them. Call th.attach(optimizer) once "
-                "after creating the optimiser (fit and the integrations do it)."
-            )
+        if not self._warned_unattached and not self._wrapping.attached:
+            problem = self._what_the_hook_would_drop()
+            if problem:
+                self._warned_unattached = True
+                warn_user(f"{problem} Call th.attach(optimizer) once after creating the optimiser (fit and the "
+                          "integrations do it).")
         self._step += 1
         self._trained = True
         rate = self.scheduler(self._step)
         self._state.advance(self._step, rate)
         return rate
+
+    def _what_the_hook_would_drop(self) -> Optional[str]:
+        """What this step's gradients hold that `attach`'s optimiser hook would drop (None: nothing)."""
+        if self._state.rest_idle:
+            return ("The recipe trains the embeddings/stem and head only once the replacement rate reaches 1 "
+                    "(rest_after_mixing), and this engine's optimiser hook drops their gradients until then; no "
+                    "optimiser is attached, so yours updates them now.")
+        idle = self._state.idle_groups()
+        if idle:
+            return (f"Successors of groups {sorted(idle)} sat idle this step but got zero gradients (kept in the "
+                    "graph for DDP, or because nothing else trains with train_rest=False); an optimiser that does "
+                    "not know them applies momentum and weight decay to them.")
+        return None
 
     @property
     def needs_total_steps(self) -> bool:
