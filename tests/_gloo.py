@@ -78,6 +78,11 @@ def run_as_rank(run: Callable[..., None]) -> None:
         dist.barrier()
     finally:
         dist.destroy_process_group()
+    # the barrier did not always suffice (one abort in CI, 2026-12-05, after both ranks had finished): a rank
+    # whose work is done and written leaves without running C++ destructors, where gloo's threads can abort it
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def train_on_rank_slice(th, forward, opt, out: str, rank: int, world_size: int, steps: int, global_batch: int) -> None:
