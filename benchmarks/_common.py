@@ -132,8 +132,25 @@ def prefix_mixing_recipe():
     return dataclasses.replace(offset_aware_recipe(), name="prefix_mixing", mixing="prefix")
 
 
+def bert_r10_recipe():
+    """The bert adapter's family recipe as round 10 adopted it (docs/results.md, "Round 10, the short phase for a
+    start that disagrees"): round 9's default with p = 1 at 10% of the run for a start whose pooled agreement is
+    below 2/3, matched or not; kept so that round 10's commands rerun as they were."""
+    return dataclasses.replace(offset_aware_recipe(), name="bert_r10", short_phase_below_agreement=2 / 3,
+                               short_full_at=0.1)
+
+
+def bert_r11_recipe():
+    """Issue 26's candidate of round 11 (docs/results.md, "Round 11, a nearly collapsed start"): round 10's bert
+    recipe, where a binary start answering one class counts as collapsed (and so is matched) below 1/100 of the
+    predecessor's logit spread instead of 1/1,000, and a matched start keeps the default's phase (p = 1 at 50%)."""
+    return dataclasses.replace(bert_r10_recipe(), name="bert_r11", collapse_spread=1e-2,
+                               short_phase_if_collapsed=False)
+
+
 # the named recipes a benchmark variant can ask for (recipe_lr's `recipe_factory`)
 RECIPE_FACTORIES = {"candidate": candidate_recipe, "collapsed_trigger": collapsed_trigger_recipe,
                     "agreement_trigger": agreement_trigger_recipe, "pooled_check": pooled_check_recipe,
                     "offset_aware": offset_aware_recipe, "rest_after_mixing": rest_after_mixing_recipe,
-                    "prefix_mixing": prefix_mixing_recipe}
+                    "prefix_mixing": prefix_mixing_recipe, "bert_r10": bert_r10_recipe,
+                    "bert_r11": bert_r11_recipe}

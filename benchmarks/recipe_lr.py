@@ -61,6 +61,10 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "rest_after_mixing": dict(method="theseus", recipe_factory="rest_after_mixing"),
     # round 10's second candidate: the successors replace a prefix of the groups (mixing="prefix")
     "prefix_mixing": dict(method="theseus", recipe_factory="prefix_mixing"),
+    # the bert recipe as round 10 adopted it, and round 11's candidate: collapsed below 1e-2 of the predecessor's
+    # spread (not 1e-3), and a matched start keeps the default's phase
+    "bert_r10": dict(method="theseus", recipe_factory="bert_r10"),
+    "bert_r11": dict(method="theseus", recipe_factory="bert_r11"),
 }
 
 

@@ -85,3 +85,32 @@ def test_another_ranks_phase_can_be_applied_and_a_started_run_keeps_its_own():
     th.fit_phase_to_start(0.0)  # after the first step the curriculum is fixed
     assert th.scheduler.full_at == 0.5
     th.unwrap()
+
+
+class _Flat(torch.nn.Module):  # a successor that lost its input: one answer for every example (a collapsed start)
+    def __init__(self):
+        super().__init__()
+        self.level = torch.nn.Parameter(torch.ones(8))
+
+    def forward(self, x):
+        return torch.zeros_like(x) + self.level
+
+
+def test_a_collapsed_start_keeps_the_default_phase_when_the_recipe_says_so():
+    # round 11's candidate: a start the recipe matches keeps p = 1 at 50%, the phase matching was measured with
+    recipe = dataclasses.replace(get_recipe("bert"), short_phase_below_agreement=1.0)
+    assert recipe.full_at_for(0.5, collapsed=True) == 0.1  # round 10's bert: matched or not
+    keeps = dataclasses.replace(recipe, short_phase_if_collapsed=False)
+    assert keeps.full_at_for(0.5, collapsed=True) == 0.5 and keeps.full_at_for(0.5, collapsed=False) == 0.1
+    assert keeps.full_at_for(0.5) == 0.1  # no collapse measured: the agreement alone
+    x = torch.randn(64, 4, generator=torch.Generator().manual_seed(0))
+    stream = [(x, (x.sum(1) > 0).long())] * 20
+    for chosen, full_at in ((recipe, 0.1), (keeps, 0.5)):
+        th = Theseus(ChainModel(depth=4, seed=0), adapter="generic", container="blocks", successor_depth=2,
+                     recipe=chosen, successors=[_Flat(), _Flat()])
+        result = fit(th, list(stream), 10, lr=1e-2, progress=False)
+        assert result.start_collapsed and result.matching is not None
+        assert th.scheduler.full_at == full_at and th.config.schedule["full_at"] == full_at
+        th.unwrap()
+    with pytest.raises(ScheduleError, match="short_phase_if_collapsed is True or False"):
+        dataclasses.replace(recipe, short_phase_if_collapsed="no")

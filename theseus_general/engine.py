@@ -364,14 +364,16 @@ class Theseus:
         know it yet: `fit` and the Trainer integration then call `set_total_steps`."""
         return isinstance(self.scheduler, RunLinearScheduler) and not self.scheduler.knows_run
 
-    def fit_phase_to_start(self, agreement: Optional[float], *, full_at: Optional[float] = None) -> None:
+    def fit_phase_to_start(self, agreement: Optional[float], *, collapsed: Optional[bool] = None,
+                           full_at: Optional[float] = None) -> None:
         """Apply the recipe's short mixed phase for a start that disagrees with its predecessor
-        (`Recipe.full_at_for`, from the start check's `agreement`): p then reaches 1 at the recipe's
+        (`Recipe.full_at_for`, from the start check's `agreement` and whether the recipe judges it
+        `collapsed`): p then reaches 1 at the recipe's
         ``short_full_at`` of the run. Before the first step, and only to the recipe's own curriculum (a
         schedule or ``replace_by`` you gave wins); the config records it, so a resumed run keeps it.
         `full_at`: the phase another process decided (several ranks follow rank 0's), instead of `agreement`."""
         self.check_open("fit_phase_to_start()")
-        full_at = self.recipe.full_at_for(agreement) if full_at is None else full_at
+        full_at = self.recipe.full_at_for(agreement, collapsed) if full_at is None else full_at
         if (self._step > 0 or not self._phase_from_recipe or full_at is None
                 or full_at == self.scheduler.full_at):
             return

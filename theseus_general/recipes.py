@@ -126,6 +126,9 @@ class Recipe:
     # phase: p reaches 1 at `short_full_at` of the run instead of `full_at` (`fit` decides it before the first step)
     short_phase_below_agreement: Optional[float] = None
     short_full_at: float = 0.1
+    # whether a start the recipe judges collapsed (and so matches) gets that short phase too; False: it keeps
+    # `full_at`, the phase module matching was measured with (issue 26, round 11)
+    short_phase_if_collapsed: bool = True
 
     def __post_init__(self) -> None:
         if self.mixing not in MIXINGS:
@@ -146,8 +149,9 @@ class Recipe:
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1):
                 raise ScheduleError(f"Recipe {name} is a share in (0, 1], got {value!r}.")
-        if not isinstance(self.rest_after_mixing, bool):
-            raise ScheduleError(f"Recipe rest_after_mixing is True or False, got {self.rest_after_mixing!r}.")
+        for name in ("rest_after_mixing", "short_phase_if_collapsed"):
+            if not isinstance(getattr(self, name), bool):
+                raise ScheduleError(f"Recipe {name} is True or False, got {getattr(self, name)!r}.")
         if not isinstance(self.mixed_matching, (int, float)) or not self.mixed_matching >= 0:
             raise ScheduleError(f"Recipe mixed_matching is a loss weight >= 0 (0: off), got {self.mixed_matching!r}.")
 
@@ -174,13 +178,17 @@ class Recipe:
         return (bool(self.match_fraction) and (self.match_below_agreement is not None or self.match_if_collapsed)
                 or self.short_phase_below_agreement is not None)
 
-    def full_at_for(self, agreement: Optional[float]) -> Optional[float]:
-        """Where p reaches 1 for a start whose check read `agreement`: `short_full_at` below
-        `short_phase_below_agreement`, else `full_at` (a check not measured, None, changes nothing)."""
-        if self.short_phase_below_agreement is not None and agreement is not None \
-                and agreement < self.short_phase_below_agreement:
-            return self.short_full_at
-        return self.full_at
+    def full_at_for(self, agreement: Optional[float], collapsed: Optional[bool] = None) -> Optional[float]:
+        """Where p reaches 1 for a start whose check read `agreement` (and judged it `collapsed`, as this
+        recipe's `collapse_spread` reads it): `short_full_at` below `short_phase_below_agreement`, unless the
+        start collapsed and `short_phase_if_collapsed` is off; else `full_at` (a check not measured, None,
+        changes nothing)."""
+        if self.short_phase_below_agreement is None or agreement is None \
+                or agreement >= self.short_phase_below_agreement:
+            return self.full_at
+        if collapsed and not self.short_phase_if_collapsed:
+            return self.full_at
+        return self.short_full_at
 
     def match_steps(self, steps: int, agreement: Optional[float] = None, collapsed: Optional[bool] = None) -> int:
         """The module-matching steps this recipe takes out of a run of `steps` optimiser steps. With

@@ -280,8 +280,9 @@ def fit(
         # the recipe matches only a start that lost the task: ask the first batches (read once, then
         # handed on as the stream's first batches, so that a resumed run decides the same)
         batches, start = _read_start(engine, batches)
-    if start is not None:
-        engine.fit_phase_to_start(start.agreement)  # the recipe's short phase for a start that disagrees
+    if start is not None:  # the recipe's short phase for a start that disagrees
+        agreement, collapsed = _decision(engine, start)
+        engine.fit_phase_to_start(agreement, collapsed=collapsed)
     planned_matching = _matching_steps(engine, steps, match_steps, start)
     steps -= planned_matching  # matching comes out of the same budget of optimiser steps
     if engine is not None and engine.step_count == 0 and engine.needs_total_steps:
@@ -566,7 +567,8 @@ def planned_match_steps(engine: Theseus, steps: int, batch: Any = None, *, batch
         return engine.recipe.match_steps(steps)
     _, start = _read_start(engine, batches if batches is not None else [batch])
     if start is not None:  # as fit: the recipe's short phase for a start that disagrees
-        engine.fit_phase_to_start(start.agreement)
+        agreement, collapsed = _decision(engine, start)
+        engine.fit_phase_to_start(agreement, collapsed=collapsed)
     return engine.recipe.match_steps(steps, *_decision(engine, start))
 
 
