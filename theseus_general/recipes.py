@@ -38,8 +38,9 @@ On all-mpnet-base-v2 12 -> 6 (agreement 0.57-0.63) at lr 2e-5 / 3e-5 / 5e-5 it i
 stacked MiniLM encoder (0.81) keep the default's phase. The threshold was chosen on those runs
 (docs/results.md#round-10-the-short-phase-for-a-start-that-disagrees-what-came-out). Out of sample it fails:
 MPNet 12 -> 4 is 10.9 points behind truncation; that start is nearly collapsed (spread 5-6e-3, above
-`collapse_spread`), and forced matching rescued it on the one seed run
-(docs/results.md#round-10-the-out-of-sample-check-what-came-out).
+`collapse_spread`). Round 11's candidate matched it (`collapse_spread=1e-2`, a matched start on the default's phase:
+`short_phase_if_collapsed=False`): ahead of truncation at lr 2e-5 and 3e-5, 1.1 points behind at 5e-5, so
+not adopted (docs/results.md#round-11-what-came-out).
 
 ``recipe="matching"`` always matches (the default until issue 26).
 ``fit(..., match_steps=n)`` asks for n matching steps with any recipe, ``match_steps=0`` for none.
