@@ -148,9 +148,15 @@ def bert_r11_recipe():
                                short_phase_if_collapsed=False)
 
 
+def bert_r12_recipe():
+    """Issue 26's candidate of round 12 (docs/results.md, "Round 12, the short phase after matching"): round 10's
+    bert recipe with round 11's `collapse_spread=1e-2` alone, so that a matched start also gets the short phase."""
+    return dataclasses.replace(bert_r10_recipe(), name="bert_r12", collapse_spread=1e-2)
+
+
 # the named recipes a benchmark variant can ask for (recipe_lr's `recipe_factory`)
 RECIPE_FACTORIES = {"candidate": candidate_recipe, "collapsed_trigger": collapsed_trigger_recipe,
                     "agreement_trigger": agreement_trigger_recipe, "pooled_check": pooled_check_recipe,
                     "offset_aware": offset_aware_recipe, "rest_after_mixing": rest_after_mixing_recipe,
                     "prefix_mixing": prefix_mixing_recipe, "bert_r10": bert_r10_recipe,
-                    "bert_r11": bert_r11_recipe}
+                    "bert_r11": bert_r11_recipe, "bert_r12": bert_r12_recipe}

@@ -65,6 +65,8 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     # spread (not 1e-3), and a matched start keeps the default's phase
     "bert_r10": dict(method="theseus", recipe_factory="bert_r10"),
     "bert_r11": dict(method="theseus", recipe_factory="bert_r11"),
+    # round 12's candidate: round 11's limit alone, so a matched start gets the short phase too
+    "bert_r12": dict(method="theseus", recipe_factory="bert_r12"),
 }
 
 

@@ -537,13 +537,14 @@ def test_recipe_lr_round_10_candidates_are_the_default_with_one_change_each():
         assert len(model.blocks) == 3 and notes["full_at"] == 0.5
 
 
-def test_recipe_lr_round_11_recipes_are_the_bert_recipes_of_rounds_10_and_11():
+def test_recipe_lr_round_11_and_12_recipes_are_the_bert_recipe_with_their_changes():
     common = load("_common")
     assert common.bert_r10_recipe() == dataclasses.replace(get_recipe("bert"), name="bert_r10")
     assert common.bert_r11_recipe() == dataclasses.replace(get_recipe("bert"), name="bert_r11", collapse_spread=1e-2,
                                                            short_phase_if_collapsed=False)
-    assert {"bert_r10", "bert_r11"} <= set(common.RECIPE_FACTORIES) and {"bert_r10", "bert_r11"} <= set(
-        load("recipe_lr").VARIANTS)
+    assert common.bert_r12_recipe() == dataclasses.replace(get_recipe("bert"), name="bert_r12", collapse_spread=1e-2)
+    names = {"bert_r10", "bert_r11", "bert_r12"}
+    assert names <= set(common.RECIPE_FACTORIES) and names <= set(load("recipe_lr").VARIANTS)
 
 
 @pytest.mark.parametrize("method", ["finetune_trained", "theseus"])
