@@ -112,6 +112,17 @@ def write_idx_dataset(directory, train: int = 300, test: int = 100, classes: int
     return str(directory)
 
 
+class FlatSuccessor(nn.Module):
+    """A successor that lost its input: the same output for every example (a collapsed start)."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.level = nn.Parameter(torch.ones(width))
+
+    def forward(self, x):
+        return torch.zeros_like(x) + self.level
+
+
 def sign_batches(size: int = 8, seed: int = 0):
     """An endless stream of (x, label) for ChainModel: 4 random features, label = whether they sum above 0."""
     g = torch.Generator().manual_seed(seed)

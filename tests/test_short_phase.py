@@ -10,7 +10,7 @@ import torch
 from theseus_general import RECIPES, ScheduleError, Theseus, fit
 from theseus_general.recipes import get_recipe
 
-from conftest import ChainModel, sign_batches
+from conftest import ChainModel, FlatSuccessor, sign_batches
 
 
 def test_the_recipe_picks_the_phase_from_the_agreement():
@@ -87,15 +87,6 @@ def test_another_ranks_phase_can_be_applied_and_a_started_run_keeps_its_own():
     th.unwrap()
 
 
-class _Flat(torch.nn.Module):  # a successor that lost its input: one answer for every example (a collapsed start)
-    def __init__(self):
-        super().__init__()
-        self.level = torch.nn.Parameter(torch.ones(8))
-
-    def forward(self, x):
-        return torch.zeros_like(x) + self.level
-
-
 def test_a_collapsed_start_keeps_the_default_phase_when_the_recipe_says_so():
     # round 11's candidate: a start the recipe matches keeps p = 1 at 50%, the phase matching was measured with
     recipe = dataclasses.replace(get_recipe("bert"), short_phase_below_agreement=1.0)
@@ -107,7 +98,7 @@ def test_a_collapsed_start_keeps_the_default_phase_when_the_recipe_says_so():
     stream = [(x, (x.sum(1) > 0).long())] * 20
     for chosen, full_at in ((recipe, 0.1), (keeps, 0.5)):
         th = Theseus(ChainModel(depth=4, seed=0), adapter="generic", container="blocks", successor_depth=2,
-                     recipe=chosen, successors=[_Flat(), _Flat()])
+                     recipe=chosen, successors=[FlatSuccessor(), FlatSuccessor()])
         result = fit(th, list(stream), 10, lr=1e-2, progress=False)
         assert result.start_collapsed and result.matching is not None
         assert th.scheduler.full_at == full_at and th.config.schedule["full_at"] == full_at

@@ -25,6 +25,7 @@ from .errors import (
     EngineStateError,
     ExportError,
     InputError,
+    CollapsedSuccessorWarning,
     MatchingDivergedWarning,
     NonFiniteLossError,
     PlanError,
@@ -47,7 +48,7 @@ from . import adapters  # noqa: E402,F401  (registers the built-in adapters)
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapter", "AdapterError", "CheckpointError", "CallableScheduler", "ConstantScheduler", "EngineStateError", "ExportError", "InputError", "MatchingDivergedWarning", "NonFiniteLossError",
+    "Adapter", "AdapterError", "CheckpointError", "CallableScheduler", "ConstantScheduler", "EngineStateError", "ExportError", "InputError", "CollapsedSuccessorWarning", "MatchingDivergedWarning", "NonFiniteLossError",
     "Group", "LinearScheduler", "RECIPES", "Recipe", "RunLinearScheduler", "ModuleGraph", "Plan", "PlanError", "ScheduleError", "Scheduler",
     "SuccessorMismatchError", "Theseus", "TheseusError", "TrainingError", "UnknownOptionError", "fit", "match_successors", "planned_match_steps", "detect_adapter", "get_adapter", "list_adapters",
     "register_adapter", "split_evenly", "count_flops", "count_parameters", "measure_latency",

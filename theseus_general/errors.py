@@ -63,6 +63,11 @@ class MatchingDivergedWarning(UserWarning):
     first batch rose); that successor went back to its weights from before matching."""
 
 
+class CollapsedSuccessorWarning(UserWarning):
+    """After `fit`, the successors alone (the model `export` gives) answer a single class on the run's last
+    batch, where the predecessor answers several: the compressed model has most likely collapsed."""
+
+
 def warn_user(message: str, category: type = UserWarning) -> None:
     """`warnings.warn` pointing at the first caller outside this package (theseus_general, its
     adapters and integrations), however deep inside it the warning is raised."""

@@ -44,12 +44,15 @@ from tqdm.auto import tqdm
 
 from .checkpoint import CheckpointManager
 from .engine import Theseus
-from .errors import MatchingDivergedWarning, NonFiniteLossError, TrainingError, warn_user
+from .errors import CollapsedSuccessorWarning, MatchingDivergedWarning, NonFiniteLossError, TrainingError, warn_user
 from .graph import default_logits, run_model
 from .matching import (MatchGuard, StartCheck, choose_starts, full_precision, group_errors, inputs_of,
                        note_starts, put_back, start_predictions)
 from .metrics import MetricsLogger
 from .recipes import START_CHECK_MAX_BATCHES
+
+# the end check's least run of predictions (the start check's pooled 128): fewer could be one class by chance
+END_CHECK_PREDICTIONS = 128
 
 MIXED_PRECISION = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 LR_SCHEDULES = ("linear", "constant", "cosine")
@@ -85,6 +88,10 @@ class FitResult:
     start_collapsed: Optional[bool] = None
     start_predictions: Optional[int] = None  # how many predictions that check pooled
     start_spread: Optional[float] = None  # the start's logit spread over the predecessor's (`StartCheck.spread_ratio`)
+    # whether the trained successors alone (p = 1) answered a single class on each of the run's last training
+    # batches, at least END_CHECK_PREDICTIONS predictions, while the labels held several: the compressed model has
+    # collapsed (a `CollapsedSuccessorWarning`). None: not measured (no engine, no logits, p never reached 1)
+    end_collapsed: Optional[bool] = None
 
     @property
     def losses(self) -> List[float]:
@@ -337,10 +344,16 @@ def fit(
         # progress=True leaves `disable` to tqdm, so that TQDM_DISABLE=1 in the environment still silences the bar
         bar = tqdm(total=steps, initial=step, desc=desc, leave=False, dynamic_ncols=True, **({} if progress else {"disable": True}))
         recent: List[float] = []  # batch accuracies of the last 20 steps: the bar's running mean
+        # the end check: how many of the last predictions the successors alone (p = 1) gave, in batches where each
+        # answered a single class while the labels held several (a run of them that reaches the end: collapsed)
+        one_answer = 0
+        counted_at_full = False
         while step < steps:
             rate = engine.replacement_rate if engine is not None else None  # the rate this step's draws use
             lr_now = scheduler.get_last_lr()[0]
-            sums = torch.zeros(3, device=run_device)  # loss, correct predictions, predictions counted
+            # loss, correct predictions, predictions counted; of those, in batches whose labels hold several classes,
+            # and in such batches where the model answered one class (the end check)
+            sums = torch.zeros(5, device=run_device)
             for _ in range(gradient_accumulation):
                 inputs, labels = to_device(split_batch(next_batch(position)), run_device)
                 position += 1
@@ -354,7 +367,7 @@ def fit(
                 sums[0] += value.detach().float()
                 if logits is not None and isinstance(labels, torch.Tensor):
                     sums[1:] += _hits(logits.detach(), labels)
-            loss_sum, correct, counted = sums.tolist()  # the step's one device sync
+            loss_sum, correct, counted, varied, one_class = sums.tolist()  # the step's one device sync
             loss_value = loss_sum / gradient_accumulation
             if not math.isfinite(loss_value):
                 if engine is not None:
@@ -370,6 +383,11 @@ def fit(
             optimizer.zero_grad(set_to_none=True)
             if engine is not None:
                 engine.step()
+            if rate is not None and rate >= 1 and varied:
+                counted_at_full = True
+                one_answer = one_answer + one_class if one_class == varied else 0
+            elif rate is not None and rate < 1:
+                one_answer = 0
             accuracy = correct / counted if counted else None
             record = StepLog(step, loss_value, lr_now, rate, accuracy)
             result.history.append(record)
@@ -386,6 +404,10 @@ def fit(
                 manager.save(engine, optimizer, scheduler, data_position=position)
             if on_step is not None:
                 on_step(record)
+        if engine is not None:
+            result.end_collapsed = one_answer >= END_CHECK_PREDICTIONS if counted_at_full else None
+            if result.end_collapsed:
+                _warn_collapsed(one_answer, matched=matching is not None)
     finally:
         if bar is not None:
             bar.close()
@@ -646,12 +668,34 @@ def _batch_source(batches: Any, position: int, needed: int) -> Callable[[int], B
 
 
 def _hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[correct predictions, predictions counted] on the device (no sync); labels of -100 (ignored
+    """[correct predictions, predictions counted, those counted again when the labels hold more than one class,
+    and once more when the model also answered a single class] on the device (no sync); labels of -100 (ignored
     tokens) do not count, and logits that do not match the labels' shape count nothing."""
     if logits.dim() < 1 or logits.shape[:-1] != labels.shape or labels.is_floating_point():
-        return torch.zeros(2, device=logits.device)
+        return torch.zeros(4, device=logits.device)
     valid = labels != -100
-    return torch.stack([((logits.argmax(-1) == labels) & valid).sum(), valid.sum()]).float()
+    answers = logits.argmax(-1)
+    counted = valid.sum()
+    varied = _spans(labels, valid)
+    return torch.stack([((answers == labels) & valid).sum(), counted, counted * varied,
+                        counted * varied * ~_spans(answers, valid)]).float()
+
+
+def _spans(values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Whether `values` take more than one value where `valid` (a 0-dim bool on the device, no sync)."""
+    low = torch.where(valid, values, torch.iinfo(values.dtype).max).min()
+    high = torch.where(valid, values, torch.iinfo(values.dtype).min).max()
+    return high > low
+
+
+def _warn_collapsed(predictions: int, *, matched: bool) -> None:
+    fix = ("module matching ran first; a larger successor_depth or more steps may help" if matched else
+           "rerun with module matching, fit(..., match_steps=int(0.2 * steps)), or compress less (a larger "
+           "successor_depth)")
+    warn_user(f"The successors alone (the model export() gives) answered a single class on each of the run's last "
+              f"training batches ({int(predictions)} predictions) while the labels held several: the compressed "
+              f"model has most likely collapsed to one answer (MPNet truncated below half depth did, without module "
+              f"matching). Evaluate it before use; {fix}.", CollapsedSuccessorWarning)
 
 
 def _device_of(model: nn.Module) -> Optional[torch.device]:
