@@ -20,7 +20,8 @@ def test_the_recipe_picks_the_phase_from_the_agreement():
     default = get_recipe("default")
     assert default.full_at_for(0.1) == 0.5
     # "bert" is the default with the one change
-    assert bert == dataclasses.replace(default, name="bert", short_phase_below_agreement=2 / 3, short_full_at=0.1)
+    assert bert == dataclasses.replace(default, name="bert", short_phase_below_agreement=2 / 3, short_full_at=0.1,
+                                       collapse_spread=1e-2)  # round 12: a nearly collapsed start is matched
     with pytest.raises(ScheduleError, match="short_full_at is a share"):
         dataclasses.replace(default, short_full_at=0.0)
 
