@@ -81,7 +81,7 @@ off in every named recipe as well:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Dict, Optional
 
 from .errors import ScheduleError, TrainingError
@@ -187,12 +187,9 @@ class Recipe:
         recipe's `collapse_spread` reads it): `short_full_at` below `short_phase_below_agreement`, unless the
         start collapsed and `short_phase_if_collapsed` is off; else `full_at` (a check not measured, None,
         changes nothing)."""
-        if self.short_phase_below_agreement is None or agreement is None \
-                or agreement >= self.short_phase_below_agreement:
-            return self.full_at
-        if collapsed and not self.short_phase_if_collapsed:
-            return self.full_at
-        return self.short_full_at
+        disagrees = (self.short_phase_below_agreement is not None and agreement is not None
+                     and agreement < self.short_phase_below_agreement)
+        return self.short_full_at if disagrees and (self.short_phase_if_collapsed or not collapsed) else self.full_at
 
     def match_steps(self, steps: int, agreement: Optional[float] = None, collapsed: Optional[bool] = None) -> int:
         """The module-matching steps this recipe takes out of a run of `steps` optimiser steps. With
@@ -211,24 +208,24 @@ class Recipe:
         return RunLinearScheduler(full_at=self.full_at, base=self.base)
 
 
+# the default (issue 26): matching cost 3.3-3.5 test points on a 12-layer encoder whose start keeps both classes, and
+# rescues one that answers a single class (MiniLM 6 -> 3: +18 points): it runs for the latter only
+# (round 8: the check pools 128 predictions; one batch of 16 had matched a start that keeps both classes)
+# (round 9: a binary start that answers one class is collapsed only if its logits no longer vary with the input:
+# all-mpnet-base-v2's start from a converged predecessor answers one class through an offset, and matching it cost
+# about 4 points)
+_DEFAULT = Recipe("default", train_rest=True, full_at=0.5, base=0.3, match_fraction=0.2, match_lr=1e-3,
+                   choose_start=True, match_if_collapsed=True, start_check_predictions=128, collapse_spread=1e-3)
+
 RECIPES: Dict[str, Recipe] = {
-    # issue 26: matching cost 3.3-3.5 test points on a 12-layer encoder whose start keeps both classes, and
-    # rescues one that answers a single class (MiniLM 6 -> 3: +18 points): it runs for the latter only
-    # (round 8: the check pools 128 predictions; one batch of 16 had matched a start that keeps both classes)
-    # (round 9: a binary start that answers one class is collapsed only if its logits no longer vary with the input:
-    # all-mpnet-base-v2's start from a converged predecessor answers one class through an offset, and matching it cost
-    # about 4 points)
-    "default": Recipe("default", train_rest=True, full_at=0.5, base=0.3, match_fraction=0.2, match_lr=1e-3,
-                      choose_start=True, match_if_collapsed=True, start_check_predictions=128, collapse_spread=1e-3),
+    "default": _DEFAULT,
     # the bert adapter's family recipe (issue 26, round 10): the default, with a short mixed phase for a start that
     # disagrees with its predecessor. all-mpnet-base-v2 12 -> 6 (agreement 0.57-0.63) was below truncation on every
     # seed with the default's phase and level with it with the short one; the README-path task (0.875) and the
     # stacked MiniLM encoder (0.81) keep the default's phase, where the short one cost or was level. Round 12: a
     # binary start answering one class is collapsed (matched) below 1/100 of the predecessor's spread: MPNet 12 -> 3
     # and 12 -> 4 (3-6e-3) ended at or near the majority class without matching; 12 -> 5 and 12 -> 6 (0.05-0.09) skip it
-    "bert": Recipe("bert", train_rest=True, full_at=0.5, base=0.3, match_fraction=0.2, match_lr=1e-3,
-                   choose_start=True, match_if_collapsed=True, start_check_predictions=128, collapse_spread=1e-2,
-                   short_phase_below_agreement=2 / 3, short_full_at=0.1),
+    "bert": replace(_DEFAULT, name="bert", collapse_spread=1e-2, short_phase_below_agreement=2 / 3, short_full_at=0.1),
     "matching": Recipe("matching", train_rest=True, full_at=0.5, base=0.3, match_fraction=0.2, match_lr=1e-3,
                        choose_start=True),
     "resnet": Recipe("resnet", train_rest=False, full_at=0.3, base=0.6),

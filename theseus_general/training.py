@@ -287,9 +287,7 @@ def fit(
         # the recipe matches only a start that lost the task: ask the first batches (read once, then
         # handed on as the stream's first batches, so that a resumed run decides the same)
         batches, start = _read_start(engine, batches)
-    if start is not None:  # the recipe's short phase for a start that disagrees
-        agreement, collapsed = _decision(engine, start)
-        engine.fit_phase_to_start(agreement, collapsed=collapsed)
+    _fit_phase(engine, start)
     planned_matching = _matching_steps(engine, steps, match_steps, start)
     steps -= planned_matching  # matching comes out of the same budget of optimiser steps
     if engine is not None and engine.step_count == 0 and engine.needs_total_steps:
@@ -366,7 +364,7 @@ def fit(
                 scaler.scale(value / gradient_accumulation).backward()
                 sums[0] += value.detach().float()
                 if logits is not None and isinstance(labels, torch.Tensor):
-                    sums[1:] += _hits(logits.detach(), labels)
+                    sums[1:] += _hits(logits.detach(), labels, end_check=rate is not None and rate >= 1)
             loss_sum, correct, counted, varied, one_class = sums.tolist()  # the step's one device sync
             loss_value = loss_sum / gradient_accumulation
             if not math.isfinite(loss_value):
@@ -588,9 +586,7 @@ def planned_match_steps(engine: Theseus, steps: int, batch: Any = None, *, batch
     if not engine.recipe.asks_start:
         return engine.recipe.match_steps(steps)
     _, start = _read_start(engine, batches if batches is not None else [batch])
-    if start is not None:  # as fit: the recipe's short phase for a start that disagrees
-        agreement, collapsed = _decision(engine, start)
-        engine.fit_phase_to_start(agreement, collapsed=collapsed)
+    _fit_phase(engine, start)  # as fit
     return engine.recipe.match_steps(steps, *_decision(engine, start))
 
 
@@ -623,6 +619,14 @@ def _decision(engine: Theseus, start: Optional[StartCheck]) -> Tuple[Optional[fl
     if start is None:
         return None, None
     return start.agreement, start.collapsed_under(engine.recipe.collapse_spread)
+
+
+def _fit_phase(engine: Optional[Theseus], start: Optional[StartCheck]) -> None:
+    """The recipe's short mixed phase for a start that disagrees (`Theseus.fit_phase_to_start`), from the start
+    check as the recipe judges it; nothing when no check was read."""
+    if engine is not None and start is not None:
+        agreement, collapsed = _decision(engine, start)
+        engine.fit_phase_to_start(agreement, collapsed=collapsed)
 
 
 def _matching_steps(engine: Optional[Theseus], steps: int, match_steps: Optional[int],
@@ -667,15 +671,17 @@ def _batch_source(batches: Any, position: int, needed: int) -> Callable[[int], B
     return next_batch
 
 
-def _hits(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """[correct predictions, predictions counted, those counted again when the labels hold more than one class,
-    and once more when the model also answered a single class] on the device (no sync); labels of -100 (ignored
-    tokens) do not count, and logits that do not match the labels' shape count nothing."""
+def _hits(logits: torch.Tensor, labels: torch.Tensor, end_check: bool = False) -> torch.Tensor:
+    """[correct predictions, predictions counted, and with `end_check`: those counted again when the labels hold
+    more than one class, and once more when the model also answered a single class] on the device (no sync);
+    labels of -100 (ignored tokens) do not count, and logits that do not match the labels' shape count nothing."""
     if logits.dim() < 1 or logits.shape[:-1] != labels.shape or labels.is_floating_point():
         return torch.zeros(4, device=logits.device)
     valid = labels != -100
     answers = logits.argmax(-1)
     counted = valid.sum()
+    if not end_check:  # the successors alone do not run yet (p < 1): nothing for the end check
+        return torch.stack([((answers == labels) & valid).sum(), counted, 0 * counted, 0 * counted]).float()
     varied = _spans(labels, valid)
     return torch.stack([((answers == labels) & valid).sum(), counted, counted * varied,
                         counted * varied * ~_spans(answers, valid)]).float()
