@@ -154,9 +154,15 @@ def bert_r12_recipe():
     return dataclasses.replace(bert_r10_recipe(), name="bert_r12", collapse_spread=1e-2)
 
 
+def bert_r13_recipe():
+    """Issue 26's candidate of round 13 (docs/results.md, "Round 13, matching's lr probed per model"): round 12's
+    bert recipe (the shipped one) with `match_lr="auto"`: matching's lr chosen per model by `probe_match_lr`."""
+    return dataclasses.replace(bert_r12_recipe(), name="bert_r13", match_lr="auto")
+
+
 # the named recipes a benchmark variant can ask for (recipe_lr's `recipe_factory`)
 RECIPE_FACTORIES = {"candidate": candidate_recipe, "collapsed_trigger": collapsed_trigger_recipe,
                     "agreement_trigger": agreement_trigger_recipe, "pooled_check": pooled_check_recipe,
                     "offset_aware": offset_aware_recipe, "rest_after_mixing": rest_after_mixing_recipe,
                     "prefix_mixing": prefix_mixing_recipe, "bert_r10": bert_r10_recipe,
-                    "bert_r11": bert_r11_recipe, "bert_r12": bert_r12_recipe}
+                    "bert_r11": bert_r11_recipe, "bert_r12": bert_r12_recipe, "bert_r13": bert_r13_recipe}

@@ -67,6 +67,8 @@ VARIANTS: Dict[str, Dict[str, Any]] = {
     "bert_r11": dict(method="theseus", recipe_factory="bert_r11"),
     # round 12's candidate: round 11's limit alone, so a matched start gets the short phase too
     "bert_r12": dict(method="theseus", recipe_factory="bert_r12"),
+    # round 13's candidate: round 12's (the shipped bert recipe) with matching's lr probed per model
+    "bert_r13": dict(method="theseus", recipe_factory="bert_r13"),
 }
 
 
@@ -139,6 +141,11 @@ def theseus_run(task, predecessor, seed: int, args: argparse.Namespace, desc: st
                      lr_schedule="linear", device=args.device, desc=desc, **fit_options)
         if notes is not None:
             notes["match_steps"] = len(result.matching.history) if result.matching is not None else 0
+            if result.matching is not None:
+                notes["match_lr"] = result.matching.match_lr
+                probe = result.matching.match_lr_probe
+                if probe is not None:
+                    notes["match_lr_probe"] = {f"{lr:g}": round(e, 5) for lr, e in probe.errors.items()}
             notes["start_blocks"] = {str(g): b for g, b in sorted(th.successor_starts.items())}
             notes["full_at"] = th.recipe.full_at
             notes["start_agreement"], notes["start_collapsed"] = result.start_agreement, result.start_collapsed

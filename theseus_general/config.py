@@ -54,7 +54,7 @@ class TheseusConfig:
     base_rate: Optional[float] = None
     replace_by: Optional[float] = None
     match_fraction: Optional[float] = None
-    match_lr: Optional[float] = None
+    match_lr: Union[float, str, None] = None
     choose_start: Optional[bool] = None
     # the resolved recipe (a Recipe's fields) that the schedule, `fit` and module matching use; filled in by resolve()
     recipe_parts: Optional[Dict[str, Any]] = None

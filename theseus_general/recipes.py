@@ -82,7 +82,8 @@ off in every named recipe as well:
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Dict, Optional
+import math
+from typing import Dict, Optional, Union
 
 from .errors import ScheduleError, TrainingError
 from .schedulers import LinearScheduler, RunLinearScheduler, Scheduler
@@ -98,7 +99,8 @@ class Recipe:
     full_at: Optional[float]  # fraction of the run at which p reaches 1; None: the paper's fixed slope
     base: float  # the replacement rate at step 0
     match_fraction: float = 0.0  # share of fit()'s steps spent on module matching first
-    match_lr: Optional[float] = None  # its learning rate (None: fit()'s lr)
+    # its learning rate (None: fit()'s lr; "auto": chosen per model by a short probe, `training.probe_match_lr`)
+    match_lr: Union[float, str, None] = None
     # before matching, restart each default-copied successor from the block of its group that
     # reproduces the group best on the first batch (theseus_general.matching.choose_starts)
     choose_start: bool = False
@@ -135,6 +137,11 @@ class Recipe:
     short_phase_if_collapsed: bool = True
 
     def __post_init__(self) -> None:
+        lr = self.match_lr
+        if not (lr is None or lr == "auto" or (not isinstance(lr, bool) and isinstance(lr, (int, float))
+                                               and math.isfinite(lr) and lr > 0)):
+            raise ScheduleError(f"Recipe match_lr is module matching's learning rate: a number > 0, \"auto\" (chosen "
+                                f"per model by a short probe) or None (fit's lr), got {lr!r}.")
         if self.mixing not in MIXINGS:
             raise ScheduleError(f"Recipe mixing must be one of {MIXINGS}, got {self.mixing!r}.")
         if self.lr_compensation is not None and not (isinstance(self.lr_compensation, (int, float))

@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple, Union
@@ -50,6 +51,12 @@ from .matching import (MatchGuard, StartCheck, choose_starts, full_precision, gr
                        note_starts, put_back, start_predictions)
 from .metrics import MetricsLogger
 from .recipes import START_CHECK_MAX_BATCHES
+
+# module matching's lr, when the recipe says "auto" (issue 26): chosen per model by `probe_match_lr` from this grid,
+# each lr trying MATCH_LR_PROBE_STEPS matching steps and judged on the next MATCH_LR_PROBE_BATCHES batches
+MATCH_LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3)
+MATCH_LR_PROBE_STEPS = 8
+MATCH_LR_PROBE_BATCHES = 2
 
 # the end check's least run of predictions (the start check's pooled 128): fewer could be one class by chance
 END_CHECK_PREDICTIONS = 128
@@ -92,10 +99,24 @@ class FitResult:
     # batches, at least END_CHECK_PREDICTIONS predictions, while the labels held several: the compressed model has
     # collapsed (a `CollapsedSuccessorWarning`). None: not measured (no engine, no logits, p never reached 1)
     end_collapsed: Optional[bool] = None
+    # a matching phase's learning rate, and the probe that chose it when the lr was "auto" (`probe_match_lr`)
+    match_lr: Optional[float] = None
+    match_lr_probe: Optional["MatchLrProbe"] = None
 
     @property
     def losses(self) -> List[float]:
         return [s.loss for s in self.history]
+
+
+@dataclass
+class MatchLrProbe:
+    """What `probe_match_lr` measured: each tried lr's mean relative error of the successors against their groups on
+    held-out batches after `steps` matching steps at it (inf where matching stopped on a non-finite loss), and
+    the lr chosen (the lowest error; a tie goes to the lower lr)."""
+
+    lr: float
+    errors: Dict[float, float]
+    steps: int
 
 
 def resolve_device(device: Union[str, torch.device, None] = "auto", model: Optional[nn.Module] = None) -> torch.device:
@@ -230,7 +251,7 @@ def fit(
     desc: str = "train",
     on_step: Optional[Callable[[StepLog], Any]] = None,
     match_steps: Optional[int] = None,
-    match_lr: Optional[float] = None,
+    match_lr: Union[float, str, None] = None,
     choose_start: Optional[bool] = None,
 ) -> FitResult:
     """Train `target` for `steps` optimiser steps (a Theseus engine: module matching for the recipe's
@@ -267,7 +288,8 @@ def fit(
         the engine's recipe decides (its ``match_fraction`` of `steps`: none for "default", 20% for "matching"); 0: none.
         The mixed phase then has ``steps - match_steps`` optimiser steps (``th.step_count`` ends there),
         and a resumed run skips matching (its successors come from the checkpoint).
-    match_lr: the matching phase's learning rate (None: the recipe's ``match_lr``, else `lr`).
+    match_lr: the matching phase's learning rate, or "auto": chosen for this model by a short probe
+        (`probe_match_lr`). None: the recipe's ``match_lr``, else `lr`.
     choose_start: before matching, restart each successor from the block of its group that reproduces
         the group best on the first batch (`theseus_general.matching.choose_starts`; the choice is in
         ``th.successor_starts``). None: the recipe's ``choose_start``, for successors the engine copied
@@ -281,7 +303,8 @@ def fit(
     if not isinstance(model, nn.Module):
         raise TrainingError(f"fit() trains a Theseus engine or a torch.nn.Module, got {type(target).__qualname__}.")
     _check_settings(steps, lr_schedule, gradient_accumulation, checkpoint_every, checkpoints, engine)
-    _check_numbers(lr=lr, weight_decay=weight_decay, warmup=warmup, max_grad_norm=max_grad_norm, match_lr=match_lr)
+    _check_numbers(lr=lr, weight_decay=weight_decay, warmup=warmup, max_grad_norm=max_grad_norm,
+                   match_lr=None if match_lr == "auto" else match_lr)
     start = None
     if engine is not None and match_steps is None and engine.step_count == 0 and engine.recipe.asks_start:
         # the recipe matches only a start that lost the task: ask the first batches (read once, then
@@ -462,7 +485,8 @@ _NUMBERS = {
     "weight_decay": (0.0, True, None, "AdamW's decoupled weight decay", "weight_decay=0.01"),
     "warmup": (0.0, True, 1.0, "the fraction of the steps spent warming up the learning rate", "warmup=0.1"),
     "max_grad_norm": (0.0, False, None, "the gradient-norm clip (None: no clipping)", "max_grad_norm=1.0"),
-    "match_lr": (0.0, False, None, "module matching's learning rate (None: the recipe's)", "match_lr=1e-3"),
+    "match_lr": (0.0, False, None, "module matching's learning rate (None: the recipe's; \"auto\": probed)",
+                 "match_lr=1e-3"),
 }
 
 
@@ -481,15 +505,17 @@ def _check_numbers(**values: Any) -> None:
 
 
 def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int], Batch]], steps: int, *,
-                     lr: float = 1e-3, choose_start: Optional[bool] = None, desc: str = "match successors",
-                     **fit_options: Any) -> "FitResult":
+                     lr: Union[float, str] = 1e-3, choose_start: Optional[bool] = None,
+                     desc: str = "match successors", **fit_options: Any) -> "FitResult":
     """Train the successors of `engine` for `steps` steps to reproduce their groups' outputs.
 
     batches: ``(inputs, labels)`` pairs as for `fit` (labels are ignored; ``None`` is fine), dicts of
         model arguments (a Hugging Face loader's batches; "labels" is dropped), or the inputs alone;
         an iterable or a function ``position -> batch``.
     lr and the other options (``weight_decay``, ``lr_schedule``, ``device``, ``mixed_precision``,
-    ``progress``, ...) are `fit`'s; the optimiser sees the successors' parameters only.
+    ``progress``, ...) are `fit`'s; the optimiser sees the successors' parameters only. ``lr="auto"``: chosen
+        for this model first by `probe_match_lr` (on the first batches, which matching then reads again), its
+        measurements in the result's ``match_lr_probe``.
     choose_start: first, on the first batch, start each successor from the block of its group whose
         weights reproduce the group best (`choose_starts`); the choice is kept in
         ``engine.successor_starts`` ({group: block}, the block each restarted successor last started
@@ -504,6 +530,15 @@ def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int]
     every successor back.
     """
     engine.check_open("match_successors()")
+    probe = None
+    if lr == "auto":
+        source = _batch_source(batches, 0, steps)
+        probe_steps = min(MATCH_LR_PROBE_STEPS, steps)
+        read = [source(i) for i in range(probe_steps + MATCH_LR_PROBE_BATCHES)]
+        probe = probe_match_lr(engine, read, steps=probe_steps, choose_start=choose_start, desc=desc,
+                               **fit_options)
+        lr = probe.lr
+        batches = _replaying(read, source)  # matching reads the probe's batches again, then the rest
     model = engine.model
     params = [p for successor in engine.successors() for p in successor.parameters() if p.requires_grad]
     if not params:
@@ -566,8 +601,71 @@ def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int]
                   f"{steps} matching steps at lr {lr}); those successors are back at their weights from before "
                   "matching, and the run goes on from there. Lower match_lr, or turn matching off with "
                   "fit(..., match_steps=0).", MatchingDivergedWarning)
-    result.guard = guard
+    result.guard, result.match_lr, result.match_lr_probe = guard, lr, probe
     return result
+
+
+def probe_match_lr(engine: Any, batches: List[Batch], *, steps: int = MATCH_LR_PROBE_STEPS,
+                   grid: Tuple[float, ...] = MATCH_LR_GRID, choose_start: Optional[bool] = None,
+                   desc: str = "match successors", **fit_options: Any) -> MatchLrProbe:
+    """Module matching's learning rate for this model, measured (``match_lr="auto"``). From the successors' present
+    weights, each lr of `grid` runs `steps` matching steps (constant lr, the start choice as `match_successors`
+    makes it) on the first `steps` of `batches`; the lr whose successors then reproduce their groups best on the
+    batches after those (held out; the mean relative error of `group_errors`) wins, a tie going to the lower lr.
+    After each try every weight and buffer of the model, the start choice and the random state are put back, so
+    the matching that follows runs as it would at a fixed lr. Costs ``len(grid) * steps`` matching steps.
+
+    batches: at least ``steps + 1`` batches, as `match_successors` takes them; the other options are its own."""
+    if not grid or any(isinstance(x, bool) or not isinstance(x, (int, float)) or not (math.isfinite(x) and x > 0)
+                       for x in grid):
+        raise TrainingError(f"probe_match_lr's grid is a tuple of learning rates > 0, got {grid!r}.")
+    if len(batches) <= steps:
+        raise TrainingError(f"probe_match_lr needs more batches than its {steps} steps (the rest are held out), "
+                            f"got {len(batches)}.")
+    model = engine.model
+    held_out = [inputs_of(batch) for batch in batches[steps:]]
+    options = {k: v for k, v in fit_options.items() if k in ("device", "mixed_precision", "weight_decay",
+                                                            "max_grad_norm", "restore_device")}
+    weights = {name: t.detach().clone() for name, t in model.state_dict(keep_vars=True).items()}
+    starts = dict(engine.successor_starts)
+    devices = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
+    errors: Dict[float, float] = {}
+    tries = tqdm(sorted(set(grid)), desc=f"{desc}: choosing its lr", disable=not fit_options.get("progress", True),
+                 leave=False)
+    try:
+        for lr in tries:
+            with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+                warnings.simplefilter("ignore", MatchingDivergedWarning)  # the try's own put-back; judged below
+                try:
+                    match_successors(engine, lambda position: batches[position], steps, lr=lr,
+                                     choose_start=choose_start, lr_schedule="constant", progress=False, **options)
+                    device = _device_of(model)
+                    with full_precision(model):
+                        measured = [e for inputs in held_out
+                                    for e in group_errors(engine, to_device(inputs, device), training=True).values()]
+                    errors[lr] = sum(measured) / len(measured)
+                except NonFiniteLossError:
+                    errors[lr] = math.inf
+            if not math.isfinite(errors[lr]):
+                errors[lr] = math.inf  # a NaN error loses, as a stopped try does
+            _put_back_all(model, weights)
+            engine.successor_starts = dict(starts)
+            tries.set_postfix(lr=f"{lr:g}", error=f"{errors[lr]:.4g}")
+    finally:
+        _put_back_all(model, weights)
+        engine.successor_starts = starts
+    chosen = min(errors, key=lambda x: (errors[x], x))
+    return MatchLrProbe(lr=chosen, errors=errors, steps=steps)
+
+
+def _replaying(read: List[Batch], rest: Callable[[int], Batch]) -> Callable[[int], Batch]:
+    return lambda position: read[position] if position < len(read) else rest(position)
+
+
+def _put_back_all(model: nn.Module, weights: Dict[str, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for name, tensor in model.state_dict(keep_vars=True).items():
+            tensor.copy_(weights[name].to(tensor.device))
 
 
 def planned_match_steps(engine: Theseus, steps: int, batch: Any = None, *, batches: Any = None) -> int:
@@ -713,5 +811,5 @@ def _device_of(model: nn.Module) -> Optional[torch.device]:
 
 
 __all__ = ["FitResult", "StepLog", "TrainingError", "add_device_arguments", "autocast_dtype", "cross_entropy_loss", "fit",
-           "match_successors", "planned_match_steps",
+           "match_successors", "planned_match_steps", "probe_match_lr", "MatchLrProbe",
            "lr_factor", "resolve_device", "split_batch", "to_device"]
