@@ -17,6 +17,7 @@ each student is exported natively and its held-out perplexity measured on --test
   paper              recipe="paper": rest frozen, p = min(1, 0.3 + 6e-4 t), no matching
   candidate          issue 26's candidate default (round 6): p = 1 at 10% of the run, matching only a
                      collapsed start (benchmarks/_common.candidate_recipe)
+  match_auto         the default with match_lr="auto": matching's lr chosen per model by a probe (round 13)
   fine_tune_only     the first d layers, fine-tuned (truncation)
 
     python benchmarks/llm_recipe_ablation.py --depth 20 --steps 100 --lr 1e-4 --threads 1
@@ -56,6 +57,7 @@ VARIANTS: Dict[str, tuple] = {
     "former": ({"recipe": "default", "train_rest": False}, {"match_steps": 0}),
     "paper": ({"recipe": "paper"}, {}),
     "candidate": ({"recipe": candidate_recipe()}, {}),
+    "match_auto": ({"match_lr": "auto"}, {}),
 }
 METHODS = tuple(VARIANTS) + ("fine_tune_only",)
 
