@@ -77,6 +77,10 @@ def train(name: str, model, depth: int, batch_at, args: argparse.Namespace) -> t
         notes = {"recipe": th.recipe.name, "train_rest": th.train_rest, "start_agreement": result.start_agreement,
                  "match_steps": len(result.matching.history) if result.matching else 0,
                  "start_blocks": {str(g): b for g, b in sorted(th.successor_starts.items())}}
+        if result.matching is not None:
+            notes["match_lr"] = result.matching.match_lr
+            if result.matching.match_lr_probe is not None:
+                notes["match_lr_probe"] = {f"{lr:g}": e for lr, e in result.matching.match_lr_probe.errors.items()}
         return th.export(), notes
     finally:
         th.unwrap()

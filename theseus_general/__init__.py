@@ -41,7 +41,7 @@ from .plan import Group, Plan, split_evenly
 from .registry import detect_adapter, get_adapter, list_adapters, register_adapter
 from .recipes import RECIPES, Recipe
 from .schedulers import CallableScheduler, ConstantScheduler, LinearScheduler, RunLinearScheduler, Scheduler
-from .training import fit, match_successors, planned_match_steps
+from .training import fit, match_successors, planned_match_steps, probe_match_lr
 
 from . import adapters  # noqa: E402,F401  (registers the built-in adapters)
 
@@ -50,6 +50,6 @@ __version__ = "0.1.0"
 __all__ = [
     "Adapter", "AdapterError", "CheckpointError", "CallableScheduler", "ConstantScheduler", "EngineStateError", "ExportError", "InputError", "CollapsedSuccessorWarning", "MatchingDivergedWarning", "NonFiniteLossError",
     "Group", "LinearScheduler", "RECIPES", "Recipe", "RunLinearScheduler", "ModuleGraph", "Plan", "PlanError", "ScheduleError", "Scheduler",
-    "SuccessorMismatchError", "Theseus", "TheseusError", "TrainingError", "UnknownOptionError", "fit", "match_successors", "planned_match_steps", "detect_adapter", "get_adapter", "list_adapters",
+    "SuccessorMismatchError", "Theseus", "TheseusError", "TrainingError", "UnknownOptionError", "fit", "match_successors", "planned_match_steps", "probe_match_lr", "detect_adapter", "get_adapter", "list_adapters",
     "register_adapter", "split_evenly", "count_flops", "count_parameters", "measure_latency",
 ]
