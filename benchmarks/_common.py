@@ -71,9 +71,11 @@ def seed_run(seed: int) -> None:
 
 
 def _default_with(name: str, **changes):
+    """The default recipe with `changes`, and matching at the fixed lr 1e-3 every round before 13 ran with (the
+    default probes it per model since round 13), so that the earlier rounds' recipes rerun as they were."""
     from theseus_general.recipes import get_recipe
 
-    return dataclasses.replace(get_recipe("default"), name=name, **changes)
+    return dataclasses.replace(get_recipe("default"), name=name, **dict(dict(match_lr=1e-3), **changes))
 
 
 def agreement_trigger_recipe():

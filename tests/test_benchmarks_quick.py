@@ -504,11 +504,17 @@ def test_recipe_lr_candidate_is_the_default_with_a_short_phase_matching_only_a_c
     assert round6_default.match_steps(300, agreement=0.625, collapsed=False) == 60
     assert candidate.match_steps(300, agreement=0.625, collapsed=False) == 0
     assert default.match_steps(300, agreement=0.625, collapsed=False) == 0
-    # round 7's and round 8's recipes as they ran (one batch read; no spread limit); round 9's candidate is today's default
-    assert common.collapsed_trigger_recipe() == dataclasses.replace(default, name="collapsed_trigger",
+    # round 7's and round 8's recipes as they ran (one batch read; no spread limit); round 9's candidate is today's
+    # default but for matching's lr, fixed at 1e-3 until round 13 (today's: probed, "auto")
+    assert default.match_lr == "auto"
+    ran = dataclasses.replace(default, match_lr=1e-3)
+    assert common.collapsed_trigger_recipe() == dataclasses.replace(ran, name="collapsed_trigger",
                                                                     start_check_predictions=1, collapse_spread=None)
-    assert common.pooled_check_recipe() == dataclasses.replace(default, name="pooled_check", collapse_spread=None)
-    assert common.offset_aware_recipe() == dataclasses.replace(default, name="offset_aware")
+    assert common.pooled_check_recipe() == dataclasses.replace(ran, name="pooled_check", collapse_spread=None)
+    assert common.offset_aware_recipe() == dataclasses.replace(ran, name="offset_aware")
+    # round 13's candidate is today's bert recipe; round 12's is it with the fixed lr
+    assert common.bert_r13_recipe() == dataclasses.replace(get_recipe("bert"), name="bert_r13")
+    assert common.bert_r12_recipe() == dataclasses.replace(get_recipe("bert"), name="bert_r12", match_lr=1e-3)
     # MiniLM 6 -> 3's start (one class for the whole batch): all match
     assert candidate.match_steps(300, agreement=0.5, collapsed=True) == default.match_steps(300, 0.5, True) == 60
     assert round6_default.match_steps(300, agreement=0.5, collapsed=True) == 60
@@ -524,7 +530,7 @@ def test_recipe_lr_candidate_is_the_default_with_a_short_phase_matching_only_a_c
 
 def test_recipe_lr_round_10_candidates_are_the_default_with_one_change_each():
     common, recipe_lr = load("_common"), load("recipe_lr")
-    default = get_recipe("default")
+    default = dataclasses.replace(get_recipe("default"), match_lr=1e-3)  # as round 10 ran (fixed until round 13)
     assert common.rest_after_mixing_recipe() == dataclasses.replace(default, name="rest_after_mixing",
                                                                     rest_after_mixing=True)
     assert common.prefix_mixing_recipe() == dataclasses.replace(default, name="prefix_mixing", mixing="prefix")
@@ -539,7 +545,7 @@ def test_recipe_lr_round_10_candidates_are_the_default_with_one_change_each():
 
 def test_recipe_lr_round_11_and_12_recipes_are_the_bert_recipe_with_their_changes():
     common = load("_common")
-    bert = get_recipe("bert")  # round 12's candidate, adopted
+    bert = dataclasses.replace(get_recipe("bert"), match_lr=1e-3)  # round 12's candidate, adopted (lr fixed then)
     assert common.bert_r10_recipe() == dataclasses.replace(bert, name="bert_r10", collapse_spread=1e-3)
     assert common.bert_r11_recipe() == dataclasses.replace(bert, name="bert_r11", short_phase_if_collapsed=False)
     assert common.bert_r12_recipe() == dataclasses.replace(bert, name="bert_r12")

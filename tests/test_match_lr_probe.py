@@ -100,3 +100,18 @@ def test_a_recipe_refuses_a_match_lr_that_is_not_a_rate_or_auto(bad):
     with pytest.raises(ScheduleError, match="match_lr"):
         dataclasses.replace(RECIPES["default"], match_lr=bad)
     assert dataclasses.replace(RECIPES["default"], match_lr="auto").match_lr == "auto"
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3, 5, 12])
+def test_auto_reads_no_batch_beyond_the_matching_steps(steps):
+    # a finite stream of exactly `steps` batches is enough, as at a fixed lr, and a shared stream goes on in order
+    data = batches(steps + 1, seed=2)
+    stream = iter(data)
+    th = engine()
+    result = match_successors(th, stream, steps, lr="auto", progress=False)
+    assert next(stream) is data[steps]  # the next batch is the one after matching's own
+    if steps < 3:
+        assert result.match_lr_probe is None and result.match_lr == 1e-3
+    else:
+        assert result.match_lr_probe.steps == min(8, steps - min(2, steps - 2))
+    th.unwrap()

@@ -56,7 +56,7 @@ FIELDS: Dict[str, tuple] = {
                   "default: the recipe's (0.3; resnet 0.6)"),
     "replace_by": (float, None, ANY, "fraction of the mixed phase after which the rate is 1 (only successors run); "
                    "default: the recipe's (0.5; resnet 0.3)"),
-    "recipe": (str, None, ANY, "'default' (the library's recipe), 'matching' (the default after module matching at lr 1e-3, for "
+    "recipe": (str, None, ANY, "'default' (the library's recipe), 'matching' (the default after module matching, for "
                "runs whose truncated start predicts one class), 'resnet' (stem and head frozen, no module matching, "
                "a faster curriculum) or 'paper' (BERT-of-Theseus as published: embeddings and head frozen, no module "
                "matching); default: the model family's ('resnet' for ResNets, else 'default'); the fields below "

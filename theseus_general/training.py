@@ -57,6 +57,7 @@ from .recipes import START_CHECK_MAX_BATCHES
 MATCH_LR_GRID = (1e-4, 3e-4, 1e-3, 3e-3)
 MATCH_LR_PROBE_STEPS = 8
 MATCH_LR_PROBE_BATCHES = 2
+MATCH_LR_FALLBACK = 1e-3  # "auto" for a matching of 1-2 steps, too short to probe (the fixed lr before round 13)
 
 # the end check's least run of predictions (the start check's pooled 128): fewer could be one class by chance
 END_CHECK_PREDICTIONS = 128
@@ -505,7 +506,7 @@ def _check_numbers(**values: Any) -> None:
 
 
 def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int], Batch]], steps: int, *,
-                     lr: Union[float, str] = 1e-3, choose_start: Optional[bool] = None,
+                     lr: Union[float, str] = "auto", choose_start: Optional[bool] = None,
                      desc: str = "match successors", **fit_options: Any) -> "FitResult":
     """Train the successors of `engine` for `steps` steps to reproduce their groups' outputs.
 
@@ -514,8 +515,9 @@ def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int]
         an iterable or a function ``position -> batch``.
     lr and the other options (``weight_decay``, ``lr_schedule``, ``device``, ``mixed_precision``,
     ``progress``, ...) are `fit`'s; the optimiser sees the successors' parameters only. ``lr="auto"``: chosen
-        for this model first by `probe_match_lr` (on the first batches, which matching then reads again), its
-        measurements in the result's ``match_lr_probe``.
+        for this model first by `probe_match_lr` (on the first batches, which matching then reads again: 8 steps
+        judged on the next 2, fewer in a matching under 10 steps; 1e-3 below 3 steps), its measurements in the
+        result's ``match_lr_probe``.
     choose_start: first, on the first batch, start each successor from the block of its group whose
         weights reproduce the group best (`choose_starts`); the choice is kept in
         ``engine.successor_starts`` ({group: block}, the block each restarted successor last started
@@ -532,13 +534,16 @@ def match_successors(engine: Any, batches: Union[Iterable[Batch], Callable[[int]
     engine.check_open("match_successors()")
     probe = None
     if lr == "auto":
-        source = _batch_source(batches, 0, steps)
-        probe_steps = min(MATCH_LR_PROBE_STEPS, steps)
-        read = [source(i) for i in range(probe_steps + MATCH_LR_PROBE_BATCHES)]
-        probe = probe_match_lr(engine, read, steps=probe_steps, choose_start=choose_start, desc=desc,
-                               **fit_options)
-        lr = probe.lr
-        batches = _replaying(read, source)  # matching reads the probe's batches again, then the rest
+        lr = MATCH_LR_FALLBACK  # for a matching too short to probe (1-2 steps)
+        if steps >= 3:
+            # the probe reads only batches this matching reads anyway (a shared stream goes on after them)
+            held = min(MATCH_LR_PROBE_BATCHES, steps - 2)
+            source = _batch_source(batches, 0, steps)
+            read = [source(i) for i in range(min(MATCH_LR_PROBE_STEPS + held, steps))]
+            probe = probe_match_lr(engine, read, steps=len(read) - held, choose_start=choose_start, desc=desc,
+                                   **fit_options)
+            lr = probe.lr
+            batches = _replaying(read, source)  # matching reads the probe's batches again, then the rest
     model = engine.model
     params = [p for successor in engine.successors() for p in successor.parameters() if p.requires_grad]
     if not params:
