@@ -33,6 +33,23 @@ def test_the_probe_measures_every_lr_of_the_grid_and_puts_everything_back():
     assert len(set(probe.errors.values())) > 1  # the lrs were really tried: they end in different places
     assert_same_state(before, th.model)  # successors, predecessor and buffers as they were
     assert torch.equal(rng, torch.get_rng_state())
+    with pytest.warns(UserWarning, match="never trained"):  # the probe's tries do not count as training
+        th.export()
+    th.unwrap()
+
+
+def test_the_probe_puts_back_batch_norm_statistics_and_the_start_choice_on_a_cnn():
+    import itertools
+
+    from test_matching import bn_cnn, image_stream
+
+    th = Theseus(bn_cnn(), adapter="generic", container="3", successor_depth=2, seed=0)
+    before = state_snapshot(th.model)
+    probe = probe_match_lr(th, list(itertools.islice(image_stream(), 6)), steps=4, choose_start=True,
+                           progress=False)
+    assert all(math.isfinite(e) for e in probe.errors.values())
+    assert th.successor_starts == {}  # the tries' start choices are undone too
+    assert_same_state(before, th.model)  # running means and variances included
     th.unwrap()
 
 

@@ -631,8 +631,11 @@ def probe_match_lr(engine: Any, batches: List[Batch], *, steps: int = MATCH_LR_P
     held_out = [inputs_of(batch) for batch in batches[steps:]]
     options = {k: v for k, v in fit_options.items() if k in ("device", "mixed_precision", "weight_decay",
                                                             "max_grad_norm", "restore_device")}
-    weights = {name: t.detach().clone() for name, t in model.state_dict(keep_vars=True).items()}
-    starts = dict(engine.successor_starts)
+    # what a try can change: the successors (matching's optimiser sees nothing else) and every buffer (norms' running
+    # statistics, which training mode updates); the engine's start choice and whether it counts as trained
+    successors = {g.index: {k: v.detach().clone() for k, v in g.successor.state_dict().items()} for g in engine.groups}
+    buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
+    starts, trained = dict(engine.successor_starts), engine._trained
     devices = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
     errors: Dict[float, float] = {}
     tries = tqdm(sorted(set(grid)), desc=f"{desc}: choosing its lr", disable=not fit_options.get("progress", True),
@@ -653,12 +656,12 @@ def probe_match_lr(engine: Any, batches: List[Batch], *, steps: int = MATCH_LR_P
                     errors[lr] = math.inf
             if not math.isfinite(errors[lr]):
                 errors[lr] = math.inf  # a NaN error loses, as a stopped try does
-            _put_back_all(model, weights)
+            _put_back_all(engine, successors, buffers)
             engine.successor_starts = dict(starts)
             tries.set_postfix(lr=f"{lr:g}", error=f"{errors[lr]:.4g}")
     finally:
-        _put_back_all(model, weights)
-        engine.successor_starts = starts
+        _put_back_all(engine, successors, buffers)
+        engine.successor_starts, engine._trained = starts, trained
     chosen = min(errors, key=lambda x: (errors[x], x))
     return MatchLrProbe(lr=chosen, errors=errors, steps=steps)
 
@@ -667,10 +670,12 @@ def _replaying(read: List[Batch], rest: Callable[[int], Batch]) -> Callable[[int
     return lambda position: read[position] if position < len(read) else rest(position)
 
 
-def _put_back_all(model: nn.Module, weights: Dict[str, torch.Tensor]) -> None:
+def _put_back_all(engine: Theseus, successors: Dict[int, Dict[str, torch.Tensor]],
+                  buffers: Dict[str, torch.Tensor]) -> None:
+    put_back(engine, successors, list(successors))
     with torch.no_grad():
-        for name, tensor in model.state_dict(keep_vars=True).items():
-            tensor.copy_(weights[name].to(tensor.device))
+        for name, buffer in engine.model.named_buffers():
+            buffer.copy_(buffers[name].to(buffer.device))
 
 
 def planned_match_steps(engine: Theseus, steps: int, batch: Any = None, *, batches: Any = None) -> int:
