@@ -640,28 +640,25 @@ def probe_match_lr(engine: Any, batches: List[Batch], *, steps: int = MATCH_LR_P
     errors: Dict[float, float] = {}
     tries = tqdm(sorted(set(grid)), desc=f"{desc}: choosing its lr", disable=not fit_options.get("progress", True),
                  leave=False)
-    try:
-        for lr in tries:
-            with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
-                warnings.simplefilter("ignore", MatchingDivergedWarning)  # the try's own put-back; judged below
-                try:
-                    match_successors(engine, lambda position: batches[position], steps, lr=lr,
-                                     choose_start=choose_start, lr_schedule="constant", progress=False, **options)
-                    device = _device_of(model)
-                    with full_precision(model):
-                        measured = [e for inputs in held_out
-                                    for e in group_errors(engine, to_device(inputs, device), training=True).values()]
-                    errors[lr] = sum(measured) / len(measured)
-                except NonFiniteLossError:
-                    errors[lr] = math.inf
-            if not math.isfinite(errors[lr]):
-                errors[lr] = math.inf  # a NaN error loses, as a stopped try does
-            _put_back_all(engine, successors, buffers)
-            engine.successor_starts = dict(starts)
-            tries.set_postfix(lr=f"{lr:g}", error=f"{errors[lr]:.4g}")
-    finally:
-        _put_back_all(engine, successors, buffers)
-        engine.successor_starts, engine._trained = starts, trained
+    for lr in tries:
+        errors[lr] = math.inf  # a try stopped on a non-finite loss, or ending at a NaN error, loses
+        with torch.random.fork_rng(devices=devices), warnings.catch_warnings():
+            warnings.simplefilter("ignore", MatchingDivergedWarning)  # the try's own put-back; judged below
+            try:
+                match_successors(engine, lambda position: batches[position], steps, lr=lr,
+                                 choose_start=choose_start, lr_schedule="constant", progress=False, **options)
+                device = _device_of(model)
+                with full_precision(model):
+                    measured = [e for inputs in held_out
+                                for e in group_errors(engine, to_device(inputs, device), training=True).values()]
+                mean = sum(measured) / len(measured)
+                errors[lr] = mean if math.isfinite(mean) else math.inf
+            except NonFiniteLossError:
+                pass
+            finally:  # whatever the try did, the next one (and the matching after the probe) starts from here
+                _put_back_all(engine, successors, buffers)
+                engine.successor_starts, engine._trained = dict(starts), trained
+        tries.set_postfix(lr=f"{lr:g}", error=f"{errors[lr]:.4g}")
     chosen = min(errors, key=lambda x: (errors[x], x))
     return MatchLrProbe(lr=chosen, errors=errors, steps=steps)
 
