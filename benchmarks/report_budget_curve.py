@@ -58,6 +58,7 @@ def build(reports: List[Dict[str, Any]]) -> Dict[str, Any]:
                                "lr": report.get("grid", {}).get("chosen", {}).get(method, {}).get("lr"),
                                "settings": report.get("grid", {}).get("chosen", {}).get(method)}
         budgets.append({"steps": report["settings"]["steps"], "seeds": report["settings"]["seeds"],
+                        "batch_size": report["settings"].get("batch_size"),
                         "device": report["settings"].get("device", "cpu"),
                         "predecessor": report["predecessor"], "methods": methods,
                         "verdict": paired_verdict(report), "complete": report.get("complete", False)})
@@ -110,21 +111,29 @@ def table(curve: Dict[str, Any]) -> str:
     return "\n".join(rows)
 
 
-def plot(curve: Dict[str, Any], path: str) -> None:
+def steps_label(curve: Dict[str, Any]) -> str:
+    """The x axis: steps, with the batch size when every budget used the same one (the curves differ: ViT 128, text 32)."""
+    sizes = {b.get("batch_size") for b in curve["budgets"]}
+    return f"training steps (batch {sizes.pop()})" if len(sizes) == 1 and None not in sizes else "training steps"
+
+
+def plot(curve: Dict[str, Any], path: str, methods: Optional[List[str]] = None) -> None:
+    """methods: those to draw (default all); e.g. leave out a method run at one budget only."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 4))
-    for i, (m, label) in enumerate(LABELS.items()):
+    drawn = [(m, label) for m, label in LABELS.items() if methods is None or m in methods]
+    for i, (m, label) in enumerate(drawn):
         points = [(b["steps"], b["methods"][m]["test"]) for b in curve["budgets"] if m in b["methods"]]
         if points:  # each method a little to the side, so that the intervals do not hide each other
-            ax.errorbar([s * 1.04 ** (i - 1.5) for s, _ in points], [r["mean"] for _, r in points], yerr=[r["half_width"] for _, r in points],
+            ax.errorbar([s * 1.04 ** (i - (len(drawn) - 1) / 2) for s, _ in points], [r["mean"] for _, r in points], yerr=[r["half_width"] for _, r in points],
                         marker="o", capsize=3, label=label)
     ax.axhline(curve["budgets"][0]["predecessor"]["test"], color="grey", linestyle="--", label="predecessor")
     ax.set_xscale("log")
-    ax.set_xlabel("training steps (batch 128)")
+    ax.set_xlabel(steps_label(curve))
     ax.set_ylabel("test accuracy (mean, 95% t-interval)")
     depth = {k: sum(v.values()) for k, v in curve["depth"].items()}
     ax.set_title(f"{curve['task']} {depth['predecessor']} -> {depth['successor']} blocks")
@@ -139,6 +148,8 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("reports", nargs="+", help="quality.py JSONs, one per step budget")
     p.add_argument("--output", default=None, help="the curve as JSON")
     p.add_argument("--plot", default=None, help="a PNG of the curve (needs matplotlib)")
+    p.add_argument("--plot-methods", nargs="+", default=None, choices=sorted(LABELS),
+                   help="methods to draw (default: all); the table and verdicts keep every method")
     args = p.parse_args(argv)
     reports = []
     for path in args.reports:
@@ -151,7 +162,7 @@ def main(argv=None) -> Dict[str, Any]:
     if args.output:
         write_json(curve, args.output)
     if args.plot:
-        plot(curve, args.plot)
+        plot(curve, args.plot, args.plot_methods)
     return curve
 
 

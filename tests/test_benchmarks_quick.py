@@ -321,6 +321,12 @@ def test_budget_curve_report_pairs_seeds_per_budget_and_reads_equal_compute_off_
     assert low["equal_compute"]["finetune_trained"] == pytest.approx((0.7233333 + 0.80) / 2, abs=1e-6)
     assert high["equal_compute"]["finetune_trained"] is None  # 40 s is past what it was measured at
     assert curve_module.advice(curve)[1].startswith("400 steps: Theseus;")
+    assert curve_module.steps_label(curve) == "training steps"  # no batch size recorded
+    for b, size in zip(curve["budgets"], (32, 32)):
+        b["batch_size"] = size
+    assert curve_module.steps_label(curve) == "training steps (batch 32)"
+    curve["budgets"][1]["batch_size"] = 128
+    assert curve_module.steps_label(curve) == "training steps"  # mixed sizes: no one batch to name
 
 
 def test_budget_curve_equal_compute_never_mixes_devices():
