@@ -53,6 +53,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import REPO_ROOT, RESULTS_DIR, conditions, finish, quiet_transformers, seed_run, write_json  # noqa: E402
+from report_quality import paired_report  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
 
@@ -395,6 +396,7 @@ def run(args: argparse.Namespace, path: str) -> Dict[str, Any]:
             report["total_s"] = time.time() - started
             write_json(report, path)
     report["summary"] = summarise(report["runs"])
+    report["paired"] = paired_report(report)
     changed = [k for k, v in predecessor.state_dict().items() if not torch.equal(v, reference[k])]
     if changed:
         raise RuntimeError(f"the predecessor changed during the benchmark: {changed[:3]}")
@@ -413,6 +415,10 @@ def print_table(report: Dict[str, Any]) -> None:
     print(f"{'predecessor':<18} {p['dev']:>16.4f} {p['test']:>16.4f}")
     for method, r in report["summary"].items():
         print(f"{method:<18} {r['dev_mean']:>8.4f} +- {r['dev_std']:.4f} {r['test_mean']:>8.4f} +- {r['test_std']:.4f}")
+    test = (report.get("paired") or {}).get("test")
+    if test and test["half_width"] is not None:
+        print(f"theseus - {test['best_baseline']} (the best baseline), paired over {test['n']} seeds: "
+              f"{100 * test['mean']:+.2f} [{100 * test['low']:+.2f}, {100 * test['high']:+.2f}] points, {test['verdict']}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -576,6 +582,7 @@ def merge(specs: List[str], output: str) -> Dict[str, Any]:
     merged["part_settings"] = {path: {k: part["settings"].get(k) for k in sorted(_PER_PART - {"merge"})}
                                for path, part in zip(paths, parts)}
     merged["summary"] = summarise(merged["runs"])
+    merged["paired"] = paired_report(merged)
     merged["total_s"] = sum(p.get("total_s", 0) for p in parts)
     write_json(merged, output)
     print_table(merged)

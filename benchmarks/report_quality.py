@@ -123,9 +123,10 @@ def paired_interval(differences: List[float]) -> Dict[str, Any]:
             "verdict": "ahead" if low > 0 else "behind" if high < 0 else "level"}
 
 
-def paired_verdict(report: Dict[str, Any], method: str = "theseus") -> Dict[str, Any]:
+def paired_verdict(report: Dict[str, Any], method: str = "theseus", split: str = "test") -> Dict[str, Any]:
     """The protocol's verdict for one column: `method` minus the best baseline (the other method with the
-    highest test mean: the strongest competitor; Theseus variants are not baselines), paired by seed."""
+    highest test mean: the strongest competitor; Theseus variants are not baselines), paired by seed.
+    `split="dev"` pairs the dev scores against the same baseline (it is chosen by test mean either way)."""
     runs = report.get("runs") or {}
     summary = report["summary"]
     baselines = {m: r for m, r in summary.items() if not m.startswith("theseus") and m in runs}
@@ -133,11 +134,38 @@ def paired_verdict(report: Dict[str, Any], method: str = "theseus") -> Dict[str,
         return {}
     best = max(baselines, key=lambda m: baselines[m]["test_mean"])
     seeds = sorted(set(runs[method]) & set(runs[best]), key=int)
-    differences = [runs[method][s]["test"] - runs[best][s]["test"] for s in seeds]
+    differences = [runs[method][s][split] - runs[best][s][split] for s in seeds]
     if not differences:
         return {}
-    return {"method": method, "best_baseline": best, "seeds": seeds, "differences": differences,
+    return {"method": method, "best_baseline": best, "split": split, "seeds": seeds, "differences": differences,
             **paired_interval(differences)}
+
+
+def paired_report(report: Dict[str, Any], method: str = "theseus") -> Dict[str, Any]:
+    """What a result JSON keeps under "paired": the protocol's verdict on test, the same pairs on dev, and
+    `method` against every baseline on test; {} when the run has no `method` or no baseline."""
+    test = paired_verdict(report, method)
+    if not test:
+        return {}
+    runs = report["runs"]
+    against = {}
+    for baseline in (m for m in runs if m != method and not m.startswith("theseus")):
+        seeds = sorted(set(runs[method]) & set(runs[baseline]), key=int)
+        against[baseline] = paired_interval([runs[method][s]["test"] - runs[baseline][s]["test"] for s in seeds])
+    return {"test": test, "dev": paired_verdict(report, method, split="dev"), "against_each_baseline": against}
+
+
+def annotate(paths: List[str]) -> None:
+    """Add (or refresh) the "paired" intervals of result JSONs written before quality.py kept them."""
+    for path in paths:
+        with open(path) as f:
+            report = json.load(f)
+        report["paired"] = paired_report(report)
+        write_json(report, path)
+        test = report["paired"].get("test")
+        print(f"{path}: " + (f"{100 * test['mean']:+.2f} [{100 * test['low']:+.2f}, {100 * test['high']:+.2f}] "
+                             f"points against {test['best_baseline']}, {test['verdict']}"
+                             if test and test["half_width"] is not None else "no paired interval (one seed, or no baseline)"))
 
 
 def verdict(report: Dict[str, Any], method: str = "theseus") -> Dict[str, Any]:
@@ -168,7 +196,12 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--by-shape", action="store_true",
                    help="one plot series per method and kind of shape (depth only, width only, depth and width): "
                         "the Pareto view of the budget planner's runs")
+    p.add_argument("--annotate", nargs="+", metavar="JSON", default=None,
+                   help="only add the paired intervals (rule 3) to these result JSONs, under \"paired\", and exit")
     args = p.parse_args(argv)
+    if args.annotate:
+        annotate(args.annotate)
+        return {}
     quiet_transformers()
     rows: List[Dict[str, Any]] = []
     verdicts: Dict[str, Dict[str, Any]] = {}

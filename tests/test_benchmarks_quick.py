@@ -118,6 +118,16 @@ def test_quality_quick_and_its_report(tmp_path):
     assert "start_blocks" not in report["runs"]["finetune_trained"]["0"]
     assert report["depth"] == {"predecessor": {"blocks": 2}, "successor": {"blocks": 1}}
     assert report["data"].endswith(os.path.join("fashion-mnist"))
+    # rule 3's paired intervals are kept with the result: Theseus minus the best baseline by test mean,
+    # per seed, on test and on dev, and against each baseline
+    paired = report["paired"]
+    best = max(("finetune_trained", "finetune_initial", "kd"), key=lambda m: report["summary"][m]["test_mean"])
+    assert paired["test"]["best_baseline"] == paired["dev"]["best_baseline"] == best
+    for split in ("test", "dev"):
+        assert paired[split]["differences"] == pytest.approx(
+            [report["runs"]["theseus"][s][split] - report["runs"][best][s][split] for s in ("0", "1")])
+    assert set(paired["against_each_baseline"]) == {"finetune_trained", "finetune_initial", "kd"}
+    assert paired["against_each_baseline"][best]["mean"] == pytest.approx(paired["test"]["mean"])
 
     # The same run split by seed into two parts merges back into the same summary
     for seed in ("0", "1"):
@@ -129,6 +139,7 @@ def test_quality_quick_and_its_report(tmp_path):
     merged = quality.main(["--merge", str(tmp_path / "parts" / "0.json"), str(tmp_path / "parts" / "1.json"),
                            "--output", str(tmp_path / "merged.json")])
     assert merged["summary"] == report["summary"] and merged["settings"]["seeds"] == [0, 1]
+    assert merged["paired"] == report["paired"]
     with pytest.raises(SystemExit, match="more than one part"):
         quality.main(["--merge", str(tmp_path / "parts" / "0.json"), str(tmp_path / "parts" / "0.json"),
                       "--output", str(tmp_path / "bad.json")])
@@ -392,7 +403,7 @@ def test_quality_plans_budget_shapes_for_every_method_alike(tmp_path):
     assert report_quality.shape_kind({"ratio": 0.5}) == "depth only"
 
 
-def test_the_paired_verdict_tells_ahead_level_and_behind():
+def test_the_paired_verdict_tells_ahead_level_and_behind(tmp_path):
     report_quality = load("report_quality")
     assert report_quality.paired_interval([0.01, 0.012, 0.011, 0.009, 0.013])["verdict"] == "ahead"
     assert report_quality.paired_interval([-0.01, -0.012, -0.011, -0.009, -0.013])["verdict"] == "behind"
@@ -411,6 +422,17 @@ def test_the_paired_verdict_tells_ahead_level_and_behind():
     paired = report_quality.paired_verdict(report)
     assert paired["best_baseline"] == "kd" and paired["differences"] == pytest.approx([0.01, 0.01])
     assert paired["verdict"] == "ahead"  # the same +1 point on both seeds: no spread
+    # --annotate adds the intervals to a JSON written before quality.py kept them; dev pairs the same baseline
+    for method, runs in report["runs"].items():
+        for seed, run in runs.items():
+            run["dev"] = run["test"] - (0.02 if method == "theseus" and seed == "1" else 0)
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps(report))
+    report_quality.main(["--annotate", str(path)])
+    kept = read(path)["paired"]
+    assert kept["test"] == paired
+    assert kept["dev"]["best_baseline"] == "kd" and kept["dev"]["differences"] == pytest.approx([0.01, -0.01])
+    assert kept["against_each_baseline"]["finetune_trained"]["mean"] == pytest.approx(0.10)
 
 
 def test_matching_collapse_quick(tmp_path):
