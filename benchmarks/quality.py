@@ -53,7 +53,7 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import REPO_ROOT, RESULTS_DIR, conditions, finish, quiet_transformers, seed_run, write_json  # noqa: E402
-from report_quality import paired_report  # noqa: E402
+from report_quality import describe_interval, paired_report  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
 
@@ -418,7 +418,7 @@ def print_table(report: Dict[str, Any]) -> None:
     test = (report.get("paired") or {}).get("test")
     if test and test["half_width"] is not None:
         print(f"theseus - {test['best_baseline']} (the best baseline), paired over {test['n']} seeds: "
-              f"{100 * test['mean']:+.2f} [{100 * test['low']:+.2f}, {100 * test['high']:+.2f}] points, {test['verdict']}")
+              f"{describe_interval(test)}, {test['verdict']}")
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -25,7 +25,7 @@ from typing import Any, Dict, List, Optional
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import write_json  # noqa: E402
-from report_quality import paired_interval, paired_verdict  # noqa: E402
+from report_quality import describe_interval, paired_interval, paired_verdict  # noqa: E402
 
 LABELS = {"theseus": "Theseus (default)", "finetune_trained": "fine-tune-only (trained blocks)",
           "finetune_initial": "fine-tune-only (pre-task model)", "kd": "knowledge distillation"}
@@ -85,8 +85,7 @@ def advice(curve: Dict[str, Any]) -> List[str]:
         other = LABELS.get(v["best_baseline"], v["best_baseline"])
         pick = ("Theseus" if v["verdict"] == "ahead" else other if v["verdict"] == "behind"
                 else f"either (Theseus and {other} are level)")
-        lines.append(f"{b['steps']} steps: {pick}; Theseus - {other} = {v['mean'] * 100:+.2f} "
-                     f"[{v['low'] * 100:+.2f}, {v['high'] * 100:+.2f}] points ({v['verdict']})")
+        lines.append(f"{b['steps']} steps: {pick}; Theseus - {other} = {describe_interval(v)} ({v['verdict']})")
     return lines
 
 

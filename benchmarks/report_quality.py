@@ -133,12 +133,22 @@ def paired_verdict(report: Dict[str, Any], method: str = "theseus", split: str =
     if method not in runs or not baselines:
         return {}
     best = max(baselines, key=lambda m: baselines[m]["test_mean"])
-    seeds = sorted(set(runs[method]) & set(runs[best]), key=int)
-    differences = [runs[method][s][split] - runs[best][s][split] for s in seeds]
+    seeds, differences = _paired_differences(runs, method, best, split)
     if not differences:
         return {}
     return {"method": method, "best_baseline": best, "split": split, "seeds": seeds, "differences": differences,
             **paired_interval(differences)}
+
+
+def _paired_differences(runs: Dict[str, Any], method: str, other: str, split: str) -> tuple:
+    """The seeds both methods ran, and `method` minus `other` on `split` for each."""
+    seeds = sorted(set(runs[method]) & set(runs[other]), key=int)
+    return seeds, [runs[method][s][split] - runs[other][s][split] for s in seeds]
+
+
+def describe_interval(paired: Dict[str, Any]) -> str:
+    """'+1.09 [+0.49, +1.70] points': a paired interval in points, as the docs quote it."""
+    return f"{100 * paired['mean']:+.2f} [{100 * paired['low']:+.2f}, {100 * paired['high']:+.2f}] points"
 
 
 def paired_report(report: Dict[str, Any], method: str = "theseus") -> Dict[str, Any]:
@@ -148,10 +158,8 @@ def paired_report(report: Dict[str, Any], method: str = "theseus") -> Dict[str, 
     if not test:
         return {}
     runs = report["runs"]
-    against = {}
-    for baseline in (m for m in runs if m != method and not m.startswith("theseus")):
-        seeds = sorted(set(runs[method]) & set(runs[baseline]), key=int)
-        against[baseline] = paired_interval([runs[method][s]["test"] - runs[baseline][s]["test"] for s in seeds])
+    against = {baseline: paired_interval(_paired_differences(runs, method, baseline, "test")[1])
+               for baseline in runs if baseline != method and not baseline.startswith("theseus")}
     return {"test": test, "dev": paired_verdict(report, method, split="dev"), "against_each_baseline": against}
 
 
@@ -163,8 +171,7 @@ def annotate(paths: List[str]) -> None:
         report["paired"] = paired_report(report)
         write_json(report, path)
         test = report["paired"].get("test")
-        print(f"{path}: " + (f"{100 * test['mean']:+.2f} [{100 * test['low']:+.2f}, {100 * test['high']:+.2f}] "
-                             f"points against {test['best_baseline']}, {test['verdict']}"
+        print(f"{path}: " + (f"{describe_interval(test)} against {test['best_baseline']}, {test['verdict']}"
                              if test and test["half_width"] is not None else "no paired interval (one seed, or no baseline)"))
 
 
