@@ -6,7 +6,8 @@ merged with quality.py --merge first). Per budget: each method's test mean and 9
 seeds, Theseus minus the best baseline paired by seed (report_quality.paired_verdict), and the mean
 training time per run. Equal compute: each baseline's test accuracy at Theseus's mean training time
 of that budget, interpolated along the baseline's own curve (linear in log time; only inside the
-times it was measured at, and only between budgets trained on the same device, else blank).
+times it was measured at, and only between budgets trained on the same device, else blank; --machine
+gives the budgets timed on another machine of that device type an axis of their own).
 
     python benchmarks/report_budget_curve.py benchmarks/results/budget_curve/vit_r0.25_s*.json \\
         --output benchmarks/results/budget_curve/vit_r0.25.json --plot docs/images/budget_curve_vit.png
@@ -149,11 +150,21 @@ def main(argv=None) -> Dict[str, Any]:
     p.add_argument("--plot", default=None, help="a PNG of the curve (needs matplotlib)")
     p.add_argument("--plot-methods", nargs="+", default=None, choices=sorted(LABELS),
                    help="methods to draw (default: all); the table and verdicts keep every method")
+    p.add_argument("--machine", nargs="+", default=[], metavar="JSON=LABEL",
+                   help="inputs timed on another machine of the same device type (e.g. a slower CPU): their "
+                        "seconds get a time axis of their own, so equal compute is never read across machines")
     args = p.parse_args(argv)
+    machines = dict(spec.split("=", 1) for spec in args.machine if "=" in spec)
+    unknown = [spec for spec in args.machine if "=" not in spec or spec.split("=", 1)[0] not in args.reports]
+    if unknown:
+        p.error(f"--machine {unknown}: each must be JSON=LABEL with JSON one of the reports given")
     reports = []
     for path in args.reports:
         with open(path) as f:
-            reports.append(json.load(f))
+            report = json.load(f)
+        if path in machines:  # the label joins the device, the key build() keeps time axes apart by
+            report["settings"] = dict(report["settings"], device=f"{report['settings'].get('device', 'cpu')}, {machines[path]}")
+        reports.append(report)
     curve = build(reports)
     curve["advice"] = advice(curve)
     print(table(curve))

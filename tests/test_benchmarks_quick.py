@@ -359,6 +359,38 @@ def test_budget_curve_equal_compute_never_mixes_devices():
     assert "on cuda" in curve_module.table(curve) and "on cpu" not in curve_module.table(curve)
 
 
+def test_budget_curve_machine_flag_keeps_another_machines_seconds_off_the_time_axis(tmp_path):
+    curve_module = load("report_budget_curve")
+
+    def write(steps, seconds, name):
+        runs = {m: {str(s): {"test": 0.8 + 0.01 * s + 0.0001 * t, "dev": 0.8, "train_s": t} for s in range(3)}
+                for m, t in (("theseus", seconds[0]), ("kd", seconds[1]))}
+        report = {"task": "text", "target": {"depth": 3}, "depth": {"predecessor": {"blocks": 6}, "successor": {"blocks": 3}},
+                  "settings": {"steps": steps, "seeds": [0, 1, 2]}, "predecessor": {"dev": 0.83, "test": 0.83},
+                  "runs": runs, "summary": {m: {"test_mean": 0.81} for m in runs},
+                  "grid": {"chosen": {"theseus": {"lr": 1e-4}, "kd": {"lr": 2e-4}}}}
+        path = tmp_path / name
+        path.write_text(json.dumps(report))
+        return str(path)
+
+    # 300 and 1,000 steps on one machine, 600 on a slower one: read as one axis, KD's 400 s at 600 steps
+    # would put Theseus's 1,000-step 414 s between budgets timed on two machines
+    paths = [write(300, (150.0, 190.0), "s300.json"), write(600, (355.0, 440.0), "s600.json"),
+             write(1000, (414.0, 524.0), "s1000.json")]
+    mixed = curve_module.main(paths)
+    assert mixed["budgets"][2]["equal_compute"]["kd"] is not None  # what the flag is for
+    kept = curve_module.main([*paths, "--machine", f"{paths[1]}=machine 2"])
+    s300, s600, s1000 = kept["budgets"]
+    assert s600["device"] == "cpu, machine 2" and s300["device"] == s1000["device"] == "cpu"
+    assert s600["equal_compute"]["kd"] is None  # alone on its axis
+    expected = curve_module.at_time([{"train_s": 190.0, "test": 0.8 + 0.01 + 0.019}, {"train_s": 524.0, "test": 0.8 + 0.01 + 0.0524}], 414.0)
+    assert s1000["equal_compute"]["kd"] == pytest.approx(expected)  # along 300 and 1,000 only
+    assert "on cpu, machine 2" in curve_module.table(kept)
+    for wrong in (["--machine", paths[1]], ["--machine", "elsewhere.json=machine 2"]):
+        with pytest.raises(SystemExit):
+            curve_module.main([*paths, *wrong])
+
+
 def test_quality_reuse_extends_a_grid_without_rerunning_its_points(tmp_path):
     data = write_idx_dataset(tmp_path / "fashion-mnist")
     quality = load("quality")
