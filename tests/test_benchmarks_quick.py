@@ -373,7 +373,7 @@ def test_budget_curve_machine_flag_keeps_another_machines_seconds_off_the_time_a
         path.write_text(json.dumps(report))
         return str(path)
 
-    # 300 and 1,000 steps on one machine, 600 on a slower one: read as one axis, KD's 400 s at 600 steps
+    # 300 and 1,000 steps on one machine, 600 on a slower one: read as one axis, KD's 440 s at 600 steps
     # would put Theseus's 1,000-step 414 s between budgets timed on two machines
     paths = [write(300, (150.0, 190.0), "s300.json"), write(600, (355.0, 440.0), "s600.json"),
              write(1000, (414.0, 524.0), "s1000.json")]
@@ -385,6 +385,7 @@ def test_budget_curve_machine_flag_keeps_another_machines_seconds_off_the_time_a
     assert s600["equal_compute"]["kd"] is None  # alone on its axis
     expected = curve_module.at_time([{"train_s": 190.0, "test": 0.8 + 0.01 + 0.019}, {"train_s": 524.0, "test": 0.8 + 0.01 + 0.0524}], 414.0)
     assert s1000["equal_compute"]["kd"] == pytest.approx(expected)  # along 300 and 1,000 only
+    assert mixed["budgets"][2]["equal_compute"]["kd"] != pytest.approx(expected)  # the mixed axis reads otherwise
     assert "on cpu, machine 2" in curve_module.table(kept)
     for wrong in (["--machine", paths[1]], ["--machine", "elsewhere.json=machine 2"]):
         with pytest.raises(SystemExit):
