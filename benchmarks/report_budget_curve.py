@@ -69,7 +69,7 @@ def build(reports: List[Dict[str, Any]]) -> Dict[str, Any]:
             # along the budgets measured on the same device as this one
             same = [o for o in budgets if o["device"] == b["device"]]
             curves = {m: [{"train_s": o["methods"][m]["train_s"], "test": o["methods"][m]["test"]["mean"]}
-                          for o in same if m in o["methods"]] for m in {m for o in same for m in o["methods"]}}
+                          for o in same if m in o["methods"]] for m in sorted({m for o in same for m in o["methods"]})}
             t = b["methods"]["theseus"]["train_s"]
             b["equal_compute"] = {"theseus_train_s": t, **{m: at_time(c, t) for m, c in curves.items() if m != "theseus"}}
     return {"task": reports[0]["task"], "target": reports[0]["target"], "depth": reports[0]["depth"],
@@ -154,10 +154,11 @@ def main(argv=None) -> Dict[str, Any]:
                    help="inputs timed on another machine of the same device type (e.g. a slower CPU): their "
                         "seconds get a time axis of their own, so equal compute is never read across machines")
     args = p.parse_args(argv)
-    machines = dict(spec.split("=", 1) for spec in args.machine if "=" in spec)
-    unknown = [spec for spec in args.machine if "=" not in spec or spec.split("=", 1)[0] not in args.reports]
+    pairs = [spec.partition("=") for spec in args.machine]
+    unknown = [path + sep + label for path, sep, label in pairs if not sep or path not in args.reports]
     if unknown:
         p.error(f"--machine {unknown}: each must be JSON=LABEL with JSON one of the reports given")
+    machines = {path: label for path, _, label in pairs}
     reports = []
     for path in args.reports:
         with open(path) as f:
