@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from theseus_general import LinearScheduler, NonFiniteLossError, Theseus
+from theseus_general.errors import CheckpointError
 from theseus_general.metrics import read_metrics
 from theseus_general.training import TrainingError, fit, lr_factor
 
@@ -116,6 +117,46 @@ def test_a_resumed_run_ends_where_an_uninterrupted_one_ends(tmp_path):
         torch.testing.assert_close(a, b)
 
 
+def test_a_plain_model_resumes_where_an_uninterrupted_run_ends(tmp_path):
+    # a baseline or a predecessor trained with fit() and checkpoints=: its weights, optimiser, lr schedule and
+    # data position come back, so two sittings end where one does
+    whole = ChainModel(seed=0)
+    fit(whole, stream(), 6, lr=1e-2, lr_schedule="constant", warmup=0.5, progress=False)
+
+    def crash(record):
+        if record.step == 3:  # after step 4's checkpoint
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(ChainModel(seed=0), stream(), 6, lr=1e-2, lr_schedule="constant", warmup=0.5, checkpoints=str(tmp_path),
+            checkpoint_every=2, progress=False, on_step=crash)
+    resumed = ChainModel(seed=0)  # as a new process would: the untrained model, its weights from the checkpoint
+    result = fit(resumed, stream(), 6, lr=1e-2, lr_schedule="constant", warmup=0.5, checkpoints=str(tmp_path),
+                 checkpoint_every=2, progress=False)
+    assert result.resumed_from.endswith("step-00000004") and [s.step for s in result.history] == [4, 5]
+    for key, value in whole.state_dict().items():
+        torch.testing.assert_close(resumed.state_dict()[key], value)
+
+
+def test_a_checkpoint_resumes_only_the_kind_of_run_that_saved_it(tmp_path):
+    plain, engine_run = str(tmp_path / "plain"), str(tmp_path / "engine")
+    fit(ChainModel(seed=0), stream(), 2, lr=1e-2, checkpoints=plain, progress=False)
+    fit(engine(), batch_at, 2, lr=1e-2, checkpoints=engine_run, match_steps=0, progress=False)
+    model = ChainModel(seed=1)
+    before = state_snapshot(model)
+    with pytest.raises(CheckpointError, match="holds a Theseus run"):
+        fit(model, stream(), 4, lr=1e-2, checkpoints=engine_run, progress=False)
+    with pytest.raises(CheckpointError, match="do not fit this ChainModel"):
+        fit(ChainModel(depth=3, seed=0), stream(), 4, lr=1e-2, checkpoints=plain, progress=False)
+    th = engine()
+    with pytest.raises(CheckpointError, match="holds a plain model's training state"):
+        fit(th, batch_at, 4, lr=1e-2, checkpoints=plain, match_steps=0, progress=False)
+    with pytest.raises(CheckpointError, match="holds a plain model's training state"):
+        Theseus.from_checkpoint(ChainModel(depth=6, seed=0), os.path.join(plain, "step-00000002"))
+    assert th.step_count == 0
+    assert_same_state(before, model)
+
+
 def test_settings_are_checked_before_anything_changes():
     model = ChainModel(seed=0)
     before = state_snapshot(model)
@@ -125,8 +166,6 @@ def test_settings_are_checked_before_anything_changes():
         fit(model, stream(), 2, gradient_accumulation=0, progress=False)
     with pytest.raises(TrainingError, match="lr_schedule"):
         fit(model, stream(), 2, lr_schedule="step", progress=False)
-    with pytest.raises(TrainingError, match="plain model has no engine state"):
-        fit(model, stream(), 2, checkpoints="unused", progress=False)
     if not torch.cuda.is_available():
         with pytest.raises(TrainingError, match="CUDA is not available"):
             fit(model, stream(), 2, device="cuda", progress=False)

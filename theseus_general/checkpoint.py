@@ -20,6 +20,9 @@ reads and checks everything first (files, hashes, plan, shapes, optimiser layout
 changes nothing of the model, optimiser or RNGs when any check fails.
 Under DDP, save from rank 0 only; every rank loads.
 
+A plain model trained by ``fit(model, ..., checkpoints=)`` saves the same files, its whole state_dict in
+``engine.safetensors`` (`ModuleState`).
+
 A sharded run (FSDP2) saves with ``torch.distributed.checkpoint`` instead, every rank taking part:
 ``save_sharded_checkpoint(dir, th, optimizer, lr_scheduler)`` and ``load_sharded_checkpoint(...)``
 (each rank writes and reads its own shards and RNG states; see their docstrings).
@@ -50,6 +53,47 @@ Theseus = Any
 FORMAT = 1
 _STEP_DIR = re.compile(r"step-(\d+)")
 _FILES = ("engine.safetensors", "rng.safetensors", "optimizer.pt")
+
+
+class ModuleState:
+    """A plain model's side of a checkpoint, in the engine's format: its state_dict and the optimiser steps
+    done. What fit(model, ..., checkpoints=) saves and resumes for an ``nn.Module`` (a baseline, a predecessor
+    being trained); an engine's own checkpoints hold its successors and plan instead."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+        self.step_count = 0
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"tensors": dict(self.model.state_dict()),
+                "meta": {"kind": MODULE_KIND, "step": self.step_count, "model": type(self.model).__qualname__}}
+
+    def check_state_dict(self, state: Dict[str, Any]) -> None:
+        """Raises CheckpointError when the checkpoint is not this model's; changes nothing."""
+        if state["meta"].get("kind") != MODULE_KIND:
+            raise CheckpointError("The checkpoint holds a Theseus run (successors and plan), not a plain model's "
+                                  "weights; resume it with that run's Theseus engine as fit()'s target.")
+        live, saved = self.model.state_dict(), state["tensors"]
+        missing, unexpected = sorted(set(live) - set(saved)), sorted(set(saved) - set(live))
+        reshaped = sorted(k for k in set(live) & set(saved) if live[k].shape != saved[k].shape)
+        if missing or unexpected or reshaped:
+            raise CheckpointError(
+                f"The checkpoint's weights do not fit this {type(self.model).__qualname__} (saved from a "
+                f"{state['meta'].get('model')}): missing {missing[:5]}, unexpected {unexpected[:5]}, other shapes "
+                f"{reshaped[:5]}. Resume with the model that was being trained, or use a new checkpoint directory.")
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.model.load_state_dict(state["tensors"])
+        self.step_count = int(state["meta"]["step"])
+
+
+MODULE_KIND = "module"
+
+
+def _refuse_module_checkpoint(path: str, meta: Dict[str, Any]) -> None:
+    if meta.get("kind") == MODULE_KIND:
+        raise CheckpointError(f"{path} holds a plain model's training state (fit() of an nn.Module, no successors "
+                              "or plan); resume it with that model as fit()'s target, not a Theseus engine.")
 
 
 @dataclass
@@ -179,6 +223,8 @@ def load_checkpoint(path: str, th: Theseus, optimizer: Optional[torch.optim.Opti
         if obj is not None and not state.get(flag):
             raise CheckpointError(f"{path} holds no {what} state, but one was given to restore; pass {what}=None.")
     engine_state = {"tensors": tensors, "meta": state["engine"]}
+    if not isinstance(th, ModuleState):
+        _refuse_module_checkpoint(path, state["engine"])
     th.check_state_dict(engine_state)  # plan first: the most telling difference
     if optimizer is not None:
         _check_optimizer(path, optimizer, saved["optimizer"])
@@ -196,6 +242,7 @@ def load_checkpoint(path: str, th: Theseus, optimizer: Optional[torch.optim.Opti
 def read_engine_meta(path: str) -> Dict[str, Any]:
     """The engine's part of a checkpoint's state.json (step, seed, plan, config), checked against its hashes."""
     state, _ = _read_verified(path)
+    _refuse_module_checkpoint(path, state["engine"])
     return state["engine"]
 
 

@@ -16,7 +16,7 @@ device (``"auto"``: CUDA when available), autocast (``"bf16"``/``"fp16"``, with 
 for fp16), gradient accumulation (one optimiser step, one ``th.step()``, per
 ``gradient_accumulation`` micro-batches), a tqdm bar (loss, batch accuracy, replacement rate),
 metrics (`MetricsLogger`: loss, train_accuracy, replacement_rate, lr per step), checkpoints
-and resume (`CheckpointManager`, engines only), and a stop on a NaN or infinite loss before
+and resume (`CheckpointManager`; engines and plain models), and a stop on a NaN or infinite loss before
 the optimiser applies it (`NonFiniteLossError`).
 
 `batches` is an iterable of ``(inputs, labels)``, inputs as the model's forward takes them (a
@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointManager
+from .checkpoint import CheckpointManager, ModuleState
 from .engine import Theseus
 from .errors import CollapsedSuccessorWarning, MatchingDivergedWarning, NonFiniteLossError, TrainingError, warn_user
 from .graph import default_logits, run_model
@@ -280,7 +280,8 @@ def fit(
         float16 with a GradScaler). Weights and optimiser state stay float32.
     metrics: a directory (a `MetricsLogger` is opened there and closed at the end) or a logger of yours.
     checkpoints / checkpoint_every: a directory (or `CheckpointManager`) to resume from and save to every
-        N steps and at the end; engines only. The GradScaler's state is not saved (it re-calibrates).
+        N steps and at the end (an engine's state, or a plain model's whole state_dict). The GradScaler's
+        state is not saved (it re-calibrates).
     restore_device: move the model (and the loss object) back to the device it came from at the end,
         so evaluation and export code written for the CPU keeps working; False leaves it on `device`.
     on_step: called with each step's `StepLog` after the optimiser step (e.g. an evaluation every N steps).
@@ -303,7 +304,7 @@ def fit(
     model = engine.model if engine is not None else target
     if not isinstance(model, nn.Module):
         raise TrainingError(f"fit() trains a Theseus engine or a torch.nn.Module, got {type(target).__qualname__}.")
-    _check_settings(steps, lr_schedule, gradient_accumulation, checkpoint_every, checkpoints, engine)
+    _check_settings(steps, lr_schedule, gradient_accumulation, checkpoint_every)
     _check_numbers(lr=lr, weight_decay=weight_decay, warmup=warmup, max_grad_norm=max_grad_norm,
                    match_lr=None if match_lr == "auto" else match_lr)
     start = None
@@ -349,7 +350,9 @@ def fit(
                     else contextlib.nullcontext)
 
         manager = CheckpointManager(checkpoints) if isinstance(checkpoints, str) else checkpoints
-        resumed = manager.resume(engine, optimizer, scheduler) if manager is not None else None
+        # what a checkpoint holds: the engine's state, or a plain model's weights and step count
+        saved_state = engine if engine is not None else ModuleState(model) if manager is not None else None
+        resumed = manager.resume(saved_state, optimizer, scheduler) if manager is not None else None
         position = (resumed.data_position or 0) if resumed else planned_matching
         next_batch = shared_source or _batch_source(batches, position, steps * gradient_accumulation)
         logger = MetricsLogger(metrics) if isinstance(metrics, str) else metrics
@@ -361,7 +364,7 @@ def fit(
         if resumed and progress:
             tqdm.write(f"resumed from {resumed.path} (step {resumed.step})")
 
-        step = engine.step_count if engine is not None else 0
+        step = saved_state.step_count if saved_state is not None else 0
         model.train()
         # progress=True leaves `disable` to tqdm, so that TQDM_DISABLE=1 in the environment still silences the bar
         bar = tqdm(total=steps, initial=step, desc=desc, leave=False, dynamic_ncols=True, **({} if progress else {"disable": True}))
@@ -414,6 +417,8 @@ def fit(
             record = StepLog(step, loss_value, lr_now, rate, accuracy)
             result.history.append(record)
             step += 1
+            if isinstance(saved_state, ModuleState):
+                saved_state.step_count = step  # an engine counts its own steps
             if logger is not None:
                 logger.log(record.step, loss=loss_value, train_accuracy=accuracy, replacement_rate=rate, lr=lr_now)
             if accuracy is not None:
@@ -423,7 +428,7 @@ def fit(
                             **({"p": f"{rate:.2f}"} if rate is not None else {}))
             bar.update(1)
             if manager is not None and ((checkpoint_every and step % checkpoint_every == 0) or step == steps):
-                manager.save(engine, optimizer, scheduler, data_position=position)
+                manager.save(saved_state, optimizer, scheduler, data_position=position)
             if on_step is not None:
                 on_step(record)
         if engine is not None:
@@ -463,8 +468,7 @@ def _param_groups(engine: Optional[Theseus], params: List[nn.Parameter],
     return groups, factors
 
 
-def _check_settings(steps: int, lr_schedule: str, accumulation: int, checkpoint_every: int,
-                    checkpoints: Any, engine: Optional[Theseus]) -> None:
+def _check_settings(steps: int, lr_schedule: str, accumulation: int, checkpoint_every: int) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise TrainingError(f"steps must be an int >= 1, got {steps!r}.")
     if lr_schedule not in LR_SCHEDULES:
@@ -475,9 +479,6 @@ def _check_settings(steps: int, lr_schedule: str, accumulation: int, checkpoint_
     if isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int) or checkpoint_every < 0:
         raise TrainingError(f"checkpoint_every must be an int >= 0 (save every N steps; 0: only at the end), "
                             f"got {checkpoint_every!r}.")
-    if checkpoints is not None and engine is None:
-        raise TrainingError("checkpoints= saves and resumes a Theseus run; a plain model has no engine state. "
-                            "Pass the Theseus engine as the target, or save the model yourself (save_pretrained).")
 
 
 # fit's numbers: name -> (lower bound, whether the bound itself is allowed, upper bound, what it is, an example)
