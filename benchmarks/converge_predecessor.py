@@ -5,7 +5,9 @@ schedule would decide the end point in advance), dev accuracy every --eval-every
 once the best dev accuracy is older than --patience of the steps run (no gain over the last 20%), and
 not before --min-steps. The best-on-dev weights are kept and saved (safetensors), with the whole curve
 and the test accuracy of those weights in the JSON. A run that reaches --max-steps or --max-seconds
-first says "converged": false.
+first says "converged": false. With --checkpoints DIR the run saves its weights, optimiser, lr schedule and data
+position at every evaluation (with the curve and the best weights so far), and the same command run again goes
+on from there: a run too long for one sitting converges over several, each with its own --max-seconds.
 
 Uses quality.py's tasks, so that quality.py / recipe_lr.py --predecessor PATH start from the saved weights:
 the vision task (the examples' ViT / ResNet on Fashion-MNIST, split seed 0; a .safetensors file) or, with
@@ -24,24 +26,78 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import os
 import sys
 import time
 from typing import Any, Dict, List
 
 import torch
-from safetensors.torch import save_model
+from safetensors.torch import load_model, save_model
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import quality  # noqa: E402
 from _common import conditions, finish  # noqa: E402
 
+from theseus_general.checkpoint import CheckpointManager  # noqa: E402
 from theseus_general.training import fit, resolve_device  # noqa: E402
 
 
 class Converged(Exception):
     """Raised from the step callback to end fit() when the stopping rule holds."""
+
+
+class Sittings:
+    """What a run in several sittings keeps beside fit()'s checkpoints (--checkpoints DIR): the dev curve, the
+    best weights so far and each sitting's seconds, written at every evaluation, right after fit()'s own save."""
+
+    def __init__(self, root: str, model: torch.nn.Module, settings: Dict[str, Any]):
+        self.root, self.model, self.settings = root, model, settings
+        self.curve_path, self.best_path = os.path.join(root, "curve.json"), os.path.join(root, "best.safetensors")
+        self.sittings: List[float] = []
+
+    def restore(self):
+        """(curve, best, seconds spent) as the latest checkpoint left them; nothing when there is none."""
+        latest = CheckpointManager(self.root).latest()
+        if latest is None or not os.path.exists(self.curve_path):
+            return [], {"dev": -1.0, "step": 0, "state": None}, 0.0
+        with open(self.curve_path) as f:
+            saved = json.load(f)
+        changed = sorted(k for k in set(saved["settings"]) | set(self.settings)
+                         if saved["settings"].get(k) != self.settings.get(k))
+        if changed:
+            raise SystemExit(f"{self.root} holds a run with other settings ({', '.join(changed)}): run the same command "
+                             f"again to go on with it, or give a new --checkpoints directory")
+        at = int(os.path.basename(latest).split("-")[1])  # fit() goes on from here
+        curve = [point for point in saved["curve"] if point["step"] <= at]
+        self.sittings = saved["sittings"]
+        holder = copy.deepcopy(self.model)  # the best weights, loaded beside the model fit() resumes
+        load_model(holder, self.best_path)
+        best = {"dev": saved["best"]["dev"], "step": saved["best"]["step"], "state": holder.state_dict()}
+        return curve, best, sum(self.sittings)
+
+    def record(self, curve, best, seconds: float, new_best: bool) -> None:
+        if new_best:
+            tmp = self.best_path + ".tmp"
+            holder = copy.deepcopy(self.model).to("cpu")
+            save_model(holder, tmp)
+            os.replace(tmp, self.best_path)
+        state = {"settings": self.settings, "curve": curve, "best": {"dev": best["dev"], "step": best["step"]},
+                 "sittings": self.sittings + [round(seconds, 1)]}
+        with open(self.curve_path + ".tmp", "w") as f:
+            json.dump(state, f)
+        os.replace(self.curve_path + ".tmp", self.curve_path)
+
+
+# what may change between sittings of one run: where things go, the cap, the hardware
+_PER_SITTING = {"save_to", "output", "checkpoints", "max_seconds", "threads", "device", "data_dir", "sharing"}
+
+
+def run_settings(own: argparse.Namespace, args: argparse.Namespace) -> Dict[str, Any]:
+    """The settings a later sitting must share with the first (the rule, the task, the model, the optimiser)."""
+    merged = {**vars(args), **vars(own)}
+    return json.loads(json.dumps({k: v for k, v in merged.items() if k not in _PER_SITTING}, default=str))
 
 
 def parse_args(argv=None):
@@ -55,6 +111,8 @@ def parse_args(argv=None):
     p.add_argument("--max-seconds", type=float, default=None, help="stop (not converged) after this much wall time")
     p.add_argument("--patience", type=float, default=0.2, help="stop when the best dev score is older than this share of the steps")
     p.add_argument("--warmup-steps", type=int, default=500)
+    p.add_argument("--checkpoints", default=None,
+                   help="a directory: save the run at every evaluation and go on from its latest save when run again")
     own, rest = p.parse_known_args(argv)
     if own.task == "text" and "--quick" in rest:
         p.error("--quick is the vision task's smoke run; for text give small --max-steps / --min-steps instead")
@@ -92,6 +150,15 @@ def main(argv=None) -> Dict[str, Any]:
     curve: List[Dict[str, float]] = []
     best: Dict[str, Any] = {"dev": -1.0, "step": 0, "state": None}
     stop = {"reason": "max_steps"}
+    sitting_started = started
+    earlier = Sittings(own.checkpoints, model, run_settings(own, args)) if own.checkpoints else None
+    if earlier is not None:
+        curve, best, spent = earlier.restore()
+        started -= spent  # the curve's seconds and total_s count every sitting; --max-seconds this one only
+        print(f"going on from step {curve[-1]['step'] if curve else 0} ({len(earlier.sittings)} earlier sittings)")
+
+    def should_stop(step: int) -> bool:
+        return step >= own.min_steps and step - best["step"] > own.patience * step
 
     def on_step(record) -> None:
         step = record.step + 1  # steps done
@@ -102,21 +169,29 @@ def main(argv=None) -> Dict[str, Any]:
         curve.append({"step": step, "dev": score, "loss": float(record.loss), "seconds": time.time() - started})
         if score > best["dev"]:
             best.update(dev=score, step=step, state=copy.deepcopy(model.state_dict()))
+        if earlier is not None:  # fit() has just saved this step's checkpoint
+            earlier.record(curve, best, time.time() - sitting_started, new_best=best["step"] == step)
         print(f"  step {step:>6}: dev {score:.4f} (best {best['dev']:.4f} at {best['step']})", flush=True)
-        if step >= own.min_steps and step - best["step"] > own.patience * step:
+        if should_stop(step):
             stop["reason"] = "converged"
             raise Converged
-        if own.max_seconds is not None and time.time() - started > own.max_seconds:
+        if own.max_seconds is not None and time.time() - sitting_started > own.max_seconds:
             stop["reason"] = "max_seconds"
             raise Converged
 
-    try:
-        fit(model, task.batches(args.split_seed), own.max_steps, lr=args.pretrain_lr, weight_decay=weight_decay,
-            lr_schedule="constant", warmup=own.warmup_steps / own.max_steps, device=device,
-            mixed_precision=args.mixed_precision, on_step=on_step, desc=f"converge {name}",
-            progress=False)
-    except Converged:
-        pass
+    if curve and should_stop(curve[-1]["step"]):
+        stop["reason"] = "converged"  # an earlier sitting ended it: report again, train no further
+    else:
+        try:
+            fit(model, task.batches(args.split_seed), own.max_steps, lr=args.pretrain_lr, weight_decay=weight_decay,
+                lr_schedule="constant", warmup=own.warmup_steps / own.max_steps, device=device,
+                mixed_precision=args.mixed_precision, on_step=on_step, desc=f"converge {name}",
+                checkpoints=own.checkpoints, checkpoint_every=own.eval_every if own.checkpoints else 0,
+                progress=False)
+        except Converged:
+            pass
+    if best["state"] is None:
+        raise SystemExit("no evaluation was reached: give --max-steps at least --eval-every")
     model.load_state_dict(best["state"])
     model.to("cpu").eval()
     if own.task == "text":
@@ -133,6 +208,7 @@ def main(argv=None) -> Dict[str, Any]:
         "converged": stop["reason"] == "converged", "stopped_by": stop["reason"],
         "steps_run": curve[-1]["step"] if curve else 0, "best_step": best["step"],
         "dev": scores["dev"], "test": scores["test"], "curve": curve, "saved_to": own.save_to,
+        "sittings": (earlier.sittings if earlier is not None else []) + [round(time.time() - sitting_started, 1)],
         "conditions": conditions(device),
     }
     output = own.output or os.path.splitext(os.path.normpath(own.save_to))[0] + ".json"

@@ -288,6 +288,27 @@ def test_converge_predecessor_keeps_the_best_dev_weights_and_applies_its_stoppin
     assert read(tmp_path / "vit.json")["test"] == report["test"]
 
 
+def test_converge_predecessor_in_two_sittings_ends_as_one_sitting_does(tmp_path):
+    # --checkpoints: a run stopped by its time cap goes on, when run again, from its last evaluation, with the
+    # same optimiser, lr schedule, data position, curve and best weights as if it had never stopped
+    data = write_idx_dataset(tmp_path / "fashion-mnist")
+    converge = load("converge_predecessor")
+    quick = ["--arch", "vit", "--quick", "--data-dir", data]
+    whole = converge.main([*quick, "--save-to", str(tmp_path / "whole.safetensors")])
+    split = [*quick, "--save-to", str(tmp_path / "split.safetensors"), "--checkpoints", str(tmp_path / "ckpt")]
+    first = converge.main([*split, "--max-seconds", "0"])  # the cap ends it at its first evaluation
+    assert first["stopped_by"] == "max_seconds" and first["steps_run"] == 5 < whole["steps_run"]
+    second = converge.main(split)
+    assert len(second["sittings"]) == 2
+    assert [(p["step"], p["dev"]) for p in second["curve"]] == [(p["step"], p["dev"]) for p in whole["curve"]]
+    for key in ("steps_run", "best_step", "stopped_by", "dev", "test"):
+        assert second[key] == whole[key], key
+    again = converge.main(split)  # a finished run is reported again, not trained further
+    assert again["steps_run"] == whole["steps_run"] and again["test"] == whole["test"]
+    with pytest.raises(SystemExit, match="other settings .*pretrain_lr"):
+        converge.main([*split, "--pretrain-lr", "1e-2"])
+
+
 def test_converge_predecessor_text_saves_the_best_dev_encoder_as_an_hf_directory(tmp_path):
     model_dir = save_tiny_classifier(tmp_path / "tiny")
     out = tmp_path / "pred"
