@@ -53,6 +53,7 @@ Theseus = Any
 FORMAT = 1
 _STEP_DIR = re.compile(r"step-(\d+)")
 _FILES = ("engine.safetensors", "rng.safetensors", "optimizer.pt")
+MODULE_KIND = "module"  # state.json's "engine" part of a plain model's checkpoint says so
 
 
 class ModuleState:
@@ -85,9 +86,6 @@ class ModuleState:
     def load_state_dict(self, state: Dict[str, Any]) -> None:
         self.model.load_state_dict(state["tensors"])
         self.step_count = int(state["meta"]["step"])
-
-
-MODULE_KIND = "module"
 
 
 def _refuse_module_checkpoint(path: str, meta: Dict[str, Any]) -> None:
