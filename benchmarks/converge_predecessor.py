@@ -59,8 +59,8 @@ class Sittings:
 
     def restore(self):
         """(curve, best, seconds spent) as the latest checkpoint left them; nothing when there is none."""
-        latest = CheckpointManager(self.root).latest()
-        if latest is None or not os.path.exists(self.curve_path):
+        at = CheckpointManager(self.root).latest_step()  # fit() goes on from here
+        if at is None or not os.path.exists(self.curve_path):
             return [], {"dev": -1.0, "step": 0, "state": None}, 0.0
         with open(self.curve_path) as f:
             saved = json.load(f)
@@ -69,7 +69,6 @@ class Sittings:
         if changed:
             raise SystemExit(f"{self.root} holds a run with other settings ({', '.join(changed)}): run the same command "
                              f"again to go on with it, or give a new --checkpoints directory")
-        at = int(os.path.basename(latest).split("-")[1])  # fit() goes on from here
         curve = [point for point in saved["curve"] if point["step"] <= at]
         self.sittings = saved["sittings"]
         holder = copy.deepcopy(self.model)  # the best weights, loaded beside the model fit() resumes
@@ -78,10 +77,9 @@ class Sittings:
         return curve, best, sum(self.sittings)
 
     def record(self, curve, best, seconds: float, new_best: bool) -> None:
-        if new_best:
+        if new_best:  # the model holds the best weights right now
             tmp = self.best_path + ".tmp"
-            holder = copy.deepcopy(self.model).to("cpu")
-            save_model(holder, tmp)
+            save_model(self.model, tmp)
             os.replace(tmp, self.best_path)
         state = {"settings": self.settings, "curve": curve, "best": {"dev": best["dev"], "step": best["step"]},
                  "sittings": self.sittings + [round(seconds, 1)]}

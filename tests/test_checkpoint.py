@@ -108,6 +108,7 @@ def test_bad_json_and_missing_directory(tmp_path):
     with pytest.raises(CheckpointError, match="No checkpoint directory"):
         load_checkpoint(str(tmp_path / "nowhere"), th)
     assert CheckpointManager(str(tmp_path / "nowhere")).resume(th) is None  # a fresh start
+    assert CheckpointManager(str(tmp_path / "nowhere")).latest_step() is None
 
 
 def test_manager_keeps_newest_and_ignores_half_written(tmp_path):
@@ -173,6 +174,7 @@ def test_nan_loss_stops_the_run_and_the_last_good_checkpoint_stays(tmp_path):
             manager.save(th, opt, sched, data_position=step + 1)
     last = manager.latest()
     assert os.path.basename(last) == "step-00000003"
+    assert manager.latest_step() == 3
     with pytest.raises(EngineStateError, match="failed"):
         manager.save(th, opt, sched)  # a failed run writes nothing more
     assert manager.latest() == last

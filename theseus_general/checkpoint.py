@@ -322,16 +322,25 @@ class CheckpointManager:
         self.root = os.path.abspath(root)
         self.keep = keep
 
-    def checkpoints(self) -> List[str]:
-        """Complete checkpoints, oldest first."""
+    def _found(self) -> List[tuple]:
+        """(step, path) of each complete checkpoint, oldest first."""
         if not os.path.isdir(self.root):
             return []
         found = [(int(m.group(1)), name) for name in os.listdir(self.root) if (m := _STEP_DIR.fullmatch(name))]
-        return [os.path.join(self.root, name) for _, name in sorted(found)]
+        return [(step, os.path.join(self.root, name)) for step, name in sorted(found)]
+
+    def checkpoints(self) -> List[str]:
+        """Complete checkpoints, oldest first."""
+        return [path for _, path in self._found()]
 
     def latest(self) -> Optional[str]:
         found = self.checkpoints()
         return found[-1] if found else None
+
+    def latest_step(self) -> Optional[int]:
+        """The optimizer steps the latest checkpoint holds (where a resumed run goes on), or None."""
+        found = self._found()
+        return found[-1][0] if found else None
 
     def save(self, th: Theseus, optimizer: Optional[torch.optim.Optimizer] = None, lr_scheduler: Any = None,
              data_position: Optional[int] = None, extra: Optional[Dict[str, Any]] = None) -> str:
