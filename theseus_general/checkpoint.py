@@ -334,8 +334,8 @@ class CheckpointManager:
         return [path for _, path in self._found()]
 
     def latest(self) -> Optional[str]:
-        found = self.checkpoints()
-        return found[-1] if found else None
+        found = self._found()
+        return found[-1][1] if found else None
 
     def latest_step(self) -> Optional[int]:
         """The optimizer steps the latest checkpoint holds (where a resumed run goes on), or None."""
