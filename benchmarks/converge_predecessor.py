@@ -5,9 +5,13 @@ schedule would decide the end point in advance), dev accuracy every --eval-every
 once the best dev accuracy is older than --patience of the steps run (no gain over the last 20%), and
 not before --min-steps. The best-on-dev weights are kept and saved (safetensors), with the whole curve
 and the test accuracy of those weights in the JSON. A run that reaches --max-steps or --max-seconds
-first says "converged": false. With --checkpoints DIR the run saves its weights, optimiser, lr schedule and data
+first says "converged": false. With --lr-plateau STEPS the learning rate is cut (x --lr-plateau-factor) at an
+evaluation when neither a new best dev score nor a cut has come in the last STEPS steps (torch's ReduceLROnPlateau,
+counted in steps); the stopping rule is the same. With --checkpoints DIR the run saves its weights, optimiser, lr schedule and data
 position at every evaluation (with the curve and the best weights so far), and the same command run again goes
-on from there: a run too long for one sitting converges over several, each with its own --max-seconds.
+on from there: a run too long for one sitting converges over several, each with its own --max-seconds. A later
+sitting may raise --max-steps or turn on --lr-plateau (the lr is constant, so the steps already run are the same
+either way); each change starts a phase, recorded with the step it starts from.
 
 Uses quality.py's tasks, so that quality.py / recipe_lr.py --predecessor PATH start from the saved weights:
 the vision task (the examples' ViT / ResNet on Fashion-MNIST, split seed 0; a .safetensors file) or, with
@@ -48,6 +52,27 @@ class Converged(Exception):
     """Raised from the step callback to end fit() when the stopping rule holds."""
 
 
+class Plateau:
+    """The learning-rate multiplier of --lr-plateau, read by fit() once per step: cut by `factor` at an evaluation
+    when neither a new best dev score nor a cut has come in the last `patience` steps; 1 without `patience`."""
+
+    def __init__(self, patience, factor: float, scale: float = 1.0, last_cut: int = 0, cuts=None):
+        self.patience, self.factor, self.scale, self.last_cut = patience, factor, scale, last_cut
+        self.cuts: List[List[float]] = list(cuts or [])  # [step, multiplier from then on]
+
+    def __call__(self, step: int) -> float:
+        return self.scale
+
+    def update(self, step: int, best_step: int) -> None:
+        if self.patience is not None and step - max(best_step, self.last_cut) >= self.patience:
+            self.scale *= self.factor
+            self.last_cut = step
+            self.cuts.append([step, self.scale])
+
+    def state(self) -> Dict[str, Any]:
+        return {"scale": self.scale, "last_cut": self.last_cut, "cuts": self.cuts}
+
+
 class Sittings:
     """What a run in several sittings keeps beside fit()'s checkpoints (--checkpoints DIR): the dev curve, the
     best weights so far and each sitting's seconds, written at every evaluation, right after fit()'s own save."""
@@ -56,6 +81,8 @@ class Sittings:
         self.root, self.model, self.settings = root, model, settings
         self.curve_path, self.best_path = os.path.join(root, "curve.json"), os.path.join(root, "best.safetensors")
         self.sittings: List[float] = []
+        self.phases: List[Dict[str, Any]] = [{"from_step": 0, **_phase(settings)}]
+        self.plateau: Dict[str, Any] = {}  # the saved Plateau state
 
     def restore(self):
         """(curve, best, seconds spent) as the latest checkpoint left them; nothing when there is none."""
@@ -65,24 +92,28 @@ class Sittings:
         with open(self.curve_path) as f:
             saved = json.load(f)
         changed = sorted(k for k in set(saved["settings"]) | set(self.settings)
-                         if saved["settings"].get(k) != self.settings.get(k))
+                         if k not in _PER_PHASE and saved["settings"].get(k) != self.settings.get(k))
         if changed:
             raise SystemExit(f"{self.root} holds a run with other settings ({', '.join(changed)}): run the same command "
                              f"again to go on with it, or give a new --checkpoints directory")
         curve = [point for point in saved["curve"] if point["step"] <= at]
         self.sittings = saved["sittings"]
+        self.phases = saved.get("phases") or [{"from_step": 0, **_phase(saved["settings"])}]
+        if _phase(self.settings) != {k: v for k, v in self.phases[-1].items() if k != "from_step"}:
+            self.phases.append({"from_step": at, **_phase(self.settings)})
+        self.plateau = saved.get("plateau", {})
         holder = copy.deepcopy(self.model)  # the best weights, loaded beside the model fit() resumes
         load_model(holder, self.best_path)
         best = {"dev": saved["best"]["dev"], "step": saved["best"]["step"], "state": holder.state_dict()}
         return curve, best, sum(self.sittings)
 
-    def record(self, curve, best, seconds: float, new_best: bool) -> None:
+    def record(self, curve, best, seconds: float, new_best: bool, plateau: Plateau) -> None:
         if new_best:  # the model holds the best weights right now
             tmp = self.best_path + ".tmp"
             save_model(self.model, tmp)
             os.replace(tmp, self.best_path)
         state = {"settings": self.settings, "curve": curve, "best": {"dev": best["dev"], "step": best["step"]},
-                 "sittings": self.sittings + [round(seconds, 1)]}
+                 "sittings": self.sittings + [round(seconds, 1)], "phases": self.phases, "plateau": plateau.state()}
         with open(self.curve_path + ".tmp", "w") as f:
             json.dump(state, f)
         os.replace(self.curve_path + ".tmp", self.curve_path)
@@ -90,6 +121,12 @@ class Sittings:
 
 # what may change between sittings of one run: where things go, the cap, the hardware
 _PER_SITTING = {"save_to", "output", "checkpoints", "max_seconds", "threads", "device", "data_dir", "sharing"}
+# what a later sitting may change for the rest of the run (the lr is constant: the steps run so far are the same)
+_PER_PHASE = ("max_steps", "lr_plateau", "lr_plateau_factor")
+
+
+def _phase(settings: Dict[str, Any]) -> Dict[str, Any]:
+    return {k: settings.get(k) for k in _PER_PHASE}
 
 
 def run_settings(own: argparse.Namespace, args: argparse.Namespace) -> Dict[str, Any]:
@@ -109,6 +146,10 @@ def parse_args(argv=None):
     p.add_argument("--max-seconds", type=float, default=None, help="stop (not converged) after this much wall time")
     p.add_argument("--patience", type=float, default=0.2, help="stop when the best dev score is older than this share of the steps")
     p.add_argument("--warmup-steps", type=int, default=500)
+    p.add_argument("--lr-plateau", type=int, default=None, metavar="STEPS",
+                   help="cut the lr when neither a new best dev score nor a cut has come in this many steps "
+                        "(default: constant lr)")
+    p.add_argument("--lr-plateau-factor", type=float, default=0.5, help="the cut's multiplier")
     p.add_argument("--checkpoints", default=None,
                    help="a directory: save the run at every evaluation and go on from its latest save when run again")
     own, rest = p.parse_known_args(argv)
@@ -119,6 +160,9 @@ def parse_args(argv=None):
         p.error("--task text evaluates on the CPU (the text example's accuracy); drop --device")
     if own.task == "vision" and "--pretrain-lr" not in rest and not args.quick:
         args.pretrain_lr = 1e-3  # constant lr: half the examples' peak of their cosine schedule
+    if own.lr_plateau is not None and (own.lr_plateau < 1 or not 0 < own.lr_plateau_factor < 1):
+        p.error("--lr-plateau takes a number of steps >= 1 and --lr-plateau-factor a number between 0 and 1, "
+                f"got {own.lr_plateau} and {own.lr_plateau_factor}")
     if args.quick:
         own.eval_every, own.min_steps, own.max_steps, own.warmup_steps = 5, 10, 60, 5
     return own, args
@@ -150,8 +194,11 @@ def main(argv=None) -> Dict[str, Any]:
     stop = {"reason": "max_steps"}
     sitting_started = started
     earlier = Sittings(own.checkpoints, model, run_settings(own, args)) if own.checkpoints else None
+    plateau = Plateau(own.lr_plateau, own.lr_plateau_factor)
     if earlier is not None:
         curve, best, spent = earlier.restore()
+        if own.lr_plateau is not None and earlier.plateau:  # the cuts so far go on with it
+            plateau = Plateau(own.lr_plateau, own.lr_plateau_factor, **earlier.plateau)
         started -= spent  # the curve's seconds and total_s count every sitting; --max-seconds this one only
         print(f"going on from step {curve[-1]['step'] if curve else 0} ({len(earlier.sittings)} earlier sittings)")
 
@@ -167,9 +214,12 @@ def main(argv=None) -> Dict[str, Any]:
         curve.append({"step": step, "dev": score, "loss": float(record.loss), "seconds": time.time() - started})
         if score > best["dev"]:
             best.update(dev=score, step=step, state=copy.deepcopy(model.state_dict()))
+        plateau.update(step, best["step"])  # the next steps' lr (the one after this step was set already)
+        curve[-1]["lr_multiplier"] = plateau.scale
         if earlier is not None:  # fit() has just saved this step's checkpoint
-            earlier.record(curve, best, time.time() - sitting_started, new_best=best["step"] == step)
-        print(f"  step {step:>6}: dev {score:.4f} (best {best['dev']:.4f} at {best['step']})", flush=True)
+            earlier.record(curve, best, time.time() - sitting_started, new_best=best["step"] == step, plateau=plateau)
+        print(f"  step {step:>6}: dev {score:.4f} (best {best['dev']:.4f} at {best['step']}; lr x{plateau.scale:g})",
+              flush=True)
         if should_stop(step):
             stop["reason"] = "converged"
             raise Converged
@@ -182,7 +232,7 @@ def main(argv=None) -> Dict[str, Any]:
     else:
         try:
             fit(model, task.batches(args.split_seed), own.max_steps, lr=args.pretrain_lr, weight_decay=weight_decay,
-                lr_schedule="constant", warmup=own.warmup_steps / own.max_steps, device=device,
+                lr_schedule=plateau if own.lr_plateau is not None else "constant", warmup=own.warmup_steps / own.max_steps, device=device,
                 mixed_precision=args.mixed_precision, on_step=on_step, desc=f"converge {name}",
                 checkpoints=own.checkpoints, checkpoint_every=own.eval_every if own.checkpoints else 0,
                 progress=False)
@@ -202,7 +252,9 @@ def main(argv=None) -> Dict[str, Any]:
         "task": own.task, "model": name, "arch": args.arch, "width": args.width, "depth_pred": args.depth_pred, "lr": args.pretrain_lr,
         "weight_decay": weight_decay, "batch_size": args.batch_size, "rule": {"eval_every": own.eval_every, "min_steps": own.min_steps,
                                                 "patience": own.patience, "max_steps": own.max_steps,
-                                                "lr_schedule": f"constant after {own.warmup_steps} warm-up steps"},
+                                                "lr_schedule": f"constant after {own.warmup_steps} warm-up steps",
+                                                "lr_plateau": own.lr_plateau, "lr_plateau_factor": own.lr_plateau_factor},
+        "lr_cuts": plateau.cuts, "phases": earlier.phases if earlier is not None else [],
         "converged": stop["reason"] == "converged", "stopped_by": stop["reason"],
         "steps_run": curve[-1]["step"] if curve else 0, "best_step": best["step"],
         "dev": scores["dev"], "test": scores["test"], "curve": curve, "saved_to": own.save_to,

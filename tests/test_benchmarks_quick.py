@@ -309,6 +309,46 @@ def test_converge_predecessor_in_two_sittings_ends_as_one_sitting_does(tmp_path)
         converge.main([*split, "--pretrain-lr", "1e-2"])
 
 
+def test_the_plateau_cut_comes_when_neither_a_new_best_nor_a_cut_has_come_for_its_patience():
+    plateau_class = load("converge_predecessor").Plateau
+    plateau = plateau_class(10, 0.5)
+    for step, best_step in ((5, 5), (10, 5), (15, 5), (20, 5), (25, 5), (30, 28), (40, 28), (45, 28)):
+        plateau.update(step, best_step)
+    assert plateau.cuts == [[15, 0.5], [25, 0.25], [40, 0.125]] and plateau(41) == 0.125
+    again = plateau_class(10, 0.5, **plateau.state())  # a later sitting goes on with the saved cuts
+    again.update(50, 28), plateau.update(50, 28)
+    assert again.state() == plateau.state() == {"scale": 0.0625, "last_cut": 50, "cuts": [[15, 0.5], [25, 0.25], [40, 0.125], [50, 0.0625]]}
+    assert plateau_class(None, 0.5)(7) == 1.0  # without --lr-plateau: the constant lr
+
+
+def test_converge_predecessor_with_lr_cuts_in_two_sittings_and_a_rule_turned_on_later(tmp_path):
+    data = write_idx_dataset(tmp_path / "fashion-mnist")
+    converge = load("converge_predecessor")
+    quick = ["--arch", "vit", "--quick", "--data-dir", data, "--lr-plateau", "5"]
+    whole = converge.main([*quick, "--save-to", str(tmp_path / "whole.safetensors")])
+    curve = whole["curve"]
+    assert whole["lr_cuts"], "the tiny run plateaus within its 60 steps"
+    for cut_step, scale in whole["lr_cuts"]:  # each cut follows 5 steps without a new best or an earlier cut
+        before = [p for p in curve if p["step"] < cut_step]
+        best_step = max(before + [p for p in curve if p["step"] == cut_step], key=lambda p: p["dev"])["step"]
+        assert cut_step - best_step >= 5 and next(p for p in curve if p["step"] == cut_step)["lr_multiplier"] == scale
+    split = [*quick, "--save-to", str(tmp_path / "split.safetensors"), "--checkpoints", str(tmp_path / "ckpt")]
+    converge.main([*split, "--max-seconds", "0"])
+    second = converge.main(split)
+    assert [(p["step"], p["dev"]) for p in second["curve"]] == [(p["step"], p["dev"]) for p in curve]
+    assert second["lr_cuts"] == whole["lr_cuts"] and second["test"] == whole["test"]
+    # a run begun at a constant lr may turn the cuts on at a later sitting: a phase from the step it goes on from
+    later = ["--arch", "vit", "--quick", "--data-dir", data, "--save-to", str(tmp_path / "later.safetensors"),
+             "--checkpoints", str(tmp_path / "later")]
+    converge.main([*later, "--max-seconds", "0"])  # stops at its first evaluation, step 5
+    report = converge.main([*later, "--lr-plateau", "5"])
+    assert [(p["from_step"], p["lr_plateau"]) for p in report["phases"]] == [(0, None), (5, 5)]
+    assert report["curve"][0] == {**curve[0], "seconds": report["curve"][0]["seconds"], "lr_multiplier": 1.0}
+    assert all(cut >= 10 for cut, _ in report["lr_cuts"])
+    with pytest.raises(SystemExit, match="other settings .*pretrain_lr"):
+        converge.main([*later, "--lr-plateau", "5", "--pretrain-lr", "1e-2"])
+
+
 def test_converge_predecessor_text_saves_the_best_dev_encoder_as_an_hf_directory(tmp_path):
     model_dir = save_tiny_classifier(tmp_path / "tiny")
     out = tmp_path / "pred"

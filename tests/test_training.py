@@ -180,6 +180,21 @@ def test_lr_schedules():
     assert [lr_factor(s, 4, warmup=0.5) for s in range(4)] == [0.5, 1.0, 1.0, 0.5]
     assert lr_factor(3, 4, "constant") == 1.0
     assert lr_factor(0, 4, "cosine") == 1.0 and lr_factor(2, 4, "cosine") == pytest.approx(0.5)
+    assert [lr_factor(s, 4, lambda step: 0.1 * step, warmup=0.5) for s in range(4)] == [0.5, 1.0, 0.2, 0.30000000000000004]
+
+
+def test_a_function_schedule_sets_each_steps_lr_and_can_be_lowered_from_on_step():
+    # e.g. a cut when dev stops improving: what on_step changes applies from the step after next (the next
+    # step's lr was set when this one ended)
+    scale = {"now": 1.0}
+
+    def halve_at_step_2(record):
+        if record.step == 1:
+            scale["now"] = 0.5
+
+    result = fit(ChainModel(seed=0), stream(), 5, lr=1e-2, lr_schedule=lambda step: scale["now"], progress=False,
+                 on_step=halve_at_step_2)
+    assert [s.lr for s in result.history] == pytest.approx([1e-2, 1e-2, 1e-2, 5e-3, 5e-3])
 
 
 

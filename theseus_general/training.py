@@ -199,12 +199,15 @@ def add_device_arguments(parser: Any, device: str = "auto") -> None:
                         help="autocast while training: bf16 (also on the CPU), fp16 (with loss scaling) or no")
 
 
-def lr_factor(step: int, steps: int, schedule: str = "linear", warmup: float = 0.0) -> float:
+def lr_factor(step: int, steps: int, schedule: Union[str, Callable[[int], float]] = "linear",
+              warmup: float = 0.0) -> float:
     """The LR multiplier at `step`: a linear warm-up over the first `warmup` fraction of `steps`,
-    then linear decay to 0, constant, or cosine decay to 0."""
+    then linear decay to 0, constant, cosine decay to 0, or what a function ``step -> multiplier`` says."""
     warm = int(warmup * steps)
     if step < warm:
         return (step + 1) / warm
+    if callable(schedule):
+        return float(schedule(step))
     progress = (step - warm) / max(1, steps - warm)
     if schedule == "constant":
         return 1.0
@@ -238,7 +241,7 @@ def fit(
     params: Optional[Iterable[nn.Parameter]] = None,
     lr: float = 1e-4,
     weight_decay: float = 0.01,
-    lr_schedule: str = "linear",
+    lr_schedule: Union[str, Callable[[int], float]] = "linear",
     warmup: float = 0.0,
     max_grad_norm: Optional[float] = None,
     gradient_accumulation: int = 1,
@@ -272,7 +275,9 @@ def fit(
     params: what AdamW trains; default ``th.trainable_parameters()``, or all of the model's
         parameters (frozen ones are skipped by the optimiser while they have no gradient).
     lr_schedule: "linear" (decay to 0), "constant" or "cosine", after a linear warm-up over the
-        first `warmup` fraction of the steps.
+        first `warmup` fraction of the steps; or a function ``step -> lr multiplier`` for the steps after
+        the warm-up, read once per step (e.g. one that `on_step` lowers when dev stops improving). A
+        function's own state is not in the checkpoints: a resumed run must give it back.
     max_grad_norm: clip the gradient norm to this value (None: no clipping).
     device: "auto" (the model's accelerator if it is on one, else CUDA when available, else the CPU),
         "cpu", "cuda", "cuda:1", a torch.device.
@@ -468,11 +473,12 @@ def _param_groups(engine: Optional[Theseus], params: List[nn.Parameter],
     return groups, factors
 
 
-def _check_settings(steps: int, lr_schedule: str, accumulation: int, checkpoint_every: int) -> None:
+def _check_settings(steps: int, lr_schedule: Any, accumulation: int, checkpoint_every: int) -> None:
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise TrainingError(f"steps must be an int >= 1, got {steps!r}.")
-    if lr_schedule not in LR_SCHEDULES:
-        raise TrainingError(f"lr_schedule must be one of {LR_SCHEDULES}, got {lr_schedule!r}.")
+    if not callable(lr_schedule) and lr_schedule not in LR_SCHEDULES:
+        raise TrainingError(f"lr_schedule must be one of {LR_SCHEDULES} or a function step -> lr multiplier, "
+                            f"got {lr_schedule!r}.")
     if isinstance(accumulation, bool) or not isinstance(accumulation, int) or accumulation < 1:
         raise TrainingError(f"gradient_accumulation must be an int >= 1 (micro-batches per optimiser step), "
                             f"got {accumulation!r}.")
