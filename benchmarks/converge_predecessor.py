@@ -1,17 +1,17 @@
 """Train a predecessor until its dev accuracy stops improving, and record the curve (issue 23's rule 1).
 
 The rule, fixed before any run: AdamW at a constant learning rate after a linear warm-up (a decaying
-schedule would decide the end point in advance), dev accuracy every --eval-every steps; training stops
+schedule would decide the end point in advance; --lr-plateau cuts it only when dev stops improving), dev accuracy every --eval-every steps; training stops
 once the best dev accuracy is older than --patience of the steps run (no gain over the last 20%), and
 not before --min-steps. The best-on-dev weights are kept and saved (safetensors), with the whole curve
 and the test accuracy of those weights in the JSON. A run that reaches --max-steps or --max-seconds
 first says "converged": false. With --lr-plateau STEPS the learning rate is cut (x --lr-plateau-factor) at an
 evaluation when neither a new best dev score nor a cut has come in the last STEPS steps (torch's ReduceLROnPlateau,
-counted in steps); the stopping rule is the same. With --checkpoints DIR the run saves its weights, optimiser, lr schedule and data
-position at every evaluation (with the curve and the best weights so far), and the same command run again goes
-on from there: a run too long for one sitting converges over several, each with its own --max-seconds. A later
-sitting may raise --max-steps or turn on --lr-plateau (the lr is constant, so the steps already run are the same
-either way); each change starts a phase, recorded with the step it starts from.
+counted in steps); the stopping rule is the same. With --checkpoints DIR the run saves its weights, optimiser, lr
+schedule and data position at every evaluation (with the curve and the best weights so far), and the same command run
+again goes on from there: a run too long for one sitting converges over several, each with its own --max-seconds. A
+later sitting may raise --max-steps or turn on --lr-plateau (the lr is constant until a cut, so the steps already run
+are the same either way); each change starts a phase, recorded with the step it starts from.
 
 Uses quality.py's tasks, so that quality.py / recipe_lr.py --predecessor PATH start from the saved weights:
 the vision task (the examples' ViT / ResNet on Fashion-MNIST, split seed 0; a .safetensors file) or, with
@@ -232,7 +232,8 @@ def main(argv=None) -> Dict[str, Any]:
     else:
         try:
             fit(model, task.batches(args.split_seed), own.max_steps, lr=args.pretrain_lr, weight_decay=weight_decay,
-                lr_schedule=plateau if own.lr_plateau is not None else "constant", warmup=own.warmup_steps / own.max_steps, device=device,
+                lr_schedule=plateau if own.lr_plateau is not None else "constant",
+                warmup=own.warmup_steps / own.max_steps, device=device,
                 mixed_precision=args.mixed_precision, on_step=on_step, desc=f"converge {name}",
                 checkpoints=own.checkpoints, checkpoint_every=own.eval_every if own.checkpoints else 0,
                 progress=False)
@@ -253,7 +254,8 @@ def main(argv=None) -> Dict[str, Any]:
         "weight_decay": weight_decay, "batch_size": args.batch_size, "rule": {"eval_every": own.eval_every, "min_steps": own.min_steps,
                                                 "patience": own.patience, "max_steps": own.max_steps,
                                                 "lr_schedule": f"constant after {own.warmup_steps} warm-up steps",
-                                                "lr_plateau": own.lr_plateau, "lr_plateau_factor": own.lr_plateau_factor},
+                                                "lr_plateau": own.lr_plateau,
+                                                "lr_plateau_factor": own.lr_plateau_factor},
         "lr_cuts": plateau.cuts, "phases": earlier.phases if earlier is not None else [],
         "converged": stop["reason"] == "converged", "stopped_by": stop["reason"],
         "steps_run": curve[-1]["step"] if curve else 0, "best_step": best["step"],

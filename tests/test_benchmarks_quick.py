@@ -317,7 +317,8 @@ def test_the_plateau_cut_comes_when_neither_a_new_best_nor_a_cut_has_come_for_it
     assert plateau.cuts == [[15, 0.5], [25, 0.25], [40, 0.125]] and plateau(41) == 0.125
     again = plateau_class(10, 0.5, **plateau.state())  # a later sitting goes on with the saved cuts
     again.update(50, 28), plateau.update(50, 28)
-    assert again.state() == plateau.state() == {"scale": 0.0625, "last_cut": 50, "cuts": [[15, 0.5], [25, 0.25], [40, 0.125], [50, 0.0625]]}
+    assert again.state() == plateau.state() == {"scale": 0.0625, "last_cut": 50,
+                                                "cuts": [[15, 0.5], [25, 0.25], [40, 0.125], [50, 0.0625]]}
     assert plateau_class(None, 0.5)(7) == 1.0  # without --lr-plateau: the constant lr
 
 
