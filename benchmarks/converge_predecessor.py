@@ -1,11 +1,11 @@
 """Train a predecessor until its dev accuracy stops improving, and record the curve (issue 23's rule 1).
 
 The rule, fixed before any run: AdamW at a constant learning rate after a linear warm-up (a decaying
-schedule would decide the end point in advance; --lr-plateau cuts it only when dev stops improving), dev accuracy every --eval-every steps; training stops
-once the best dev accuracy is older than --patience of the steps run (no gain over the last 20%), and
-not before --min-steps. The best-on-dev weights are kept and saved (safetensors), with the whole curve
-and the test accuracy of those weights in the JSON. A run that reaches --max-steps or --max-seconds
-first says "converged": false. With --lr-plateau STEPS the learning rate is cut (x --lr-plateau-factor) at an
+schedule would decide the end point in advance; --lr-plateau cuts it only when dev stops improving), dev
+accuracy every --eval-every steps; training stops once the best dev accuracy is older than --patience of
+the steps run (no gain over the last 20%), and not before --min-steps. The best-on-dev weights are kept and
+saved (safetensors), with the whole curve and the test accuracy of those weights in the JSON. A run that
+reaches --max-steps or --max-seconds first says "converged": false. With --lr-plateau STEPS the learning rate is cut (x --lr-plateau-factor) at an
 evaluation when neither a new best dev score nor a cut has come in the last STEPS steps (torch's ReduceLROnPlateau,
 counted in steps); the stopping rule is the same. With --checkpoints DIR the run saves its weights, optimiser, lr
 schedule and data position at every evaluation (with the curve and the best weights so far), and the same command run
