@@ -5,13 +5,15 @@ schedule would decide the end point in advance; --lr-plateau cuts it only when d
 accuracy every --eval-every steps; training stops once the best dev accuracy is older than --patience of
 the steps run (no gain over the last 20%), and not before --min-steps. The best-on-dev weights are kept and
 saved (safetensors), with the whole curve and the test accuracy of those weights in the JSON. A run that
-reaches --max-steps or --max-seconds first says "converged": false. With --lr-plateau STEPS the learning rate is cut (x --lr-plateau-factor) at an
-evaluation when neither a new best dev score nor a cut has come in the last STEPS steps (torch's ReduceLROnPlateau,
-counted in steps); the stopping rule is the same. With --checkpoints DIR the run saves its weights, optimiser, lr
-schedule and data position at every evaluation (with the curve and the best weights so far), and the same command run
-again goes on from there: a run too long for one sitting converges over several, each with its own --max-seconds. A
-later sitting may raise --max-steps or turn on --lr-plateau (the lr is constant until a cut, so the steps already run
-are the same either way); each change starts a phase, recorded with the step it starts from.
+reaches --max-steps or --max-seconds first says "converged": false.
+
+With --lr-plateau STEPS the learning rate is cut (x --lr-plateau-factor) at an evaluation when neither a new
+best dev score nor a cut has come in the last STEPS steps (torch's ReduceLROnPlateau, counted in steps); the
+stopping rule is the same. With --checkpoints DIR the run saves its weights, optimiser, lr schedule and data
+position at every evaluation (with the curve and the best weights so far), and the same command run again
+goes on from there: a run too long for one sitting converges over several, each with its own --max-seconds.
+A later sitting may raise --max-steps or turn on --lr-plateau (the lr is constant until a cut, so the steps
+already run are the same either way); each change starts a phase, recorded with the step it starts from.
 
 Uses quality.py's tasks, so that quality.py / recipe_lr.py --predecessor PATH start from the saved weights:
 the vision task (the examples' ViT / ResNet on Fashion-MNIST, split seed 0; a .safetensors file) or, with
