@@ -58,18 +58,24 @@ class Plateau:
     """The learning-rate multiplier of --lr-plateau, read by fit() once per step: cut by `factor` at an evaluation
     when neither a new best dev score nor a cut has come in the last `patience` steps; 1 without `patience`."""
 
-    def __init__(self, patience, factor: float, scale: float = 1.0, last_cut: int = 0, cuts=None):
-        self.patience, self.factor, self.scale, self.last_cut = patience, factor, scale, last_cut
-        self.cuts: List[List[float]] = list(cuts or [])  # [step, multiplier from then on]
+    def __init__(self, patience, factor: float, cuts=None):
+        self.patience, self.factor = patience, factor
+        self.cuts: List[List[float]] = list(cuts or [])  # [step, multiplier from then on]: all the state there is
+
+    @property
+    def scale(self) -> float:
+        return self.cuts[-1][1] if self.cuts else 1.0
+
+    @property
+    def last_cut(self) -> int:
+        return self.cuts[-1][0] if self.cuts else 0
 
     def __call__(self, step: int) -> float:
         return self.scale
 
     def update(self, step: int, best_step: int) -> None:
         if self.patience is not None and step - max(best_step, self.last_cut) >= self.patience:
-            self.scale *= self.factor
-            self.last_cut = step
-            self.cuts.append([step, self.scale])
+            self.cuts.append([step, self.scale * self.factor])
 
     def state(self) -> Dict[str, Any]:
         return {"scale": self.scale, "last_cut": self.last_cut, "cuts": self.cuts}
@@ -84,7 +90,7 @@ class Sittings:
         self.curve_path, self.best_path = os.path.join(root, "curve.json"), os.path.join(root, "best.safetensors")
         self.sittings: List[float] = []
         self.phases: List[Dict[str, Any]] = [{"from_step": 0, **_phase(settings)}]
-        self.plateau: Dict[str, Any] = {}  # the saved Plateau state
+        self.cuts: List[List[float]] = []  # the saved Plateau's cuts
 
     def restore(self):
         """(curve, best, seconds spent) as the latest checkpoint left them; nothing when there is none."""
@@ -103,7 +109,7 @@ class Sittings:
         self.phases = saved.get("phases") or [{"from_step": 0, **_phase(saved["settings"])}]
         if _phase(self.settings) != {k: v for k, v in self.phases[-1].items() if k != "from_step"}:
             self.phases.append({"from_step": at, **_phase(self.settings)})
-        self.plateau = saved.get("plateau", {})
+        self.cuts = saved.get("plateau", {}).get("cuts", [])
         holder = copy.deepcopy(self.model)  # the best weights, loaded beside the model fit() resumes
         load_model(holder, self.best_path)
         best = {"dev": saved["best"]["dev"], "step": saved["best"]["step"], "state": holder.state_dict()}
@@ -123,7 +129,7 @@ class Sittings:
 
 # what may change between sittings of one run: where things go, the cap, the hardware
 _PER_SITTING = {"save_to", "output", "checkpoints", "max_seconds", "threads", "device", "data_dir", "sharing"}
-# what a later sitting may change for the rest of the run (the lr is constant: the steps run so far are the same)
+# what a later sitting may change for the rest of the run (the steps run so far are the same either way)
 _PER_PHASE = ("max_steps", "lr_plateau", "lr_plateau_factor")
 
 
@@ -199,8 +205,8 @@ def main(argv=None) -> Dict[str, Any]:
     plateau = Plateau(own.lr_plateau, own.lr_plateau_factor)
     if earlier is not None:
         curve, best, spent = earlier.restore()
-        if own.lr_plateau is not None and earlier.plateau:  # the cuts so far go on with it
-            plateau = Plateau(own.lr_plateau, own.lr_plateau_factor, **earlier.plateau)
+        if own.lr_plateau is not None:  # the cuts so far go on with it
+            plateau = Plateau(own.lr_plateau, own.lr_plateau_factor, earlier.cuts)
         started -= spent  # the curve's seconds and total_s count every sitting; --max-seconds this one only
         print(f"going on from step {curve[-1]['step'] if curve else 0} ({len(earlier.sittings)} earlier sittings)")
 

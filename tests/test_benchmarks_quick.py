@@ -315,7 +315,7 @@ def test_the_plateau_cut_comes_when_neither_a_new_best_nor_a_cut_has_come_for_it
     for step, best_step in ((5, 5), (10, 5), (15, 5), (20, 5), (25, 5), (30, 28), (40, 28), (45, 28)):
         plateau.update(step, best_step)
     assert plateau.cuts == [[15, 0.5], [25, 0.25], [40, 0.125]] and plateau(41) == 0.125
-    again = plateau_class(10, 0.5, **plateau.state())  # a later sitting goes on with the saved cuts
+    again = plateau_class(10, 0.5, plateau.state()["cuts"])  # a later sitting goes on with the saved cuts
     again.update(50, 28), plateau.update(50, 28)
     assert again.state() == plateau.state() == {"scale": 0.0625, "last_cut": 50,
                                                 "cuts": [[15, 0.5], [25, 0.25], [40, 0.125], [50, 0.0625]]}
