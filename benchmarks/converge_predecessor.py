@@ -202,13 +202,14 @@ def main(argv=None) -> Dict[str, Any]:
     stop = {"reason": "max_steps"}
     sitting_started = started
     earlier = Sittings(own.checkpoints, model, run_settings(own, args)) if own.checkpoints else None
-    plateau = Plateau(own.lr_plateau, own.lr_plateau_factor)
+    cuts: List[List[float]] = []
     if earlier is not None:
         curve, best, spent = earlier.restore()
-        if own.lr_plateau is not None:  # the cuts so far go on with it
-            plateau = Plateau(own.lr_plateau, own.lr_plateau_factor, earlier.cuts)
+        cuts = earlier.cuts
         started -= spent  # the curve's seconds and total_s count every sitting; --max-seconds this one only
         print(f"going on from step {curve[-1]['step'] if curve else 0} ({len(earlier.sittings)} earlier sittings)")
+    # the cuts so far go on with the run while --lr-plateau is on
+    plateau = Plateau(own.lr_plateau, own.lr_plateau_factor, cuts if own.lr_plateau is not None else None)
 
     def should_stop(step: int) -> bool:
         return step >= own.min_steps and step - best["step"] > own.patience * step
