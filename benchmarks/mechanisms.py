@@ -4,8 +4,10 @@ Every variant trains the same successor shape from the same predecessor, with th
 seed, the same steps and the same lr (the default recipe's lr chosen on dev for that budget), in
 `theseus_general.fit`. Only dev accuracy is computed: the test split stays for the protocol's runs.
 
-  default             Theseus(model, ...) + fit as a user gets it (module matching runs when the start
-                      collapsed, from the chosen start blocks; before round 7: agreement below 2/3)
+  default             Theseus(model, ...) + fit as a user gets it, with the model family's recipe ("bert"
+                      on BERT encoders, "default" on the ViT); the variants below change that recipe
+                      (module matching runs when the start collapsed, from the chosen start blocks;
+                      before round 7: agreement below 2/3)
   agreement_trigger   the default before round 7: module matching when the start's agreement with the
                       predecessor is below 2/3 (instead of when it collapsed)
   candidate           issue 26's candidate default (round 6): p = 1 at 10% of the run, matching only a
@@ -46,10 +48,10 @@ from _common import RECIPE_FACTORIES, RESULTS_DIR, conditions, finish, seed_run,
 from quality import TextTask, VisionTask, native_export_possible, parse_args as quality_args, plan_depths  # noqa: E402
 from report_quality import paired_interval  # noqa: E402
 
-from theseus_general import Theseus  # noqa: E402
+from theseus_general import AdapterError, Theseus, detect_adapter  # noqa: E402
 from theseus_general.budget import profile_blocks  # noqa: E402
 from theseus_general.planning import container_at  # noqa: E402
-from theseus_general.recipes import get_recipe  # noqa: E402
+from theseus_general.recipes import Recipe, get_recipe  # noqa: E402
 from theseus_general.training import fit, resolve_device  # noqa: E402
 
 VARIANTS = ("default", "agreement_trigger", "candidate", "no_matching", "lr_compensation", "mixed_matching", "blend", "importance_groups", "group_first")
@@ -79,16 +81,25 @@ def importance_target(predecessor: torch.nn.Module, container: str, depth: int, 
             "importance": [round(v, 4) for v in profile.importance[container]]}
 
 
+def variant_recipe(name: str, predecessor: torch.nn.Module, args: argparse.Namespace) -> Optional[Recipe]:
+    """The recipe a variant runs: None (the family's, as a user gets it) or one change to the family's
+    recipe ("bert" on BERT encoders, so a text variant does not also lose the bert recipe's settings)."""
+    if name in RECIPE_FACTORIES:  # a named recipe of benchmarks/_common (candidate, agreement_trigger)
+        return RECIPE_FACTORIES[name]()
+    try:
+        family = get_recipe(detect_adapter(predecessor).default_recipe)
+    except AdapterError:  # a model only the generic route takes: its recipe is "default"
+        family = get_recipe("default")
+    return {"lr_compensation": dataclasses.replace(family, lr_compensation=args.compensation_cap),
+            "mixed_matching": dataclasses.replace(family, mixed_matching=args.matching_weight),
+            "blend": dataclasses.replace(family, mixing="blend")}.get(name)
+
+
 def run_variant(name: str, task: Any, predecessor: torch.nn.Module, seed: int, args: argparse.Namespace,
                 depths: Dict[str, int]) -> Dict[str, Any]:
     started = time.time()
     seed_run(seed)
-    default = get_recipe("default")
-    recipe = {"lr_compensation": dataclasses.replace(default, lr_compensation=args.compensation_cap),
-              "mixed_matching": dataclasses.replace(default, mixed_matching=args.matching_weight),
-              "blend": dataclasses.replace(default, mixing="blend")}.get(name)
-    if name in RECIPE_FACTORIES:  # a named recipe of benchmarks/_common (candidate, agreement_trigger)
-        recipe = RECIPE_FACTORIES[name]()
+    recipe = variant_recipe(name, predecessor, args)
     target: Dict[str, Any] = dict(task.target)
     notes: Dict[str, Any] = {}
     if name == "importance_groups":

@@ -570,6 +570,22 @@ def test_mechanisms_quick_pairs_each_variant_with_the_default_and_merges_parts(t
         mechanisms.main(["--merge", a, a, "--output", str(tmp_path / "clash.json")])
 
 
+def test_mechanisms_change_the_model_familys_recipe_not_always_the_default():
+    # a text variant must keep the bert recipe's settings and change only its own one thing
+    from transformers import BertConfig, BertForSequenceClassification
+    mechanisms = load("mechanisms")
+    bert = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                                                    intermediate_size=64, vocab_size=50))
+    args = argparse.Namespace(compensation_cap=3.0, matching_weight=1.0)
+    bert_recipe = get_recipe("bert")
+    assert bert_recipe != get_recipe("default")
+    assert mechanisms.variant_recipe("default", bert, args) is None
+    assert mechanisms.variant_recipe("lr_compensation", bert, args) == dataclasses.replace(bert_recipe, lr_compensation=3.0)
+    assert mechanisms.variant_recipe("blend", bert, args) == dataclasses.replace(bert_recipe, mixing="blend")
+    assert mechanisms.variant_recipe("mixed_matching", ChainModel(depth=4), args) == dataclasses.replace(
+        get_recipe("default"), mixed_matching=1.0)
+
+
 def test_budget_curve_parallel_makes_the_choice_one_quality_run_makes(tmp_path):
     data = write_idx_dataset(tmp_path / "fashion-mnist")
     parallel = load("budget_curve_parallel")
