@@ -1,4 +1,4 @@
-"""Issue 23's mechanisms, each as one change to the default recipe, measured on the dev split only.
+"""Issue 23's mechanisms, each as one change to the model family's recipe, measured on the dev split only.
 
 Every variant trains the same successor shape from the same predecessor, with the same batches per
 seed, the same steps and the same lr (the default recipe's lr chosen on dev for that budget), in
@@ -83,7 +83,9 @@ def importance_target(predecessor: torch.nn.Module, container: str, depth: int, 
 
 def variant_recipe(name: str, predecessor: torch.nn.Module, args: argparse.Namespace) -> Optional[Recipe]:
     """The recipe a variant runs: None (the family's, as a user gets it) or one change to the family's
-    recipe ("bert" on BERT encoders, so a text variant does not also lose the bert recipe's settings)."""
+    recipe ("bert" on BERT encoders, so a text variant does not also lose the bert recipe's settings).
+    `agreement_trigger` and `candidate` are whole recipes built on "default", for the ViT's history; on a
+    BERT encoder they also drop the bert recipe's settings."""
     if name in RECIPE_FACTORIES:  # a named recipe of benchmarks/_common (candidate, agreement_trigger)
         return RECIPE_FACTORIES[name]()
     try:

@@ -580,7 +580,8 @@ def test_mechanisms_change_the_model_familys_recipe_not_always_the_default():
     bert_recipe = get_recipe("bert")
     assert bert_recipe != get_recipe("default")
     assert mechanisms.variant_recipe("default", bert, args) is None
-    assert mechanisms.variant_recipe("lr_compensation", bert, args) == dataclasses.replace(bert_recipe, lr_compensation=3.0)
+    compensated = mechanisms.variant_recipe("lr_compensation", bert, args)
+    assert compensated == dataclasses.replace(bert_recipe, lr_compensation=3.0)
     assert mechanisms.variant_recipe("blend", bert, args) == dataclasses.replace(bert_recipe, mixing="blend")
     assert mechanisms.variant_recipe("mixed_matching", ChainModel(depth=4), args) == dataclasses.replace(
         get_recipe("default"), mixed_matching=1.0)
