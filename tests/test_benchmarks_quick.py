@@ -12,7 +12,7 @@ import os
 import pytest
 import torch
 
-from conftest import ChainModel, save_tiny_classifier, write_idx_dataset
+from conftest import ChainModel, save_tiny_classifier, tiny_bert, write_idx_dataset
 from theseus_general.recipes import get_recipe
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
@@ -572,10 +572,8 @@ def test_mechanisms_quick_pairs_each_variant_with_the_default_and_merges_parts(t
 
 def test_mechanisms_change_the_model_familys_recipe_not_always_the_default():
     # a text variant must keep the bert recipe's settings and change only its own one thing
-    from transformers import BertConfig, BertForSequenceClassification
     mechanisms = load("mechanisms")
-    bert = BertForSequenceClassification(BertConfig(hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
-                                                    intermediate_size=64, vocab_size=50))
+    bert = tiny_bert(num_layers=4)
     args = argparse.Namespace(compensation_cap=3.0, matching_weight=1.0)
     bert_recipe = get_recipe("bert")
     assert bert_recipe != get_recipe("default")
