@@ -19,7 +19,8 @@ seed, the same steps and the same lr (the default recipe's lr chosen on dev for 
   blend               (1 - p) * group + p * successor instead of random draws (DCR-style)
   importance_groups   groups and starts from Block Influence (the budget planner: the most important
                       blocks are kept, each dropped block joins the kept block before it, each successor
-                      starts as its group's kept block), at the same depth
+                      starts as its group's kept block), at the same depth; models of one block
+                      container only (a ResNet's four stages are refused before any run)
   group_first         each successor starts as its group's first block (LLM-Streamline's start)
 
 Task, data and predecessor flags are quality.py's (--task, --arch, --ratio, --depth, --predecessor, ...).
@@ -170,6 +171,9 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     predecessor = task.predecessor().eval()
     task.native = native_export_possible(predecessor, task.target)
     depths = plan_depths(predecessor, task.target)["successor"]
+    if "importance_groups" in mine.variants and len(depths) != 1:  # before any run, not at its turn
+        raise SystemExit(f"importance_groups plans the groups of one block container, and this model has "
+                         f"{len(depths)} ({', '.join(depths)}); leave it out of --variants for this model.")
     name = f"{task.name}_{'r' + str(args.ratio) if args.task == 'vision' else 'd' + str(args.depth)}_s{args.steps}"
     path = args.output or os.path.join(RESULTS_DIR, "mechanisms", f"{name}.json")
     report: Dict[str, Any] = {

@@ -570,6 +570,15 @@ def test_mechanisms_quick_pairs_each_variant_with_the_default_and_merges_parts(t
         mechanisms.main(["--merge", a, a, "--output", str(tmp_path / "clash.json")])
 
 
+def test_mechanisms_refuse_importance_groups_on_a_model_of_several_containers_before_any_run(tmp_path):
+    data = write_idx_dataset(tmp_path / "fashion-mnist")
+    output = tmp_path / "resnet.json"
+    with pytest.raises(SystemExit, match=r"has 4 \(layer1, layer2, layer3, layer4\); leave it out"):
+        load("mechanisms").main(["--quick", "--data-dir", data, "--steps", "4", "--arch", "resnet", "--ratio", "0.5",
+                                 "--variants", "default", "importance_groups", "--output", str(output)])
+    assert not output.exists()  # refused before the default's run wrote anything
+
+
 def test_mechanisms_change_the_model_familys_recipe_not_always_the_default():
     # a text variant must keep the bert recipe's settings and change only its own one thing
     mechanisms = load("mechanisms")
