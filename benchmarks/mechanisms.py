@@ -106,7 +106,7 @@ def run_variant(name: str, task: Any, predecessor: torch.nn.Module, seed: int, a
     target: Dict[str, Any] = dict(task.target)
     notes: Dict[str, Any] = {}
     if name == "importance_groups":
-        (container, depth), = depths.items()  # one container in the models measured here
+        (container, depth), = depths.items()  # one container: main() refuses importance_groups otherwise
         planned = importance_target(predecessor, container, depth, first_inputs(task, 0))
         notes["block_influence"] = planned.pop("importance")
         target = planned
