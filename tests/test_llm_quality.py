@@ -1,0 +1,134 @@
+"""benchmarks/llm_quality.py on a tiny random Llama: LLM-Streamline's span choice and its span-only
+training, the paired verdict in log perplexity, merging parts, and the test-size check."""
+
+import argparse
+import importlib.util
+import json
+import os
+
+import pytest
+
+transformers = pytest.importorskip("transformers")
+import torch  # noqa: E402
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+def load_benchmark():
+    spec = importlib.util.spec_from_file_location("benchmark_llm_quality", os.path.join(BENCHMARKS, "llm_quality.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+llm_quality = load_benchmark()
+
+
+def tiny_llama(layers=6):
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, eos_token_id=1, pad_token_id=0)).eval()
+
+
+def silence(layer):
+    """A decoder layer that adds nothing to the residual stream: its output is its input."""
+    with torch.no_grad():
+        layer.self_attn.o_proj.weight.zero_()
+        layer.mlp.down_proj.weight.zero_()
+
+
+def rows(n=4, length=12, seed=1):
+    return torch.randint(2, 96, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_streamline_groups_put_the_span_in_one_group_and_every_other_layer_alone():
+    assert llm_quality.streamline_groups(2, 3, 6) == [(0,), (1,), (2, 3, 4), (5,)]
+    assert llm_quality.streamline_groups(0, 6, 6) == [(0, 1, 2, 3, 4, 5)]
+    assert llm_quality.streamline_groups(3, 3, 6) == [(0,), (1,), (2,), (3, 4, 5)]  # a span that ends the model
+
+
+@pytest.mark.parametrize("start", [0, 2, 3])
+def test_streamline_span_finds_the_layers_that_change_nothing(start):
+    model = tiny_llama()
+    for i in range(start, start + 3):
+        silence(model.model.layers[i])
+    chosen, cosines = llm_quality.streamline_span(model, rows(), 3)
+    assert chosen == start and len(cosines) == 4
+    assert cosines[start] == pytest.approx(1.0, abs=1e-5)
+    assert all(c < 0.999 for i, c in enumerate(cosines) if i != start)
+
+
+def test_streamline_trains_only_the_span_layer_and_leaves_the_original_untouched(monkeypatch):
+    model = tiny_llama()
+    for i in range(2, 5):  # quiet, not silent: the span to replace, with an output its first layer does not copy
+        with torch.no_grad():
+            model.model.layers[i].self_attn.o_proj.weight.mul_(0.05)
+            model.model.layers[i].mlp.down_proj.weight.mul_(0.05)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    data = rows(16, 12, seed=2)
+    batch_at = lambda position: ({"input_ids": data[(2 * position) % 16:(2 * position) % 16 + 2]},  # noqa: E731
+                                 data[(2 * position) % 16:(2 * position) % 16 + 2])
+    monkeypatch.setattr(llm_quality, "fit", lambda *args, **kwargs: None)  # the fine-tuning after the span's matching
+    args = argparse.Namespace(seed=0, match_fraction=0.5, lr=1e-3, progress=False)
+    student, notes = llm_quality.train_streamline(model, 4, batch_at, 8, args, data[:4])
+    assert notes["span"] == [2, 4] and notes["match_steps"] == 4
+    assert student.config.num_hidden_layers == 4
+    for new, old in [(0, 0), (1, 1), (3, 5)]:  # the layers outside the span: exactly the originals
+        ours, theirs = student.model.layers[new].state_dict(), model.model.layers[old].state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in theirs)
+    span_layer, first = student.model.layers[2].state_dict(), model.model.layers[2].state_dict()
+    assert not all(torch.equal(span_layer[k], first[k]) for k in first)  # trained on the span's output
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert all(p.requires_grad for p in student.parameters())  # the fine-tuning trains every layer
+
+
+def run(test_loss, dev_loss=None):
+    return {"test_loss": test_loss, "dev_loss": test_loss if dev_loss is None else dev_loss,
+            "test_perplexity": 2.718281828 ** test_loss}
+
+
+def test_summary_pairs_theseus_against_the_baseline_of_lowest_test_loss():
+    report = {"runs": {
+        "theseus": {"0": run(5.00), "1": run(5.10), "2": run(5.05)},
+        "layer_removal": {"0": run(5.20), "1": run(5.31), "2": run(5.24)},
+        "kd_bi": {"0": run(5.50), "1": run(5.40), "2": run(5.60)},
+    }}
+    llm_quality.summarise(report)
+    assert report["summary"]["layer_removal"]["test_mean"] == pytest.approx(
+        sum(2.718281828 ** x for x in (5.20, 5.31, 5.24)) / 3)
+    verdict = report["paired"]["theseus"]
+    assert verdict["best_baseline"] == "layer_removal" and verdict["verdict"] == "ahead"
+    assert verdict["against"]["layer_removal"]["differences"] == pytest.approx([0.20, 0.21, 0.19])
+    report["runs"]["theseus"] = {"0": run(5.30), "1": run(5.41), "2": run(5.33)}  # higher loss: behind
+    llm_quality.summarise(report)
+    assert report["paired"]["theseus"]["verdict"] == "behind"
+
+
+def test_merge_joins_parts_and_refuses_a_run_given_twice(tmp_path):
+    a = {"settings": {"methods": ["theseus"]}, "runs": {"theseus": {"0": run(5.0)}}}
+    b = {"settings": {"methods": ["kd_bi"]}, "runs": {"kd_bi": {"0": run(5.2)}}}
+    paths = []
+    for name, part in (("a", a), ("b", b)):
+        paths.append(str(tmp_path / f"{name}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(part, f)
+    merged = llm_quality.merge(paths, str(tmp_path / "m.json"))
+    assert set(merged["runs"]) == {"theseus", "kd_bi"}
+    assert merged["paired"]["theseus"]["against"]["kd_bi"]["differences"] == pytest.approx([0.2])
+    with pytest.raises(SystemExit, match="theseus seed 0 is in two parts"):
+        llm_quality.merge([paths[0], paths[0]], str(tmp_path / "n.json"))
+
+
+def test_data_refuses_a_test_split_under_100k_tokens(monkeypatch):
+    class Tokenizer:
+        eos_token_id = 1
+
+        def __call__(self, text, add_special_tokens=True):
+            return {"input_ids": [2 + len(word) for word in text.split()]}
+
+    texts = [f"review number {i} was fine" for i in range(300)]
+    monkeypatch.setattr(llm_quality, "load_rotten_tomatoes", lambda: (texts, [0] * 300, ["neg", "pos"]))
+    args = argparse.Namespace(test_snippets=100, dev_snippets=50, seq_len=8)
+    with pytest.raises(SystemExit, match="at least 100000"):
+        llm_quality.data(Tokenizer(), args)
