@@ -58,6 +58,8 @@ from theseus_general.training import fit, match_successors  # noqa: E402
 METHODS = ("theseus", "theseus_bi", "layer_removal", "kd_bi", "streamline")
 MIN_TEST_TOKENS = 100_000  # the protocol's held-out size: one number that does not move with the thread count
 SPLIT_SEED = 0
+SAME_IN_EVERY_PART = ("depth", "steps", "batch_size", "seq_len", "test_snippets", "dev_snippets", "calibration_rows",
+                      "smoke")
 
 
 def data(tokenizer, args: argparse.Namespace) -> Dict[str, torch.Tensor]:
@@ -190,6 +192,11 @@ def merge(paths: Sequence[str], output: str) -> Dict[str, Any]:
     for path in paths:
         with open(path) as f:
             parts.append(json.load(f))
+    for key in SAME_IN_EVERY_PART:  # a column is one depth, budget and split; lr may differ by method
+        values = {json.dumps(p["settings"].get(key)) for p in parts}
+        if len(values) > 1:
+            raise SystemExit(f"--merge: {key} differs between the parts ({', '.join(sorted(values))}); merge the "
+                             "parts of one column only.")
     report = {"benchmark": "llm_quality", "merged_from": list(paths), "parts": [p["settings"] for p in parts],
               "runs": {}}
     for part in parts:

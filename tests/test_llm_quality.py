@@ -106,8 +106,8 @@ def test_summary_pairs_theseus_against_the_baseline_of_lowest_test_loss():
 
 
 def test_merge_joins_parts_and_refuses_a_run_given_twice(tmp_path):
-    a = {"settings": {"methods": ["theseus"]}, "runs": {"theseus": {"0": run(5.0)}}}
-    b = {"settings": {"methods": ["kd_bi"]}, "runs": {"kd_bi": {"0": run(5.2)}}}
+    a = {"settings": {"methods": ["theseus"], "depth": 20, "lr": 1e-4}, "runs": {"theseus": {"0": run(5.0)}}}
+    b = {"settings": {"methods": ["kd_bi"], "depth": 20, "lr": 3e-4}, "runs": {"kd_bi": {"0": run(5.2)}}}
     paths = []
     for name, part in (("a", a), ("b", b)):
         paths.append(str(tmp_path / f"{name}.json"))
@@ -118,6 +118,11 @@ def test_merge_joins_parts_and_refuses_a_run_given_twice(tmp_path):
     assert merged["paired"]["theseus"]["against"]["kd_bi"]["differences"] == pytest.approx([0.2])
     with pytest.raises(SystemExit, match="theseus seed 0 is in two parts"):
         llm_quality.merge([paths[0], paths[0]], str(tmp_path / "n.json"))
+    other_depth = dict(b, settings=dict(b["settings"], depth=15))
+    with open(tmp_path / "c.json", "w") as f:
+        json.dump(other_depth, f)
+    with pytest.raises(SystemExit, match="depth differs between the parts"):
+        llm_quality.merge([paths[0], str(tmp_path / "c.json")], str(tmp_path / "o.json"))
 
 
 def test_data_refuses_a_test_split_under_100k_tokens(monkeypatch):
