@@ -21,7 +21,7 @@ reloaded before it is measured. Lower perplexity is better; the paired compariso
 loss (log perplexity).
 
     python benchmarks/llm_quality.py --depth 20 --methods theseus kd_bi --seeds 0 --lr 1e-4 \\
-        --output benchmarks/results/protocol/llm_d20_part.json
+        --output benchmarks/results/protocol/llm/d20_part.json
     python benchmarks/llm_quality.py --merge A.json B.json --output C.json     # parts of one column
     python benchmarks/llm_quality.py --original --threads 2 --output X.json    # the original's perplexities
 """
@@ -39,7 +39,6 @@ import time
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -73,20 +72,10 @@ def data(tokenizer, args: argparse.Namespace) -> Dict[str, torch.Tensor]:
     return rows
 
 
-def nll(model, rows: torch.Tensor) -> float:
-    """Mean next-token loss over `rows` (the log of `llm.perplexity`)."""
-    return math.log(llm.perplexity(model, rows))
-
-
 def streamline_span(model, rows: torch.Tensor, length: int) -> Tuple[int, List[float]]:
     """LLM-Streamline's choice: the start of the `length` consecutive layers whose input and output hidden
     states have the highest mean cosine similarity over all tokens (the span that changes the state least)."""
-    with torch.no_grad():
-        states = list(model(input_ids=rows, output_hidden_states=True).hidden_states)
-        states[-1] = llm._last_layer_output(model, rows)  # the last entry carries the final norm; use the raw output
-    layers = model.config.num_hidden_layers
-    cosines = [F.cosine_similarity(states[i].flatten(0, 1), states[i + length].flatten(0, 1), dim=-1).mean().item()
-               for i in range(layers - length + 1)]
+    cosines = llm.span_cosines(llm.layer_states(model, rows), length)
     return max(range(len(cosines)), key=lambda i: cosines[i]), cosines
 
 
@@ -158,9 +147,9 @@ def train(method: str, model, depth: int, batch_at, args, scores: Sequence[float
 
 
 def summarise(report: Dict[str, Any]) -> None:
-    """`summary` per method (perplexity mean and std over seeds, as the other columns keep accuracy) and, where
-    two or more seeds pair up, `paired`: the best baseline's test loss minus Theseus's, seed by seed, with its
-    95% t-interval (above 0: Theseus ahead)."""
+    """`summary` per method (perplexity mean and std over seeds, as the other columns keep accuracy) and
+    `paired`: the best baseline's test loss minus Theseus's, seed by seed, with its 95% t-interval once two
+    seeds pair up (above 0: Theseus ahead; one seed gives no interval and "level")."""
     runs = report["runs"]
     summary = {}
     for method, by_seed in runs.items():
@@ -269,7 +258,7 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
             if student.config.num_hidden_layers != args.depth:
                 raise SystemExit(f"{method}: the reloaded model has {student.config.num_hidden_layers} layers")
             t = time.time()
-            dev, test = nll(student, rows["dev"]), nll(student, rows["test"])
+            dev, test = llm.mean_token_loss(student, rows["dev"]), llm.mean_token_loss(student, rows["test"])
             row = dict(dev_loss=dev, test_loss=test, dev_perplexity=math.exp(dev), test_perplexity=math.exp(test),
                        lr=args.lr, train_s=round(seconds, 1), eval_s=round(time.time() - t, 1), **notes)
             report["runs"].setdefault(method, {})[str(seed)] = row

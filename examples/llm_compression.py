@@ -120,7 +120,8 @@ def batches_of(rows: torch.Tensor, batch_size: int, seed: int):
 
 
 @torch.no_grad()
-def perplexity(model, rows: torch.Tensor, batch_size: int = 16) -> float:
+def mean_token_loss(model, rows: torch.Tensor, batch_size: int = 16) -> float:
+    """Next-token cross-entropy over every predicted token of `rows` (the log of the perplexity)."""
     model.eval()
     total, count = 0.0, 0
     for start in range(0, len(rows), batch_size):
@@ -128,34 +129,39 @@ def perplexity(model, rows: torch.Tensor, batch_size: int = 16) -> float:
         logits = model(input_ids=chunk).logits
         total += lm_loss(logits, chunk).item() * chunk[:, 1:].numel()
         count += chunk[:, 1:].numel()
-    return math.exp(total / count)
+    return total / count
+
+
+def perplexity(model, rows: torch.Tensor, batch_size: int = 16) -> float:
+    return math.exp(mean_token_loss(model, rows, batch_size))
 
 
 @torch.no_grad()
-def block_influence(model, rows: torch.Tensor) -> List[float]:
-    """ShortGPT's Block Influence of each decoder layer: 1 - mean cosine similarity of the
-    layer's input and output hidden states over all tokens (low = the layer changes little)."""
-    out = model(input_ids=rows, output_hidden_states=True)
-    states = out.hidden_states  # embeddings, then after each layer (the last one after the final norm)
-    layers = model.config.num_hidden_layers
-    scores = []
-    for i in range(layers):
-        a, b = states[i], states[i + 1]
-        if i == layers - 1:  # transformers applies the final norm to the last entry; recompute the raw output
-            b = _last_layer_output(model, rows)
-        scores.append(1.0 - F.cosine_similarity(a.flatten(0, 1), b.flatten(0, 1), dim=-1).mean().item())
-    return scores
-
-
-def _last_layer_output(model, rows: torch.Tensor) -> torch.Tensor:
+def layer_states(model, rows: torch.Tensor) -> List[torch.Tensor]:
+    """The hidden states entering each decoder layer, then the last layer's raw output (transformers gives the
+    last entry after the final norm, so that one is taken by a hook in the same forward pass)."""
     captured = {}
     handle = model.model.layers[-1].register_forward_hook(
         lambda m, args, output: captured.setdefault("out", output[0] if isinstance(output, tuple) else output))
     try:
-        model(input_ids=rows)
+        states = list(model(input_ids=rows, output_hidden_states=True).hidden_states)
     finally:
         handle.remove()
-    return captured["out"]
+    states[-1] = captured["out"]
+    return states
+
+
+def span_cosines(states: List[torch.Tensor], length: int) -> List[float]:
+    """For each run of `length` consecutive layers: the mean cosine similarity, over all tokens, of the
+    hidden state entering the run and the one leaving it (1 = the run changes nothing)."""
+    return [F.cosine_similarity(states[i].flatten(0, 1), states[i + length].flatten(0, 1), dim=-1).mean().item()
+            for i in range(len(states) - length)]
+
+
+def block_influence(model, rows: torch.Tensor) -> List[float]:
+    """ShortGPT's Block Influence of each decoder layer: 1 - mean cosine similarity of the
+    layer's input and output hidden states over all tokens (low = the layer changes little)."""
+    return [1.0 - cosine for cosine in span_cosines(layer_states(model, rows), 1)]
 
 
 def removal_groups(keep: Sequence[int], layers: int) -> List[Tuple[int, ...]]:
