@@ -109,13 +109,17 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
          29: 2.045, 30: 2.042}
 
 
+NO_VERDICT = "none (fewer than 2 seeds)"
+
+
 def paired_interval(differences: List[float]) -> Dict[str, Any]:
     """The mean of per-seed differences with its 95% t-interval, and the protocol's verdict: "ahead" when
-    the interval lies above 0, "behind" below 0, "level" otherwise (also with fewer than 2 seeds)."""
+    the interval lies above 0, "behind" below 0, "level" otherwise. With fewer than 2 seeds there is no
+    interval, so there is no verdict either: "none (fewer than 2 seeds)"."""
     n = len(differences)
     mean = sum(differences) / n
     if n < 2:
-        return {"n": n, "mean": mean, "half_width": None, "low": None, "high": None, "verdict": "level"}
+        return {"n": n, "mean": mean, "half_width": None, "low": None, "high": None, "verdict": NO_VERDICT}
     sd = (sum((d - mean) ** 2 for d in differences) / (n - 1)) ** 0.5
     half = T_975.get(n - 1, 1.960) * sd / n ** 0.5
     low, high = mean - half, mean + half

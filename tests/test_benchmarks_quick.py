@@ -504,6 +504,9 @@ def test_the_paired_verdict_tells_ahead_level_and_behind(tmp_path):
     assert report_quality.paired_interval([-0.01, -0.012, -0.011, -0.009, -0.013])["verdict"] == "behind"
     level = report_quality.paired_interval([0.02, -0.01, 0.015, -0.02, 0.0])
     assert level["verdict"] == "level" and level["low"] < 0 < level["high"]
+    # one seed has no interval, so no verdict: a single difference, however large, is not "level"
+    one = report_quality.paired_interval([0.05])
+    assert one["verdict"] == report_quality.NO_VERDICT and one["low"] is None and one["mean"] == 0.05
     # df = 4: t = 2.776; differences 1, 2, 3, 4, 5 points: mean 3, sd 1.581, half width 2.776 * 1.581 / sqrt(5)
     interval = report_quality.paired_interval([0.01, 0.02, 0.03, 0.04, 0.05])
     assert interval["half_width"] == pytest.approx(2.776 * 0.015811 / 5 ** 0.5, rel=1e-4)
