@@ -149,7 +149,7 @@ def train(method: str, model, depth: int, batch_at, args, scores: Sequence[float
 def summarise(report: Dict[str, Any]) -> None:
     """`summary` per method (perplexity mean and std over seeds, as the other columns keep accuracy) and
     `paired`: the best baseline's test loss minus Theseus's, seed by seed, with its 95% t-interval once two
-    seeds pair up (above 0: Theseus ahead; one seed gives no interval and "level")."""
+    seeds pair up (above 0: Theseus ahead; one seed gives no interval and no verdict)."""
     runs = report["runs"]
     summary = {}
     for method, by_seed in runs.items():
