@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _common import REPO_ROOT, conditions, finish, quiet_transformers, seed_run, write_json  # noqa: E402
-from report_quality import paired_interval  # noqa: E402
+from report_quality import paired_differences, paired_interval  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
 
@@ -165,9 +165,8 @@ def summarise(report: Dict[str, Any]) -> None:
     for method in (m for m in summary if m.startswith("theseus")):
         against = {}
         for baseline in baselines:
-            seeds = sorted(set(runs[method]) & set(runs[baseline]), key=int)
+            seeds, diffs = paired_differences(runs, baseline, method, "test_loss")  # lower loss is better
             if seeds:
-                diffs = [runs[baseline][s]["test_loss"] - runs[method][s]["test_loss"] for s in seeds]
                 against[baseline] = dict(paired_interval(diffs), seeds=seeds, differences=diffs)
         if against:
             best = min(baselines, key=lambda m: summary[m]["test_loss_mean"])

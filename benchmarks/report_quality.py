@@ -137,14 +137,14 @@ def paired_verdict(report: Dict[str, Any], method: str = "theseus", split: str =
     if method not in runs or not baselines:
         return {}
     best = max(baselines, key=lambda m: baselines[m]["test_mean"])
-    seeds, differences = _paired_differences(runs, method, best, split)
+    seeds, differences = paired_differences(runs, method, best, split)
     if not differences:
         return {}
     return {"method": method, "best_baseline": best, "split": split, "seeds": seeds, "differences": differences,
             **paired_interval(differences)}
 
 
-def _paired_differences(runs: Dict[str, Any], method: str, other: str, split: str) -> tuple:
+def paired_differences(runs: Dict[str, Any], method: str, other: str, split: str) -> tuple:
     """The seeds both methods ran, and `method` minus `other` on `split` for each."""
     seeds = sorted(set(runs[method]) & set(runs[other]), key=int)
     return seeds, [runs[method][s][split] - runs[other][s][split] for s in seeds]
@@ -162,7 +162,7 @@ def paired_report(report: Dict[str, Any], method: str = "theseus") -> Dict[str, 
     if not test:
         return {}
     runs = report["runs"]
-    against = {baseline: paired_interval(_paired_differences(runs, method, baseline, "test")[1])
+    against = {baseline: paired_interval(paired_differences(runs, method, baseline, "test")[1])
                for baseline in runs if baseline != method and not baseline.startswith("theseus")}
     return {"test": test, "dev": paired_verdict(report, method, split="dev"), "against_each_baseline": against}
 
