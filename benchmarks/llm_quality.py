@@ -23,6 +23,7 @@ loss (log perplexity).
     python benchmarks/llm_quality.py --depth 20 --methods theseus kd_bi --seeds 0 --lr 1e-4 \\
         --output benchmarks/results/protocol/llm/d20_part.json
     python benchmarks/llm_quality.py --merge A.json B.json --output C.json     # parts of one column
+    python benchmarks/llm_quality.py --merge A.json:theseus,kd_bi B.json --output C.json  # some methods of A
     python benchmarks/llm_quality.py --original --threads 2 --output X.json    # the original's perplexities
 """
 
@@ -129,6 +130,7 @@ def train(method: str, model, depth: int, batch_at, args, scores: Sequence[float
     if method == "layer_removal":
         return fine_tune_only(model, batch_at, args.steps, task_loss=llm.lm_loss, **kwargs, **common), notes
     if method == "kd_bi":
+        notes.update(kd_temperature=args.kd_temperature, kd_alpha=args.kd_alpha)  # per run: a column mixes parts
         return distill(model, batch_at, args.steps, task_loss=llm.lm_loss, temperature=args.kd_temperature,
                        alpha=args.kd_alpha, **kwargs, **common), notes
     th = Theseus(model, seed=args.seed, **kwargs)
@@ -175,18 +177,39 @@ def summarise(report: Dict[str, Any]) -> None:
     report["paired"] = paired
 
 
+def part_and_methods(item: str) -> Tuple[str, Optional[List[str]]]:
+    """`PATH` (every run in it) or `PATH:METHOD[,METHOD...]` (only those methods' runs): a column at the
+    chosen settings takes each method from the sitting of its own lr."""
+    path, _, names = item.rpartition(":")
+    if os.path.exists(item) or not path or not names:
+        return item, None
+    methods = names.split(",")
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        raise SystemExit(f"--merge {item}: {', '.join(unknown)} is not a method ({', '.join(METHODS)}); write "
+                         "PATH or PATH:METHOD[,METHOD...].")
+    return path, methods
+
+
 def merge(paths: Sequence[str], output: str) -> Dict[str, Any]:
     parts = []
-    for path in paths:
+    for item in paths:
+        path, methods = part_and_methods(item)
         with open(path) as f:
-            parts.append(json.load(f))
+            part = json.load(f)
+        if methods is not None:
+            missing = [m for m in methods if m not in part["runs"]]
+            if missing:
+                raise SystemExit(f"--merge {item}: {path} has no runs of {', '.join(missing)}.")
+            part["runs"] = {m: part["runs"][m] for m in methods}
+        parts.append(part)
+    settings = [s for p in parts for s in (p["parts"] if "parts" in p else [p["settings"]])]  # a merged part too
     for key in SAME_IN_EVERY_PART:  # a column is one depth, budget and split; lr may differ by method
-        values = {json.dumps(p["settings"].get(key)) for p in parts}
+        values = {json.dumps(s.get(key)) for s in settings}
         if len(values) > 1:
             raise SystemExit(f"--merge: {key} differs between the parts ({', '.join(sorted(values))}); merge the "
                              "parts of one column only.")
-    report = {"benchmark": "llm_quality", "merged_from": list(paths), "parts": [p["settings"] for p in parts],
-              "runs": {}}
+    report = {"benchmark": "llm_quality", "merged_from": list(paths), "parts": settings, "runs": {}}
     for part in parts:
         for method, by_seed in part["runs"].items():
             for seed, row in by_seed.items():
@@ -218,7 +241,8 @@ def main(argv: Optional[List[str]] = None) -> Dict[str, Any]:
     p.add_argument("--smoke", action="store_true", help="a check that the script runs: 5 steps, 8 rows per evaluation "
                    "(its numbers mean nothing)")
     p.add_argument("--sharing", default="", help="what else ran on the machine's cores meanwhile (recorded)")
-    p.add_argument("--merge", nargs="+", metavar="JSON", help="merge result parts into --output and stop")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="merge result parts into --output and stop; "
+                   "JSON:METHOD[,METHOD...] takes only those methods' runs from that part")
     p.add_argument("--output", required=True, help="JSON path")
     args = p.parse_args(argv)
     if args.merge:

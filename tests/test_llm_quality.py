@@ -125,6 +125,37 @@ def test_merge_joins_parts_and_refuses_a_run_given_twice(tmp_path):
         llm_quality.merge([paths[0], str(tmp_path / "c.json")], str(tmp_path / "o.json"))
 
 
+def test_a_kd_run_records_its_temperature_and_alpha(monkeypatch):
+    """A merged column takes KD from the part of its chosen setting, so each KD row says which it is."""
+    calls = []
+    monkeypatch.setattr(llm_quality, "distill", lambda *args, **kwargs: calls.append(kwargs) or "student")
+    args = argparse.Namespace(seed=0, lr=3e-4, steps=3, kd_temperature=4.0, kd_alpha=0.9)
+    student, notes = llm_quality.train("kd_bi", tiny_llama(), 4, None, args, [0.5, 0.1, 0.4, 0.3, 0.2, 0.6], None)
+    assert student == "student" and calls[0]["temperature"] == 4.0 and calls[0]["alpha"] == 0.9
+    assert notes == {"kept_layers": [0, 2, 3, 5], "kd_temperature": 4.0, "kd_alpha": 0.9}
+
+
+def test_merge_takes_only_the_named_methods_of_a_part(tmp_path):
+    """A column at the chosen settings takes each method from the sitting of its own lr."""
+    at_1e4 = {"settings": {"depth": 20, "lr": 1e-4}, "runs": {"theseus": {"0": run(5.0)}, "kd_bi": {"0": run(5.9)}}}
+    at_3e4 = {"settings": {"depth": 20, "lr": 3e-4}, "runs": {"theseus": {"0": run(5.5)}, "kd_bi": {"0": run(5.2)}}}
+    paths = []
+    for name, part in (("lr1e-4", at_1e4), ("lr3e-4", at_3e4)):
+        paths.append(str(tmp_path / f"{name}.json"))
+        with open(paths[-1], "w") as f:
+            json.dump(part, f)
+    merged = llm_quality.merge([f"{paths[0]}:theseus", f"{paths[1]}:kd_bi"], str(tmp_path / "m.json"))
+    assert merged["runs"] == {"theseus": {"0": run(5.0)}, "kd_bi": {"0": run(5.2)}}
+    assert merged["paired"]["theseus"]["against"]["kd_bi"]["differences"] == pytest.approx([0.2])
+    again = llm_quality.merge([str(tmp_path / "m.json:kd_bi"), f"{paths[0]}:theseus"], str(tmp_path / "r.json"))
+    assert again["runs"] == merged["runs"]  # a merged file is a part too, and brings its parts' settings
+    assert again["parts"] == [at_1e4["settings"], at_3e4["settings"], at_1e4["settings"]]
+    with pytest.raises(SystemExit, match="has no runs of streamline"):
+        llm_quality.merge([f"{paths[0]}:streamline"], str(tmp_path / "n.json"))
+    with pytest.raises(SystemExit, match="kd is not a method"):
+        llm_quality.merge([f"{paths[0]}:theseus,kd"], str(tmp_path / "o.json"))
+
+
 def test_data_refuses_a_test_split_under_100k_tokens(monkeypatch):
     class Tokenizer:
         eos_token_id = 1
