@@ -8,7 +8,7 @@ import os
 import platform
 import sys
 import time
-from typing import Any, Dict
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -61,6 +61,20 @@ def finish(report: Dict[str, Any], path: str, script: str, argv, started: float)
     report["command"] = f"python benchmarks/{script} " + " ".join(argv if argv is not None else sys.argv[1:])
     write_json(report, path)
     return report
+
+
+def part_spec(spec: str, methods: Sequence[str]) -> Tuple[str, Optional[List[str]]]:
+    """A `--merge` argument: 'PATH' (every method of the part) or 'PATH:METHOD[,METHOD...]' (only those
+    methods of it, e.g. each method from the sitting of its own lr)."""
+    path, _, names = spec.rpartition(":")
+    if os.path.exists(spec) or not path or not names:
+        return spec, None
+    chosen = names.split(",")
+    unknown = [m for m in chosen if m not in methods]
+    if unknown:
+        raise SystemExit(f"--merge {spec}: {', '.join(unknown)} is not a method ({', '.join(methods)}); write PATH "
+                         "or PATH:METHOD[,METHOD...].")
+    return path, chosen
 
 
 def seed_run(seed: int) -> None:

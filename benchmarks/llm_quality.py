@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import REPO_ROOT, conditions, finish, quiet_transformers, seed_run, write_json  # noqa: E402
+from _common import REPO_ROOT, conditions, finish, part_spec, quiet_transformers, seed_run, write_json  # noqa: E402
 from report_quality import paired_differences, paired_interval  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
@@ -177,24 +177,10 @@ def summarise(report: Dict[str, Any]) -> None:
     report["paired"] = paired
 
 
-def part_and_methods(item: str) -> Tuple[str, Optional[List[str]]]:
-    """`PATH` (every run in it) or `PATH:METHOD[,METHOD...]` (only those methods' runs): a column at the
-    chosen settings takes each method from the sitting of its own lr."""
-    path, _, names = item.rpartition(":")
-    if os.path.exists(item) or not path or not names:
-        return item, None
-    methods = names.split(",")
-    unknown = [m for m in methods if m not in METHODS]
-    if unknown:
-        raise SystemExit(f"--merge {item}: {', '.join(unknown)} is not a method ({', '.join(METHODS)}); write "
-                         "PATH or PATH:METHOD[,METHOD...].")
-    return path, methods
-
-
 def merge(paths: Sequence[str], output: str) -> Dict[str, Any]:
     parts = []
     for item in paths:
-        path, methods = part_and_methods(item)
+        path, methods = part_spec(item, METHODS)
         with open(path) as f:
             part = json.load(f)
         if methods is not None:

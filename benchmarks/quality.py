@@ -52,7 +52,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import REPO_ROOT, RESULTS_DIR, conditions, finish, quiet_transformers, seed_run, write_json  # noqa: E402
+from _common import (REPO_ROOT, RESULTS_DIR, conditions, finish, part_spec, quiet_transformers, seed_run,  # noqa: E402
+                     write_json)
 from report_quality import describe_interval, paired_report  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
@@ -516,14 +517,6 @@ _PER_PART = {"seeds", "methods", "output", "threads", "merge", "reuse", "sharing
              *THESEUS_OVERRIDES}
 
 
-def part_spec(spec: str) -> Tuple[str, Optional[List[str]]]:
-    """'PATH' (every method of the part) or 'PATH:METHOD[,METHOD...]' (only those methods of it)."""
-    path, _, names = spec.rpartition(":")
-    if path and names and all(m in METHODS for m in names.split(",")):
-        return path, names.split(",")
-    return spec, None
-
-
 def _same_run(a: Dict[str, Any], b: Dict[str, Any]) -> bool:
     """Whether two parts' results of one seed are one run, one of them taken over from the other (--reuse)."""
     if "reused_from" not in a and "reused_from" not in b:
@@ -539,7 +532,7 @@ def merge(specs: List[str], output: str) -> Dict[str, Any]:
     or predecessor differ, or that share a method's seed."""
     parts, paths = [], []
     for spec in specs:
-        path, methods = part_spec(spec)
+        path, methods = part_spec(spec, METHODS)
         with open(path) as f:
             part = json.load(f)
         if methods is not None:
