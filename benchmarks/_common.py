@@ -77,6 +77,20 @@ def part_spec(spec: str, methods: Sequence[str]) -> Tuple[str, Optional[List[str
     return path, chosen
 
 
+def load_part(spec: str, methods: Sequence[str]) -> Tuple[Dict[str, Any], Optional[List[str]]]:
+    """A `--merge` part read from its JSON, keeping only the named methods' runs for 'PATH:METHOD,...';
+    also returns those methods (None: every method of the part)."""
+    path, chosen = part_spec(spec, methods)
+    with open(path) as f:
+        part = json.load(f)
+    if chosen is not None:
+        missing = [m for m in chosen if m not in part["runs"]]
+        if missing:
+            raise SystemExit(f"--merge {spec}: {path} has no runs of {', '.join(missing)}.")
+        part["runs"] = {m: part["runs"][m] for m in chosen}
+    return part, chosen
+
+
 def seed_run(seed: int) -> None:
     """Seed torch's global generator before a training run. Dropout draws from it, and its seed differs
     per process, so unseeded, a run depended on what ran before it in the process (the same text command

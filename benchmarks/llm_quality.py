@@ -43,7 +43,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import REPO_ROOT, conditions, finish, part_spec, quiet_transformers, seed_run, write_json  # noqa: E402
+from _common import REPO_ROOT, conditions, finish, load_part, quiet_transformers, seed_run, write_json  # noqa: E402
 from report_quality import paired_differences, paired_interval  # noqa: E402
 
 sys.path.insert(0, os.path.join(REPO_ROOT, "examples"))
@@ -180,15 +180,7 @@ def summarise(report: Dict[str, Any]) -> None:
 def merge(paths: Sequence[str], output: str) -> Dict[str, Any]:
     parts = []
     for item in paths:
-        path, methods = part_spec(item, METHODS)
-        with open(path) as f:
-            part = json.load(f)
-        if methods is not None:
-            missing = [m for m in methods if m not in part["runs"]]
-            if missing:
-                raise SystemExit(f"--merge {item}: {path} has no runs of {', '.join(missing)}.")
-            part["runs"] = {m: part["runs"][m] for m in methods}
-        parts.append(part)
+        parts.append(load_part(item, METHODS)[0])
     settings = [s for p in parts for s in (p["parts"] if "parts" in p else [p["settings"]])]  # a merged part too
     for key in SAME_IN_EVERY_PART:  # a column is one depth, budget and split; lr may differ by method
         values = {json.dumps(s.get(key)) for s in settings}

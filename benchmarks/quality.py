@@ -52,7 +52,7 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _common import (REPO_ROOT, RESULTS_DIR, conditions, finish, part_spec, quiet_transformers, seed_run,  # noqa: E402
+from _common import (REPO_ROOT, RESULTS_DIR, conditions, finish, load_part, quiet_transformers, seed_run,  # noqa: E402
                      write_json)
 from report_quality import describe_interval, paired_report  # noqa: E402
 
@@ -532,14 +532,8 @@ def merge(specs: List[str], output: str) -> Dict[str, Any]:
     or predecessor differ, or that share a method's seed."""
     parts, paths = [], []
     for spec in specs:
-        path, methods = part_spec(spec, METHODS)
-        with open(path) as f:
-            part = json.load(f)
+        part, methods = load_part(spec, METHODS)
         if methods is not None:
-            missing = [m for m in methods if m not in part["runs"]]
-            if missing:
-                raise SystemExit(f"error: {path} has no runs of {missing}")
-            part["runs"] = {m: part["runs"][m] for m in methods}
             if "grid" in part:
                 part["grid"] = dict(part["grid"], runs={m: r for m, r in part["grid"]["runs"].items() if m in methods},
                                     chosen={m: c for m, c in part["grid"]["chosen"].items() if m in methods})
