@@ -178,9 +178,7 @@ def summarise(report: Dict[str, Any]) -> None:
 
 
 def merge(paths: Sequence[str], output: str) -> Dict[str, Any]:
-    parts = []
-    for item in paths:
-        parts.append(load_part(item, METHODS)[0])
+    parts = [load_part(item, METHODS)[0] for item in paths]
     settings = [s for p in parts for s in (p["parts"] if "parts" in p else [p["settings"]])]  # a merged part too
     for key in SAME_IN_EVERY_PART:  # a column is one depth, budget and split; lr may differ by method
         values = {json.dumps(s.get(key)) for s in settings}
