@@ -325,3 +325,95 @@ def test_budget_plan_resumes_from_a_checkpoint():
     again.load_state_dict(state)
     for a, b in zip(again.trainable_parameters(), th.trainable_parameters()):
         assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------- groups="importance" at a given depth
+def _chain_with_identities(*identities):
+    """The chain with the given blocks made the identity (importance 0)."""
+    model = _chain()
+    with torch.no_grad():
+        for i in identities:
+            model[1][i].fc2.weight.zero_()
+            model[1][i].fc2.bias.zero_()
+    return model
+
+
+def _most_important(model, container, sample, depth):
+    importance = profile_blocks(model, {container: get_submodule(model, container)}, sample).importance[container]
+    return tuple(sorted(sorted(range(len(importance)), key=lambda i: -importance[i])[:depth]))
+
+
+def test_importance_groups_keep_the_most_important_blocks_at_the_depth_given():
+    model = _chain_with_identities(1, 4)
+    x, _ = _vectors(0)
+    kept = _most_important(model, "1", x, 3)
+    assert 1 not in kept and 4 not in kept
+    before, blocks = state_snapshot(model), [state_snapshot(model[1][i]) for i in kept]
+    th = Theseus(model, successor_depth=3, groups="importance", sample=x, adapter="generic", container="1")
+    assert [g.blocks for g in th.plan.groups] == groups_around(kept, 6)
+    assert f"1 keeps {list(kept)}" in str(th.plan)
+    # each successor starts as a copy of its group's kept block, and fit may not restart it from another
+    for block, successor in zip(blocks, th.successors()):
+        assert_same_state(block, successor)
+    assert not th.may_choose_starts
+    with pytest.warns(UserWarning, match="never trained"):
+        exported = th.export(native=False)
+    th.unwrap()
+    assert_same_state(before, model)
+    layer_removed = nn.Sequential(model[0], nn.Sequential(*[model[1][i] for i in kept]), model[2])
+    with torch.no_grad():
+        assert torch.allclose(exported(x), layer_removed(x), atol=1e-6)
+
+
+def test_importance_groups_on_a_decoder_export_its_kept_layers_natively():
+    torch.manual_seed(0)
+    model = LLAMA(6)
+    x, _ = _tokens(96, 2)(0)
+    kept = _most_important(model, "model.layers", x, 3)
+    assert kept != (0, 1, 2)  # so that the copies below are not the default's
+    mlps = [state_snapshot(model.model.layers[i].mlp) for i in kept]
+    th = Theseus(model, ratio=0.5, groups="importance", sample=x)
+    assert [g.blocks for g in th.plan.groups] == groups_around(kept, 6)
+    with pytest.warns(UserWarning, match="never trained"):
+        exported = th.export()
+    th.unwrap()
+    assert exported.config.num_hidden_layers == 3
+    for position, mlp in enumerate(mlps):
+        assert_same_state(mlp, exported.model.layers[position].mlp)
+
+
+def test_importance_groups_refuse_what_they_cannot_honour():
+    model = _chain()
+    x, _ = _vectors(0)
+    before = state_snapshot(model)
+    common = {"adapter": "generic", "container": "1"}
+    for kwargs, pattern in [
+        ({"successor_depth": 3, "groups": "importance"}, "pass sample= with a typical batch"),
+        ({"successor_depth": 3, "groups": "importants", "sample": x}, "groups= takes groups of block indices"),
+        ({"target_flops": 0.5, "groups": "importance", "sample": x}, "give one or the other"),
+        ({"successor_depth": 3, "groups": "importance", "sample": x, "init": "group_last"}, "drop successors= and init="),
+        ({"groups": "importance", "sample": x}, "Give exactly one target"),
+    ]:
+        with pytest.raises(PlanError, match=pattern):
+            Theseus(model, **common, **kwargs)
+    assert_same_state(before, model)
+
+
+def test_importance_groups_resume_from_a_checkpoint_given_the_sample_again(tmp_path):
+    from theseus_general.checkpoint import save_checkpoint
+
+    x, _ = _vectors(0)
+    th = Theseus(_chain_with_identities(2), successor_depth=3, groups="importance", sample=x, adapter="generic",
+                 container="1")
+    with torch.no_grad():
+        for p in th.trainable_parameters():
+            p.add_(0.01)
+    save_checkpoint(str(tmp_path / "ck"), th)
+    saved = {k: v.clone() for k, v in th.state_dict()["tensors"].items()}
+    th.unwrap()
+    with pytest.raises(PlanError, match="pass sample="):
+        Theseus.from_checkpoint(_chain_with_identities(2), str(tmp_path / "ck"))
+    rebuilt = Theseus.from_checkpoint(_chain_with_identities(2), str(tmp_path / "ck"), sample=x)
+    assert rebuilt.plan == th.plan
+    for name, value in rebuilt.state_dict()["tensors"].items():
+        assert torch.equal(value, saved[name]), name

@@ -248,15 +248,22 @@ def groups_around(kept: Sequence[int], num_blocks: int) -> List[Tuple[int, ...]]
     return [tuple(range(s, e)) for s, e in zip(starts, ends)]
 
 
+def most_important(importance: Sequence[float], always: Sequence[bool], depth: int) -> Tuple[int, ...]:
+    """The `depth` blocks to keep, in block order: the always-kept ones, then the most important
+    others (on a tie, the earlier block)."""
+    n = len(importance)
+    forced = [i for i in range(n) if always[i]]
+    others = sorted((i for i in range(n) if not always[i]), key=lambda i: (-importance[i], i))
+    return tuple(sorted(forced + others[:depth - len(forced)]))
+
+
 def _container_options(path: str, costs: List[float], importance: List[float], always: List[bool],
                        width: float, narrowed: List[float]) -> List[ContainerChoice]:
     """One option per depth: keep the always-kept blocks, then the most important ones."""
     n = len(costs)
-    forced = [i for i in range(n) if always[i]]
-    others = sorted((i for i in range(n) if not always[i]), key=lambda i: (-importance[i], i))
     options = []
-    for depth in range(max(1, len(forced)), n + 1):
-        kept = tuple(sorted(forced + others[:depth - len(forced)]))
+    for depth in range(max(1, sum(always)), n + 1):
+        kept = most_important(importance, always, depth)
         cost = sum(narrowed[i] for i in kept)
         removed = sum(importance[i] for i in range(n) if i not in kept)
         removed += sum(importance[i] * max(0.0, 1.0 - narrowed[i] / costs[i]) for i in kept if costs[i] > 0)
@@ -441,6 +448,30 @@ def plan_budget(adapter, model: nn.Module, containers: Dict[str, nn.Module], sam
         alternatives += unavailable
     return BudgetPlan(target, measure, timed.total, timed.rest + cost, flops.total, predicted_flops, chosen, sizes,
                       alternatives)
+
+
+def kept_by_importance(model: nn.Module, containers: Dict[str, nn.Module], sample: Any,
+                       depths: Dict[str, int]) -> Dict[str, Tuple[int, ...]]:
+    """``groups="importance"`` at given depths: per container, the blocks to keep (the most important
+    on the sample, as a budget plan keeps them), for `groups_around`."""
+    profile = profile_blocks(model, containers, sample, "flops")
+    kept = {}
+    for path, depth in depths.items():
+        always = profile.always_kept[path]
+        if sum(always) > depth:
+            raise PlanError(
+                f"{path} has {sum(always)} blocks that change their input's shape (always kept: "
+                f"{[i for i, a in enumerate(always) if a]}), more than successor depth {depth}; give a depth of at "
+                f"least {sum(always)} for it.")
+        kept[path] = most_important(profile.importance[path], always, depth)
+    return kept
+
+
+def importance_note(kept: Dict[str, Tuple[int, ...]], copies_kept: bool) -> str:
+    start = ("each successor a copy of its group's kept block" if copies_kept
+             else "successor k a copy of block k (this adapter's blocks behave by position)")
+    return (f"groups by importance (1 - cos(block input, block output) on the sample), {start}: "
+            + "; ".join(f"{p} keeps {list(k)}" for p, k in kept.items()))
 
 
 def _target(target_flops, target_speedup) -> Tuple[str, float]:

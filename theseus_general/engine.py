@@ -56,7 +56,11 @@ class Theseus:
         model: the trained predecessor (any ``nn.Module`` an adapter accepts).
         successor_depth: number of successor blocks; an int, or one int per container.
         ratio: successor depth as a fraction of the predecessor's, instead of successor_depth.
-        groups: explicit groups of block indices, instead of a depth or ratio.
+        groups: explicit groups of block indices, instead of a depth or ratio; or ``"importance"`` with a
+            depth or ratio and ``sample=``: the blocks that change their input most on the sample (``1 - cos``,
+            ShortGPT's Block Influence, as a budget target ranks them) are kept, each dropped block joins the
+            group of the kept block before it, and each successor starts as a copy of its group's kept block
+            (on SmolLM2's decoder this start beat the first blocks' on every seed: docs/results.md).
         adapter: adapter name, an `Adapter` instance, or None to auto-detect.
         scheduler: a `Scheduler`, a constant rate, a callable ``step -> p``, or None for the
             recipe's curriculum (default: ``RunLinearScheduler``, p from 0.3 to 1 at half the run).
@@ -207,7 +211,7 @@ class Theseus:
             self.adapter.prepare_successor([containers[group.container][i] for i in group.blocks], successor)
         # whether the successors are the engine's own default copies: only those may be restarted
         # from another block of their group (recipe.choose_start); what was chosen is kept here
-        self.may_choose_starts = init is None and successors is None
+        self.may_choose_starts = init is None and successors is None and groups != "importance"  # chosen already
         self.successor_starts: Dict[int, int] = {}
         self._state = ReplacementState(seed, anchor_always=not self.train_rest)
         recipe = self.recipe

@@ -24,7 +24,8 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 from .errors import PlanError
 
-GroupsSpec = Union[Sequence[Sequence[int]], Dict[str, Sequence[Sequence[int]]]]
+# explicit groups (per container in a dict), or "importance": groups around the blocks kept by importance
+GroupsSpec = Union[Sequence[Sequence[int]], Dict[str, Sequence[Sequence[int]]], str]
 
 
 @dataclass(frozen=True)

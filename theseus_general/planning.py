@@ -13,7 +13,7 @@ from typing import Dict, List, Optional
 from torch import nn
 
 from .adapter import Adapter
-from .budget import plan_budget, resolve_widths
+from .budget import groups_around, importance_note, kept_by_importance, plan_budget, resolve_widths
 from .errors import AdapterError, CheckpointError, PlanError, warn_user
 from .graph import CONTAINER_TYPES, count_parameters, get_submodule
 from .plan import Group, Plan, check_groups, resolve_depths, split_evenly
@@ -209,7 +209,11 @@ def plan_run(model: nn.Module, adapter: Adapter, *, successor_depth, ratio, grou
     if widths is not None and (successors is not None or callable(init)):
         raise PlanError("successor_width= narrows copies of predecessor blocks; it cannot be combined with "
                         "successors= or a callable init (narrow those modules yourself).")
-    budget = None
+    budget, by_importance = None, isinstance(groups, str)
+    if not budgeted and measure != "flops":
+        raise PlanError("measure= says how a budget target is predicted; give target_speedup= with it.")
+    if by_importance:
+        check_importance_arguments(groups, budgeted, successors, init, sample)
     if budgeted:
         check_budget_arguments(successor_depth, ratio, groups, successors, init)
         if sample is None:
@@ -225,9 +229,13 @@ def plan_run(model: nn.Module, adapter: Adapter, *, successor_depth, ratio, grou
         built = build_successors(containers, group_blocks, "first", None,
                                  sources=kept if adapter.budget_init == "kept" else None)
         widths = budget.widths()
+    elif by_importance:  # the depths given, the groups around the blocks a budget plan would keep
+        depths = {p: len(g) for p, g in resolve_groups(sizes, successor_depth, ratio, None).items()}
+        kept = kept_by_importance(model, containers, sample, depths)
+        group_blocks = {p: groups_around(k, sizes[p]) for p, k in kept.items()}
+        copies_kept = adapter.budget_init == "kept"
+        built = build_successors(containers, group_blocks, "first", None, sources=kept if copies_kept else None)
     else:
-        if measure != "flops":
-            raise PlanError("measure= says how a budget target is predicted; give target_speedup= with it.")
         narrower = widths is not None and any(w < 1.0 for w in widths.values())
         group_blocks = resolve_groups(sizes, successor_depth, ratio, groups, width_only=narrower)
         built = build_successors(containers, group_blocks, init, successors)
@@ -238,7 +246,9 @@ def plan_run(model: nn.Module, adapter: Adapter, *, successor_depth, ratio, grou
     if discovery is not None:
         plan.notes.append(str(discovery).splitlines()[0])
     plan.budget = budget
-    if budgeted or widths is not None:
+    if by_importance:
+        plan.notes.append(importance_note(kept, copies_kept))
+    if budgeted or by_importance or widths is not None:
         check_built_export(adapter, containers, plan, built)
         problem = adapter.width_export_problem(model, widths or {})
         if problem:
@@ -252,6 +262,21 @@ def plan_run(model: nn.Module, adapter: Adapter, *, successor_depth, ratio, grou
         check_successors(model, containers, plan, [s for s, _ in built], sample)
 
     return PlannedRun(containers, plan, [module for module, _ in built])
+
+
+def check_importance_arguments(groups: str, budgeted: bool, successors, init, sample) -> None:
+    if groups != "importance":
+        raise PlanError(f"groups= takes groups of block indices or \"importance\", got {groups!r}.")
+    if budgeted:
+        raise PlanError("groups=\"importance\" groups around the most important blocks at the depth you give; a "
+                        "budget target (target_flops= / target_speedup=) already does that at the depth it "
+                        "chooses: give one or the other.")
+    if successors is not None or init != "first":
+        raise PlanError("groups=\"importance\" starts each successor as a copy of its group's kept block; drop "
+                        "successors= and init= (or give explicit groups= with them).")
+    if sample is None:
+        raise PlanError("groups=\"importance\" ranks the blocks by how much each changes its input on your data: "
+                        "pass sample= with a typical batch (an adapter's made-up input would rank them on noise).")
 
 
 def check_budget_arguments(successor_depth, ratio, groups, successors, init) -> None:
