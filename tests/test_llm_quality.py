@@ -168,3 +168,24 @@ def test_data_refuses_a_test_split_under_100k_tokens(monkeypatch):
     args = argparse.Namespace(test_snippets=100, dev_snippets=50, seq_len=8)
     with pytest.raises(SystemExit, match="at least 100000"):
         llm_quality.data(Tokenizer(), args)
+
+
+def test_importance_groups_are_the_hand_built_block_influence_start():
+    """benchmarks/importance_groups_check.py on a tiny Llama whose layers 1, 2 and 4 add nothing:
+    groups="importance" keeps the same layers as the example's Block Influence, with the same groups,
+    starting weights and training losses (so theseus_bi's measured figures are that option's)."""
+    spec = importlib.util.spec_from_file_location("importance_groups_check",
+                                                  os.path.join(BENCHMARKS, "importance_groups_check.py"))
+    check = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(check)
+    model = tiny_llama(6)
+    for i in (1, 2, 4):
+        silence(model.model.layers[i])
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randint(2, 96, (12, 16), generator=g)
+    row = check.check_depth(model, 3, rows[:4], check.llm.batches_of(rows, 4, 0),
+                            argparse.Namespace(seed=0, steps=3, lr=1e-3))
+    assert row["kept_by_hand"] == [0, 3, 5]
+    assert row["groups_importance"] == [[0, 1, 2], [3, 4], [5]]
+    assert row["same_groups"] and row["same_start_weights"] and row["same_losses"]
+    assert len(row["losses_importance"]) == 3 and not row["may_choose_starts_importance"]
