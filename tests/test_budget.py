@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from theseus_general import ConstantScheduler, ExportError, PlanError, Theseus, count_flops
+from theseus_general import CheckpointError, ConstantScheduler, ExportError, PlanError, Theseus, count_flops
 from theseus_general.budget import groups_around, profile_blocks
 from theseus_general.graph import get_submodule
 from theseus_general.measure import count_parameters
@@ -392,10 +392,22 @@ def test_importance_groups_refuse_what_they_cannot_honour():
         ({"successor_depth": 3, "groups": "importants", "sample": x}, "groups= takes groups of block indices"),
         ({"target_flops": 0.5, "groups": "importance", "sample": x}, "give one or the other"),
         ({"successor_depth": 3, "groups": "importance", "sample": x, "init": "group_last"}, "drop successors= and init="),
-        ({"groups": "importance", "sample": x}, "Give exactly one target"),
+        ({"groups": "importance", "sample": x}, "add successor_depth=N or ratio=R"),
+        ({"successor_depth": 3, "ratio": 0.5, "groups": "importance", "sample": x}, "one of them"),
     ]:
         with pytest.raises(PlanError, match=pattern):
             Theseus(model, **common, **kwargs)
+    assert_same_state(before, model)
+
+
+def test_importance_groups_refuse_blocks_that_behave_by_position():
+    """Swin's blocks alternate shifted windows: a kept block cannot start in another position."""
+    make, batch, _ = FAMILIES["hf-swin-stages"]
+    model = make()
+    x, _ = batch(0)
+    before = state_snapshot(model)
+    with pytest.raises(PlanError, match="behave by position"):
+        Theseus(model, ratio=0.5, groups="importance", sample=x)
     assert_same_state(before, model)
 
 
@@ -417,3 +429,7 @@ def test_importance_groups_resume_from_a_checkpoint_given_the_sample_again(tmp_p
     assert rebuilt.plan == th.plan
     for name, value in rebuilt.state_dict()["tensors"].items():
         assert torch.equal(value, saved[name]), name
+    rebuilt.unwrap()
+    # blocks ranked otherwise (here: another block is the identity) give another plan, and the error says why
+    with pytest.raises(CheckpointError, match="give the run's own sample= again"):
+        Theseus.from_checkpoint(_chain_with_identities(5), str(tmp_path / "ck"), sample=x)

@@ -467,11 +467,9 @@ def kept_by_importance(model: nn.Module, containers: Dict[str, nn.Module], sampl
     return kept
 
 
-def importance_note(kept: Dict[str, Tuple[int, ...]], copies_kept: bool) -> str:
-    start = ("each successor a copy of its group's kept block" if copies_kept
-             else "successor k a copy of block k (this adapter's blocks behave by position)")
-    return (f"groups by importance (1 - cos(block input, block output) on the sample), {start}: "
-            + "; ".join(f"{p} keeps {list(k)}" for p, k in kept.items()))
+def importance_note(kept: Dict[str, Tuple[int, ...]]) -> str:
+    return ("groups by importance (1 - cos(block input, block output) on the sample), each successor a copy of its "
+            "group's kept block: " + "; ".join(f"{p} keeps {list(k)}" for p, k in kept.items()))
 
 
 def _target(target_flops, target_speedup) -> Tuple[str, float]:

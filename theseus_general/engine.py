@@ -211,7 +211,7 @@ class Theseus:
             self.adapter.prepare_successor([containers[group.container][i] for i in group.blocks], successor)
         # whether the successors are the engine's own default copies: only those may be restarted
         # from another block of their group (recipe.choose_start); what was chosen is kept here
-        self.may_choose_starts = init is None and successors is None and groups != "importance"  # chosen already
+        self.may_choose_starts = init is None and successors is None and not planned.starts_fixed
         self.successor_starts: Dict[int, int] = {}
         self._state = ReplacementState(seed, anchor_always=not self.train_rest)
         recipe = self.recipe
@@ -443,7 +443,8 @@ class Theseus:
         Returns the rate at the saved step."""
         self.check_open("check_state_dict()")
         tensors, meta = state["tensors"], state["meta"]
-        check_plan_matches(self.plan.to_dict(), meta["plan"])
+        chosen_on_sample = self._config.groups == "importance" or self.plan.budget is not None
+        check_plan_matches(self.plan.to_dict(), meta["plan"], chosen_on_sample)
         saved_rest = bool(meta["train_rest"])
         if saved_rest != self.train_rest:
             raise CheckpointError(

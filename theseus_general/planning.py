@@ -164,8 +164,9 @@ def make_plan(adapter: Adapter, model: nn.Module, containers: dict, group_blocks
     return Plan(adapter.name, {p: len(c) for p, c in containers.items()}, groups, frozen)
 
 
-def check_plan_matches(ours: dict, saved: dict) -> None:
-    """Raise CheckpointError naming the first differences between two plan dicts."""
+def check_plan_matches(ours: dict, saved: dict, chosen_on_sample: bool = False) -> None:
+    """Raise CheckpointError naming the first differences between two plan dicts. `chosen_on_sample`: the
+    engine's groups were chosen on its sample= (groups="importance" or a budget target)."""
     if ours == saved:
         return
     diffs = []
@@ -182,6 +183,8 @@ def check_plan_matches(ours: dict, saved: dict) -> None:
     raise CheckpointError(
         "The checkpoint was saved from a different plan or model:\n  " + "\n  ".join(diffs[:10])
         + "\nCreate the engine with the same model, depth/groups and init as the saved run."
+        + (" Its groups were chosen on sample= (groups=\"importance\" or a budget target): give the run's own "
+           "sample= again; another batch can rank the blocks differently." if chosen_on_sample else "")
     )
 
 
@@ -193,6 +196,7 @@ class PlannedRun:
     containers: Dict[str, nn.Module]
     plan: Plan
     successors: List[nn.Module]
+    starts_fixed: bool = False  # the successors start as the blocks chosen for them: fit must not restart them
 
 
 def plan_run(model: nn.Module, adapter: Adapter, *, successor_depth, ratio, groups, init, successors, sample,
@@ -213,7 +217,7 @@ def plan_run(model: nn.Module, adapter: Adapter, *, successor_depth, ratio, grou
     if not budgeted and measure != "flops":
         raise PlanError("measure= says how a budget target is predicted; give target_speedup= with it.")
     if by_importance:
-        check_importance_arguments(groups, budgeted, successors, init, sample)
+        check_importance_arguments(adapter, groups, successor_depth, ratio, budgeted, successors, init, sample)
     if budgeted:
         check_budget_arguments(successor_depth, ratio, groups, successors, init)
         if sample is None:
@@ -233,8 +237,7 @@ def plan_run(model: nn.Module, adapter: Adapter, *, successor_depth, ratio, grou
         depths = {p: len(g) for p, g in resolve_groups(sizes, successor_depth, ratio, None).items()}
         kept = kept_by_importance(model, containers, sample, depths)
         group_blocks = {p: groups_around(k, sizes[p]) for p, k in kept.items()}
-        copies_kept = adapter.budget_init == "kept"
-        built = build_successors(containers, group_blocks, "first", None, sources=kept if copies_kept else None)
+        built = build_successors(containers, group_blocks, "first", None, sources=kept)
     else:
         narrower = widths is not None and any(w < 1.0 for w in widths.values())
         group_blocks = resolve_groups(sizes, successor_depth, ratio, groups, width_only=narrower)
@@ -247,7 +250,7 @@ def plan_run(model: nn.Module, adapter: Adapter, *, successor_depth, ratio, grou
         plan.notes.append(str(discovery).splitlines()[0])
     plan.budget = budget
     if by_importance:
-        plan.notes.append(importance_note(kept, copies_kept))
+        plan.notes.append(importance_note(kept))
     if budgeted or by_importance or widths is not None:
         check_built_export(adapter, containers, plan, built)
         problem = adapter.width_export_problem(model, widths or {})
@@ -261,12 +264,20 @@ def plan_run(model: nn.Module, adapter: Adapter, *, successor_depth, ratio, grou
     if validate and sample is not None:
         check_successors(model, containers, plan, [s for s, _ in built], sample)
 
-    return PlannedRun(containers, plan, [module for module, _ in built])
+    return PlannedRun(containers, plan, [module for module, _ in built], starts_fixed=by_importance)
 
 
-def check_importance_arguments(groups: str, budgeted: bool, successors, init, sample) -> None:
+def check_importance_arguments(adapter: Adapter, groups: str, successor_depth, ratio, budgeted: bool, successors,
+                               init, sample) -> None:
     if groups != "importance":
         raise PlanError(f"groups= takes groups of block indices or \"importance\", got {groups!r}.")
+    if adapter.budget_init != "kept":
+        raise PlanError(f"groups=\"importance\" starts each group's successor as its kept block, but the "
+                        f"{adapter.name} adapter's blocks behave by position (e.g. Swin's shifted windows), so a block "
+                        "cannot stand in for another position: give successor_depth= alone, or a budget target.")
+    if not budgeted and (successor_depth is None) == (ratio is None):
+        raise PlanError("groups=\"importance\" chooses which blocks to keep at the depth you give: add "
+                        "successor_depth=N or ratio=R (one of them).")
     if budgeted:
         raise PlanError("groups=\"importance\" groups around the most important blocks at the depth you give; a "
                         "budget target (target_flops= / target_speedup=) already does that at the depth it "
