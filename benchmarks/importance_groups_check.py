@@ -42,10 +42,8 @@ def check_depth(model, depth: int, calibration: torch.Tensor, batch_at, args) ->
     by_hand, kept_by_hand = llm.layer_removal_student_kwargs(scores, depth)
     row: Dict[str, Any] = {"kept_by_hand": kept_by_hand}
     engines = {}
-    for name, kwargs in (("by_hand", dict(by_hand)),
-                         ("importance", {"groups": "importance", "sample": {"input_ids": calibration}})):
-        if name == "importance":
-            kwargs["successor_depth"] = depth
+    importance = {"successor_depth": depth, "groups": "importance", "sample": {"input_ids": calibration}}
+    for name, kwargs in (("by_hand", by_hand), ("importance", importance)):
         seed_run(args.seed)  # as llm_quality.py's train() before each method
         th = Theseus(model, seed=args.seed, **kwargs)
         try:

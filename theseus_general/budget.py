@@ -322,9 +322,6 @@ class BudgetPlan:
     def predicted_flops_fraction(self) -> float:
         return self.predicted_flops / self.total_flops if self.total_flops else math.nan
 
-    def groups(self) -> Dict[str, List[Tuple[int, ...]]]:
-        return {p: groups_around(c.kept, self.sizes[p]) for p, c in self.choices.items()}
-
     def widths(self) -> Dict[str, float]:
         return {p: c.width for p, c in self.choices.items()}
 

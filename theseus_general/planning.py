@@ -228,16 +228,15 @@ def plan_run(model: nn.Module, adapter: Adapter, *, successor_depth, ratio, grou
                 f"input, and the {adapter.name} adapter cannot make one for this "
                 f"{type(model).__name__}: pass sample= with a typical batch.")
         budget = plan_budget(adapter, model, containers, sample, target_flops, target_speedup, measure, widths)
-        group_blocks = budget.groups()
-        kept = {p: list(c.kept) for p, c in budget.choices.items()}
-        built = build_successors(containers, group_blocks, "first", None,
-                                 sources=kept if adapter.budget_init == "kept" else None)
+        kept = {p: c.kept for p, c in budget.choices.items()}
         widths = budget.widths()
-    elif by_importance:  # the depths given, the groups around the blocks a budget plan would keep
+    elif by_importance:  # the depths given, the blocks a budget plan would keep at them
         depths = {p: len(g) for p, g in resolve_groups(sizes, successor_depth, ratio, None).items()}
         kept = kept_by_importance(model, containers, sample, depths)
+    if budgeted or by_importance:  # groups around the kept blocks, each successor a copy of its kept block
         group_blocks = {p: groups_around(k, sizes[p]) for p, k in kept.items()}
-        built = build_successors(containers, group_blocks, "first", None, sources=kept)
+        built = build_successors(containers, group_blocks, "first", None,
+                                 sources=kept if adapter.budget_init == "kept" else None)
     else:
         narrower = widths is not None and any(w < 1.0 for w in widths.values())
         group_blocks = resolve_groups(sizes, successor_depth, ratio, groups, width_only=narrower)
